@@ -1,0 +1,48 @@
+# shoprec: two commands.
+#   make demo   set up .venv (locked set), run the pipeline on a synthetic shop, serve it
+#   make test   set up .venv (locked set), run the tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export SHOPREC_HOME ?= $(CURDIR)/state
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test lint lock bench up down clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24" wheel
+	# Exactly the locked set; torch==2.13.0 resolves to the CPU wheel (see constraints.txt).
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[cpu,dev]"
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/shoprec demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# Re-resolve the dependency set and rewrite constraints.txt (review the diff before committing).
+lock:
+	rm -rf /tmp/shoprec-lock && $(PYTHON) -m venv /tmp/shoprec-lock
+	/tmp/shoprec-lock/bin/python -m pip install -q --upgrade pip
+	/tmp/shoprec-lock/bin/python -m pip install -q ".[cpu,dev]"
+	{ sed -n '1,4p' constraints.txt; /tmp/shoprec-lock/bin/python -m pip freeze --exclude shoprec \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+up: $(STAMP)
+	$(BIN)/shoprec up
+
+down: $(STAMP)
+	$(BIN)/shoprec down
+
+clean:
+	rm -rf state

@@ -1,0 +1,3 @@
+"""shoprec: keeps an online shop's search and recommendation models fresh."""
+
+__version__ = "0.1.0"
