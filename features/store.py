@@ -1,0 +1,152 @@
+"""The Feast feature store of shoprec: apply the repo, materialize an interval, read features.
+
+The declarations live in ``features/feature_repo`` (what ``feast apply`` would read there);
+this module is the typed entry point the DAG, training and serving call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from features.contract import Interval, parse_day
+from shoprec.settings import FEATURE_REPO, Settings
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+log = logging.getLogger(__name__)
+
+DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_services")
+# The feature views that the daily pipeline materializes.
+MATERIALIZED_VIEWS = ("user_recent_products", "product_catalog")
+USER_HISTORY_SERVICE = "two_tower_v1"
+
+
+def feature_store(settings: Settings) -> FeatureStore:
+    """Open the Feast store configured by ``feature_store.yaml`` for these settings."""
+    from feast import FeatureStore
+
+    settings.prepare()
+    return FeatureStore(repo_path=str(FEATURE_REPO))
+
+
+def _declarations() -> list[Any]:
+    """Import the repo's declaration modules afresh and collect their Feast objects.
+
+    Imported afresh (not from ``sys.modules``) because the data sources read their paths
+    from the environment at import time, and one process may serve several state folders
+    (tests do). ``feast.repo_operations.apply_total`` would ``chdir`` the process instead.
+    """
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
+    saved = {name: sys.modules.pop(name) for name in DECLARATION_MODULES if name in sys.modules}
+    sys.path.insert(0, str(FEATURE_REPO))
+    try:
+        objects: dict[int, Any] = {}
+        for name in DECLARATION_MODULES:
+            module = importlib.import_module(name)
+            for value in vars(module).values():
+                if isinstance(value, Entity | FeatureView | FeatureService | DataSource):
+                    objects[id(value)] = value
+        return list(objects.values())
+    finally:
+        sys.path.remove(str(FEATURE_REPO))
+        for name in DECLARATION_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+def apply_repo(settings: Settings) -> list[str]:
+    """Register the repo's entities, sources, views and services (``feast apply``).
+
+    Returns:
+        The names of the applied objects.
+    """
+    store = feature_store(settings)
+    objects = _declarations()
+    store.apply(objects)
+    names = sorted(o.name for o in objects)
+    log.info("feast apply: %s", ", ".join(names))
+    return names
+
+
+def materialize_interval(settings: Settings, day: dt.date) -> dict[str, Any]:
+    """Load exactly one interval (plus the allowed lateness before it) into the online store.
+
+    ``feast materialize-incremental`` would start at now - ttl on a fresh repo and skip
+    historical data silently; explicit bounds make backfills and reruns exact.
+
+    Returns:
+        The window materialized and the views it covered.
+    """
+    interval = Interval.for_day(day)
+    start = interval.start - dt.timedelta(hours=settings.allowed_lateness_hours)
+    store = feature_store(settings)
+    store.materialize(start_date=start, end_date=interval.end,
+                      feature_views=list(MATERIALIZED_VIEWS))
+    return {"start": start.isoformat(), "end": interval.end.isoformat(),
+            "views": list(MATERIALIZED_VIEWS)}
+
+
+def materialize_day(settings: Settings, day: str | dt.date) -> dict[str, Any]:
+    """The pipeline's materialize step: apply the repo, then load the interval online."""
+    applied = apply_repo(settings)
+    return {"applied": applied, **materialize_interval(settings, parse_day(day))}
+
+
+def historical_user_history(settings: Settings, entity_df: pd.DataFrame) -> pd.DataFrame:
+    """Point-in-time user histories for (user_id, event_timestamp) rows.
+
+    Args:
+        entity_df: at least ``user_id`` and ``event_timestamp`` (UTC); other columns are
+            carried through.
+
+    Returns:
+        ``entity_df`` joined with ``recent_product_ids``, ``recent_event_types`` and
+        ``n_events_total`` as they stood at each row's timestamp. Rows are sorted by the
+        entity frame's original order (Feast returns them in its own order).
+    """
+    store = feature_store(settings)
+    frame = entity_df.copy()
+    frame["_row"] = range(len(frame))
+    out = store.get_historical_features(
+        entity_df=frame, features=store.get_feature_service(USER_HISTORY_SERVICE)
+    ).to_df()
+    out = out.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+    for col in ("recent_product_ids", "recent_event_types"):
+        out[col] = out[col].map(_as_list)
+    out["n_events_total"] = out["n_events_total"].fillna(0).astype("int64")
+    return out
+
+
+def online_user_history(store: FeatureStore, user_ids: list[str]) -> dict[str, dict[str, list]]:
+    """Read users' recent products from the online store.
+
+    Returns:
+        user_id -> {"recent_product_ids": [...], "recent_event_types": [...]}; users the store
+        does not know map to empty lists.
+    """
+    if not user_ids:
+        return {}
+    data = store.get_online_features(
+        features=store.get_feature_service(USER_HISTORY_SERVICE),
+        entity_rows=[{"user_id": u} for u in user_ids],
+    ).to_dict()
+    return {
+        u: {"recent_product_ids": _as_list(data["recent_product_ids"][i]),
+            "recent_event_types": _as_list(data["recent_event_types"][i])}
+        for i, u in enumerate(data["user_id"])
+    }
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return []
+    return [str(v) for v in value]

@@ -1,0 +1,166 @@
+"""`shoprec`: the operator's command line.
+
+Thin: every command parses options, builds ``Settings`` and calls one function that does
+the work (and that the DAG calls too).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shoprec.settings import Settings
+
+app = typer.Typer(help="shoprec: keeps a shop's recommendation models fresh.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Landing-zone data: generate, import, validate.",
+                       no_args_is_help=True)
+import_app = typer.Typer(help="Import a real data set into the landing-zone contract.",
+                         no_args_is_help=True)
+app.add_typer(data_app, name="data")
+data_app.add_typer(import_app, name="import")
+
+
+def _settings(root: str | None = None) -> Settings:
+    if root:
+        os.environ["SHOPREC_LANDING_ROOT"] = str(Path(root).resolve()) if "://" not in root else root
+    return Settings.from_env()
+
+
+def _day(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r} is not a date (YYYY-MM-DD)") from exc
+
+
+@data_app.command("synth")
+def data_synth(
+    root: Annotated[str | None, typer.Option(help="landing root (default: $SHOPREC_LANDING_ROOT)")] = None,
+    days: Annotated[int, typer.Option(min=1)] = 21,
+    users: Annotated[int, typer.Option(min=1)] = 400,
+    products: Annotated[int, typer.Option(min=2)] = 300,
+    seed: int = 7,
+    start: Annotated[str, typer.Option(help="first day, YYYY-MM-DD")] = "2026-01-01",
+) -> None:
+    """Generate a seeded synthetic shop (same seed, same bytes)."""
+    from features.synth import generate_shop
+
+    settings = _settings(root)
+    summary = generate_shop(settings.landing_root, days=days, users=users, products=products,
+                            seed=seed, start=_day(start), progress=True)
+    typer.echo(str(summary))
+
+
+@import_app.command("online-retail")
+def import_online_retail(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                         help="online_retail.parquet (UCI Online Retail)")],
+    root: Annotated[str | None, typer.Option(help="landing root")] = None,
+) -> None:
+    """Import the UCI Online Retail file; prints what was kept and dropped."""
+    from features.importers.online_retail import import_online_retail as run_import
+
+    settings = _settings(root)
+    report = run_import(str(path), settings.landing_root, progress=True)
+    typer.echo(str(report))
+
+
+@data_app.command("validate")
+def data_validate(
+    date: Annotated[str, typer.Option("--date", help="the partition's day, YYYY-MM-DD")],
+    root: Annotated[str | None, typer.Option(help="landing root")] = None,
+) -> None:
+    """Validate one day's partition with the pipeline's expectation suites."""
+    from features.validation import validate_day
+
+    settings = _settings(root)
+    settings.prepare()
+    report = validate_day(settings.landing_root, _day(date), settings.home / "validation")
+    typer.echo(report.summary())
+    raise typer.Exit(0 if report.success else 1)
+
+
+@app.command("run")
+def run(
+    start: Annotated[str, typer.Option(help="first day, YYYY-MM-DD")],
+    end: Annotated[str | None, typer.Option(help="last day (default: start)")] = None,
+) -> None:
+    """Run shoprec_daily through Airflow (dag.test) for each day, in date order."""
+    from shoprec.orchestration import run_days
+
+    settings = Settings.from_env().prepare()
+    results = run_days(settings, _day(start), _day(end or start), echo=typer.echo)
+    failed = [r for r in results if r.state != "success"]
+    typer.echo(f"{len(results) - len(failed)} day(s) succeeded, {len(failed)} failed; "
+               f"Airflow metadata in {settings.airflow_home}")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="port")] = None,
+) -> None:
+    """Serve the champion model over HTTP (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    settings = Settings.from_env().prepare()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run("serving.app:create_app", factory=True, host=host or settings.serving_host,
+                port=port or settings.serving_port, log_level="info")
+
+
+@app.command("env")
+def env() -> None:
+    """Print the environment of this state folder, for `eval "$(shoprec env)"`.
+
+    Then `airflow dags list`, `mlflow ui` and `feast` see the same state as the pipeline.
+    """
+    settings = Settings.from_env()
+    for key, value in sorted(settings.service_env().items()):
+        typer.echo(f"export {key}={shlex.quote(value)}")
+
+
+@app.command("demo")
+def demo(
+    days: Annotated[int, typer.Option(min=8, help="days of synthetic shop history")] = 14,
+    users: Annotated[int, typer.Option(min=20)] = 300,
+    products: Annotated[int, typer.Option(min=20)] = 200,
+    port: Annotated[int | None, typer.Option(help="serving port")] = None,
+    keep_serving: Annotated[bool, typer.Option(help="leave the server running")] = True,
+) -> None:
+    """Synthetic shop -> Airflow DAG per day -> MLflow champion -> served recommendations."""
+    from shoprec.demo import run_demo
+
+    settings = Settings.from_env().prepare()
+    outcome = run_demo(settings, days=days, users=users, products=products,
+                       port=port or settings.serving_port, keep_serving=keep_serving,
+                       echo=typer.echo)
+    raise typer.Exit(0 if outcome else 1)
+
+
+@app.command("champion")
+def champion() -> None:
+    """Show the registered model's champion and challenger versions."""
+    from training.registry import CHALLENGER, CHAMPION, alias_version, mlflow_client
+
+    settings = Settings.from_env()
+    client = mlflow_client(settings)
+    out = {}
+    for alias in (CHAMPION, CHALLENGER):
+        mv = alias_version(client, settings.model_name, alias)
+        out[alias] = None if mv is None else {"version": mv.version, "run_id": mv.run_id,
+                                              "tags": mv.tags}
+    typer.echo(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    app()
