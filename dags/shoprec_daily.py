@@ -54,10 +54,15 @@ def _interval_day() -> str:
 def shoprec_daily():
     @task
     def validate() -> dict:
-        from features.validation import check_partition
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from features.validation import PartitionInvalid, check_partition
         from shoprec.settings import Settings
 
-        return check_partition(Settings.from_env(), _interval_day())
+        try:
+            return check_partition(Settings.from_env(), _interval_day())
+        except PartitionInvalid as exc:  # bad data does not get better on retry
+            raise AirflowFailException(str(exc)) from exc
 
     @task
     def build_features(validation: dict) -> dict:
