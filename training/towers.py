@@ -1,0 +1,414 @@
+"""The two-tower retrieval model: an item tower and a user tower into one space.
+
+Item tower: the product's (precomputed, frozen) text embedding, a category embedding, a
+brand embedding and its log-price, through an MLP (plus a linear path from the text, so
+the pretrained semantics survive for products never seen in training), L2-normalised.
+
+User tower: attention pooling over the item-tower embeddings of the user's recent products,
+aware of each event's type and recency, plus a learned "empty history" token that is always
+attended (so a cold user gets a finite, learned embedding), then an MLP, L2-normalised.
+Because the user tower reads item embeddings, serving encodes users from the precomputed
+catalogue embeddings (``encode_users``) and needs no text encoder for them.
+
+Shape letters: B batch, L history length, M distinct items of a batch, N catalogue size,
+H text-embedding size, D shared embedding size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from features.contract import EVENT_TYPES
+from training.config import TrainConfig
+
+# 0 = unknown event type (and padding); the contract's event types follow.
+EVENT_TYPE_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}
+UNKNOWN = 0  # vocabulary index of an unknown category / brand
+
+
+class TwoTowerBatch(TypedDict):
+    """One training batch. Items are stored once per batch and referenced by index."""
+
+    item_text: torch.Tensor  # (M, H) float
+    item_category: torch.Tensor  # (M,) long
+    item_brand: torch.Tensor  # (M,) long
+    item_price: torch.Tensor  # (M,) float, raw price
+    target: torch.Tensor  # (B,) long, index into the M items
+    history: torch.Tensor  # (B, L) long, index into the M items; anything where masked
+    history_mask: torch.Tensor  # (B, L) bool, True = a real product; most recent first
+    history_event: torch.Tensor  # (B, L) long, EVENT_TYPE_IDS
+
+
+class ItemTower(nn.Module):
+    """Product features -> unit vector (B, D)."""
+
+    def __init__(
+        self,
+        text_dim: int,
+        n_categories: int,
+        n_brands: int,
+        embedding_dim: int,
+        category_dim: int,
+        brand_dim: int,
+        hidden_dim: int,
+        dropout: float,
+    ):
+        super().__init__()
+        self.category = nn.Embedding(n_categories, category_dim)
+        self.brand = nn.Embedding(n_brands, brand_dim)
+        in_dim = text_dim + category_dim + brand_dim + 1
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, embedding_dim),
+        )
+        # Keeps the pretrained text geometry reachable for cold products.
+        self.text_skip = nn.Linear(text_dim, embedding_dim, bias=False)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        category: torch.Tensor,
+        brand: torch.Tensor,
+        log_price: torch.Tensor,
+    ) -> torch.Tensor:
+        """Args: text (B, H), category (B,), brand (B,), standardised log-price (B,)."""
+        x = torch.cat(
+            [text, self.category(category), self.brand(brand), log_price.unsqueeze(-1)], dim=-1
+        )  # (B, H + C + R + 1)
+        out = self.mlp(x) + self.text_skip(text)  # (B, D)
+        return F.normalize(out, dim=-1)  # (B, D)
+
+
+class UserTower(nn.Module):
+    """Attention pooling over a user's recent item embeddings -> unit vector (B, D)."""
+
+    def __init__(self, embedding_dim: int, history_len: int, hidden_dim: int, dropout: float):
+        super().__init__()
+        n_events = len(EVENT_TYPE_IDS) + 1
+        self.history_len = history_len
+        self.event = nn.Embedding(n_events, embedding_dim)
+        self.position = nn.Embedding(history_len, embedding_dim)  # 0 = most recent
+        # A learned prior per event type: a purchase may weigh more than a view.
+        self.event_bias = nn.Embedding(n_events, 1)
+        # Small additive embeddings: at N(0, 1) they would drown the unit-norm item vectors.
+        # Unknown types (row 0) start neutral and only move if training sees them.
+        nn.init.normal_(self.event.weight, std=0.02)
+        nn.init.normal_(self.position.weight, std=0.02)
+        nn.init.zeros_(self.event_bias.weight)
+        with torch.no_grad():
+            self.event.weight[UNKNOWN].zero_()
+        self.key = nn.Linear(embedding_dim, embedding_dim)
+        self.value = nn.Linear(embedding_dim, embedding_dim)
+        self.query = nn.Parameter(torch.randn(embedding_dim) / math.sqrt(embedding_dim))
+        # Always attended: the whole embedding of a user without history, a prior otherwise.
+        self.empty = nn.Parameter(torch.randn(embedding_dim) / math.sqrt(embedding_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(embedding_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, embedding_dim),
+        )
+
+    def forward(
+        self, items: torch.Tensor, event_types: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Pool a padded history.
+
+        Args:
+            items: (B, L, D) item embeddings, most recent first.
+            event_types: (B, L) EVENT_TYPE_IDS.
+            mask: (B, L) bool, False on padding (whose content is ignored).
+
+        Returns:
+            (B, D) unit vectors; finite for an all-padding row.
+        """
+        batch, length, dim = items.shape
+        if length > self.history_len:
+            items, event_types, mask = (
+                items[:, : self.history_len],
+                event_types[:, : self.history_len],
+                mask[:, : self.history_len],
+            )
+            length = self.history_len
+        positions = torch.arange(length, device=items.device)  # (L,)
+        tokens = items + self.event(event_types) + self.position(positions)  # (B, L, D)
+        tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)  # (B, L, D)
+        empty = self.empty.to(tokens.dtype).expand(batch, 1, dim)  # (B, 1, D)
+        tokens = torch.cat([empty, tokens], dim=1)  # (B, L+1, D)
+        valid = torch.cat([mask.new_ones(batch, 1), mask], dim=1)  # (B, L+1)
+        bias = self.event_bias(event_types).squeeze(-1)  # (B, L)
+        bias = torch.cat([bias.new_zeros(batch, 1), bias], dim=1)  # (B, L+1)
+        scores = self.key(tokens) @ self.query.to(tokens.dtype) / math.sqrt(dim)  # (B, L+1)
+        scores = (scores + bias).masked_fill(~valid, float("-inf"))  # (B, L+1)
+        weights = torch.softmax(scores.float(), dim=-1).to(tokens.dtype)  # (B, L+1)
+        pooled = (weights.unsqueeze(-1) * self.value(tokens)).sum(dim=1)  # (B, D)
+        out = pooled + self.mlp(pooled)  # (B, D)
+        return F.normalize(out, dim=-1)  # (B, D)
+
+
+class TwoTowerModel(nn.Module):
+    """Both towers, the category/brand vocabularies and the price scaling.
+
+    Vocabularies come from the training catalogue; index 0 is "unknown", so products of a
+    new category or brand still get an embedding. ``spec()`` returns the constructor's
+    keyword arguments (JSON-able), which ``training.checkpoint`` stores beside the weights.
+    """
+
+    def __init__(
+        self,
+        *,
+        text_dim: int,
+        categories: Sequence[str],
+        brands: Sequence[str],
+        embedding_dim: int = 64,
+        category_dim: int = 16,
+        brand_dim: int = 16,
+        hidden_dim: int = 256,
+        history_len: int = 50,
+        dropout: float = 0.1,
+        price_center: float = 0.0,
+        price_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.categories = list(categories)
+        self.brands = list(brands)
+        self._category_ids = {c: i + 1 for i, c in enumerate(self.categories)}
+        self._brand_ids = {b: i + 1 for i, b in enumerate(self.brands)}
+        self._spec: dict[str, Any] = {
+            "text_dim": text_dim, "embedding_dim": embedding_dim, "category_dim": category_dim,
+            "brand_dim": brand_dim, "hidden_dim": hidden_dim, "history_len": history_len,
+            "dropout": dropout, "price_center": price_center, "price_scale": price_scale,
+        }
+        self.history_len = history_len
+        self.price_center = price_center
+        self.price_scale = price_scale
+        self.item_tower = ItemTower(
+            text_dim, len(self.categories) + 1, len(self.brands) + 1, embedding_dim,
+            category_dim, brand_dim, hidden_dim, dropout,
+        )
+        self.user_tower = UserTower(embedding_dim, history_len, hidden_dim, dropout)
+
+    @classmethod
+    def from_catalog(
+        cls, config: TrainConfig, catalog: pd.DataFrame, text_dim: int
+    ) -> TwoTowerModel:
+        """A fresh model whose vocabularies and price scaling come from ``catalog``."""
+        log_price = np.log1p(pd.to_numeric(catalog["price"], errors="coerce").fillna(0.0)
+                             .clip(lower=0.0).to_numpy(dtype=np.float64))
+        scale = float(log_price.std()) if len(log_price) > 1 else 1.0
+        return cls(
+            text_dim=text_dim,
+            categories=_vocabulary(catalog, "category"),
+            brands=_vocabulary(catalog, "brand"),
+            embedding_dim=config.embedding_dim,
+            category_dim=config.category_dim,
+            brand_dim=config.brand_dim,
+            hidden_dim=config.hidden_dim,
+            history_len=config.history_len,
+            dropout=config.dropout,
+            price_center=float(log_price.mean()) if len(log_price) else 0.0,
+            price_scale=scale if scale > 1e-6 else 1.0,
+        )
+
+    def spec(self) -> dict[str, Any]:
+        """Constructor keyword arguments (vocabularies included), JSON-able."""
+        return {**self._spec, "categories": self.categories, "brands": self.brands}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def category_ids(self, values: Sequence[Any]) -> np.ndarray:
+        """Vocabulary indices (0 = unknown) of category values."""
+        return np.array([self._category_ids.get(v, UNKNOWN) for v in values], dtype=np.int64)
+
+    def brand_ids(self, values: Sequence[Any]) -> np.ndarray:
+        """Vocabulary indices (0 = unknown) of brand values."""
+        return np.array([self._brand_ids.get(v, UNKNOWN) for v in values], dtype=np.int64)
+
+    def embed_items(
+        self, text: torch.Tensor, category: torch.Tensor, brand: torch.Tensor, price: torch.Tensor
+    ) -> torch.Tensor:
+        """Item tower on raw features: text (M, H), ids (M,), price (M,) -> (M, D)."""
+        log_price = (torch.log1p(price.float().clamp(min=0.0)) - self.price_center) / self.price_scale
+        return self.item_tower(text, category, brand, log_price.to(text.dtype))  # (M, D)
+
+    def forward(self, batch: TwoTowerBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user embeddings (B, D), target item embeddings (B, D)) of a batch."""
+        items = self.embed_items(
+            batch["item_text"], batch["item_category"], batch["item_brand"], batch["item_price"]
+        )  # (M, D)
+        mask = batch["history_mask"]  # (B, L)
+        history = items[batch["history"].clamp(min=0)]  # (B, L, D)
+        users = self.user_tower(history, batch["history_event"], mask)  # (B, D)
+        return users, items[batch["target"]]  # (B, D), (B, D)
+
+
+def _vocabulary(catalog: pd.DataFrame, column: str) -> list[str]:
+    if column not in catalog.columns:
+        return []
+    values = catalog[column].dropna().astype(str)
+    return sorted(set(values[values.str.len() > 0]))
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """The item tower's inputs for a set of products, row-aligned with ``product_ids``."""
+
+    product_ids: list[str]
+    text: np.ndarray  # (N, H) float32
+    category: np.ndarray  # (N,) object
+    brand: np.ndarray  # (N,) object
+    price: np.ndarray  # (N,) float64
+
+    @classmethod
+    def from_catalog(cls, catalog: pd.DataFrame, text_embeddings: np.ndarray) -> ItemFeatures:
+        """Features of every catalogue row; ``text_embeddings`` row-aligned with it."""
+        if len(text_embeddings) != len(catalog):
+            raise ValueError(f"{len(text_embeddings)} text embeddings for {len(catalog)} products")
+
+        def column(name: str) -> np.ndarray:
+            if name not in catalog.columns:
+                return np.full(len(catalog), None, dtype=object)
+            return catalog[name].astype(object).where(catalog[name].notna(), None).to_numpy()
+
+        return cls(
+            product_ids=catalog["product_id"].astype(str).tolist(),
+            text=np.asarray(text_embeddings, dtype=np.float32),
+            category=column("category"),
+            brand=column("brand"),
+            price=pd.to_numeric(catalog["price"], errors="coerce").fillna(0.0)
+            .to_numpy(dtype=np.float64),
+        )
+
+    def tensors(self, model: TwoTowerModel, device: torch.device) -> dict[str, torch.Tensor]:
+        """text (N, H), category (N,), brand (N,), price (N,) on ``device``."""
+        return {
+            "text": torch.from_numpy(self.text).to(device),
+            "category": torch.from_numpy(model.category_ids(self.category)).to(device),
+            "brand": torch.from_numpy(model.brand_ids(self.brand)).to(device),
+            "price": torch.from_numpy(self.price.astype(np.float32)).to(device),
+        }
+
+
+def encode_items(
+    model: TwoTowerModel, item_features: ItemFeatures, *, batch_size: int = 8192
+) -> np.ndarray:
+    """Item-tower embeddings of products.
+
+    Args:
+        model: a trained model (put in eval mode here).
+        item_features: the products' features.
+        batch_size: products per forward pass.
+
+    Returns:
+        (N, D) float32, unit rows, aligned with ``item_features.product_ids``.
+    """
+    model.eval()
+    device = model.device
+    feats = item_features.tensors(model, device)
+    out = np.zeros((len(item_features.product_ids), model.spec()["embedding_dim"]), np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(out), batch_size):
+            part = slice(start, start + batch_size)
+            emb = model.embed_items(
+                feats["text"][part], feats["category"][part], feats["brand"][part],
+                feats["price"][part],
+            )  # (b, D)
+            out[part] = emb.float().cpu().numpy()
+    return out
+
+
+def history_matrix(
+    histories: Sequence[Sequence[str] | None],
+    event_types: Sequence[Sequence[str] | None] | None,
+    item_index: dict[str, int],
+    history_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Padded index matrices of users' recent products, most recent FIRST.
+
+    Args:
+        histories: per user, product ids with the most recent LAST (None = none).
+        event_types: per user, the event type of each history entry, or None. A user's list
+            of the wrong length is ignored (types become unknown).
+        item_index: product id -> row; unknown products are skipped.
+        history_len: keep at most this many most recent known products.
+
+    Returns:
+        (U, L) int64 item rows with -1 for padding, and (U, L) int64 EVENT_TYPE_IDS.
+    """
+    n = len(histories)
+    items = np.full((n, history_len), -1, dtype=np.int64)
+    events = np.zeros((n, history_len), dtype=np.int64)
+    for u, history in enumerate(histories):
+        if not _is_sequence(history) or len(history) == 0:
+            continue
+        types = event_types[u] if event_types is not None else None
+        if not _is_sequence(types) or len(types) != len(history):
+            types = [None] * len(history)
+        filled = 0
+        for product, event in zip(reversed(list(history)), reversed(list(types)), strict=True):
+            row = item_index.get(product)
+            if row is None:
+                continue
+            items[u, filled] = row
+            events[u, filled] = EVENT_TYPE_IDS.get(event, UNKNOWN)
+            filled += 1
+            if filled == history_len:
+                break
+    return items, events
+
+
+def _is_sequence(value: Any) -> bool:
+    """A list-like of ids (a missing value from pandas/parquet, NaN or None, is not)."""
+    return isinstance(value, Sequence | np.ndarray | pd.Series) and not isinstance(value, str)
+
+
+def encode_users(
+    model: TwoTowerModel,
+    histories: Sequence[Sequence[str] | None],
+    event_types: Sequence[Sequence[str] | None] | None,
+    item_index: dict[str, int],
+    item_embeddings: np.ndarray,
+    *,
+    batch_size: int = 4096,
+) -> np.ndarray:
+    """User-tower embeddings from precomputed item embeddings.
+
+    Args:
+        model: a trained model (put in eval mode here).
+        histories: per user, product ids with the most recent LAST (empty/None = cold user).
+        event_types: per user, the event type of each entry, or None.
+        item_index: product id -> row of ``item_embeddings``; unknown products are skipped.
+        item_embeddings: (N, D) from ``encode_items``.
+        batch_size: users per forward pass.
+
+    Returns:
+        (U, D) float32, unit rows.
+    """
+    model.eval()
+    device = model.device
+    rows, events = history_matrix(histories, event_types, item_index, model.history_len)
+    table = torch.from_numpy(np.asarray(item_embeddings, dtype=np.float32)).to(device)  # (N, D)
+    if table.shape[0] == 0:  # no catalogue: every history is padding; keep indexing valid
+        table = table.new_zeros(1, model.spec()["embedding_dim"])  # (1, D)
+    out = np.zeros((len(rows), table.shape[1]), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            idx = torch.from_numpy(rows[start : start + batch_size]).to(device)  # (b, L)
+            mask = idx >= 0  # (b, L)
+            history = table[idx.clamp(min=0)]  # (b, L, D)
+            ev = torch.from_numpy(events[start : start + batch_size]).to(device)  # (b, L)
+            out[start : start + len(idx)] = model.user_tower(history, ev, mask).cpu().numpy()
+    return out
