@@ -4,8 +4,9 @@ Tables (under ``Settings.offline_root``, one partition per day, replaced on reru
 
 - ``user_recent_products``: for each user active that day, the last ``HISTORY_LEN``
   products they touched (oldest first) and the event types, as of the end of the day.
-  ``event_timestamp`` is the interval end minus one microsecond, so a point-in-time join for
-  an event of day D sees the snapshot of day D-1 and never the event itself.
+  ``event_timestamp`` is the interval end (exclusive), so every event of day D lies strictly
+  before day D's snapshot: a point-in-time join for an event of day D sees the snapshot of
+  day D-1 and never the event itself.
 - ``product_catalog``: products added or changed that day.
 """
 
@@ -27,7 +28,6 @@ from shoprec.settings import Settings
 log = logging.getLogger(__name__)
 
 HISTORY_LEN = 50
-SNAPSHOT_OFFSET = pd.Timedelta(microseconds=1)
 HISTORY_EVENT_TYPES = ("view", "add_to_cart", "purchase")
 
 USER_RECENT_SCHEMA = pa.schema([
@@ -91,7 +91,7 @@ def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame,
     touched = events[events["event_type"].isin(HISTORY_EVENT_TYPES) & events["product_id"].notna()]
     touched = touched.sort_values(["user_id", "ts", "event_id"], kind="stable")
     prev = previous.set_index("user_id") if len(previous) else None
-    snapshot_ts = pd.Timestamp(interval.end) - SNAPSHOT_OFFSET
+    snapshot_ts = pd.Timestamp(interval.end)
     rows: dict[str, list[Any]] = {name: [] for name in USER_RECENT_SCHEMA.names}
     for user_id, group in touched.groupby("user_id", sort=True):
         products = list(group["product_id"])

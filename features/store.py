@@ -89,10 +89,25 @@ def materialize_interval(settings: Settings, day: dt.date) -> dict[str, Any]:
     interval = Interval.for_day(day)
     start = interval.start - dt.timedelta(hours=settings.allowed_lateness_hours)
     store = feature_store(settings)
-    store.materialize(start_date=start, end_date=interval.end,
-                      feature_views=list(MATERIALIZED_VIEWS))
-    return {"start": start.isoformat(), "end": interval.end.isoformat(),
+    # The online write keeps the last row written, not the newest: rerunning an earlier
+    # interval alone would put older snapshots back online. Extending such a rerun up to
+    # the latest interval already materialized lets the newest rows win again.
+    end = max([interval.end, *(_materialized_until(store, v) for v in MATERIALIZED_VIEWS)])
+    store.materialize(start_date=start, end_date=end, feature_views=list(MATERIALIZED_VIEWS))
+    return {"start": start.isoformat(), "end": end.isoformat(),
             "views": list(MATERIALIZED_VIEWS)}
+
+
+def _materialized_until(store: FeatureStore, view: str) -> dt.datetime:
+    """The end of the latest window materialized for a view (Feast records them)."""
+    from feast.errors import FeatureViewNotFoundException
+
+    try:
+        intervals = store.get_feature_view(view).materialization_intervals
+    except FeatureViewNotFoundException:
+        return dt.datetime.min.replace(tzinfo=dt.UTC)
+    ends = [end if end.tzinfo else end.replace(tzinfo=dt.UTC) for _, end in intervals]
+    return max(ends, default=dt.datetime.min.replace(tzinfo=dt.UTC))
 
 
 def materialize_day(settings: Settings, day: str | dt.date) -> dict[str, Any]:

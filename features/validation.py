@@ -200,7 +200,11 @@ def validate_frame(df: pd.DataFrame, table: str, interval: Interval) -> tuple[bo
         failures.extend({"expectation": "shoprec_contract_schema", "column": None,
                          "unexpected_count": None, "examples": [p]} for p in exc.problems)
 
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
+    # GX draws a tqdm bar per validation: noise in task logs.
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     asset = context.data_sources.add_pandas("landing").add_dataframe_asset(table)
     batch_def = asset.add_batch_definition_whole_dataframe("partition")
     suite = context.suites.add(build_suite(table, interval))

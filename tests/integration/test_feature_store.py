@@ -1,0 +1,192 @@
+"""Feast over the offline partitions: point-in-time joins, row order, online reads, reruns.
+
+A small synthetic shop is built and materialized day by day, as the DAG does, into a fresh
+SHOPREC_HOME; expected histories are recomputed from the raw landing events, not from the
+feature tables under test.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from features.build import HISTORY_EVENT_TYPES, HISTORY_LEN, build_interval
+from features.contract import Interval, read_range
+from features.store import (
+    feature_store,
+    historical_user_history,
+    materialize_day,
+    online_user_history,
+)
+from features.synth import generate_shop
+from shoprec.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+START = dt.date(2026, 1, 1)
+DAYS = 5
+DAY_LIST = [START + dt.timedelta(days=i) for i in range(DAYS)]
+LAST = DAY_LIST[-1]
+UNKNOWN = "U-never-seen"
+
+
+@pytest.fixture
+def settings(shop_home: Path) -> Iterator[Settings]:
+    """A synthetic shop, built and materialized day by day in date order."""
+    saved = dict(os.environ)  # prepare() exports SHOPREC_FEAST_*, MLFLOW_*, AIRFLOW_*
+    settings = Settings.from_env()
+    generate_shop(settings.landing_root, days=DAYS, users=40, products=30, seed=5, start=START)
+    for day in DAY_LIST:
+        build_interval(settings, day)
+        materialize_day(settings, day)
+    yield settings
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _events(settings: Settings) -> pd.DataFrame:
+    return read_range(settings.landing_root, "events", DAY_LIST)
+
+
+def _expected(events: pd.DataFrame, user_id: str, before: pd.Timestamp) -> dict:
+    """The user's history from raw events strictly before ``before`` (oldest first)."""
+    mine = events[(events["user_id"] == user_id) & events["product_id"].notna()
+                  & events["event_type"].isin(HISTORY_EVENT_TYPES) & (events["ts"] < before)]
+    mine = mine.sort_values(["ts", "event_id"], kind="stable")
+    return {"recent_product_ids": list(mine["product_id"])[-HISTORY_LEN:],
+            "recent_event_types": list(mine["event_type"])[-HISTORY_LEN:],
+            "n_events_total": len(mine)}
+
+
+def _got(row: pd.Series) -> dict:
+    return {"recent_product_ids": list(row["recent_product_ids"]),
+            "recent_event_types": list(row["recent_event_types"]),
+            "n_events_total": int(row["n_events_total"])}
+
+
+def _purchases(events: pd.DataFrame) -> pd.DataFrame:
+    """Purchases after the first day (earlier days exist to give them a history)."""
+    day_start = pd.Timestamp(Interval.for_day(DAY_LIST[1]).start)
+    buys = events[(events["event_type"] == "purchase") & (events["ts"] >= day_start)]
+    return buys.sort_values(["ts", "event_id"]).reset_index(drop=True)
+
+
+def _entity(frame: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"user_id": frame["user_id"].to_numpy(),
+                         "event_timestamp": frame["ts"].to_numpy(),
+                         "event_id": frame["event_id"].to_numpy()})
+
+
+def _online_everyone(settings: Settings, users: list[str]) -> dict:
+    return online_user_history(feature_store(settings), users)
+
+
+def test_point_in_time_history_is_the_end_of_the_previous_day(settings: Settings) -> None:
+    events = _events(settings)
+    buys = _purchases(events)
+    assert len(buys) >= 10, "the synthetic shop should have purchases to check"
+    out = historical_user_history(settings, _entity(buys))
+    assert len(out) == len(buys)
+    with_history = 0
+    for i, buy in buys.iterrows():
+        got = _got(out.iloc[i])
+        day_start = pd.Timestamp(Interval.for_day(buy["ts"].date()).start)
+        assert got == _expected(events, buy["user_id"], day_start), buy["event_id"]
+        # The same day's events, the purchase itself included, are never visible.
+        assert got["n_events_total"] < _expected(events, buy["user_id"],
+                                                 buy["ts"] + pd.Timedelta(microseconds=1)
+                                                 )["n_events_total"]
+        with_history += got["n_events_total"] > 0
+    assert with_history >= len(buys) // 2  # most buyers were active on an earlier day
+
+
+def test_snapshot_becomes_visible_at_its_own_timestamp(settings: Settings) -> None:
+    events = _events(settings)
+    product_events = events[events["event_type"].isin(HISTORY_EVENT_TYPES)]
+    first = product_events.sort_values("ts").drop_duplicates("user_id").iloc[0]
+    end = pd.Timestamp(Interval.for_day(first["ts"].date()).end)
+    stamps = [pd.Timestamp(START, tz="UTC") - pd.Timedelta(days=30),  # before any data
+              first["ts"],  # the user's very first event
+              end - pd.Timedelta(microseconds=1),  # the day's last instant
+              end]  # the first snapshot's timestamp
+    entity = pd.DataFrame({"user_id": [first["user_id"]] * 4, "event_timestamp": stamps})
+    out = historical_user_history(settings, entity)
+    empty = {"recent_product_ids": [], "recent_event_types": [], "n_events_total": 0}
+    assert [_got(row) for _, row in out.iloc[:3].iterrows()] == [empty] * 3
+    assert _got(out.iloc[3]) == _expected(events, first["user_id"], end)
+    assert _got(out.iloc[3])["n_events_total"] > 0
+
+
+def test_rows_keep_the_entity_frame_order(settings: Settings) -> None:
+    events = _events(settings)
+    entity = _entity(_purchases(events))
+    late = pd.Timestamp(LAST, tz="UTC") + pd.Timedelta(hours=30)
+    extra = pd.DataFrame({"user_id": [UNKNOWN, entity["user_id"].iloc[0]],
+                          "event_timestamp": [late, late], "event_id": ["x1", "x2"]})
+    entity = pd.concat([entity, extra, entity.iloc[:3]], ignore_index=True)  # some duplicates
+    in_order = historical_user_history(settings, entity)
+
+    shuffled = entity.sample(frac=1.0, random_state=7)
+    positions = list(shuffled.index)  # each shuffled row's position in ``entity``
+    assert positions != sorted(positions)
+    shuffled.index = range(100, 100 + len(shuffled))  # an index Feast must not rely on
+    out = historical_user_history(settings, shuffled)
+    assert len(out) == len(shuffled)
+    assert list(out["user_id"]) == list(shuffled["user_id"])
+    assert list(out["event_id"]) == list(shuffled["event_id"])
+    assert list(out["event_timestamp"]) == list(shuffled["event_timestamp"])
+    assert "_row" not in out.columns
+    # Each row carries its own history, wherever it was in the frame.
+    assert [_got(r) for _, r in out.iterrows()] == [_got(in_order.iloc[p]) for p in positions]
+    unknown = out[out["event_id"] == "x1"].iloc[0]
+    assert _got(unknown)["n_events_total"] == 0 and _got(unknown)["recent_product_ids"] == []
+    known = out[out["event_id"] == "x2"].iloc[0]  # after the last day: everything so far
+    assert _got(known) == _expected(events, known["user_id"], late)
+
+
+def test_online_store_holds_each_users_latest_snapshot(settings: Settings) -> None:
+    events = _events(settings)
+    users = sorted(events.loc[events["event_type"].isin(HISTORY_EVENT_TYPES), "user_id"].unique())
+    online = _online_everyone(settings, [*users, UNKNOWN])
+    assert online[UNKNOWN] == {"recent_product_ids": [], "recent_event_types": []}
+    after_all = pd.Timestamp(Interval.for_day(LAST).end)
+    for user in users:
+        expected = _expected(events, user, after_all)
+        del expected["n_events_total"]
+        assert online[user] == expected, user
+
+    # A user active on the last day: exactly that day's offline snapshot.
+    path = settings.offline_root / "user_recent_products" / f"date={LAST}" / "part-0.parquet"
+    last_day = pq.read_table(path).to_pylist()
+    assert last_day, "somebody should be active on the last day"
+    row = last_day[0]
+    assert online[row["user_id"]] == {"recent_product_ids": row["recent_product_ids"],
+                                      "recent_event_types": row["recent_event_types"]}
+    assert online_user_history(feature_store(settings), []) == {}
+
+
+def test_materializing_a_day_twice_changes_nothing_online(settings: Settings) -> None:
+    events = _events(settings)
+    users = [*sorted(events["user_id"].unique()), UNKNOWN]
+    before = _online_everyone(settings, users)
+    assert sum(bool(v["recent_product_ids"]) for v in before.values()) >= 10
+    again = materialize_day(settings, LAST)
+    assert again["start"] == "2026-01-04T23:00:00+00:00"  # one hour of allowed lateness
+    assert again["end"] == "2026-01-06T00:00:00+00:00"
+    assert _online_everyone(settings, users) == before
+
+
+def test_rerunning_an_earlier_day_keeps_the_latest_snapshots_online(
+    settings: Settings,
+) -> None:
+    events = _events(settings)
+    users = [*sorted(events["user_id"].unique())]
+    before = _online_everyone(settings, users)
+    materialize_day(settings, DAY_LIST[1])  # e.g. an operator clears an old task instance
+    assert _online_everyone(settings, users) == before

@@ -1,0 +1,172 @@
+"""The real chain: synthetic shop -> shoprec_daily via dag.test() on a migrated SQLite
+metadata DB -> MLflow registry -> FAISS -> the real HTTP app.
+
+One module-scoped run of the pipeline serves every test here (it is the expensive part).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+START = dt.date(2026, 1, 1)
+DAYS = 10
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory):
+    """Run the DAG for every day of a small synthetic shop, in date order."""
+    home = tmp_path_factory.mktemp("e2e") / "state"
+    saved = dict(os.environ)
+    os.environ.update({"SHOPREC_HOME": str(home), "SHOPREC_LANDING_ROOT": str(home / "landing"),
+                       "SHOPREC_TEXT_ENCODER": "tiny"})
+    for key in ("SHOPREC_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"):
+        os.environ.pop(key, None)
+    # Airflow reads its configuration on first import; the test session may already have
+    # imported it with another AIRFLOW_HOME, so point its settings here explicitly too.
+    from features.synth import generate_shop
+    from shoprec.orchestration import load_dag, migrate_metadata_db, run_day
+    from shoprec.settings import Settings
+
+    settings = Settings.from_env().prepare()
+    os.environ.update(settings.airflow_env())
+    generate_shop(settings.landing_root, days=DAYS, users=250, products=80, seed=11, start=START)
+    migrate_metadata_db(settings)
+    _reconfigure_airflow(settings)
+    dag = load_dag(settings)
+    results = [run_day(dag, START + dt.timedelta(days=i), settings.home / "logs")
+               for i in range(DAYS)]
+    yield settings, dag, results
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _reconfigure_airflow(settings) -> None:
+    """Make an already-imported Airflow use this test's metadata DB."""
+    from airflow import settings as airflow_settings
+    from airflow.configuration import conf
+
+    conf.set("database", "sql_alchemy_conn", settings.airflow_env()["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    airflow_settings.SQL_ALCHEMY_CONN = conf.get("database", "sql_alchemy_conn")
+    airflow_settings.configure_orm()
+
+
+def _client(settings):
+    from training.registry import mlflow_client
+
+    return mlflow_client(settings)
+
+
+def _versions(settings) -> list:
+    return _client(settings).search_model_versions(f"name = '{settings.model_name}'")
+
+
+def test_every_day_succeeds_and_trains_once_history_allows(pipeline) -> None:
+    _, _, results = pipeline
+    assert [r.state for r in results] == ["success"] * DAYS
+    trained = [r for r in results if r.tasks.get("register") == "success"]
+    skipped = [r for r in results if r.tasks.get("train") == "skipped"]
+    # early days have too little history: training is skipped, not failed
+    assert skipped and skipped[0].day == START
+    assert len(trained) >= 2
+    assert all(r.tasks["validate"] == "success" for r in results)
+
+
+def test_registry_has_one_version_per_trained_day_and_a_champion(pipeline) -> None:
+    from training.registry import CHALLENGER, CHAMPION, TAG_INTERVAL, alias_version
+
+    settings, _, results = pipeline
+    trained_days = {r.day.isoformat() for r in results if r.tasks.get("register") == "success"}
+    versions = _versions(settings)
+    assert sorted(v.tags[TAG_INTERVAL] for v in versions) == sorted(trained_days)
+    client = _client(settings)
+    champion = alias_version(client, settings.model_name, CHAMPION)
+    challenger = alias_version(client, settings.model_name, CHALLENGER)
+    assert champion is not None and challenger is not None
+    assert challenger.tags[TAG_INTERVAL] == max(trained_days)
+    metrics = client.get_run(champion.run_id).data.metrics
+    assert 0 < metrics["recall_at_50"] <= 1
+    assert metrics["recall_at_50"] >= metrics["recall_at_10"]
+    assert "popularity_recall_at_50" in metrics
+
+
+def test_rerunning_a_day_duplicates_nothing(pipeline) -> None:
+    from shoprec.orchestration import run_day
+
+    settings, dag, results = pipeline
+    before = {(v.version, v.run_id) for v in _versions(settings)}
+    last = results[-1].day
+    run_metrics = _client(settings).get_run(
+        next(v.run_id for v in _versions(settings)
+             if v.tags["shoprec.interval"] == last.isoformat())).data.metrics
+    again = run_day(dag, last, settings.home / "logs")
+    assert again.state == "success"
+    assert {(v.version, v.run_id) for v in _versions(settings)} == before
+    rerun = _client(settings).get_run(
+        next(v.run_id for v in _versions(settings)
+             if v.tags["shoprec.interval"] == last.isoformat())).data.metrics
+    assert rerun["recall_at_50"] == run_metrics["recall_at_50"]
+
+
+def test_served_recommendations_come_from_the_champion(pipeline) -> None:
+    from fastapi.testclient import TestClient
+
+    from features.contract import read_partition
+    from serving.app import create_app
+    from training.registry import CHAMPION, alias_version
+
+    settings, _, results = pipeline
+    champion = alias_version(_client(settings), settings.model_name, CHAMPION)
+    events = read_partition(settings.landing_root, "events", results[-1].day)
+    known_user = events[events["event_type"] != "search"]["user_id"].iloc[0]
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/version").json()["model_version"] == str(champion.version)
+        body = client.get(f"/recommend/{known_user}", params={"k": 7}).json()
+        assert body["model_version"] == str(champion.version)
+        assert body["cold_start"] is False
+        assert len(body["items"]) == 7
+        assert len({i["product_id"] for i in body["items"]}) == 7
+        assert all(i["title"] and i["reason"] for i in body["items"])
+        scores = [i["score"] for i in body["items"]]
+        assert scores == sorted(scores, reverse=True)
+        cold = client.get("/recommend/never-seen-user", params={"k": 3}).json()
+        assert cold["cold_start"] is True and len(cold["items"]) == 3
+        assert client.get(f"/recommend/{known_user}", params={"k": 0}).status_code == 422
+        assert client.get(f"/recommend/{known_user}", params={"k": "ten"}).status_code == 422
+
+
+def test_bad_partition_fails_validation_and_nothing_downstream_runs(pipeline) -> None:
+    from shoprec.orchestration import run_day
+
+    settings, dag, results = pipeline
+    bad_day = results[-1].day + dt.timedelta(days=1)
+    folder = Path(settings.landing_root) / "events" / f"date={bad_day}"
+    folder.mkdir(parents=True)
+    good = pd.read_parquet(Path(settings.landing_root) / "events" / f"date={results[-1].day}"
+                           / "part-0.parquet")
+    bad = good.assign(ts=good["ts"] + pd.Timedelta(days=1), quantity=-1)
+    bad.to_parquet(folder / "part-0.parquet", index=False)
+    versions_before = len(_versions(settings))
+
+    result = run_day(dag, bad_day, settings.home / "logs")
+
+    assert result.state == "failed"
+    assert result.tasks["validate"] == "failed"
+    downstream = {t: s for t, s in result.tasks.items() if t != "validate"}
+    assert set(downstream.values()) <= {"upstream_failed", "None", "none"}, downstream
+    assert len(_versions(settings)) == versions_before
+    report = json.loads((settings.home / "validation" / f"date={bad_day}" / "events.json")
+                        .read_text())
+    failed = {(f["expectation"], f["column"]) for f in report["failures"]}
+    assert ("expect_column_values_to_be_between", "quantity") in failed
+    assert len(failed) == 1  # the shifted timestamps fit the bad day: only quantity is wrong
+    assert not (settings.offline_root / "user_recent_products" / f"date={bad_day}").exists()

@@ -1,0 +1,250 @@
+"""The serving bundle: checksummed files, refusal of tampered ones, and what it recommends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving.bundle import (
+    EMBEDDINGS,
+    INDEX_FILE,
+    INDEX_META,
+    MANIFEST,
+    PRODUCTS,
+    Bundle,
+    BundleError,
+    load_bundle,
+    verify,
+    write_bundle,
+)
+from serving.index import build_index, save_index
+from training.config import TrainConfig
+from training.train import TrainResult, train
+
+CATEGORIES = ["candles", "mugs", "toys"]
+PER_CATEGORY = 4
+CONFIG = TrainConfig(
+    text_encoder="tiny", device="cpu", epochs=1, batch_size=16, embedding_dim=8,
+    hidden_dim=16, category_dim=4, brand_dim=4, history_len=5, min_examples=2,
+)
+# Distinct popularity in neither catalogue nor alphabetical order (mugs-1 is the most popular).
+POPULARITY = {f"{c}-{j}": float((7 * (i * PER_CATEGORY + j)) % 12)
+              for i, c in enumerate(CATEGORIES) for j in range(PER_CATEGORY)}
+
+
+def _catalog() -> pd.DataFrame:
+    return pd.DataFrame([
+        {"product_id": f"{c}-{j}", "title": f"{c.title()} product {j}", "description": None,
+         "category": c, "brand": f"brand-{j % 2}", "price": float(2 + j), "image_url": None,
+         "updated_at": pd.Timestamp("2026-01-01", tz="UTC")}
+        for c in CATEGORIES for j in range(PER_CATEGORY)
+    ])
+
+
+def _examples() -> pd.DataFrame:
+    rows = []
+    for u in range(24):
+        c = CATEGORIES[u % len(CATEGORIES)]
+        rows.append({
+            "user_id": f"u{u}", "product_id": f"{c}-{(u + 1) % PER_CATEGORY}",
+            "event_timestamp": pd.Timestamp("2026-01-02", tz="UTC") + pd.Timedelta(minutes=u),
+            "recent_product_ids": [f"{c}-{u % PER_CATEGORY}"], "recent_event_types": ["view"],
+        })
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def trained() -> TrainResult:
+    return train(CONFIG, _catalog(), _examples(), progress=False)
+
+
+def _products(result: TrainResult) -> pd.DataFrame:
+    catalog = _catalog().set_index("product_id").loc[result.product_ids].reset_index()
+    return pd.DataFrame({
+        "product_id": catalog["product_id"], "title": catalog["title"],
+        "category": catalog["category"], "brand": catalog["brand"], "price": catalog["price"],
+        "popularity": catalog["product_id"].map(POPULARITY).to_numpy(),
+    })
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(trained: TrainResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("bundle") / "bundle"
+    return write_bundle(folder, model=trained.model, config=CONFIG, products=_products(trained),
+                        item_embeddings=trained.item_embeddings,
+                        meta={"interval": "2026-01-02", "model_name": "test"})
+
+
+def _write_index(folder: Path, embeddings: np.ndarray) -> Path:
+    """An index folder as serving.publish.build_index_for_version writes it."""
+    index, kind = build_index(embeddings, use_gpu=False)
+    save_index(index, folder / INDEX_FILE)
+    meta = {"kind": kind, "size": int(index.ntotal), "dim": int(embeddings.shape[1]),
+            "sha256": hashlib.sha256((folder / INDEX_FILE).read_bytes()).hexdigest()}
+    (folder / INDEX_META).write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def index_dir(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_index(tmp_path_factory.mktemp("index"), np.load(bundle_dir / EMBEDDINGS))
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir: Path, index_dir: Path) -> Bundle:
+    return load_bundle(bundle_dir, index_dir, name="test", version="3", run_id="r1")
+
+
+def _copy(bundle_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle_dir, tmp_path / "copy"))
+
+
+# --- writing and verifying -------------------------------------------------------------
+
+
+def test_manifest_lists_every_file_with_its_checksum(bundle_dir: Path,
+                                                     trained: TrainResult) -> None:
+    manifest = verify(bundle_dir)
+    assert manifest["interval"] == "2026-01-02" and manifest["model_name"] == "test"
+    assert manifest["products"] == len(CATEGORIES) * PER_CATEGORY
+    assert manifest["dim"] == CONFIG.embedding_dim
+    files = {str(p.relative_to(bundle_dir)) for p in bundle_dir.rglob("*")
+             if p.is_file() and p.name != MANIFEST}
+    assert set(manifest["files"]) == files
+    assert {EMBEDDINGS, PRODUCTS, "model/model.safetensors"} <= files
+    assert manifest["files"][EMBEDDINGS] == hashlib.sha256(
+        (bundle_dir / EMBEDDINGS).read_bytes()).hexdigest()
+    np.testing.assert_array_equal(np.load(bundle_dir / EMBEDDINGS), trained.item_embeddings)
+
+
+def test_flipped_byte_is_refused_naming_the_file(bundle_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(bundle_dir, tmp_path)
+    path = folder / EMBEDDINGS
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last float: np.load would happily read it
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"checksum mismatch for item_embeddings\.npy"):
+        verify(folder)
+
+
+def test_missing_file_is_refused_naming_the_file(bundle_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(bundle_dir, tmp_path)
+    (folder / PRODUCTS).unlink()
+    with pytest.raises(BundleError, match=r"products\.parquet is missing"):
+        verify(folder)
+
+
+def test_folder_without_manifest_is_not_a_bundle(bundle_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(bundle_dir, tmp_path)
+    (folder / MANIFEST).unlink()
+    with pytest.raises(BundleError, match="not a shoprec bundle"):
+        verify(folder)
+
+
+def test_products_and_embeddings_must_align(trained: TrainResult, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="11 products for 12 embeddings"):
+        write_bundle(tmp_path / "b", model=trained.model, config=CONFIG,
+                     products=_products(trained).iloc[:11],
+                     item_embeddings=trained.item_embeddings, meta={})
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def test_load_bundle_reads_what_was_written(bundle: Bundle, trained: TrainResult) -> None:
+    assert (bundle.name, bundle.version, bundle.run_id) == ("test", "3", "r1")
+    assert bundle.size == 12 and bundle.index.ntotal == 12
+    assert bundle.index_meta["kind"] == "flat_ip"
+    assert list(bundle.products["product_id"]) == trained.product_ids
+    assert bundle.item_row == trained.item_index
+    np.testing.assert_array_equal(bundle.item_embeddings, trained.item_embeddings)
+
+
+def test_load_bundle_refuses_a_tampered_model_folder(bundle_dir: Path, index_dir: Path,
+                                                     tmp_path: Path) -> None:
+    folder = _copy(bundle_dir, tmp_path)
+    weights = folder / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model/model\.safetensors"):
+        load_bundle(folder, index_dir, name="test", version="3", run_id="r1")
+
+
+def test_index_not_matching_its_checksum_is_refused(bundle_dir: Path, index_dir: Path,
+                                                    tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(index_dir, tmp_path / "index"))
+    # Swap in another index over the same number of vectors; index.json still has the old hash.
+    other, _ = build_index(np.eye(12, CONFIG.embedding_dim, dtype=np.float32), use_gpu=False)
+    save_index(other, folder / INDEX_FILE)
+    with pytest.raises(BundleError, match="index checksum mismatch"):
+        load_bundle(bundle_dir, folder, name="test", version="3", run_id="r1")
+
+
+def test_index_of_the_wrong_size_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    folder.mkdir()
+    _write_index(folder, np.load(bundle_dir / EMBEDDINGS)[:10])  # checksum fine, size not
+    with pytest.raises(BundleError, match="holds 10 vectors for 12 products"):
+        load_bundle(bundle_dir, folder, name="test", version="3", run_id="r1")
+
+
+def test_missing_index_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="has no FAISS index"):
+        load_bundle(bundle_dir, tmp_path, name="test", version="3", run_id="r1")
+
+
+# --- recommending ----------------------------------------------------------------------
+
+
+def _exact_ranking(bundle: Bundle, history: list[str]) -> list[str]:
+    from training.towers import encode_users
+
+    user = encode_users(bundle.model, [history], None, bundle.item_row,
+                        bundle.item_embeddings)  # (1, D)
+    scores = bundle.item_embeddings @ user[0]  # (N,)
+    return [bundle.products["product_id"].iloc[i] for i in np.argsort(-scores, kind="stable")]
+
+
+def test_recommend_returns_k_distinct_scored_explained_products(bundle: Bundle) -> None:
+    history = ["mugs-0", "mugs-1"]
+    recs = bundle.recommend(history, None, k=5)
+    ids = [r.product_id for r in recs]
+    assert len(ids) == 5 and len(set(ids)) == 5
+    assert ids == _exact_ranking(bundle, history)[:5]
+    scores = [r.score for r in recs]
+    assert all(np.isfinite(scores)) and scores == sorted(scores, reverse=True)
+    titles = dict(zip(bundle.products["product_id"], bundle.products["title"], strict=True))
+    for r in recs:
+        assert r.title == titles[r.product_id]
+        assert r.reason in {"you viewed it recently", "similar to Mugs product 0",
+                            "similar to Mugs product 1"}
+
+
+def test_recommend_excludes_products(bundle: Bundle) -> None:
+    history = ["toys-1", "candles-2"]
+    top = [r.product_id for r in bundle.recommend(history, ["view", "purchase"], k=4)]
+    exclude = set(top[:2]) | {"mugs-3"}
+    recs = bundle.recommend(history, ["view", "purchase"], k=4, exclude=exclude)
+    ids = [r.product_id for r in recs]
+    assert len(ids) == 4 and len(set(ids)) == 4
+    assert not exclude & set(ids)
+    assert ids[:2] == [p for p in top if p not in exclude][:2]  # the rest keep their order
+
+
+@pytest.mark.parametrize("history", [[], ["not-in-catalogue", "nor-this"]])
+def test_user_without_known_history_gets_popular_products(bundle: Bundle,
+                                                          history: list[str]) -> None:
+    by_popularity = sorted(POPULARITY, key=lambda p: (-POPULARITY[p], p))
+    recs = bundle.recommend(history, None, k=4)
+    assert [r.product_id for r in recs] == by_popularity[:4]
+    assert [r.score for r in recs] == [POPULARITY[p] for p in by_popularity[:4]]
+    assert all(r.reason for r in recs)
+    skipped = bundle.recommend(history, None, k=3, exclude={by_popularity[0]})
+    assert [r.product_id for r in skipped] == by_popularity[1:4]
