@@ -33,7 +33,7 @@ def feature_store(settings: Settings) -> FeatureStore:
     from feast import FeatureStore
 
     settings.prepare()
-    return FeatureStore(repo_path=str(FEATURE_REPO))
+    return FeatureStore(repo_path=str(FEATURE_REPO), fs_yaml_file=settings.feast_yaml)
 
 
 def _declarations() -> list[Any]:

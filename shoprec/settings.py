@@ -46,6 +46,10 @@ class Settings:
     admin_token: str = ""
     text_encoder: str = "minilm"
     allowed_lateness_hours: int = 1
+    feast_project: str = "shoprec"
+    # Production profile services (PostgreSQL holds the Feast registry, Redis the online store).
+    redis_url: str = "127.0.0.1:6379,db=0"
+    feast_registry_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/shoprec"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -76,6 +80,9 @@ class Settings:
             allowed_lateness_hours=int(
                 env.get("SHOPREC_ALLOWED_LATENESS_HOURS", cls.allowed_lateness_hours)
             ),
+            feast_project=env.get("SHOPREC_FEAST_PROJECT", cls.feast_project),
+            redis_url=env.get("SHOPREC_REDIS_URL", cls.redis_url),
+            feast_registry_url=env.get("SHOPREC_FEAST_REGISTRY_URL", cls.feast_registry_url),
         )
 
     # Derived locations. Kept as properties so that one SHOPREC_HOME moves them all.
@@ -102,11 +109,20 @@ class Settings:
         """Derived, recomputable data (text embeddings keyed by text hash)."""
         return self.home / "cache"
 
+    @property
+    def feast_yaml(self) -> Path:
+        """The Feast configuration of this profile (both live in the one feature repo)."""
+        name = "feature_store.prod.yaml" if self.profile == "prod" else "feature_store.yaml"
+        return FEATURE_REPO / name
+
     def feast_env(self) -> dict[str, str]:
-        """Variables that ``features/feature_repo/feature_store.yaml`` expands."""
+        """Variables that the feature repo's ``feature_store*.yaml`` files expand."""
         return {
+            "SHOPREC_FEAST_PROJECT": self.feast_project,
             "SHOPREC_FEAST_REGISTRY": str(self.feast_data / "registry.db"),
             "SHOPREC_FEAST_ONLINE_PATH": str(self.feast_data / "online.db"),
+            "SHOPREC_FEAST_REGISTRY_URL": self.feast_registry_url,
+            "SHOPREC_REDIS_URL": self.redis_url,
             "SHOPREC_OFFLINE_ROOT": str(self.offline_root),
         }
 
