@@ -50,7 +50,7 @@ class DayResult:
             extra = (f"  model v{self.promoted['version']} {verdict} "
                      f"({self.promoted.get('reason', '')})")
         elif skipped:
-            extra = f"  skipped from {skipped[0]} on (history too short to train)"
+            extra = f"  {skipped[0]} and later steps skipped (history too short to train yet)"
         return f"{self.day}  {self.state:<8} {self.seconds:6.1f}s{extra}"
 
 
@@ -137,7 +137,8 @@ def run_days(settings: Settings, start: dt.date, end: dt.date, *, echo=print) ->
     Stops at the first failed day: later days depend on its features.
     """
     migrate_metadata_db(settings)
-    dag = load_dag(settings)
+    with _output_to(settings.home / "logs" / "dag_test" / "parse.log"):
+        dag = load_dag(settings)
     results = []
     day = start
     while day <= end:
