@@ -1,13 +1,26 @@
-"""Offline feature tables, built per data interval from the validated landing partition.
+"""Offline feature tables, built per data interval from the validated landing partitions.
 
-Tables (under ``Settings.offline_root``, one partition per day, replaced on rerun):
+Tables (under ``Settings.offline_root``, one partition per table and day, replaced atomically
+on rerun). Every row built for day D is a snapshot timestamped at the interval end (the next
+midnight, exclusive), so every event of day D lies strictly before day D's snapshot: a
+point-in-time join for an event of day D sees the snapshots of day D-1 and never the event.
 
-- ``user_recent_products``: for each user active that day, the last ``HISTORY_LEN``
-  products they touched (oldest first) and the event types, as of the end of the day.
-  ``event_timestamp`` is the interval end (exclusive), so every event of day D lies strictly
-  before day D's snapshot: a point-in-time join for an event of day D sees the snapshot of
-  day D-1 and never the event itself.
-- ``product_catalog``: products added or changed that day.
+- ``user_recent_products``: for each user with a product event that day, the last
+  ``HISTORY_LEN`` products they touched (oldest first), the event type and the time (epoch
+  seconds) of each, and the all-time count of product events. It rolls forward from each
+  user's previous snapshot. An extra column ``last_purchase_ts`` (not a Feast feature) carries
+  the user's last purchase for ``user_profile``.
+- ``user_profile``: for each user with any event in the last ``PROFILE_LOOKBACK_DAYS`` days,
+  event counts by type over 7 and 30 days, days since the last purchase (-1 when never),
+  distinct categories touched and mean basket value over 30 days, and country. The lookback is
+  one day longer than the widest window so that a user who stops acting gets one last
+  snapshot with all windowed values back at zero (the latest snapshot stays valid forever).
+- ``product_stats``: for every catalogue product, views and purchases over 7 and 30 days, the
+  30-day conversion rate, price, category, brand and days since first seen.
+- ``product_text``: "title | category | brand | description" of products added or changed
+  that day (the text the item tower reads; the same rule as ``training.text.product_text``).
+- ``product_catalog``: products added or changed that day, timestamped when they changed
+  (kept for the ``product_catalog_v1`` service).
 """
 
 from __future__ import annotations
@@ -17,25 +30,83 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from features.contract import Interval, parse_day, read_partition
+from features.contract import (
+    EVENT_TYPES,
+    Interval,
+    parse_day,
+    read_partition,
+    read_range,
+    read_upto,
+)
 from shoprec.settings import Settings
 
 log = logging.getLogger(__name__)
 
 HISTORY_LEN = 50
 HISTORY_EVENT_TYPES = ("view", "add_to_cart", "purchase")
+WINDOWS_DAYS = (7, 30)
+# Events read per build: the widest window plus one day (see the module docstring).
+PROFILE_LOOKBACK_DAYS = max(WINDOWS_DAYS) + 1
+PRODUCT_STAT_EVENT_TYPES = ("view", "purchase")
+TEXT_COLUMNS = ("title", "category", "brand", "description")
+NEVER = -1  # days_since_last_purchase of a user who never purchased
+
+TS = pa.timestamp("us", tz="UTC")
+_DAY = pd.Timedelta(days=1)
+_EPOCH = pd.Timestamp(0, tz="UTC")
 
 USER_RECENT_SCHEMA = pa.schema([
     ("user_id", pa.string()),
     ("recent_product_ids", pa.list_(pa.string())),
     ("recent_event_types", pa.list_(pa.string())),
+    ("recent_timestamps", pa.list_(pa.int64())),
     ("n_events_total", pa.int64()),
-    ("event_timestamp", pa.timestamp("us", tz="UTC")),
+    ("last_purchase_ts", TS),
+    ("event_timestamp", TS),
+])
+
+
+def user_count_columns() -> list[str]:
+    """``user_profile``'s counter columns: ``<event_type>_count_<w>d`` for each window."""
+    return [f"{t}_count_{w}d" for w in WINDOWS_DAYS for t in EVENT_TYPES]
+
+
+def product_count_columns() -> list[str]:
+    """``product_stats``' counter columns: ``product_<event_type>_count_<w>d``."""
+    return [f"product_{t}_count_{w}d" for w in WINDOWS_DAYS for t in PRODUCT_STAT_EVENT_TYPES]
+
+
+USER_PROFILE_SCHEMA = pa.schema([
+    ("user_id", pa.string()),
+    *[(c, pa.int64()) for c in user_count_columns()],
+    ("days_since_last_purchase", pa.int64()),
+    ("distinct_categories_30d", pa.int64()),
+    ("mean_basket_value_30d", pa.float64()),
+    ("country", pa.string()),
+    ("event_timestamp", TS),
+])
+
+PRODUCT_STATS_SCHEMA = pa.schema([
+    ("product_id", pa.string()),
+    *[(c, pa.int64()) for c in product_count_columns()],
+    ("conversion_rate_30d", pa.float64()),
+    ("price", pa.float64()),
+    ("category", pa.string()),
+    ("brand", pa.string()),
+    ("days_since_first_seen", pa.int64()),
+    ("event_timestamp", TS),
+])
+
+PRODUCT_TEXT_SCHEMA = pa.schema([
+    ("product_id", pa.string()),
+    ("text", pa.string()),
+    ("event_timestamp", TS),
 ])
 
 PRODUCT_CATALOG_SCHEMA = pa.schema([
@@ -44,8 +115,16 @@ PRODUCT_CATALOG_SCHEMA = pa.schema([
     ("category", pa.string()),
     ("brand", pa.string()),
     ("price", pa.float64()),
-    ("event_timestamp", pa.timestamp("us", tz="UTC")),
+    ("event_timestamp", TS),
 ])
+
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "user_recent_products": USER_RECENT_SCHEMA,
+    "user_profile": USER_PROFILE_SCHEMA,
+    "product_stats": PRODUCT_STATS_SCHEMA,
+    "product_text": PRODUCT_TEXT_SCHEMA,
+    "product_catalog": PRODUCT_CATALOG_SCHEMA,
+}
 
 
 def _partition_file(offline_root: Path, table: str, day: dt.date) -> Path:
@@ -61,8 +140,24 @@ def _write(offline_root: Path, table: str, day: dt.date, table_data: pa.Table) -
     return str(target)
 
 
+def _epoch_seconds(ts: pd.Series) -> np.ndarray:
+    """UTC timestamps -> int64 seconds since the epoch (floored), whatever the time unit."""
+    return ((ts - _EPOCH) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
+
+
+def _list_array(values: pd.Series, sizes: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """Flat values grouped into consecutive lists of the given sizes."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    flat = pa.array(values.to_numpy(), type=value_type, from_pandas=True)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat)
+
+
 def previous_user_state(offline_root: Path, day: dt.date) -> pd.DataFrame:
-    """Each user's latest ``user_recent_products`` row from partitions before ``day``."""
+    """Each user's latest ``user_recent_products`` row from partitions before ``day``.
+
+    Partitions written before ``recent_timestamps``/``last_purchase_ts`` existed read as
+    null there; ``build_user_recent_products`` fills them.
+    """
     folder = offline_root / "user_recent_products"
     files = sorted(
         str(p) for p in folder.glob("date=*/part-0.parquet")
@@ -72,42 +167,219 @@ def previous_user_state(offline_root: Path, day: dt.date) -> pd.DataFrame:
         return USER_RECENT_SCHEMA.empty_table().to_pandas()
     data = pads.dataset(files, schema=USER_RECENT_SCHEMA, format="parquet").to_table()
     frame = data.to_pandas().sort_values(["user_id", "event_timestamp"], kind="stable")
-    return frame.drop_duplicates("user_id", keep="last")
+    return frame.drop_duplicates("user_id", keep="last").reset_index(drop=True)
 
 
 def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame,
                                interval: Interval, history_len: int = HISTORY_LEN) -> pa.Table:
-    """Roll each active user's history forward by one day of events.
+    """Roll each active user's history forward by one day of events (vectorised).
 
     Args:
         events: the day's events (contract columns).
-        previous: each user's latest snapshot before the day.
+        previous: each user's latest snapshot before the day (``previous_user_state``).
         interval: the day.
         history_len: products kept per user.
 
     Returns:
-        One row per user with a product event that day.
+        One row per user with a product event that day, sorted by user_id
+        (``USER_RECENT_SCHEMA``).
     """
     touched = events[events["event_type"].isin(HISTORY_EVENT_TYPES) & events["product_id"].notna()]
     touched = touched.sort_values(["user_id", "ts", "event_id"], kind="stable")
-    prev = previous.set_index("user_id") if len(previous) else None
+    active = pd.Index(touched["user_id"].unique()).sort_values()
     snapshot_ts = pd.Timestamp(interval.end)
-    rows: dict[str, list[Any]] = {name: [] for name in USER_RECENT_SCHEMA.names}
-    for user_id, group in touched.groupby("user_id", sort=True):
-        products = list(group["product_id"])
-        types = list(group["event_type"])
-        total = len(group)
-        if prev is not None and user_id in prev.index:
-            before = prev.loc[user_id]
-            products = list(before["recent_product_ids"]) + products
-            types = list(before["recent_event_types"]) + types
-            total += int(before["n_events_total"])
-        rows["user_id"].append(user_id)
-        rows["recent_product_ids"].append(products[-history_len:])
-        rows["recent_event_types"].append(types[-history_len:])
-        rows["n_events_total"].append(total)
-        rows["event_timestamp"].append(snapshot_ts)
-    return pa.Table.from_pydict(rows, schema=USER_RECENT_SCHEMA)
+    if active.empty:
+        return USER_RECENT_SCHEMA.empty_table()
+
+    prev = previous[previous["user_id"].isin(active)].sort_values("user_id", kind="stable")
+    # Earlier snapshots may lack recent_timestamps: stamp those entries with their snapshot.
+    ids = prev["recent_product_ids"].map(lambda v: [] if v is None else list(v))
+    types = prev["recent_event_types"].map(lambda v: [] if v is None else list(v))
+    stamps = [list(s) if s is not None and len(s) == len(i)
+              else [int(pd.Timestamp(t).timestamp())] * len(i)
+              for s, i, t in zip(prev["recent_timestamps"], ids, prev["event_timestamp"],
+                                 strict=True)]
+    sizes = np.array([len(i) for i in ids], dtype=np.int64)
+    # Long format, previous entries first: (user_id, product_id, event_type, epoch)
+    earlier = pd.DataFrame({
+        "user_id": np.repeat(prev["user_id"].to_numpy(), sizes),
+        "product_id": [p for row in ids for p in row],
+        "event_type": [t for row in types for t in row],
+        "epoch": np.array([s for row in stamps for s in row], dtype=np.int64),
+    })
+    today = pd.DataFrame({
+        "user_id": touched["user_id"].to_numpy(),
+        "product_id": touched["product_id"].to_numpy(),
+        "event_type": touched["event_type"].to_numpy(),
+        "epoch": _epoch_seconds(touched["ts"]),
+    })
+    # A stable sort by user keeps each user's entries oldest first.
+    long = pd.concat([earlier, today], ignore_index=True).sort_values("user_id", kind="stable")
+    long = long[long.groupby("user_id", sort=False).cumcount(ascending=False) < history_len]
+    kept = long.groupby("user_id", sort=True).size().reindex(active).to_numpy()
+
+    prev_by_user = prev.set_index("user_id")
+    total = (touched.groupby("user_id").size().reindex(active)
+             + prev_by_user["n_events_total"].reindex(active).fillna(0).astype("int64"))
+    buys = touched[touched["event_type"] == "purchase"].groupby("user_id")["ts"].max()
+    # A purchase of the day is later than any earlier one.
+    last_purchase = pd.to_datetime(buys.reindex(active), utc=True).fillna(
+        pd.to_datetime(prev_by_user["last_purchase_ts"].reindex(active), utc=True))
+    return pa.Table.from_arrays([
+        pa.array(active.to_numpy(), pa.string()),
+        _list_array(long["product_id"], kept, pa.string()),
+        _list_array(long["event_type"], kept, pa.string()),
+        _list_array(long["epoch"], kept, pa.int64()),
+        pa.array(total.to_numpy(dtype=np.int64), pa.int64()),
+        pa.array(last_purchase, TS, from_pandas=True),
+        pa.array([snapshot_ts] * len(active), TS),
+    ], schema=USER_RECENT_SCHEMA)
+
+
+def _counts(events: pd.DataFrame, key: str, types: tuple[str, ...], since: pd.Timestamp,
+            index: pd.Index, prefix: str, days: int) -> pd.DataFrame:
+    """Events per (key, type) at or after ``since``, one ``<prefix><type>_count_<days>d``
+    column per type, reindexed to ``index`` (missing = 0)."""
+    window = events[(events["ts"] >= since) & events["event_type"].isin(types)]
+    if window.empty:
+        counts = pd.DataFrame(0, index=index, columns=list(types))
+    else:
+        counts = window.groupby([key, "event_type"]).size().unstack(fill_value=0)
+        counts = counts.reindex(index=index, columns=list(types), fill_value=0).fillna(0)
+    counts.columns = [f"{prefix}{t}_count_{days}d" for t in types]
+    return counts.astype("int64")
+
+
+def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
+                       users: pd.DataFrame, state: pd.DataFrame,
+                       interval: Interval) -> pa.Table:
+    """Windowed user features as of the interval end.
+
+    Args:
+        window_events: events of the last ``PROFILE_LOOKBACK_DAYS`` days up to the interval
+            end (contract columns).
+        catalog: each product's latest row (``category``, ``price``).
+        users: user rows of every users partition so far, oldest partition first.
+        state: each user's latest ``user_recent_products`` row as of the interval end
+            (``last_purchase_ts``).
+        interval: the day.
+
+    Returns:
+        One row per user with any event in ``window_events``, sorted (``USER_PROFILE_SCHEMA``).
+    """
+    end = pd.Timestamp(interval.end)
+    index = pd.Index(window_events["user_id"].unique(), name="user_id").sort_values()
+    out = pd.concat([
+        _counts(window_events, "user_id", EVENT_TYPES, end - w * _DAY, index, "", w)
+        for w in WINDOWS_DAYS], axis=1)[user_count_columns()]
+
+    last_buy = state.set_index("user_id")["last_purchase_ts"].reindex(index)
+    last_buy = pd.to_datetime(last_buy, utc=True)
+    days = ((end - last_buy) // _DAY).fillna(NEVER)
+    out["days_since_last_purchase"] = days.astype("int64")
+
+    month = window_events[window_events["ts"] >= end - 30 * _DAY]
+    category = catalog.set_index("product_id")["category"]
+    touched = month[month["event_type"].isin(HISTORY_EVENT_TYPES) & month["product_id"].notna()]
+    cats = touched["product_id"].map(category)
+    out["distinct_categories_30d"] = (
+        cats.groupby(touched["user_id"]).nunique().reindex(index).fillna(0).astype("int64"))
+
+    buys = month[month["event_type"] == "purchase"]
+    catalog_price = catalog.set_index("product_id")["price"]
+    price = buys["price"].astype(float).fillna(buys["product_id"].map(catalog_price)).fillna(0.0)
+    # A basket: one user's purchases on one (UTC) day; value = sum of quantity * price.
+    baskets = (buys["quantity"].astype(float) * price).groupby(
+        [buys["user_id"], buys["ts"].dt.floor("D")]).sum()
+    mean_basket = baskets.groupby(level=0).mean() if len(baskets) else pd.Series(dtype=float)
+    out["mean_basket_value_30d"] = mean_basket.reindex(index).fillna(0.0).astype(float)
+
+    known = users.dropna(subset=["country"]).drop_duplicates("user_id", keep="last")
+    out["country"] = known.set_index("user_id")["country"].reindex(index)
+    out["event_timestamp"] = end
+    return pa.Table.from_pandas(out.reset_index(), schema=USER_PROFILE_SCHEMA,
+                                preserve_index=False)
+
+
+def catalog_with_first_seen(products: pd.DataFrame) -> pd.DataFrame:
+    """Each product's latest row plus ``first_seen`` (its earliest ``updated_at``).
+
+    Args:
+        products: rows of every products partition so far.
+
+    Returns:
+        One row per product, sorted by product_id.
+    """
+    if products.empty:
+        return products.assign(first_seen=pd.Series(dtype="datetime64[us, UTC]"))
+    ordered = products.sort_values(["product_id", "updated_at"], kind="stable")
+    latest = ordered.drop_duplicates("product_id", keep="last").set_index("product_id")
+    latest["first_seen"] = ordered.groupby("product_id")["updated_at"].min()
+    return latest.reset_index()
+
+
+def build_product_stats(window_events: pd.DataFrame, catalog: pd.DataFrame,
+                        interval: Interval) -> pa.Table:
+    """Windowed product features of every catalogue product as of the interval end.
+
+    Args:
+        window_events: events of the last days up to the interval end (contract columns).
+        catalog: ``catalog_with_first_seen`` as of the interval end.
+        interval: the day.
+
+    Returns:
+        One row per catalogue product, sorted (``PRODUCT_STATS_SCHEMA``).
+    """
+    end = pd.Timestamp(interval.end)
+    index = pd.Index(catalog["product_id"], name="product_id").sort_values()
+    with_product = window_events[window_events["product_id"].notna()]
+    out = pd.concat([
+        _counts(with_product, "product_id", PRODUCT_STAT_EVENT_TYPES, end - w * _DAY, index,
+                "product_", w)
+        for w in WINDOWS_DAYS], axis=1)[product_count_columns()]
+    views, buys = out["product_view_count_30d"], out["product_purchase_count_30d"]
+    out["conversion_rate_30d"] = np.where(views > 0, buys / views.where(views > 0, 1), 0.0)
+    attrs = catalog.set_index("product_id").reindex(index)
+    out["price"] = attrs["price"].astype(float)
+    out["category"] = attrs["category"]
+    out["brand"] = attrs["brand"]
+    out["days_since_first_seen"] = ((end - pd.to_datetime(attrs["first_seen"], utc=True))
+                                    // _DAY).astype("int64")
+    out["event_timestamp"] = end
+    return pa.Table.from_pandas(out.reset_index(), schema=PRODUCT_STATS_SCHEMA,
+                                preserve_index=False)
+
+
+def product_text(products: pd.DataFrame) -> list[str]:
+    """The item tower's text per product: "title | category | brand | description".
+
+    The same rule as ``training.text.product_text`` (which needs torch to import); missing or
+    empty parts are left out. A test keeps the two identical.
+
+    Args:
+        products: rows with (some of) title, category, brand, description.
+
+    Returns:
+        One string per row, in row order.
+    """
+    columns = [
+        products[c].astype("string").fillna("").str.strip().to_numpy(dtype=object)
+        if c in products.columns
+        else np.full(len(products), "", dtype=object)
+        for c in TEXT_COLUMNS
+    ]
+    return [" | ".join(p for p in parts if p) for parts in zip(*columns, strict=True)]
+
+
+def build_product_text(products: pd.DataFrame, interval: Interval) -> pa.Table:
+    """Text rows of the day's new or changed products, timestamped at the interval end."""
+    frame = products.sort_values(["product_id", "updated_at"], kind="stable")
+    frame = frame.drop_duplicates("product_id", keep="last")
+    return pa.Table.from_pydict({
+        "product_id": list(frame["product_id"]),
+        "text": product_text(frame),
+        "event_timestamp": [pd.Timestamp(interval.end)] * len(frame),
+    }, schema=PRODUCT_TEXT_SCHEMA)
 
 
 def build_product_catalog(products: pd.DataFrame) -> pa.Table:
@@ -123,29 +395,54 @@ def build_product_catalog(products: pd.DataFrame) -> pa.Table:
     }, schema=PRODUCT_CATALOG_SCHEMA)
 
 
+def _state_after(previous: pd.DataFrame, today: pa.Table) -> pd.DataFrame:
+    """Each user's latest ``user_recent_products`` row once the day's rows are added."""
+    frame = pd.concat([previous, today.to_pandas()], ignore_index=True)
+    return frame.drop_duplicates("user_id", keep="last")
+
+
 def build_features(landing_root: str, offline_root: Path, day: dt.date) -> dict[str, Any]:
     """Write the day's offline feature partitions, replacing any earlier run's.
 
     Depends on the ``user_recent_products`` partitions of earlier days, so intervals are
     built in date order (a backfill does that; a rerun of one day reads the same earlier
-    partitions and writes the same bytes).
+    partitions and writes the same bytes). Reads the last ``PROFILE_LOOKBACK_DAYS`` days of
+    events once, and the users and products partitions up to the day.
 
     Returns:
         Paths written and row counts, for XCom and logs.
     """
     interval = Interval.for_day(day)
-    events = read_partition(landing_root, "events", day)
-    products = read_partition(landing_root, "products", day)
-    users = build_user_recent_products(events, previous_user_state(offline_root, day), interval)
-    catalog = build_product_catalog(products)
-    out = {
-        "user_recent_products": _write(offline_root, "user_recent_products", day, users),
-        "product_catalog": _write(offline_root, "product_catalog", day, catalog),
-        "users": users.num_rows,
-        "products": catalog.num_rows,
+    lookback = [day - dt.timedelta(days=i) for i in range(PROFILE_LOOKBACK_DAYS - 1, -1, -1)]
+    window_events = read_range(landing_root, "events", lookback)
+    window_events = window_events[window_events["ts"] < pd.Timestamp(interval.end)]
+    events = window_events[window_events["ts"] >= pd.Timestamp(interval.start)]
+    products_today = read_partition(landing_root, "products", day)
+    catalog = catalog_with_first_seen(read_upto(landing_root, "products", day))
+    users = read_upto(landing_root, "users", day)
+
+    previous = previous_user_state(offline_root, day)
+    recent = build_user_recent_products(events, previous, interval)
+    tables = {
+        "user_recent_products": recent,
+        "user_profile": build_user_profile(window_events, catalog, users,
+                                           _state_after(previous, recent), interval),
+        "product_stats": build_product_stats(window_events, catalog, interval),
+        "product_text": build_product_text(products_today, interval),
+        "product_catalog": build_product_catalog(products_today),
     }
-    log.info("features for %s: %d user snapshots, %d products", day, users.num_rows,
-             catalog.num_rows)
+    out: dict[str, Any] = {name: _write(offline_root, name, day, data)
+                           for name, data in tables.items()}
+    out.update({
+        "users": recent.num_rows,
+        "products": tables["product_catalog"].num_rows,
+        "user_profiles": tables["user_profile"].num_rows,
+        "product_stats_rows": tables["product_stats"].num_rows,
+        "product_texts": tables["product_text"].num_rows,
+    })
+    log.info("features for %s: %d user histories, %d user profiles, %d product stats, "
+             "%d changed products", day, recent.num_rows, out["user_profiles"],
+             out["product_stats_rows"], out["products"])
     return out
 
 

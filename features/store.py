@@ -23,9 +23,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_services")
-# The feature views that the daily pipeline materializes.
-MATERIALIZED_VIEWS = ("user_recent_products", "product_catalog")
+# The feature views that the daily pipeline materializes (every online view).
+MATERIALIZED_VIEWS = ("user_recent_products", "user_profile", "product_stats", "product_text",
+                      "product_catalog")
+# recent_product_ids, recent_event_types, n_events_total (training history and serving).
 USER_HISTORY_SERVICE = "two_tower_v1"
+# Every user and item feature, point in time, for (user_id, product_id, event_timestamp).
+TRAINING_SERVICE = "two_tower_training_v1"
+# The user-tower inputs read online per request.
+SERVING_SERVICE = "two_tower_serving_v1"
 
 
 def feature_store(settings: Settings) -> FeatureStore:
@@ -116,6 +122,30 @@ def materialize_day(settings: Settings, day: str | dt.date) -> dict[str, Any]:
     return {"applied": applied, **materialize_interval(settings, parse_day(day))}
 
 
+def historical_features(settings: Settings, entity_df: pd.DataFrame,
+                        service: str = TRAINING_SERVICE) -> pd.DataFrame:
+    """Point-in-time features of a feature service, in the entity frame's row order.
+
+    Args:
+        settings: where the store lives.
+        entity_df: the service's join keys (``user_id`` and/or ``product_id``) and
+            ``event_timestamp`` (UTC); other columns are carried through.
+        service: a feature service name, e.g. ``TRAINING_SERVICE``.
+
+    Returns:
+        ``entity_df`` joined with the service's features as they stood at each row's
+        timestamp (the latest snapshot at or before it; null where there is none). Rows are
+        in the entity frame's original order (Feast returns them in its own order).
+    """
+    store = feature_store(settings)
+    frame = entity_df.copy()
+    frame["_row"] = range(len(frame))
+    out = store.get_historical_features(
+        entity_df=frame, features=store.get_feature_service(service)
+    ).to_df()
+    return out.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+
+
 def historical_user_history(settings: Settings, entity_df: pd.DataFrame) -> pd.DataFrame:
     """Point-in-time user histories for (user_id, event_timestamp) rows.
 
@@ -128,13 +158,7 @@ def historical_user_history(settings: Settings, entity_df: pd.DataFrame) -> pd.D
         ``n_events_total`` as they stood at each row's timestamp. Rows are sorted by the
         entity frame's original order (Feast returns them in its own order).
     """
-    store = feature_store(settings)
-    frame = entity_df.copy()
-    frame["_row"] = range(len(frame))
-    out = store.get_historical_features(
-        entity_df=frame, features=store.get_feature_service(USER_HISTORY_SERVICE)
-    ).to_df()
-    out = out.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+    out = historical_features(settings, entity_df, USER_HISTORY_SERVICE)
     for col in ("recent_product_ids", "recent_event_types"):
         out[col] = out[col].map(_as_list)
     out["n_events_total"] = out["n_events_total"].fillna(0).astype("int64")

@@ -1,4 +1,5 @@
-"""Feast over the offline partitions: point-in-time joins, row order, online reads, reruns.
+"""Feast over the offline partitions: point-in-time joins, row order, online reads, reruns,
+and online == offline at the interval end for every online view.
 
 A small synthetic shop is built and materialized day by day, as the DAG does, into a fresh
 SHOPREC_HOME; expected histories are recomputed from the raw landing events, not from the
@@ -13,12 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
 from features.build import HISTORY_EVENT_TYPES, HISTORY_LEN, build_interval
 from features.contract import Interval, read_range
 from features.store import (
+    MATERIALIZED_VIEWS,
     feature_store,
     historical_user_history,
     materialize_day,
@@ -37,7 +41,7 @@ UNKNOWN = "U-never-seen"
 
 
 @pytest.fixture
-def settings(shop_home: Path) -> Iterator[Settings]:
+def settings(shop_home: Path, feast_profile: str) -> Iterator[Settings]:
     """A synthetic shop, built and materialized day by day in date order."""
     saved = dict(os.environ)  # prepare() exports SHOPREC_FEAST_*, MLFLOW_*, AIRFLOW_*
     settings = Settings.from_env()
@@ -81,6 +85,11 @@ def _entity(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"user_id": frame["user_id"].to_numpy(),
                          "event_timestamp": frame["ts"].to_numpy(),
                          "event_id": frame["event_id"].to_numpy()})
+
+
+def _utc(value: dt.datetime) -> pd.Timestamp:
+    stamp = pd.Timestamp(value)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
 def _online_everyone(settings: Settings, users: list[str]) -> dict:
@@ -179,6 +188,12 @@ def test_materializing_a_day_twice_changes_nothing_online(settings: Settings) ->
     again = materialize_day(settings, LAST)
     assert again["start"] == "2026-01-04T23:00:00+00:00"  # one hour of allowed lateness
     assert again["end"] == "2026-01-06T00:00:00+00:00"
+    assert again["views"] == list(MATERIALIZED_VIEWS)
+    store = feature_store(settings)
+    for view in MATERIALIZED_VIEWS:  # Feast recorded exactly that window for every view
+        start, end = store.get_feature_view(view).materialization_intervals[-1]
+        assert (_utc(start), _utc(end)) == (pd.Timestamp(again["start"]),
+                                            pd.Timestamp(again["end"])), view
     assert _online_everyone(settings, users) == before
 
 
@@ -190,3 +205,46 @@ def test_rerunning_an_earlier_day_keeps_the_latest_snapshots_online(
     before = _online_everyone(settings, users)
     materialize_day(settings, DAY_LIST[1])  # e.g. an operator clears an old task instance
     assert _online_everyone(settings, users) == before
+
+
+def _offline_latest(settings: Settings, view: str, key: str,
+                    at: pd.Timestamp) -> dict[str, dict]:
+    """Each entity's latest offline row with event_timestamp <= ``at``, read from the
+    partitions directly (not through Feast)."""
+    files = sorted(str(p) for p in (settings.offline_root / view).glob("date=*/part-0.parquet"))
+    frame = pads.dataset(files, format="parquet").to_table().to_pandas()
+    frame = frame[frame["event_timestamp"] <= at]
+    frame = frame.sort_values([key, "event_timestamp"], kind="stable")
+    rows = pa.Table.from_pandas(frame.drop_duplicates(key, keep="last"), preserve_index=False)
+    return {r[key]: r for r in rows.to_pylist()}
+
+
+def test_online_equals_offline_at_the_interval_end(settings: Settings) -> None:
+    """Every online feature of every materialized view equals the offline value of the
+    entity's latest snapshot at or before the last interval's end, field by field."""
+    end = pd.Timestamp(Interval.for_day(LAST).end)
+    store = feature_store(settings)
+    online_views = sorted(fv.name for fv in store.list_feature_views() if fv.online)
+    assert online_views == sorted(MATERIALIZED_VIEWS)
+    for view in online_views:
+        fv = store.get_feature_view(view)
+        key = fv.entity_columns[0].name
+        fields = [f.name for f in fv.features]
+        offline = _offline_latest(settings, view, key, end)
+        sample = sorted(offline)
+        assert len(sample) >= 3, view
+        online = store.get_online_features(
+            features=[f"{view}:{f}" for f in fields],
+            entity_rows=[{key: k} for k in [*sample, UNKNOWN]],
+        ).to_dict(include_event_timestamps=True)
+        assert online[key] == [*sample, UNKNOWN]
+        for i, entity in enumerate(sample):
+            row = offline[entity]
+            for name in fields:
+                assert online[name][i] == row[name], (view, entity, name)
+            assert online[f"{fields[0]}__ts"][i] == int(row["event_timestamp"].timestamp()), (
+                view, entity)
+        assert all(online[name][-1] is None for name in fields), view  # nothing made up
+        if view == "user_recent_products":  # some rows were materialized on earlier days
+            assert min(offline[e]["event_timestamp"] for e in sample) < pd.Timestamp(
+                Interval.for_day(LAST).start)

@@ -1,4 +1,5 @@
-"""Offline feature tables: rolling user histories, snapshot timestamps, idempotent reruns."""
+"""Offline feature tables: rolling user histories, windowed user and product features,
+item text, snapshot timestamps, idempotent reruns, and the Feast schemas that read them."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from features.build import (
     HISTORY_LEN,
+    TABLE_SCHEMAS,
     USER_RECENT_SCHEMA,
     build_features,
     build_product_catalog,
     build_user_recent_products,
     previous_user_state,
+    product_text,
 )
 from features.contract import Interval, write_partition
 
@@ -26,6 +30,10 @@ DAY3 = dt.date(2026, 1, 3)
 
 def _ts(day: dt.date, clock: str) -> pd.Timestamp:
     return pd.Timestamp(f"{day.isoformat()} {clock}", tz="UTC")
+
+
+def _epoch(day: dt.date, clock: str) -> int:
+    return int(_ts(day, clock).timestamp())
 
 
 def _events(rows: list[tuple[str, str, str | None, str, pd.Timestamp]]) -> pd.DataFrame:
@@ -78,8 +86,12 @@ def test_one_day_from_nothing_keeps_product_events_oldest_first() -> None:
     assert sorted(rows) == ["u1", "u2"]  # u9 only searched
     assert rows["u1"]["recent_product_ids"] == ["P1", "P2", "P2"]
     assert rows["u1"]["recent_event_types"] == ["view", "add_to_cart", "purchase"]
+    assert rows["u1"]["recent_timestamps"] == [_epoch(DAY1, c) for c in ("10:00", "11:00",
+                                                                         "12:00")]
     assert rows["u1"]["n_events_total"] == 3
+    assert rows["u1"]["last_purchase_ts"] == _ts(DAY1, "12:00")
     assert rows["u2"]["recent_product_ids"] == ["P3", "P4", "P5"]
+    assert rows["u2"]["last_purchase_ts"] is None
     assert rows["u2"]["n_events_total"] == 3
 
 
@@ -104,10 +116,15 @@ def test_history_is_truncated_to_the_most_recent_but_the_total_accumulates() -> 
     assert _rows(day1)["u1"]["recent_product_ids"] == ["P1", "P2", "P2"]
     rows = _rows(build_user_recent_products(_day2(), day1.to_pandas(), Interval.for_day(DAY2),
                                             history_len=4))
-    # The oldest entry (P1 view) falls out; product and event type stay aligned.
+    # The oldest entry (P1 view) falls out; product, event type and time stay aligned.
     assert rows["u1"]["recent_product_ids"] == ["P2", "P2", "P6", "P7"]
     assert rows["u1"]["recent_event_types"] == ["add_to_cart", "purchase", "view", "add_to_cart"]
+    assert rows["u1"]["recent_timestamps"] == [
+        _epoch(DAY1, "11:00"), _epoch(DAY1, "12:00"), _epoch(DAY2, "08:00"),
+        _epoch(DAY2, "08:10")]
     assert rows["u1"]["n_events_total"] == 5
+    # No purchase on day 2: the day-1 purchase is still the last one.
+    assert rows["u1"]["last_purchase_ts"] == _ts(DAY1, "12:00")
 
 
 def test_default_history_len_keeps_the_last_fifty() -> None:
@@ -123,6 +140,8 @@ def test_default_history_len_keeps_the_last_fifty() -> None:
     assert row["recent_product_ids"] == [f"P{i:03d}" for i in range(7, n)]
     assert row["recent_event_types"] == [("view", "add_to_cart", "purchase")[i % 3]
                                          for i in range(7, n)]
+    assert row["recent_timestamps"] == [int((start + pd.Timedelta(minutes=i)).timestamp())
+                                        for i in range(7, n)]
     assert row["n_events_total"] == n
 
 
@@ -195,8 +214,10 @@ def test_build_features_writes_one_partition_per_table_and_day(tmp_path: Path) -
     assert (out2["users"], out2["products"]) == (2, 0)
     assert sorted(_digests(offline)) == [
         f"{table}/date={day}/part-0.parquet"
-        for table in ("product_catalog", "user_recent_products") for day in (DAY1, DAY2)
+        for table in sorted(TABLE_SCHEMAS) for day in (DAY1, DAY2)
     ]
+    for table, schema in TABLE_SCHEMAS.items():
+        assert pq.read_schema(out1[table]).remove_metadata() == schema, table
     day2 = _rows(pq.read_table(out2["user_recent_products"]))
     assert day2["u1"]["recent_product_ids"] == ["P1", "P2", "P2", "P6", "P7"]
 
@@ -230,3 +251,210 @@ def test_rerun_gives_identical_bytes_and_no_duplicate_rows(tmp_path: Path) -> No
     state = previous_user_state(offline, DAY3).set_index("user_id")
     assert state.loc["u1", "n_events_total"] == 5
     assert len(state.loc["u1", "recent_product_ids"]) == 5
+
+
+# --- windowed features: user_profile and product_stats over a month ---------------------
+
+def _day(n: int) -> dt.date:
+    """Day ``n`` of the month-long history (day 1 = DAY1)."""
+    return DAY1 + dt.timedelta(days=n - 1)
+
+
+def _month_landing(root: Path) -> str:
+    """A month of history, landing-zone shaped.
+
+    u1 buys twice on day 1 (basket 2*3.0 + 1*4.0 = 10.0) and once on day 5 (no event price:
+    the catalogue's 6.0); u2 only searches on day 1; u3 views P2 twice on day 5. P1's price
+    changes on day 3; P4 arrives on day 5. u1 moves from FR to DE on day 5.
+    """
+    landing = str(root / "landing")
+    rows = [  # event_id, user, product, type, quantity, price, ts
+        ("a1", "u1", "P1", "purchase", 2, 3.0, _ts(_day(1), "10:00")),
+        ("a2", "u1", "P2", "purchase", 1, 4.0, _ts(_day(1), "11:00")),
+        ("a3", "u1", "P3", "view", 1, 5.0, _ts(_day(1), "12:00")),
+        ("a4", "u2", None, "search", 1, None, _ts(_day(1), "13:00")),
+        ("b1", "u1", "P1", "purchase", 1, None, _ts(_day(5), "09:00")),
+        ("b2", "u1", "P2", "add_to_cart", 1, 4.0, _ts(_day(5), "10:00")),
+        ("b3", "u3", "P2", "view", 1, 4.0, _ts(_day(5), "11:00")),
+        ("b4", "u3", "P2", "view", 1, 4.0, _ts(_day(5), "11:05")),
+    ]
+    events = pd.DataFrame({
+        "event_id": [r[0] for r in rows], "user_id": [r[1] for r in rows],
+        "product_id": [r[2] for r in rows], "event_type": [r[3] for r in rows],
+        "query": ["candle" if r[3] == "search" else None for r in rows],
+        "quantity": [r[4] for r in rows], "price": [r[5] for r in rows],
+        "ts": pd.to_datetime([r[6] for r in rows], utc=True),
+    })
+    for n in (1, 5):
+        write_partition(landing, "events", _day(n),
+                        events[events["ts"].dt.date == _day(n)].reset_index(drop=True))
+    catalog = pd.DataFrame({
+        "product_id": ["P1", "P2", "P3"], "title": ["Candle", "Mug", "Lamp"],
+        "category": ["candles", "mugs", "candles"], "brand": ["Lumo", None, "Lumo"],
+        "price": [5.0, 4.0, 20.0], "updated_at": [_ts(_day(1), "06:00")] * 3,
+    })
+    write_partition(landing, "products", _day(1), catalog)
+    write_partition(landing, "products", _day(3), catalog.iloc[[0]].assign(
+        price=6.0, updated_at=_ts(_day(3), "08:00")))
+    write_partition(landing, "products", _day(5), pd.DataFrame({
+        "product_id": ["P4"], "title": ["Clock"], "category": ["clocks"], "brand": ["Tick"],
+        "price": [30.0], "updated_at": [_ts(_day(5), "06:00")]}))
+    write_partition(landing, "users", _day(1), pd.DataFrame({
+        "user_id": ["u1", "u2", "u3"], "country": ["FR", None, "GB"]}))
+    write_partition(landing, "users", _day(5), pd.DataFrame({
+        "user_id": ["u1", "u3"], "country": ["DE", None]}))  # u3's null keeps GB
+    return landing
+
+
+@pytest.fixture(scope="module")
+def month(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, dict[str, dict]]]:
+    """day -> table -> key -> row, for the built days of ``_month_landing``."""
+    root = tmp_path_factory.mktemp("month")
+    landing, offline = _month_landing(root), root / "features"
+    built: dict[int, dict[str, dict[str, dict]]] = {}
+    for n in (1, 3, 5, 8, 12, 30, 31, 32):  # days without events need no earlier build
+        out = build_features(landing, offline, _day(n))
+        built[n] = {}
+        for table in ("user_profile", "product_stats", "product_text"):
+            key = "user_id" if table == "user_profile" else "product_id"
+            built[n][table] = {r[key]: r for r in pq.read_table(out[table]).to_pylist()}
+    return built
+
+
+def _counts(row: dict, window: int) -> dict[str, int]:
+    return {t: row[f"{t}_count_{window}d"] for t in ("view", "add_to_cart", "purchase",
+                                                      "search")}
+
+
+def test_user_counts_per_window_as_of_the_interval_end(month: dict) -> None:
+    day1 = month[1]["user_profile"]
+    assert sorted(day1) == ["u1", "u2"]  # u3 has no event yet
+    assert _counts(day1["u1"], 7) == _counts(day1["u1"], 30) == {
+        "view": 1, "add_to_cart": 0, "purchase": 2, "search": 0}
+    assert _counts(day1["u2"], 7) == {"view": 0, "add_to_cart": 0, "purchase": 0, "search": 1}
+    day5 = month[5]["user_profile"]
+    assert _counts(day5["u1"], 7) == {"view": 1, "add_to_cart": 1, "purchase": 3, "search": 0}
+    assert _counts(day5["u3"], 30) == {"view": 2, "add_to_cart": 0, "purchase": 0, "search": 0}
+    assert {r["event_timestamp"] for r in day5.values()} == {
+        pd.Timestamp(Interval.for_day(_day(5)).end)}
+
+
+def test_seven_day_counts_decay_when_the_user_stops(month: dict) -> None:
+    # Day 8's 7-day window is days 2..8: day 1 has left it, day 5 has not.
+    u1 = month[8]["user_profile"]["u1"]
+    assert _counts(u1, 7) == {"view": 0, "add_to_cart": 1, "purchase": 1, "search": 0}
+    assert _counts(u1, 30) == {"view": 1, "add_to_cart": 1, "purchase": 3, "search": 0}
+    assert _counts(month[8]["user_profile"]["u2"], 7)["search"] == 0
+    assert _counts(month[8]["user_profile"]["u2"], 30)["search"] == 1
+    assert _counts(month[12]["user_profile"]["u1"], 7) == dict.fromkeys(
+        ("view", "add_to_cart", "purchase", "search"), 0)
+
+
+def test_a_lapsed_user_gets_one_all_zero_snapshot_then_none(month: dict) -> None:
+    # u2's only event is on day 1: inside the 30-day window through day 30.
+    assert _counts(month[30]["user_profile"]["u2"], 30)["search"] == 1
+    last = month[31]["user_profile"]["u2"]  # the window has moved past day 1
+    assert _counts(last, 30) == _counts(last, 7) == dict.fromkeys(
+        ("view", "add_to_cart", "purchase", "search"), 0)
+    assert "u2" not in month[32]["user_profile"]  # that zero snapshot stays the latest
+    assert "u1" in month[32]["user_profile"]  # u1 acted on day 5
+
+
+def test_days_since_last_purchase(month: dict) -> None:
+    assert month[1]["user_profile"]["u1"]["days_since_last_purchase"] == 0
+    assert month[3]["user_profile"]["u1"]["days_since_last_purchase"] == 2
+    assert month[5]["user_profile"]["u1"]["days_since_last_purchase"] == 0
+    # Last purchase day 5 09:00, snapshot day 9 00:00: 3 whole days.
+    assert month[8]["user_profile"]["u1"]["days_since_last_purchase"] == 3
+    assert month[32]["user_profile"]["u1"]["days_since_last_purchase"] == 27
+    assert month[1]["user_profile"]["u2"]["days_since_last_purchase"] == -1  # never
+    assert month[5]["user_profile"]["u3"]["days_since_last_purchase"] == -1
+
+
+def test_categories_baskets_and_country(month: dict) -> None:
+    day1, day5 = month[1]["user_profile"], month[5]["user_profile"]
+    assert day1["u1"]["distinct_categories_30d"] == 2  # candles (P1, P3), mugs (P2)
+    assert day1["u2"]["distinct_categories_30d"] == 0  # searches touch no product
+    assert day1["u1"]["mean_basket_value_30d"] == 10.0  # 2 * 3.0 + 1 * 4.0
+    assert day5["u1"]["mean_basket_value_30d"] == 8.0  # (10.0 + 1 * 6.0) / 2 baskets
+    assert day1["u2"]["mean_basket_value_30d"] == 0.0
+    assert month[31]["user_profile"]["u1"]["mean_basket_value_30d"] == 6.0  # day 1 left
+    assert day1["u1"]["country"] == "FR"
+    assert day5["u1"]["country"] == "DE"  # latest known
+    assert day5["u3"]["country"] == "GB"  # a later null does not erase it
+    assert day1["u2"]["country"] is None
+
+
+def test_product_stats_cover_the_catalogue_every_day(month: dict) -> None:
+    assert sorted(month[1]["product_stats"]) == ["P1", "P2", "P3"]
+    assert sorted(month[32]["product_stats"]) == ["P1", "P2", "P3", "P4"]  # no events needed
+    p1 = month[1]["product_stats"]["P1"]
+    assert (p1["product_view_count_7d"], p1["product_purchase_count_7d"]) == (0, 1)
+    assert p1["conversion_rate_30d"] == 0.0  # no views
+    assert p1["price"] == 5.0 and p1["category"] == "candles" and p1["brand"] == "Lumo"
+    assert p1["days_since_first_seen"] == 0  # first seen 18 h before the snapshot
+    assert month[3]["product_stats"]["P1"]["price"] == 6.0  # changed on day 3
+    assert month[3]["product_stats"]["P1"]["days_since_first_seen"] == 2
+    p2 = month[5]["product_stats"]["P2"]
+    assert (p2["product_view_count_7d"], p2["product_purchase_count_30d"]) == (2, 1)
+    assert p2["conversion_rate_30d"] == 0.5
+    assert p2["brand"] is None
+    assert month[5]["product_stats"]["P4"]["days_since_first_seen"] == 0
+    p2 = month[12]["product_stats"]["P2"]  # day 12: 7-day counts gone, 30-day kept
+    assert (p2["product_view_count_7d"], p2["product_view_count_30d"]) == (0, 2)
+    assert month[32]["product_stats"]["P2"]["product_view_count_30d"] == 2  # days 3..32
+
+
+def test_product_text_rows_are_the_days_changes(month: dict) -> None:
+    assert month[1]["product_text"] == {
+        "P1": {"product_id": "P1", "text": "Candle | candles | Lumo",
+               "event_timestamp": pd.Timestamp(Interval.for_day(_day(1)).end)},
+        "P2": {"product_id": "P2", "text": "Mug | mugs",
+               "event_timestamp": pd.Timestamp(Interval.for_day(_day(1)).end)},
+        "P3": {"product_id": "P3", "text": "Lamp | candles | Lumo",
+               "event_timestamp": pd.Timestamp(Interval.for_day(_day(1)).end)},
+    }
+    assert sorted(month[3]["product_text"]) == ["P1"]  # the price change
+    assert month[8]["product_text"] == {}
+
+
+@pytest.mark.parametrize(
+    "catalog",
+    [
+        pd.DataFrame({"title": ["Mug", " Mug ", "Mug", "", None],
+                      "category": ["Kitchen", "", "Kitchen", "Kitchen", "Garden"],
+                      "brand": ["Acme", "Acme", None, "  ", "Hoe & Co"],
+                      "description": ["Blue", float("nan"), "  ", "Big | bold", None]}),
+        pd.DataFrame({"title": ["Mug", "Hose"], "category": ["Kitchen", "Garden"]}),
+        pd.DataFrame({"title": pd.Series([], dtype=object)}),
+    ],
+)
+def test_product_text_is_the_item_towers_rule(catalog: pd.DataFrame) -> None:
+    pytest.importorskip("torch")
+    from training.text import product_text as tower_text
+
+    assert product_text(catalog) == tower_text(catalog)
+    if len(catalog) == 5:
+        assert product_text(catalog)[:2] == ["Mug | Kitchen | Acme | Blue", "Mug | Acme"]
+
+
+def test_feast_views_declare_the_built_columns(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from feast import FeatureView
+    from feast.types import from_value_type
+
+    from features.store import MATERIALIZED_VIEWS, _declarations
+
+    monkeypatch.setenv("SHOPREC_OFFLINE_ROOT", str(tmp_path))
+    views = {o.name: o for o in _declarations() if isinstance(o, FeatureView)}
+    assert set(MATERIALIZED_VIEWS) == set(views) == set(TABLE_SCHEMAS)
+    arrow_to_feast = {"string": "String", "int64": "Int64", "double": "Float64",
+                      "list<item: string>": "Array(String)", "list<item: int64>": "Array(Int64)"}
+    for name, view in views.items():
+        schema = TABLE_SCHEMAS[name]
+        key = view.entity_columns[0].name
+        built = {f.name: arrow_to_feast[str(f.type)] for f in schema
+                 if f.name not in (key, "event_timestamp", "last_purchase_ts")}
+        declared = {f.name: str(from_value_type(f.dtype.to_value_type())) for f in view.features}
+        assert declared == built, name
+        assert view.batch_source.path.startswith(str(tmp_path / name))

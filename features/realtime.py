@@ -1,0 +1,332 @@
+"""Real-time user features: fold incoming events into the online store as they happen.
+
+The serving layer calls ``ingest_events`` on each incoming event (or a small batch). Each
+event is checked against the landing-zone contract plus the rules an online event must meet;
+a bad event raises ``InvalidEvent`` (a ``ValueError`` naming the field; the server answers
+422) and, for a batch, nothing at all is written. Good events are folded into each user's
+current online rows:
+
+- ``user_recent_products``: the product is appended (event type and time alongside, the last
+  ``HISTORY_LEN`` kept) and ``n_events_total`` grows; searches leave it alone.
+- ``user_profile``: the 7- and 30-day counter of the event's type grows by one, and a purchase
+  sets ``days_since_last_purchase`` to 0. Windows do not decay here, and
+  ``distinct_categories_30d``/``mean_basket_value_30d`` are not touched: the nightly build
+  recomputes every value from the landing events and its materialization replaces these rows.
+
+Rows are pushed with ``PushMode.ONLINE`` through the views' push sources, so the next online
+read sees them; the offline store only ever holds what ``features.build`` wrote. A pushed row
+is stamped one microsecond after the row it extends (see ``_row_time``): newer than that row,
+older than the next nightly snapshot, which therefore replaces it on SQLite and Redis alike.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import pyarrow as pa
+
+from features.build import HISTORY_EVENT_TYPES, HISTORY_LEN, NEVER, user_count_columns
+from features.contract import EVENT_TYPES, ContractError, conform
+from features.validation import MAX_PRICE, MAX_QUANTITY
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+RECENT_VIEW = "user_recent_products"
+PROFILE_VIEW = "user_profile"
+PUSH_SOURCES = {RECENT_VIEW: "user_recent_products_push", PROFILE_VIEW: "user_profile_push"}
+RECENT_FIELDS = ("recent_product_ids", "recent_event_types", "recent_timestamps",
+                 "n_events_total")
+PROFILE_FIELDS = (*user_count_columns(), "days_since_last_purchase", "distinct_categories_30d",
+                  "mean_basket_value_30d", "country")
+VIEW_FIELDS: dict[str, tuple[str, ...]] = {RECENT_VIEW: RECENT_FIELDS,
+                                           PROFILE_VIEW: PROFILE_FIELDS}
+# Client and server clocks differ a little; an event further ahead than this is refused.
+CLOCK_SKEW = dt.timedelta(seconds=5)
+# Earlier than this is a unit mistake (e.g. epoch seconds read as nanoseconds).
+EARLIEST_TS = pd.Timestamp("2000-01-01", tz="UTC")
+_ONE_US = pd.Timedelta(microseconds=1)
+
+
+class InvalidEvent(ValueError):
+    """An incoming event that may not enter the feature store.
+
+    Attributes:
+        index: the event's position in the batch.
+        event_id: its id, when it has a readable one.
+        field: the offending field.
+        reason: why it is refused.
+    """
+
+    def __init__(self, index: int, event_id: str | None, field: str, reason: str):
+        self.index, self.event_id, self.field, self.reason = index, event_id, field, reason
+        name = f"event {index}" + (f" ({event_id})" if event_id else "")
+        super().__init__(f"{name}: {field}: {reason}")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ``ingest_events`` call did.
+
+    Attributes:
+        events: events folded in.
+        users: the users whose rows were pushed, sorted.
+        pushed: rows pushed per feature view.
+        read_seconds: the online read of the users' current rows.
+        push_seconds: the pushes, all views together.
+    """
+
+    events: int
+    users: list[str]
+    pushed: dict[str, int] = field(default_factory=dict)
+    read_seconds: float = 0.0
+    push_seconds: float = 0.0
+
+
+def _event_id(record: Mapping[str, Any]) -> str | None:
+    value = record.get("event_id")
+    return value if isinstance(value, str) and value else None
+
+
+def _contract_field(problem: str) -> str:
+    """The column a ``ContractError`` problem names ("column 'x' ...", "missing ['x']")."""
+    match = re.search(r"'([^']+)'", problem)
+    return match.group(1) if match else "event"
+
+
+def validate_event(record: Mapping[str, Any], *, index: int = 0,
+                   now: dt.datetime | None = None) -> pa.Table:
+    """Check one incoming event: the contract's schema, then the online rules.
+
+    Args:
+        record: field -> value, with the contract's event columns (``query``, ``price``
+            optional).
+        index: the event's position in its batch (for the error).
+        now: the current time (UTC); defaults to the wall clock.
+
+    Returns:
+        A one-row arrow table with the contract's event schema.
+
+    Raises:
+        InvalidEvent: the first problem found, naming the field.
+    """
+    if not isinstance(record, Mapping):
+        raise InvalidEvent(index, None, "event", f"expected an object, got {type(record).__name__}")
+    event_id = _event_id(record)
+    try:
+        table = conform(pd.DataFrame([dict(record)]), "events")
+    except ContractError as exc:
+        raise InvalidEvent(index, event_id, _contract_field(exc.problems[0]),
+                           "; ".join(exc.problems)) from exc
+    row = table.to_pylist()[0]
+    now_ts = pd.Timestamp(now or dt.datetime.now(dt.UTC))
+    now_ts = now_ts.tz_localize("UTC") if now_ts.tzinfo is None else now_ts
+    for key in ("event_id", "user_id"):
+        if not row[key].strip():
+            raise InvalidEvent(index, event_id, key, "must not be empty")
+    if row["event_type"] not in EVENT_TYPES:
+        raise InvalidEvent(index, event_id, "event_type",
+                           f"{row['event_type']!r} is not one of {list(EVENT_TYPES)}")
+    if row["event_type"] != "search" and not (row["product_id"] or "").strip():
+        raise InvalidEvent(index, event_id, "product_id",
+                           f"required for a {row['event_type']} event")
+    if not 1 <= row["quantity"] <= MAX_QUANTITY:
+        raise InvalidEvent(index, event_id, "quantity",
+                           f"{row['quantity']} is outside [1, {MAX_QUANTITY}]")
+    if row["price"] is not None and not 0 < row["price"] <= MAX_PRICE:
+        raise InvalidEvent(index, event_id, "price",
+                           f"{row['price']} is outside (0, {MAX_PRICE}]")
+    ts = pd.Timestamp(row["ts"])
+    if ts > now_ts + CLOCK_SKEW:
+        raise InvalidEvent(index, event_id, "ts", f"{ts.isoformat()} is in the future "
+                                                  f"(now {now_ts.isoformat()})")
+    if ts < EARLIEST_TS:
+        raise InvalidEvent(index, event_id, "ts", f"{ts.isoformat()} is before "
+                                                  f"{EARLIEST_TS.date()}")
+    return table
+
+
+def validate_events(events: Sequence[Mapping[str, Any]] | pd.DataFrame, *,
+                    now: dt.datetime | None = None) -> pd.DataFrame:
+    """Check a batch of incoming events; one bad event refuses the whole batch.
+
+    Args:
+        events: dicts, or a frame with one event per row.
+        now: the current time (UTC); defaults to the wall clock.
+
+    Returns:
+        The events with the contract's columns and types, sorted by (ts, event_id).
+
+    Raises:
+        InvalidEvent: the first bad event's first problem.
+    """
+    records = events.to_dict("records") if isinstance(events, pd.DataFrame) else list(events)
+    tables = [validate_event(r, index=i, now=now) for i, r in enumerate(records)]
+    if not tables:
+        return conform(pd.DataFrame(columns=["event_id", "user_id", "product_id", "event_type",
+                                             "quantity", "ts"]), "events").to_pandas()
+    frame = pa.concat_tables(tables).to_pandas()
+    return frame.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
+
+
+def read_user_rows(store: FeatureStore, user_ids: list[str]
+                   ) -> dict[str, dict[str, tuple[dict[str, Any] | None, pd.Timestamp | None]]]:
+    """The users' current online rows of the real-time views, with their timestamps.
+
+    Args:
+        store: an open feature store.
+        user_ids: users to read.
+
+    Returns:
+        user_id -> view -> (field -> value, or None when the store has no row; the row's
+        event timestamp, or None).
+    """
+    refs = [f"{view}:{name}" for view, names in VIEW_FIELDS.items() for name in names]
+    response = store.get_online_features(features=refs,
+                                         entity_rows=[{"user_id": u} for u in user_ids],
+                                         full_feature_names=True)
+    data = response.to_dict()
+    # Row timestamps at full precision (to_dict would give whole seconds).
+    stamps: dict[str, list[pd.Timestamp | None]] = {}
+    for name, vector in zip(response.proto.metadata.feature_names.val, response.proto.results,
+                            strict=True):
+        view = name.split("__", 1)[0]
+        if view in VIEW_FIELDS and view not in stamps:
+            stamps[view] = [
+                pd.Timestamp(ts.seconds * 1_000_000_000 + ts.nanos, tz="UTC")
+                if ts.seconds or ts.nanos else None
+                for ts in vector.event_timestamps
+            ]
+    out: dict[str, dict[str, tuple[dict[str, Any] | None, pd.Timestamp | None]]] = {}
+    for i, user in enumerate(data["user_id"]):
+        out[user] = {}
+        for view, names in VIEW_FIELDS.items():
+            ts = stamps[view][i]
+            values = {n: data[f"{view}__{n}"][i] for n in names} if ts is not None else None
+            out[user][view] = (values, ts)
+    return out
+
+
+def _epoch_seconds(ts: pd.Timestamp) -> int:
+    return int((ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1))
+
+
+def _row_time(last_event: pd.Timestamp, current: pd.Timestamp | None) -> pd.Timestamp:
+    """The pushed row's timestamp: one microsecond after the row it extends.
+
+    Strictly newer than the current row, because online stores such as Redis skip a write
+    that is not newer than what they hold; and older than the next nightly snapshot (stamped
+    at the next interval end), so that snapshot replaces the pushed row on every online store.
+    A user without a row gets the event's own time.
+    """
+    return last_event if current is None else current + _ONE_US
+
+
+def fold_events(user_id: str, events: pd.DataFrame,
+                current: Mapping[str, tuple[dict[str, Any] | None, pd.Timestamp | None]],
+                history_len: int = HISTORY_LEN) -> dict[str, dict[str, Any]]:
+    """One user's new online rows after their events (pure: no store access).
+
+    Args:
+        user_id: the user.
+        events: the user's validated events, oldest first.
+        current: the user's current rows (``read_user_rows(...)[user_id]``).
+        history_len: products kept in the recent history.
+
+    Returns:
+        view -> the full row to push (``user_id``, every field, ``event_timestamp``);
+        ``user_recent_products`` only when a product event was among the events.
+    """
+    recent, recent_ts = current[RECENT_VIEW]
+    profile, profile_ts = current[PROFILE_VIEW]
+    recent = recent or {}
+    profile = profile or {}
+    ids = list(recent.get("recent_product_ids") or [])
+    types = list(recent.get("recent_event_types") or [])
+    stamps = list(recent.get("recent_timestamps") or [])
+    if len(stamps) != len(ids):  # a row from before the timestamps existed
+        stamps = [_epoch_seconds(recent_ts)] * len(ids) if recent_ts is not None else [0] * len(
+            ids)
+    n_total = int(recent.get("n_events_total") or 0)
+    counters = {c: int(profile.get(c) or 0) for c in user_count_columns()}
+    days_since = profile.get("days_since_last_purchase")
+    days_since = NEVER if days_since is None else int(days_since)
+
+    touched = False
+    for event in events.itertuples(index=False):
+        for window in (7, 30):
+            counters[f"{event.event_type}_count_{window}d"] += 1
+        if event.event_type == "purchase":
+            days_since = 0
+        if event.event_type in HISTORY_EVENT_TYPES:
+            ids.append(event.product_id)
+            types.append(event.event_type)
+            stamps.append(_epoch_seconds(pd.Timestamp(event.ts)))
+            n_total += 1
+            touched = True
+    last = pd.Timestamp(events["ts"].max())
+    rows: dict[str, dict[str, Any]] = {PROFILE_VIEW: {
+        "user_id": user_id, **counters,
+        "days_since_last_purchase": days_since,
+        "distinct_categories_30d": int(profile.get("distinct_categories_30d") or 0),
+        "mean_basket_value_30d": float(profile.get("mean_basket_value_30d") or 0.0),
+        "country": profile.get("country"),
+        "event_timestamp": _row_time(last, profile_ts),
+    }}
+    if touched:
+        rows[RECENT_VIEW] = {
+            "user_id": user_id,
+            "recent_product_ids": ids[-history_len:],
+            "recent_event_types": types[-history_len:],
+            "recent_timestamps": stamps[-history_len:],
+            "n_events_total": n_total,
+            "event_timestamp": _row_time(last, recent_ts),
+        }
+    return rows
+
+
+def ingest_events(store: FeatureStore, events: Sequence[Mapping[str, Any]] | pd.DataFrame, *,
+                  now: dt.datetime | None = None,
+                  history_len: int = HISTORY_LEN) -> IngestResult:
+    """Validate incoming events and fold them into the users' online features.
+
+    Args:
+        store: an open feature store (``features.store.feature_store``) with the repo applied.
+        events: one or more events as dicts (or a frame), contract columns.
+        now: the current time (UTC) for the no-future rule; defaults to the wall clock.
+        history_len: products kept in the recent history.
+
+    Returns:
+        What was pushed, and how long the online read and the pushes took.
+
+    Raises:
+        InvalidEvent: a bad event; nothing is written then.
+    """
+    from feast.data_source import PushMode
+
+    frame = validate_events(events, now=now)  # (N, contract columns), oldest first
+    if frame.empty:
+        return IngestResult(events=0, users=[])
+    users = sorted(frame["user_id"].unique())
+    started = time.perf_counter()
+    current = read_user_rows(store, users)
+    read_seconds = time.perf_counter() - started
+
+    rows: dict[str, list[dict[str, Any]]] = {RECENT_VIEW: [], PROFILE_VIEW: []}
+    for user, group in frame.groupby("user_id", sort=True):
+        for view, row in fold_events(user, group, current[user], history_len).items():
+            rows[view].append(row)
+    started = time.perf_counter()
+    for view, view_rows in rows.items():
+        if view_rows:
+            store.push(PUSH_SOURCES[view], pd.DataFrame(view_rows), to=PushMode.ONLINE)
+    return IngestResult(events=len(frame), users=users,
+                        pushed={view: len(r) for view, r in rows.items()},
+                        read_seconds=read_seconds,
+                        push_seconds=time.perf_counter() - started)
