@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export SHOPREC_HOME ?= $(CURDIR)/state
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint lock bench up down clean
+.PHONY: demo test lint lock bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,13 +36,7 @@ lock:
 	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
-
-up: $(STAMP)
-	$(BIN)/shoprec up
-
-down: $(STAMP)
-	$(BIN)/shoprec down
+	$(BIN)/python benchmarks/materialize.py
 
 clean:
 	rm -rf state
