@@ -4,8 +4,10 @@
 One run per day of shop data (one data interval = one landing partition):
 
 1. **validate** the day's products / users / events partition with Great Expectations; a
-   failing partition fails here, naming each failed expectation and the report's path, and
-   nothing downstream runs;
+   failing partition is moved to quarantine (`$SHOPREC_HOME/quarantine/`) with its GX result
+   JSON and a Data Docs report, the task fails (no retries) naming each failed expectation
+   and the report's path, and nothing downstream runs. Fix the files in quarantine, run
+   `shoprec data release YYYY-MM-DD`, then clear this task to rerun the interval;
 2. **build_features**: the day's offline feature partitions (user histories, catalogue);
 3. **materialize** exactly the interval (plus the allowed lateness) into the online store;
 4. **train** the two-tower model on point-in-time features (skipped, not failed, while the
@@ -60,8 +62,9 @@ def shoprec_daily():
         from shoprec.settings import Settings
 
         try:
+            # A failing partition is moved to quarantine with its report before this raises.
             return check_partition(Settings.from_env(), _interval_day())
-        except PartitionInvalid as exc:  # bad data does not get better on retry
+        except PartitionInvalid as exc:  # bad data does not get better on retry: no retries
             raise AirflowFailException(str(exc)) from exc
 
     @task

@@ -73,19 +73,69 @@ def import_online_retail(
     typer.echo(str(report))
 
 
+@import_app.command("generic")
+def import_generic(
+    mapping: Annotated[Path, typer.Option(exists=True, dir_okay=False,
+                                          help="YAML mapping (see docs/importing.md)")],
+    inputs: Annotated[list[str] | None, typer.Argument(
+        metavar="INPUT", show_default=False,
+        help="events export file(s), replacing the mapping's path; products=FILE and "
+             "users=FILE for the other sources")] = None,
+    root: Annotated[str | None, typer.Option(help="landing root")] = None,
+) -> None:
+    """Import any shop's CSV/parquet export through a YAML mapping; prints kept and dropped."""
+    from features.importers.generic import MappingError
+    from features.importers.generic import import_generic as run_import
+
+    settings = _settings(root)
+    try:
+        report = run_import(mapping, settings.landing_root, inputs=inputs or (), progress=True)
+    except MappingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(str(report))
+
+
 @data_app.command("validate")
 def data_validate(
     date: Annotated[str, typer.Option("--date", help="the partition's day, YYYY-MM-DD")],
     root: Annotated[str | None, typer.Option(help="landing root")] = None,
+    quarantine: Annotated[bool, typer.Option(
+        "--quarantine", help="move a failing partition to quarantine, as the pipeline does")] = False,
 ) -> None:
-    """Validate one day's partition with the pipeline's expectation suites."""
-    from features.validation import validate_day
+    """Validate one day's partition with the pipeline's expectation suites.
+
+    Exits 1 when the partition fails (or is quarantined). Nothing is moved unless
+    --quarantine is given.
+    """
+    from features.validation import PartitionInvalid, check_partition
 
     settings = _settings(root)
     settings.prepare()
-    report = validate_day(settings.landing_root, _day(date), settings.home / "validation")
-    typer.echo(report.summary())
-    raise typer.Exit(0 if report.success else 1)
+    try:
+        result = check_partition(settings, _day(date), quarantine=quarantine)
+    except PartitionInvalid as exc:
+        typer.echo(str(exc))
+        raise typer.Exit(1) from exc
+    typer.echo(result["summary"])
+
+
+@data_app.command("release")
+def data_release(
+    date: Annotated[str, typer.Argument(help="the quarantined day, YYYY-MM-DD")],
+    reason: Annotated[str, typer.Option(help="why it may be processed now (recorded)")],
+    root: Annotated[str | None, typer.Option(help="landing root")] = None,
+) -> None:
+    """Re-admit a fixed, quarantined partition: its files go back to the landing zone."""
+    from features.quarantine import QuarantineError, release_day
+
+    settings = _settings(root)
+    try:
+        note = release_day(settings.home, settings.landing_root, _day(date), reason=reason)
+    except QuarantineError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(note.summary())
 
 
 @app.command("run")

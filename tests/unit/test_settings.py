@@ -61,13 +61,27 @@ def test_unknown_profile_is_refused(shop_home: Path, monkeypatch: pytest.MonkeyP
 def test_feast_env_names_what_feature_store_yaml_expands(shop_home: Path) -> None:
     s = Settings.from_env()
     assert s.feast_env() == {
+        "SHOPREC_FEAST_PROJECT": "shoprec",
         "SHOPREC_FEAST_REGISTRY": str(shop_home / "feast" / "registry.db"),
         "SHOPREC_FEAST_ONLINE_PATH": str(shop_home / "feast" / "online.db"),
+        "SHOPREC_FEAST_REGISTRY_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/shoprec",
+        "SHOPREC_REDIS_URL": "127.0.0.1:6379,db=0",
         "SHOPREC_OFFLINE_ROOT": str(shop_home / "features"),
     }
-    yaml = (PROJECT_ROOT / "features" / "feature_repo" / "feature_store.yaml").read_text()
-    for key in ("SHOPREC_FEAST_REGISTRY", "SHOPREC_FEAST_ONLINE_PATH"):
-        assert f"${{{key}}}" in yaml
+    repo = PROJECT_ROOT / "features" / "feature_repo"
+    local = (repo / "feature_store.yaml").read_text()
+    for key in ("SHOPREC_FEAST_PROJECT", "SHOPREC_FEAST_REGISTRY", "SHOPREC_FEAST_ONLINE_PATH"):
+        assert f"${{{key}}}" in local
+    prod = (repo / "feature_store.prod.yaml").read_text()
+    for key in ("SHOPREC_FEAST_PROJECT", "SHOPREC_FEAST_REGISTRY_URL", "SHOPREC_REDIS_URL"):
+        assert f"${{{key}}}" in prod
+
+
+def test_profile_selects_the_feast_configuration(shop_home: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings.from_env().feast_yaml.name == "feature_store.yaml"
+    monkeypatch.setenv("SHOPREC_PROFILE", "prod")
+    assert Settings.from_env().feast_yaml.name == "feature_store.prod.yaml"
 
 
 def test_prepare_creates_folders_and_exports_variables(
