@@ -24,7 +24,9 @@ data_app = typer.Typer(help="Landing-zone data: generate, import, validate.",
                        no_args_is_help=True)
 import_app = typer.Typer(help="Import a real data set into the landing-zone contract.",
                          no_args_is_help=True)
+model_app = typer.Typer(help="Models: evaluate, promote, roll back.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
 data_app.add_typer(import_app, name="import")
 
 
