@@ -199,6 +199,35 @@ def demo(
     raise typer.Exit(0 if outcome else 1)
 
 
+@model_app.command("promote")
+def model_promote(
+    version: Annotated[str, typer.Argument(help="the model version to make champion")],
+    reason: Annotated[str, typer.Option(help="why (recorded on the version)")],
+) -> None:
+    """Make VERSION the champion (manual promotion), recording who and why."""
+    from training.registry import set_champion
+
+    result = set_champion(Settings.from_env(), version, reason=reason)
+    typer.echo(f"champion: v{result['version']} (was v{result['previous']}): {reason}")
+
+
+@model_app.command("rollback")
+def model_rollback(
+    reason: Annotated[str, typer.Option(help="why (recorded on the version)")],
+    to: Annotated[str | None, typer.Option(help="version to go back to "
+                                                "(default: the one the champion replaced)")] = None,
+) -> None:
+    """Move the champion back to the version it replaced (servers follow on reload)."""
+    from training.registry import rollback
+
+    try:
+        result = rollback(Settings.from_env(), to=to, reason=reason)
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"champion: v{result['version']} (was v{result['previous']})")
+
+
 @app.command("champion")
 def champion() -> None:
     """Show the registered model's champion and challenger versions."""

@@ -111,20 +111,20 @@ def ranking_metrics(
     return out
 
 
-def evaluate_model(
+def rank_with_model(
     model: TwoTowerModel,
     catalog: pd.DataFrame | None,
     item_embeddings: np.ndarray,
     product_ids: Sequence[str],
     histories: Mapping[str, Sequence[str] | None],
     event_types: Mapping[str, Sequence[str] | None] | None,
-    truth: Mapping[str, set[str]],
-    ks: Iterable[int] = DEFAULT_KS,
+    users: Sequence[str],
+    top: int,
     *,
     exclude_history: bool = False,
     batch_size: int = 1024,
-) -> dict[str, float]:
-    """Score every candidate product for each holdout user by user · item; rank; measure.
+) -> tuple[list[list[str]], int]:
+    """Rank candidate products for each user by user · item.
 
     Args:
         model: the trained model (its user tower pools over ``item_embeddings``).
@@ -134,17 +134,14 @@ def evaluate_model(
         product_ids: ids aligned with ``item_embeddings``.
         histories: user -> products before the holdout, most recent LAST (missing = cold).
         event_types: user -> event type per history entry, or None.
-        truth: user -> products bought in the holdout; users with an empty set are skipped.
-        ks: cut-offs.
+        users: the users to rank for, in output order.
+        top: length of each ranking.
         exclude_history: do not recommend products already in the user's history.
         batch_size: users scored at once.
 
     Returns:
-        ``ranking_metrics`` over the users, coverage relative to the candidates.
+        (per user, the top product ids best first; the number of candidate products)
     """
-    ks = tuple(ks)
-    top = max(ks)
-    users = sorted(u for u, t in truth.items() if t)
     item_index = {p: i for i, p in enumerate(product_ids)}
     candidates = np.ones(len(product_ids), dtype=bool)
     if catalog is not None:
@@ -165,7 +162,62 @@ def evaluate_model(
                 seen = [item_index[p] for p in (history or []) if p in item_index]
                 scores[row, seen] = -np.inf
         ranked.extend(ids[_top_k(scores, top)].tolist() if top > 0 else [[]] * len(scores))
-    return ranking_metrics(ranked, [truth[u] for u in users], ks, int(candidates.sum()))
+    return ranked, int(candidates.sum())
+
+
+def evaluate_model(
+    model: TwoTowerModel,
+    catalog: pd.DataFrame | None,
+    item_embeddings: np.ndarray,
+    product_ids: Sequence[str],
+    histories: Mapping[str, Sequence[str] | None],
+    event_types: Mapping[str, Sequence[str] | None] | None,
+    truth: Mapping[str, set[str]],
+    ks: Iterable[int] = DEFAULT_KS,
+    *,
+    exclude_history: bool = False,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """Score every candidate product for each holdout user by user · item; rank; measure.
+
+    Args: as ``rank_with_model``; ``truth``: user -> products bought in the holdout (users
+    with an empty set are skipped); ``ks``: cut-offs.
+
+    Returns:
+        ``ranking_metrics`` over the users, coverage relative to the candidates.
+    """
+    ks = tuple(ks)
+    users = sorted(u for u, t in truth.items() if t)
+    ranked, n_candidates = rank_with_model(
+        model, catalog, item_embeddings, product_ids, histories, event_types, users, max(ks),
+        exclude_history=exclude_history, batch_size=batch_size)
+    return ranking_metrics(ranked, [truth[u] for u in users], ks, n_candidates)
+
+
+def recall_curve(ranked: Sequence[Sequence[str]], truth: Sequence[set[str]],
+                 max_k: int = 100) -> np.ndarray:
+    """Recall@K for K = 1..max_k (one pass), averaged over users with a non-empty truth.
+
+    Returns:
+        (max_k,) float64; entry K-1 is Recall@K.
+    """
+    pairs = _pairs(ranked, truth)
+    if not pairs:
+        return np.zeros(max_k)
+    hits = np.zeros((len(pairs), max_k))  # (U, K)
+    for u, (r, t) in enumerate(pairs):
+        for pos, product in enumerate(r[:max_k]):
+            if product in t:
+                hits[u, pos] = 1.0 / len(t)
+    return hits.cumsum(axis=1).mean(axis=0)
+
+
+def popular_ranking(purchase_counts: pd.Series, top: int) -> list[str]:
+    """The ``top`` most purchased products (ties by product id)."""
+    counts = purchase_counts.rename("count").rename_axis("product_id").reset_index()
+    counts["product_id"] = counts["product_id"].astype(str)
+    counts = counts.sort_values(["count", "product_id"], ascending=[False, True], kind="stable")
+    return counts["product_id"].head(top).tolist()
 
 
 def popularity_baseline(
@@ -187,10 +239,7 @@ def popularity_baseline(
         ``ranking_metrics`` of the popularity ranking.
     """
     ks = tuple(ks)
-    counts = purchase_counts.rename("count").rename_axis("product_id").reset_index()
-    counts["product_id"] = counts["product_id"].astype(str)
-    counts = counts.sort_values(["count", "product_id"], ascending=[False, True], kind="stable")
-    popular = counts["product_id"].head(max(ks)).tolist()
+    popular = popular_ranking(purchase_counts, max(ks))
     users = sorted(u for u, t in truth.items() if t)
     return ranking_metrics([popular] * len(users), [truth[u] for u in users], ks, n_products)
 

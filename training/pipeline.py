@@ -30,6 +30,7 @@ from training.registry import (
     TAG_FINGERPRINT,
     TAG_INTERVAL,
     alias_version,
+    code_version,
     delete_unfinished_runs,
     experiment_id,
     find_run,
@@ -160,17 +161,20 @@ def popularity(events: pd.DataFrame, until: dt.datetime, days: int) -> pd.Series
     return window.groupby("product_id")["quantity"].sum().astype(float)
 
 
-def _fingerprint(config: TrainConfig, holdout: HoldoutConfig, catalog: pd.DataFrame,
-                 examples: pd.DataFrame) -> str:
-    """Identity of a training run: hyper-parameters + exactly the data it learns from."""
+def dataset_fingerprint(catalog: pd.DataFrame, examples: pd.DataFrame) -> str:
+    """Identity of the data a run learns from: the catalogue and the training examples."""
     digest = hashlib.sha256()
-    digest.update(config.fingerprint().encode())
-    digest.update(repr(asdict(holdout)).encode())
     digest.update(pd.util.hash_pandas_object(
         catalog[["product_id", "title", "category", "price"]].astype(str), index=False
     ).to_numpy().tobytes())
     digest.update("\n".join(examples["event_id"].astype(str)).encode())
     return digest.hexdigest()[:16]
+
+
+def _fingerprint(config: TrainConfig, holdout: HoldoutConfig, data_fingerprint: str) -> str:
+    """Identity of a training run: hyper-parameters + protocol + exactly its data."""
+    blob = f"{config.fingerprint()}|{asdict(holdout)!r}|{data_fingerprint}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _loss_plot(history: list[dict[str, float]], path: Path) -> Path:
@@ -214,7 +218,8 @@ def train_interval(settings: Settings, day: str | dt.date,
     if len(examples) < config.min_examples:
         raise NotEnoughHistory(f"{len(examples)} training examples with a user history "
                                f"before {data.cut:%Y-%m-%d}; need {config.min_examples}")
-    fingerprint = _fingerprint(config, holdout, data.catalog, examples)
+    data_fingerprint = dataset_fingerprint(data.catalog, examples)
+    fingerprint = _fingerprint(config, holdout, data_fingerprint)
     client = mlflow_client(settings)
     exp_id = experiment_id(settings, client)
     tags = {TAG_INTERVAL: day.isoformat(), TAG_FINGERPRINT: fingerprint}
@@ -225,8 +230,14 @@ def train_interval(settings: Settings, day: str | dt.date,
                 "examples": len(examples), "day": day.isoformat()}
     delete_unfinished_runs(client, exp_id, tags)
 
+    run_tags = {**tags, "shoprec.cut": data.cut.isoformat(),
+                "shoprec.dataset_fingerprint": data_fingerprint,
+                "shoprec.config_hash": config.fingerprint(),
+                "shoprec.git_commit": code_version(),
+                "shoprec.validation_report": str(settings.home / "validation"
+                                                 / f"date={day.isoformat()}")}
     with mlflow.start_run(experiment_id=exp_id, run_name=f"two-tower {day}",
-                          tags={**tags, "shoprec.cut": data.cut.isoformat()}) as run:
+                          tags=run_tags) as run:
         mlflow.log_params({**config.to_params(),
                            **{f"holdout.{k}": v for k, v in asdict(holdout).items()}})
         try:
@@ -280,21 +291,45 @@ def catalog_embeddings(model: Any, config: TrainConfig, catalog: pd.DataFrame,
     return encode_items(model, features), features.product_ids
 
 
-def _score(model: Any, config: TrainConfig, data: IntervalData, users: tuple,
-           cache_dir: Path, ks: tuple[int, ...]) -> dict[str, float]:
-    from training.evaluate import evaluate_model
+CURVE_MAX_K = 100
 
-    histories, types, truth = users
+
+def _rank(model: Any, config: TrainConfig, data: IntervalData, users: list[str],
+          histories: dict, types: dict, cache_dir: Path) -> tuple[list[list[str]], int]:
+    """Top-100 products per holdout user under a model, over the current catalogue."""
+    from training.evaluate import rank_with_model
+
     embeddings, product_ids = catalog_embeddings(model, config, data.catalog, cache_dir)
-    return evaluate_model(model, data.catalog, embeddings, product_ids, histories, types,
-                          truth, ks=ks)
+    return rank_with_model(model, data.catalog, embeddings, product_ids, histories, types,
+                           users, CURVE_MAX_K)
+
+
+def repeat_rankings(before_cut: pd.DataFrame, users: list[str], popular: list[str],
+                    top: int) -> list[list[str]]:
+    """The "repeat" baseline: each user's own most-bought products (by purchase count, then
+    most recent), filled up with the popular products."""
+    bought = before_cut[before_cut["event_type"] == "purchase"]
+    stats = (bought.groupby(["user_id", "product_id"])
+             .agg(n=("event_id", "size"), last=("ts", "max")).reset_index()
+             .sort_values(["user_id", "n", "last", "product_id"],
+                          ascending=[True, False, False, True], kind="stable"))
+    own = stats.groupby("user_id")["product_id"].agg(list).to_dict()
+    out = []
+    for user in users:
+        mine = own.get(user, [])[:top]
+        seen = set(mine)
+        out.append(mine + [p for p in popular if p not in seen][: top - len(mine)])
+    return out
 
 
 def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date,
                       holdout: HoldoutConfig = HoldoutConfig()) -> dict[str, Any]:
-    """Recall/NDCG/HitRate@K of the run's model, the champion and popularity on the holdout.
+    """Measure the run's model, the champion and the baselines on the same holdout.
 
-    Already-evaluated runs (a rerun) return their logged metrics unchanged.
+    Logs, to the training run: the model's metrics (``recall_at_10`` ...), the champion's
+    (``champion_*``), each baseline's (``baseline_<name>_*``) and the best baseline's
+    (``best_baseline_*``); a markdown/JSON comparison table and a Recall@K plot (K = 1..100)
+    as artifacts. Already-evaluated runs (a rerun) return their logged metrics unchanged.
 
     Returns:
         {"mlflow_run_id", "metrics": {...}} for XCom.
@@ -303,7 +338,8 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
 
     from serving.publish import download_model_bundle
     from training.checkpoint import load_model
-    from training.evaluate import popularity_baseline
+    from training.evaluate import popular_ranking, ranking_metrics, recall_curve
+    from training.report import metrics_markdown, recall_at_k_plot, write_table_json
 
     day = parse_day(day)
     client = mlflow_client(settings)
@@ -312,26 +348,54 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
         return {"mlflow_run_id": mlflow_run_id,
                 "metrics": {k: v for k, v in logged.items() if not k.startswith("epoch_")}}
     data = load_interval(settings, day, holdout)
-    users = holdout_users(settings, data)
-    if not users[2]:
+    histories, types, truth = holdout_users(settings, data)
+    if not truth:
         raise NotEnoughHistory(f"no holdout users after {data.cut:%Y-%m-%d}")
+    users = sorted(truth)
+    truth_list = [truth[u] for u in users]
     cache = settings.cache_dir / "text"
-    model_dir = download_model_bundle(settings, run_id=mlflow_run_id)
-    model, config = load_model(model_dir / "model")
-    metrics = _score(model, config, data, users, cache, holdout.ks)
-    pop = popularity(data.events, data.cut, holdout.popularity_days)
-    metrics.update({f"popularity_{k}": v
-                    for k, v in popularity_baseline(pop, users[2], holdout.ks).items()})
-    metrics["holdout_users"] = float(len(users[2]))
+    model, config = load_model(download_model_bundle(settings, run_id=mlflow_run_id) / "model")
+    model_ranked, n_products = _rank(model, config, data, users, histories, types, cache)
+    popular = popular_ranking(popularity(data.events, data.cut, holdout.popularity_days),
+                              CURVE_MAX_K)
+    rankings = {"model": model_ranked}
     champion = alias_version(client, settings.model_name, CHAMPION)
     if champion is not None and champion.run_id != mlflow_run_id:
-        champ_dir = download_model_bundle(settings, run_id=champion.run_id)
-        champ_model, champ_config = load_model(champ_dir / "model")
-        champ = _score(champ_model, champ_config, data, users, cache, holdout.ks)
-        metrics.update({f"champion_{k}": v for k, v in champ.items()})
-        metrics["champion_version"] = float(champion.version)
-    with mlflow.start_run(run_id=mlflow_run_id):
+        champ_model, champ_config = load_model(
+            download_model_bundle(settings, run_id=champion.run_id) / "model")
+        rankings[f"champion v{champion.version}"] = _rank(
+            champ_model, champ_config, data, users, histories, types, cache)[0]
+    baselines = {"popularity": [popular] * len(users),
+                 "repeat": repeat_rankings(data.before_cut, users, popular, CURVE_MAX_K)}
+    rankings.update(baselines)
+
+    table = {name: ranking_metrics(ranked, truth_list, holdout.ks, n_products)
+             for name, ranked in rankings.items()}
+    metrics = dict(table["model"])
+    for name, values in table.items():
+        if name.startswith("champion"):
+            metrics.update({f"champion_{k}": v for k, v in values.items()})
+            metrics["champion_version"] = float(champion.version)
+        elif name in baselines:
+            metrics.update({f"baseline_{name}_{k}": v for k, v in values.items()})
+    for key in ("recall_at_50", "recall_at_10", "ndcg_at_10"):
+        metrics[f"best_baseline_{key}"] = max(table[b][key] for b in baselines)
+    metrics["holdout_users"] = float(len(users))
+
+    title = f"Holdout {data.cut:%Y-%m-%d} .. {day} ({len(users)} users, all products)"
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=mlflow_run_id):
         mlflow.log_metrics(metrics)
-    log.info("evaluated %s on %d holdout users: %s", mlflow_run_id, len(users[2]),
-             {k: round(v, 4) for k, v in metrics.items() if "recall" in k})
+        folder = Path(tmp)
+        (folder / "metrics.md").write_text(metrics_markdown(
+            table, title=title, note="Users with history before the cut and a purchase "
+            "after it; truth = the distinct products they bought after the cut."))
+        write_table_json(table, folder / "metrics.json")
+        mlflow.log_artifact(str(folder / "metrics.md"), artifact_path="evaluation")
+        mlflow.log_artifact(str(folder / "metrics.json"), artifact_path="evaluation")
+        curves = {name: recall_curve(ranked, truth_list, CURVE_MAX_K)
+                  for name, ranked in rankings.items()}
+        mlflow.log_artifact(str(recall_at_k_plot(curves, folder / "recall_at_k.png",
+                                                 title=title)), artifact_path="plots")
+    log.info("evaluated %s on %d holdout users: %s", mlflow_run_id, len(users),
+             {name: round(v["recall_at_50"], 4) for name, v in table.items()})
     return {"mlflow_run_id": mlflow_run_id, "metrics": metrics}

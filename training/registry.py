@@ -7,11 +7,16 @@ version tags only.
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
 import json
 import logging
+import os
+import subprocess
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from shoprec.settings import Settings
+from shoprec.settings import PROJECT_ROOT, Settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -26,6 +31,15 @@ CHAMPION = "champion"
 GATE_METRIC = "recall_at_50"
 TAG_INTERVAL = "shoprec.interval"
 TAG_FINGERPRINT = "shoprec.fingerprint"
+TAG_GATE = "shoprec.gate"
+TAG_PREVIOUS = "shoprec.previous_champion"
+TAG_PROMOTION = "shoprec.promotion"
+# Tags copied from the training run onto the model version, for the registry's reviewers.
+VERSION_TAGS = ("shoprec.interval", "shoprec.fingerprint", "shoprec.dataset_fingerprint",
+                "shoprec.config_hash", "shoprec.git_commit", "shoprec.validation_report",
+                "shoprec.cut")
+HEADLINE_METRICS = ("recall_at_10", "recall_at_50", "ndcg_at_10", "best_baseline_recall_at_50",
+                    "champion_recall_at_50", "holdout_users")
 
 
 def mlflow_client(settings: Settings) -> MlflowClient:
@@ -104,9 +118,10 @@ def register_run(settings: Settings, mlflow_run_id: str) -> dict[str, Any]:
         version = mlflow.register_model(_model_uri_of_run(client, mlflow_run_id), name)
         reused = False
     run = client.get_run(mlflow_run_id)
-    tags = {k: v for k, v in run.data.tags.items() if k.startswith("shoprec.")}
-    for key, value in {**tags, **{f"metric.{k}": f"{v:.6f}" for k, v in run.data.metrics.items()
-                                  if not k.startswith("epoch")}}.items():
+    tags = {k: v for k, v in run.data.tags.items() if k in VERSION_TAGS}
+    tags.update({f"metric.{k}": f"{run.data.metrics[k]:.4f}" for k in HEADLINE_METRICS
+                 if k in run.data.metrics})
+    for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
     client.update_registered_model(
         name, description="Two-tower retrieval model of shoprec (user tower + item tower over "
@@ -128,53 +143,174 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
         return None
 
 
-def promote_if_better(settings: Settings, version: str) -> dict[str, Any]:
-    """Move `champion` to ``version`` when its gate metric beats the champion's.
+def code_version() -> str:
+    """The git commit of the code that runs (``+dirty`` with local changes), or
+    ``$SHOPREC_GIT_COMMIT`` where the code is not a git checkout (e.g. an image)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, check=True,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=PROJECT_ROOT, check=True, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("SHOPREC_GIT_COMMIT", "unknown")
 
-    Both metrics were measured by the evaluation step on the same temporal holdout (the
-    challenger's run logs ``champion_<metric>``), so the comparison is like for like.
-    A version that is already champion stays champion (reruns change nothing).
+
+@dataclass(frozen=True)
+class PromotionPolicy:
+    """When `champion` may move. Read from the environment (``from_env``).
+
+    Attributes:
+        mode: "auto" (the DAG promotes when the gate passes) or "manual" (the DAG stops at
+            `challenger`; a person moves the alias in the MLflow UI or with
+            `shoprec model promote`). SHOPREC_PROMOTION_MODE.
+        margin: the challenger must beat the champion's gate metric by this relative margin
+            (0.01 = 1 %). SHOPREC_PROMOTION_MARGIN.
+        beat_baseline: the challenger must also beat the best baseline measured on the same
+            holdout. SHOPREC_PROMOTION_BEAT_BASELINE (1/0).
+        metric: the gate metric.
+    """
+
+    mode: str = "auto"
+    margin: float = 0.01
+    beat_baseline: bool = True
+    metric: str = GATE_METRIC
+
+    @classmethod
+    def from_env(cls) -> PromotionPolicy:
+        env = os.environ
+        mode = env.get("SHOPREC_PROMOTION_MODE", cls.mode)
+        if mode not in ("auto", "manual"):
+            raise ValueError(f"SHOPREC_PROMOTION_MODE={mode!r}: expected auto or manual")
+        return cls(mode=mode,
+                   margin=float(env.get("SHOPREC_PROMOTION_MARGIN", cls.margin)),
+                   beat_baseline=env.get("SHOPREC_PROMOTION_BEAT_BASELINE", "1").lower()
+                   not in ("0", "false", "no"))
+
+
+def gate_decision(policy: PromotionPolicy, metrics: dict[str, float], interval: str,
+                  champion: tuple[str, str] | None, candidate_version: str) -> tuple[bool, str]:
+    """Whether a challenger may become champion, and why (a pure function: the rules).
+
+    Args:
+        policy: the promotion policy.
+        metrics: the challenger run's metrics, measured on one holdout: the model's
+            (``recall_at_50``), the champion's (``champion_*``, ``champion_version``) and the
+            best baseline's (``best_baseline_*``).
+        interval: the challenger's data interval.
+        champion: (version, interval) of the current champion, or None.
+        candidate_version: the challenger's version.
+
+    Returns:
+        (promote, reason)
+    """
+    m = policy.metric
+    score = metrics.get(m)
+    if score is None:
+        return False, f"no {m}: the version was not evaluated"
+    if champion is not None and champion[0] == candidate_version:
+        return True, "already champion"
+    if champion is not None and champion[1] > interval:
+        # A rerun of an older interval must never roll back a newer champion.
+        return False, f"champion v{champion[0]} is newer (trained on {champion[1]})"
+    baseline = metrics.get(f"best_baseline_{m}")
+    if policy.beat_baseline and baseline is not None and score <= baseline:
+        return False, f"{m} {score:.4f} does not beat the best baseline {baseline:.4f}"
+    if champion is not None:
+        evaluated_against = metrics.get("champion_version")
+        champion_score = metrics.get(f"champion_{m}")
+        if champion_score is None or evaluated_against is None \
+                or int(evaluated_against) != int(champion[0]):
+            return False, (f"evaluated against v{evaluated_against and int(evaluated_against)}, "
+                           f"but the champion is now v{champion[0]}: rerun evaluate to compare")
+        needed = champion_score * (1 + policy.margin)
+        if score < needed:
+            return False, (f"{m} {score:.4f} < champion v{champion[0]} {champion_score:.4f} "
+                           f"x (1 + margin {policy.margin:g})")
+        reason = (f"{m} {score:.4f} >= champion v{champion[0]} {champion_score:.4f} "
+                  f"x (1 + margin {policy.margin:g})")
+    else:
+        reason = "no champion yet"
+    if baseline is not None:
+        reason += f"; beats the best baseline {baseline:.4f}"
+    if policy.mode == "manual":
+        return False, (f"gate passed ({reason}) but promotion is manual: move the champion "
+                       f"alias in the MLflow UI or run `shoprec model promote {candidate_version}`")
+    return True, reason
+
+
+def _record(client: MlflowClient, name: str, version: str, key: str, value: dict) -> None:
+    client.set_model_version_tag(name, version, key, json.dumps(value, sort_keys=True))
+
+
+def set_champion(settings: Settings, version: str, *, reason: str,
+                 actor: str | None = None) -> dict[str, Any]:
+    """Point `champion` at ``version`` and record who, when, why and what it replaced.
+
+    Returns:
+        {"version", "previous", "reason"}
+    """
+    client = mlflow_client(settings)
+    name = settings.model_name
+    client.get_model_version(name, version)  # raises if there is no such version
+    current = alias_version(client, name, CHAMPION)
+    previous = str(current.version) if current is not None else None
+    if previous is not None and previous != str(version):
+        client.set_model_version_tag(name, version, TAG_PREVIOUS, str(previous))
+    _record(client, name, version, TAG_PROMOTION, {
+        "by": actor or getpass.getuser(), "at": dt.datetime.now(dt.UTC).isoformat(),
+        "reason": reason, "previous": previous})
+    client.set_registered_model_alias(name, CHAMPION, version)
+    log.info("champion of %s: v%s (was v%s): %s", name, version, previous, reason)
+    return {"version": str(version), "previous": previous, "reason": reason}
+
+
+def rollback(settings: Settings, *, to: str | None = None, reason: str,
+             actor: str | None = None) -> dict[str, Any]:
+    """Move `champion` back to the version it replaced (or to ``to``).
+
+    Raises:
+        RuntimeError: no champion, or no recorded previous champion and no ``to``.
+    """
+    client = mlflow_client(settings)
+    current = alias_version(client, settings.model_name, CHAMPION)
+    if current is None:
+        raise RuntimeError(f"model {settings.model_name} has no champion to roll back")
+    target = to or current.tags.get(TAG_PREVIOUS)
+    if not target:
+        raise RuntimeError(f"champion v{current.version} records no previous champion; "
+                           "name the version to roll back to with --to")
+    return set_champion(settings, target, reason=f"rollback from v{current.version}: {reason}",
+                        actor=actor)
+
+
+def promote_if_better(settings: Settings, version: str,
+                      policy: PromotionPolicy | None = None) -> dict[str, Any]:
+    """The pipeline's promotion step: apply the gate to a registered challenger.
+
+    The challenger's evaluation measured it, the champion and the baselines on the same
+    temporal holdout, so every comparison is like for like. The decision and its reason are
+    tagged on the version (``shoprec.gate``) whether or not the alias moves.
 
     Returns:
         {"version", "promoted", "champion", "reason"} for XCom and the logs.
     """
+    policy = policy or PromotionPolicy.from_env()
     client = mlflow_client(settings)
     name = settings.model_name
     candidate = client.get_model_version(name, version)
     metrics = client.get_run(candidate.run_id).data.metrics
     current = alias_version(client, name, CHAMPION)
-    challenger_score = metrics.get(GATE_METRIC)
-    if challenger_score is None:
-        raise RuntimeError(f"version {version} has no {GATE_METRIC}: was it evaluated?")
-    if current is None:
-        promote, reason = True, "no champion yet"
-    elif current.version == candidate.version:
-        promote, reason = True, "already champion"
-    else:
-        champion_score = metrics.get(f"champion_{GATE_METRIC}")
-        evaluated_against = metrics.get("champion_version")
-        champion_interval = current.tags.get(TAG_INTERVAL, "")
-        if champion_interval > candidate.tags.get(TAG_INTERVAL, ""):
-            # A rerun of an older interval must never roll back a newer champion.
-            promote = False
-            reason = f"champion v{current.version} is newer (trained on {champion_interval})"
-        elif champion_score is None or evaluated_against is None or \
-                int(evaluated_against) != int(current.version):
-            promote = False
-            reason = (f"evaluated against v{evaluated_against and int(evaluated_against)}, but the "
-                      f"champion is now v{current.version}: rerun evaluate to compare")
-        elif challenger_score >= champion_score:
-            promote = True
-            reason = (f"{GATE_METRIC} {challenger_score:.4f} >= champion v{current.version} "
-                      f"{champion_score:.4f}")
-        else:
-            promote = False
-            reason = (f"{GATE_METRIC} {challenger_score:.4f} < champion v{current.version} "
-                      f"{champion_score:.4f}")
-    client.set_model_version_tag(name, version, "shoprec.gate",
-                                 json.dumps({"promoted": promote, "reason": reason}))
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    champion = version if promote else current.version
+    champion = (None if current is None
+                else (str(current.version), current.tags.get(TAG_INTERVAL, "")))
+    promote, reason = gate_decision(policy, metrics, candidate.tags.get(TAG_INTERVAL, ""),
+                                    champion, str(candidate.version))
+    _record(client, name, version, TAG_GATE, {"promoted": promote, "reason": reason,
+                                               "policy": asdict(policy)})
+    if promote and (current is None or str(current.version) != str(version)):
+        set_champion(settings, version, reason=f"gate: {reason}", actor="shoprec_daily")
+    champ = version if promote else (current.version if current is not None else None)
     log.info("promotion of %s v%s: %s (%s)", name, version, promote, reason)
-    return {"version": version, "promoted": promote, "champion": str(champion), "reason": reason}
+    return {"version": str(version), "promoted": promote,
+            "champion": None if champ is None else str(champ), "reason": reason}

@@ -94,7 +94,8 @@ def test_registry_has_one_version_per_trained_day_and_a_champion(pipeline) -> No
     metrics = client.get_run(champion.run_id).data.metrics
     assert 0 < metrics["recall_at_50"] <= 1
     assert metrics["recall_at_50"] >= metrics["recall_at_10"]
-    assert "popularity_recall_at_50" in metrics
+    assert "baseline_popularity_recall_at_50" in metrics
+    assert "baseline_repeat_recall_at_50" in metrics
 
 
 def test_rerunning_a_day_duplicates_nothing(pipeline) -> None:
