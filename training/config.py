@@ -50,6 +50,18 @@ class TrainConfig:
         device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
         precision: "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU),
             "fp32", "bf16" or "fp16". Mixed precision only ever applies on CUDA.
+        text_trainable_layers: 0 keeps the text encoder frozen (cached text vectors, the
+            cheap default); N > 0 fine-tunes its top N transformer layers jointly with the
+            towers (embeddings and lower layers stay frozen). Costly on a CPU: see
+            ``training.train``.
+        text_lr: AdamW learning rate of the fine-tuned encoder layers.
+        hard_negatives: K > 0 adds, per example, K negatives drawn uniformly from the
+            target's category (besides the in-batch ones); 0 = in-batch only.
+        batch_size_cuda: examples per step when training on CUDA (``batch_size`` on the
+            CPU); 0 = use ``batch_size`` there too.
+        early_stopping_k: with a validation set, Recall@K at this K picks the best epoch.
+        patience: with a validation set, stop after this many epochs without a better
+            validation recall.
     """
 
     text_encoder: str = MINILM
@@ -71,6 +83,12 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     precision: str = "auto"
+    text_trainable_layers: int = 0
+    text_lr: float = 5e-5
+    hard_negatives: int = 0
+    batch_size_cuda: int = 2048
+    early_stopping_k: int = 50
+    patience: int = 2
 
     def __post_init__(self) -> None:
         problems = []
@@ -78,8 +96,14 @@ class TrainConfig:
                      "history_len", "batch_size", "category_dim", "brand_dim"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
-        if self.epochs < 0:
-            problems.append("epochs must be >= 0")
+        for name in ("early_stopping_k", "patience"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        for name in ("epochs", "text_trainable_layers", "hard_negatives", "batch_size_cuda"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0")
+        if self.text_lr <= 0:
+            problems.append("text_lr must be > 0")
         if self.temperature <= 0:
             problems.append("temperature must be > 0")
         if not 0 <= self.dropout < 1:
@@ -124,6 +148,13 @@ class TrainConfig:
                 value = str(value)
             kwargs[f.name] = value
         return cls(**kwargs)
+
+
+def step_batch_size(config: TrainConfig, device: torch.device) -> int:
+    """Examples per training step on ``device`` (``batch_size_cuda`` on CUDA)."""
+    if device.type == "cuda" and config.batch_size_cuda > 0:
+        return config.batch_size_cuda
+    return config.batch_size
 
 
 def resolve_device(name: str = "auto") -> torch.device:

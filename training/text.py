@@ -1,14 +1,18 @@
-"""Product text embeddings from a pretrained sentence encoder (frozen in this version).
+"""Product text embeddings from a pretrained sentence encoder, frozen or partly fine-tuned.
 
 A product's text is "title | category | brand | description". It is tokenized through the
-fast tokenizer's Rust backend (``encode_batch``; the ``tokenizer(texts)`` call of
-transformers is an order of magnitude slower and would bound catalogue embedding), encoded
-by the transformer, mean-pooled over real tokens and L2-normalised.
+fast tokenizer's Rust backend (``encode_batch``, multithreaded; the ``tokenizer(texts)``
+call of transformers is an order of magnitude slower and would bound catalogue
+embedding), encoded by the transformer, mean-pooled over real tokens and L2-normalised.
 
-``embed_texts`` caches one vector per distinct text under a cache folder, keyed by
-sha256(encoder identity, max tokens, text), so re-embedding an unchanged catalogue computes
-nothing. The cache is a set of append-only shards (``.npz``, written atomically), which
-keeps concurrent writers safe: the worst case is a text computed twice.
+Frozen (``text_trainable_layers=0``): ``embed_texts`` caches one vector per distinct text
+under a cache folder, keyed by sha256(encoder identity, max tokens, text), so re-embedding
+an unchanged catalogue computes nothing. The cache is a set of append-only shards
+(``.npz``, written atomically), which keeps concurrent writers safe: the worst case is a
+text computed twice.
+
+Fine-tuned (``text_trainable_layers=N``): ``TrainableTextEncoder`` is a module of the item
+tower; ``token_ids`` tokenizes a catalogue once per version and caches the int32 ids.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,7 +34,13 @@ from tqdm.auto import tqdm
 
 from training.config import MINILM, TINY, TrainConfig, autocast_dtype, resolve_device
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedModel
+
 TEXT_COLUMNS = ("title", "category", "brand", "description")
+# Texts per Rust ``encode_batch`` call when tokenizing a catalogue (bounds memory).
+TOKENIZE_CHUNK = 65536
 # Merge the cache's shards into one once there are more than this many.
 MAX_CACHE_SHARDS = 32
 # The tiny test encoder: random weights, MiniLM's tokenizer.
@@ -120,6 +132,138 @@ def _quiet_transformers(progress: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def load_tokenizer(config: TrainConfig) -> Tokenizer:
+    """The encoder's Rust tokenizer, truncating and padding to ``config.max_text_tokens``.
+
+    A private copy of the fast tokenizer's backend, so its padding/truncation settings are
+    ours; ``encode_batch`` on it runs on all cores (Rust threads, GIL released) unless
+    ``TOKENIZERS_PARALLELISM=false``.
+    """
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    path = encoder_path(config.text_encoder)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{path}: a fast (Rust) tokenizer (tokenizer.json) is required")
+    rust = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    rust.enable_truncation(max_length=config.max_text_tokens)
+    rust.enable_padding(
+        length=config.max_text_tokens,
+        pad_id=tokenizer.pad_token_id or 0,
+        pad_token=tokenizer.pad_token or "[PAD]",
+    )
+    return rust
+
+
+def load_transformer(config: TrainConfig, *, progress: bool = True) -> PreTrainedModel:
+    """The configured encoder's transformer, on the CPU, in its weights' dtype.
+
+    "tiny" is a randomly initialised BERT seeded from ``config.seed`` (the caller's global
+    RNG is left alone); anything else is read from its model folder.
+    """
+    from transformers import AutoModel, BertConfig, BertModel
+
+    if config.text_encoder == TINY:
+        bert = BertConfig(
+            vocab_size=load_tokenizer(config).get_vocab_size(),
+            max_position_embeddings=max(64, config.max_text_tokens),
+            **TINY_BERT,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return BertModel(bert, add_pooling_layer=False)
+    with _quiet_transformers(progress):
+        return AutoModel.from_pretrained(encoder_path(config.text_encoder), local_files_only=True)
+
+
+def encode_tokens(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask through the Rust backend (parallel).
+
+    Returns:
+        ids (N, T) int32 and attention mask (N, T) int32, T the tokenizer's padding length.
+    """
+    encodings = tokenizer.encode_batch(list(texts))
+    if not encodings:
+        length = (tokenizer.padding or {}).get("length") or 0
+        return np.zeros((0, length), np.int32), np.zeros((0, length), np.int32)
+    ids = np.array([e.ids for e in encodings], dtype=np.int32)  # (N, T)
+    mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)  # (N, T)
+    return ids, mask
+
+
+def token_ids(
+    texts: Sequence[str],
+    tokenizer: Tokenizer,
+    cache_dir: os.PathLike[str] | str | None = None,
+    *,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize a whole catalogue's texts once, reusing the ids cached for the same texts.
+
+    The cache holds one file per (tokenizer, texts) pair: ``<cache_dir>/tokens/<key>.npz``
+    with key sha256(tokenizer JSON (vocabulary, truncation and padding included), every
+    text), so an unchanged catalogue version loads its ids instead of tokenizing. Chunks are
+    tokenized one ahead in a worker thread (the Rust call releases the GIL) while the
+    previous chunk's ids are copied into numpy.
+
+    Args:
+        texts: e.g. ``product_text(catalog)``.
+        tokenizer: from ``load_tokenizer`` (padding to a fixed length enabled).
+        cache_dir: cache folder; None disables caching.
+        progress: show a tqdm bar.
+
+    Returns:
+        ids (N, T) int32 and attention mask (N, T) int32.
+    """
+    texts = list(texts)
+    target = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(tokenizer.to_str().encode())
+        for text in texts:
+            raw = text.encode()
+            digest.update(len(raw).to_bytes(8, "little") + raw)
+        target = Path(cache_dir) / "tokens" / f"{digest.hexdigest()[:32]}.npz"
+        with contextlib.suppress(FileNotFoundError, OSError, ValueError, KeyError):
+            with np.load(target, allow_pickle=False) as data:
+                return data["ids"], data["mask"]
+    chunks = [texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]
+    parts = []
+    with tqdm(total=len(texts), desc="tokenize", unit="text", disable=not progress) as bar:
+        for encodings in _one_ahead(tokenizer.encode_batch, chunks):
+            parts.append((np.array([e.ids for e in encodings], dtype=np.int32),
+                          np.array([e.attention_mask for e in encodings], dtype=np.int32)))
+            bar.update(len(encodings))
+    if parts:
+        ids, mask = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    else:
+        ids, mask = encode_tokens(tokenizer, [])
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_savez(target, ids=ids, mask=mask)
+    return ids, mask
+
+
+def _one_ahead(fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:
+    """``fn(item)`` for each item, the next one computed in a worker thread meanwhile."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(fn, items[0])
+        for item in items[1:]:
+            done, pending = pending.result(), pool.submit(fn, item)
+            yield done
+        yield pending.result()
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens, L2-normalised: hidden (B, T, H), mask (B, T) -> (B, H) fp32."""
+    hidden = hidden.float()  # (B, T, H)
+    weights = mask.unsqueeze(-1).float()  # (B, T, 1)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # (B, H)
+    return torch.nn.functional.normalize(pooled, dim=-1)  # (B, H)
+
+
 class TextEncoder:
     """A frozen sentence encoder: texts -> L2-normalised mean-pooled vectors (N, H).
 
@@ -133,51 +277,33 @@ class TextEncoder:
     def __init__(
         self, config: TrainConfig, device: torch.device | None = None, *, progress: bool = True
     ):
-        from tokenizers import Tokenizer
-        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
-
         self.config = config
         self.device = device or resolve_device(config.device)
         self.identity = encoder_identity(config, self.device)
-        path = encoder_path(config.text_encoder)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if not getattr(tokenizer, "is_fast", False):
-            raise ValueError(f"{path}: a fast (Rust) tokenizer (tokenizer.json) is required")
-        # A private copy of the Rust tokenizer, so its padding/truncation settings are ours.
-        self.tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self.tokenizer.enable_truncation(max_length=config.max_text_tokens)
-        self.tokenizer.enable_padding(
-            length=config.max_text_tokens,
-            pad_id=tokenizer.pad_token_id or 0,
-            pad_token=tokenizer.pad_token or "[PAD]",
-        )
-        if config.text_encoder == TINY:
-            bert = BertConfig(
-                vocab_size=len(tokenizer),
-                max_position_embeddings=max(64, config.max_text_tokens),
-                **TINY_BERT,
-            )
-            # Seeded from the config, without disturbing the caller's global RNG.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                model = BertModel(bert, add_pooling_layer=False)
-        else:
-            with _quiet_transformers(progress):
-                model = AutoModel.from_pretrained(path, local_files_only=True)
+        self.tokenizer = load_tokenizer(config)
+        model = load_transformer(config, progress=progress)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = int(model.config.hidden_size)
         self.autocast = autocast_dtype(self.device, config.precision)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, both (N, T) int64 with T = max_text_tokens."""
-        encodings = self.tokenizer.encode_batch(list(texts))
-        ids = torch.tensor(np.array([e.ids for e in encodings], dtype=np.int64))  # (N, T)
-        mask = torch.tensor(np.array([e.attention_mask for e in encodings], dtype=np.int64))
-        return ids, mask
+        ids, mask = encode_tokens(self.tokenizer, texts)  # (N, T) int32
+        return torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+
+    def _tokenize_trimmed(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokenize`` without the batch's trailing all-padding columns (same vectors)."""
+        ids, mask = self.tokenize(texts)  # (N, T)
+        cut = int(token_lengths(mask).max()) if len(mask) else mask.shape[1]
+        return ids[:, :cut], mask[:, :cut]  # (N, T')
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], *, progress: bool = True) -> np.ndarray:
-        """Embed texts.
+        """Embed texts; the next batch is tokenized on the CPU while this one encodes.
+
+        Each batch is cut to its longest text: padding is masked out of attention and
+        pooling, so this changes no vector (up to float rounding) and saves most of the
+        work on short titles.
 
         Args:
             texts: any strings (empty ones are fine).
@@ -188,21 +314,222 @@ class TextEncoder:
         """
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         step = self.config.text_batch_size
+        chunks = [texts[i : i + step] for i in range(0, len(texts), step)]
+        pin = self.device.type == "cuda"
+        start = 0
         with tqdm(total=len(texts), desc="embed texts", unit="text", disable=not progress) as bar:
-            for start in range(0, len(texts), step):
-                ids, mask = self.tokenize(texts[start : start + step])
-                ids, mask = ids.to(self.device), mask.to(self.device)  # (B, T)
+            for ids, mask in _one_ahead(self._tokenize_trimmed, chunks):
+                if pin:  # page-locked, so the copy below overlaps with queued GPU work
+                    ids, mask = ids.pin_memory(), mask.pin_memory()
+                ids = ids.to(self.device, non_blocking=pin)  # (B, T)
+                mask = mask.to(self.device, non_blocking=pin)  # (B, T)
                 with torch.autocast(
                     self.device.type, dtype=self.autocast, enabled=self.autocast is not None
                 ):
                     hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                hidden = hidden.float()  # (B, T, H)
-                weights = mask.unsqueeze(-1).float()  # (B, T, 1)
-                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # (B, H)
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)  # (B, H)
+                pooled = mean_pool(hidden, mask)  # (B, H)
                 out[start : start + len(ids)] = pooled.cpu().numpy()
+                start += len(ids)
                 bar.update(len(ids))
         return out
+
+
+def transformer_layers(transformer: PreTrainedModel) -> torch.nn.ModuleList:
+    """The transformer layers of a BERT-like encoder (``embeddings`` + ``encoder.layer``).
+
+    Raises:
+        ValueError: the architecture does not expose them (fine-tuning needs them).
+    """
+    layers = getattr(getattr(transformer, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not hasattr(transformer, "embeddings"):
+        raise ValueError(
+            f"{type(transformer).__name__}: fine-tuning needs a BERT-like encoder with "
+            f"`embeddings` and `encoder.layer` (BERT, RoBERTa, MiniLM, ...)"
+        )
+    return layers
+
+
+def token_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Real tokens per row of a right-padded attention mask (N, T) -> (N,) int64 on the CPU,
+    at least 1.
+
+    Padding is masked out of attention and of the mean pooling, so cutting a batch's
+    trailing all-padding columns changes no output and saves most of the transformer's
+    work on short product titles.
+    """
+    return mask.to("cpu", torch.int64).sum(dim=1).clamp(min=1)
+
+
+def length_batches(
+    lengths: torch.Tensor, batch_size: int
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """Batches of rows of similar token length (shortest first), with each one's longest.
+
+    Args:
+        lengths: (N,) from ``token_lengths``.
+        batch_size: rows per batch.
+
+    Yields:
+        (row indices (b,) on the CPU, their longest length).
+    """
+    order = torch.argsort(lengths, stable=True)  # (N,)
+    for start in range(0, len(order), batch_size):
+        part = order[start : start + batch_size]
+        yield part, int(lengths[part].max())
+
+
+class TrainableTextEncoder(torch.nn.Module):
+    """A sentence encoder whose top ``trainable_layers`` layers train with the towers.
+
+    The embedding layer and the lower layers stay frozen (and in eval mode, so without
+    dropout): their output for a product never changes, so it can be computed once per
+    catalogue (``frozen_states``) and only the top layers run per step. The tokenizer
+    travels with the module (``spec``), so a checkpoint is self-contained for serving.
+
+    Args:
+        transformer: a BERT-like Hugging Face encoder (put in fp32; its pooler is dropped).
+        tokenizer: its Rust tokenizer with fixed padding (``load_tokenizer``).
+        trainable_layers: N, 1 <= N <= the number of layers.
+    """
+
+    def __init__(self, transformer: PreTrainedModel, tokenizer: Tokenizer, trainable_layers: int):
+        super().__init__()
+        layers = transformer_layers(transformer)
+        if not 1 <= trainable_layers <= len(layers):
+            raise ValueError(
+                f"text_trainable_layers={trainable_layers}: the encoder has {len(layers)} layers"
+            )
+        if getattr(transformer, "pooler", None) is not None:
+            # Mean pooling is used instead; an unused parameter would break DDP.
+            transformer.pooler = None  # type: ignore[assignment]
+        self.transformer = transformer.float().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.trainable_layers = trainable_layers
+        self.n_frozen = len(layers) - trainable_layers
+        for layer in layers[self.n_frozen :]:
+            layer.requires_grad_(True)
+        self.dim = int(transformer.config.hidden_size)
+        self.train(False)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, *, progress: bool = True) -> TrainableTextEncoder:
+        """The configured encoder with its top ``config.text_trainable_layers`` trainable."""
+        return cls(load_transformer(config, progress=progress), load_tokenizer(config),
+                   config.text_trainable_layers)
+
+    def spec(self) -> dict[str, Any]:
+        """What ``from_spec`` needs to rebuild the module (weights aside), JSON-able."""
+        return {"transformer": self.transformer.config.to_dict(),
+                "tokenizer": self.tokenizer.to_str(), "trainable_layers": self.trainable_layers}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> TrainableTextEncoder:
+        """An encoder of ``spec``'s architecture with placeholder weights (load a state dict)."""
+        from tokenizers import Tokenizer
+        from transformers import AutoConfig, AutoModel
+
+        transformer_config = dict(spec["transformer"])
+        model_type = transformer_config.pop("model_type")
+        hf_config = AutoConfig.for_model(model_type, **transformer_config)
+        transformer = AutoModel.from_config(hf_config)
+        return cls(transformer, Tokenizer.from_str(spec["tokenizer"]), spec["trainable_layers"])
+
+    def train(self, mode: bool = True) -> TrainableTextEncoder:
+        """Train mode for the trainable layers only; the frozen part never uses dropout."""
+        super().train(mode)
+        self.transformer.embeddings.eval()
+        for layer in transformer_layers(self.transformer)[: self.n_frozen]:
+            layer.eval()
+        return self
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """ids (N, T) int32 and attention mask (N, T) int32."""
+        return encode_tokens(self.tokenizer, texts)
+
+    def _attention_mask(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(
+            config=self.transformer.config, inputs_embeds=states, attention_mask=mask
+        )
+
+    def frozen_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the frozen layers (no gradient): ids, mask (B, T) -> (B, T, H)."""
+        with torch.no_grad():  # not inference_mode: the states feed autograd later
+            states = self.transformer.embeddings(input_ids=ids.long())  # (B, T, H)
+            attention = self._attention_mask(states, mask)
+            for layer in transformer_layers(self.transformer)[: self.n_frozen]:
+                states = layer(states, attention)  # (B, T, H)
+        return states
+
+    def forward(
+        self,
+        mask: torch.Tensor,
+        *,
+        ids: torch.Tensor | None = None,
+        states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Text vectors from token ids, or from precomputed ``frozen_states``.
+
+        Args:
+            mask: (B, T) attention mask.
+            ids: (B, T) token ids (the frozen layers run first), or
+            states: (B, T, H) output of ``frozen_states`` for the same texts.
+
+        Returns:
+            (B, H) float32, unit rows (mean-pooled over real tokens).
+        """
+        if states is None:
+            if ids is None:
+                raise ValueError("give ids or states")
+            states = self.frozen_states(ids, mask)  # (B, T, H)
+        hidden = states
+        attention = self._attention_mask(hidden, mask)
+        for layer in transformer_layers(self.transformer)[self.n_frozen :]:
+            hidden = layer(hidden, attention)  # (B, T, H)
+        return mean_pool(hidden, mask)  # (B, H)
+
+    def encode(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        states: torch.Tensor | None = None,
+        batch_size: int = 256,
+        autocast: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Text vectors of many products without gradients, in eval mode, batch by batch.
+
+        Args:
+            ids: (N, T) token ids (any device; moved batch by batch), or None with
+            states: (N, T, H) precomputed ``frozen_states`` (then only the top layers run).
+            mask: (N, T) attention mask.
+            batch_size: products per forward pass.
+            autocast: mixed-precision dtype on CUDA, or None.
+
+        Returns:
+            (N, H) float32 on the module's device.
+        """
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.train(False)
+        out = torch.zeros(len(mask), self.dim, device=device)  # (N, H)
+        lengths = token_lengths(mask)  # (N,) on the CPU
+        try:
+            with torch.no_grad(), torch.autocast(
+                device.type, dtype=autocast, enabled=autocast is not None
+            ):
+                for part, n_tok in length_batches(lengths, batch_size):
+                    on = part.to(mask.device)
+                    m = mask[on, :n_tok].to(device)  # (b, T')
+                    if states is not None:
+                        vectors = self(m, states=states[on.to(states.device), :n_tok].to(device))
+                    else:
+                        vectors = self(m, ids=ids[on.to(ids.device), :n_tok].to(device))
+                    out[part.to(device)] = vectors  # (b, H)
+        finally:
+            self.train(was_training)
+        return out  # (N, H)
 
 
 def text_key(identity: str, max_tokens: int, text: str) -> str:
@@ -301,12 +628,17 @@ class _ShardStore:
 
     @staticmethod
     def _write(target: Path, keys: list[str], vectors: np.ndarray) -> None:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, keys=np.array(keys, dtype="S64"),
-                         vectors=np.asarray(vectors, dtype=np.float32))
-            os.replace(tmp, target)  # atomic: readers see the whole shard or none
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _atomic_savez(target, keys=np.array(keys, dtype="S64"),
+                      vectors=np.asarray(vectors, dtype=np.float32))
+
+
+def _atomic_savez(target: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` to a temporary file, then rename: readers see the whole file or none."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,8 +1,12 @@
 """The two-tower retrieval model: an item tower and a user tower into one space.
 
-Item tower: the product's (precomputed, frozen) text embedding, a category embedding, a
-brand embedding and its log-price, through an MLP (plus a linear path from the text, so
-the pretrained semantics survive for products never seen in training), L2-normalised.
+Item tower: the product's text embedding, a category embedding, a brand embedding and its
+log-price, through an MLP (plus a linear path from the text, so the pretrained semantics
+survive for products never seen in training), L2-normalised. The text embedding comes from
+a frozen sentence encoder (precomputed, the default), or from a ``TrainableTextEncoder``
+attached to the model whose top layers are fine-tuned with the towers; then the model
+carries that encoder (and its tokenizer), and ``encode_items`` runs it on the products'
+texts.
 
 User tower: attention pooling over the item-tower embeddings of the user's recent products,
 aware of each event's type and recency, plus a learned "empty history" token that is always
@@ -19,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -29,6 +33,7 @@ from torch import nn
 
 from features.contract import EVENT_TYPES
 from training.config import TrainConfig
+from training.text import TrainableTextEncoder, product_text
 
 # 0 = unknown event type (and padding); the contract's event types follow.
 EVENT_TYPE_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}
@@ -36,7 +41,13 @@ UNKNOWN = 0  # vocabulary index of an unknown category / brand
 
 
 class TwoTowerBatch(TypedDict):
-    """One training batch. Items are stored once per batch and referenced by index."""
+    """One training batch. Items are stored once per batch and referenced by index.
+
+    With a fine-tuned text encoder, the ``fresh`` items (targets and hard negatives) get
+    their text vectors recomputed with gradients, from token ids or from precomputed
+    frozen-layer states; the others keep ``item_text``. With hard negatives, ``hard``
+    holds K extra candidate items per example.
+    """
 
     item_text: torch.Tensor  # (M, H) float
     item_category: torch.Tensor  # (M,) long
@@ -46,6 +57,11 @@ class TwoTowerBatch(TypedDict):
     history: torch.Tensor  # (B, L) long, index into the M items; anything where masked
     history_mask: torch.Tensor  # (B, L) bool, True = a real product; most recent first
     history_event: torch.Tensor  # (B, L) long, EVENT_TYPE_IDS
+    hard: NotRequired[torch.Tensor]  # (B, K) long, index into the M items
+    fresh: NotRequired[torch.Tensor]  # (F,) long, items whose text is re-encoded
+    fresh_mask: NotRequired[torch.Tensor]  # (F, T) attention mask
+    fresh_ids: NotRequired[torch.Tensor]  # (F, T) token ids, or
+    fresh_states: NotRequired[torch.Tensor]  # (F, T, H) frozen-layer hidden states
 
 
 class ItemTower(nn.Module):
@@ -198,6 +214,15 @@ class TwoTowerModel(nn.Module):
             category_dim, brand_dim, hidden_dim, dropout,
         )
         self.user_tower = UserTower(embedding_dim, history_len, hidden_dim, dropout)
+        self.text_encoder: TrainableTextEncoder | None = None
+
+    def attach_text_encoder(self, encoder: TrainableTextEncoder) -> TwoTowerModel:
+        """Make ``encoder`` part of the item tower (its trainable layers train with it)."""
+        if encoder.dim != self._spec["text_dim"]:
+            raise ValueError(f"text encoder gives {encoder.dim}-d vectors; the item tower "
+                             f"reads {self._spec['text_dim']}-d ones")
+        self.text_encoder = encoder
+        return self
 
     @classmethod
     def from_catalog(
@@ -245,13 +270,28 @@ class TwoTowerModel(nn.Module):
         return self.item_tower(text, category, brand, log_price.to(text.dtype))  # (M, D)
 
     def forward(self, batch: TwoTowerBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(user embeddings (B, D), target item embeddings (B, D)) of a batch."""
+        """User and item embeddings of a batch.
+
+        Returns:
+            (user embeddings (B, D), target embeddings (B, D)); when the batch has ``hard``
+            negatives, the item side is (B, 1 + K, D): the target first, then its K.
+        """
+        text = batch["item_text"]  # (M, H)
+        fresh = batch.get("fresh")
+        if fresh is not None and self.text_encoder is not None:
+            vectors = self.text_encoder(
+                batch["fresh_mask"], ids=batch.get("fresh_ids"), states=batch.get("fresh_states")
+            )  # (F, H)
+            text = text.float().index_copy(0, fresh, vectors.float())  # (M, H)
         items = self.embed_items(
-            batch["item_text"], batch["item_category"], batch["item_brand"], batch["item_price"]
+            text, batch["item_category"], batch["item_brand"], batch["item_price"]
         )  # (M, D)
         mask = batch["history_mask"]  # (B, L)
         history = items[batch["history"].clamp(min=0)]  # (B, L, D)
         users = self.user_tower(history, batch["history_event"], mask)  # (B, D)
+        if "hard" in batch:
+            candidates = torch.cat([batch["target"].unsqueeze(1), batch["hard"]], dim=1)
+            return users, items[candidates]  # (B, D), (B, 1 + K, D)
         return users, items[batch["target"]]  # (B, D), (B, D)
 
 
@@ -264,19 +304,43 @@ def _vocabulary(catalog: pd.DataFrame, column: str) -> list[str]:
 
 @dataclass(frozen=True)
 class ItemFeatures:
-    """The item tower's inputs for a set of products, row-aligned with ``product_ids``."""
+    """The item tower's inputs for a set of products, row-aligned with ``product_ids``.
+
+    ``texts`` (and, when already tokenized, ``tokens``/``token_mask``) are what a model
+    with a fine-tuned text encoder reads instead of the frozen ``text`` vectors.
+    """
 
     product_ids: list[str]
     text: np.ndarray  # (N, H) float32
     category: np.ndarray  # (N,) object
     brand: np.ndarray  # (N,) object
     price: np.ndarray  # (N,) float64
+    texts: list[str] | None = None  # (N,) product_text
+    tokens: np.ndarray | None = None  # (N, T) int32 token ids
+    token_mask: np.ndarray | None = None  # (N, T) int32 attention mask
 
     @classmethod
-    def from_catalog(cls, catalog: pd.DataFrame, text_embeddings: np.ndarray) -> ItemFeatures:
-        """Features of every catalogue row; ``text_embeddings`` row-aligned with it."""
+    def from_catalog(
+        cls,
+        catalog: pd.DataFrame,
+        text_embeddings: np.ndarray,
+        *,
+        tokens: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> ItemFeatures:
+        """Features of every catalogue row.
+
+        Args:
+            catalog: the products.
+            text_embeddings: (N, H) row-aligned with ``catalog``.
+            tokens: the rows' token ids and attention mask, (N, T) each, if already known.
+
+        Returns:
+            The features, product texts included.
+        """
         if len(text_embeddings) != len(catalog):
             raise ValueError(f"{len(text_embeddings)} text embeddings for {len(catalog)} products")
+        if tokens is not None and len(tokens[0]) != len(catalog):
+            raise ValueError(f"{len(tokens[0])} token rows for {len(catalog)} products")
 
         def column(name: str) -> np.ndarray:
             if name not in catalog.columns:
@@ -290,6 +354,9 @@ class ItemFeatures:
             brand=column("brand"),
             price=pd.to_numeric(catalog["price"], errors="coerce").fillna(0.0)
             .to_numpy(dtype=np.float64),
+            texts=product_text(catalog),
+            tokens=tokens[0] if tokens is not None else None,
+            token_mask=tokens[1] if tokens is not None else None,
         )
 
     def tensors(self, model: TwoTowerModel, device: torch.device) -> dict[str, torch.Tensor]:
@@ -303,14 +370,24 @@ class ItemFeatures:
 
 
 def encode_items(
-    model: TwoTowerModel, item_features: ItemFeatures, *, batch_size: int = 8192
+    model: TwoTowerModel,
+    item_features: ItemFeatures,
+    *,
+    batch_size: int = 8192,
+    text: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Item-tower embeddings of products.
+
+    A model with a fine-tuned text encoder first re-encodes the products' texts with it
+    (from ``item_features.tokens``, else by tokenizing ``item_features.texts``);
+    ``item_features.text`` is then ignored.
 
     Args:
         model: a trained model (put in eval mode here).
         item_features: the products' features.
         batch_size: products per forward pass.
+        text: (N, H) text vectors to use as they are (e.g. already computed with the
+            model's own encoder), skipping the step above.
 
     Returns:
         (N, D) float32, unit rows, aligned with ``item_features.product_ids``.
@@ -318,16 +395,43 @@ def encode_items(
     model.eval()
     device = model.device
     feats = item_features.tensors(model, device)
+    if text is None:
+        text = (feats["text"] if model.text_encoder is None
+                else model_text_vectors(model, item_features))  # (N, H)
+    text = text.to(device)
     out = np.zeros((len(item_features.product_ids), model.spec()["embedding_dim"]), np.float32)
     with torch.inference_mode():
         for start in range(0, len(out), batch_size):
             part = slice(start, start + batch_size)
             emb = model.embed_items(
-                feats["text"][part], feats["category"][part], feats["brand"][part],
-                feats["price"][part],
+                text[part], feats["category"][part], feats["brand"][part], feats["price"][part],
             )  # (b, D)
             out[part] = emb.float().cpu().numpy()
     return out
+
+
+def model_text_vectors(
+    model: TwoTowerModel, item_features: ItemFeatures, *, batch_size: int = 256
+) -> torch.Tensor:
+    """Text vectors of products under the model's own (fine-tuned) text encoder.
+
+    Returns:
+        (N, H) float32 on the model's device.
+
+    Raises:
+        ValueError: the model has no text encoder, or the features carry no texts.
+    """
+    encoder = model.text_encoder
+    if encoder is None:
+        raise ValueError("the model has no text encoder of its own (a frozen-text model)")
+    if item_features.tokens is not None and item_features.token_mask is not None:
+        ids, mask = item_features.tokens, item_features.token_mask
+    elif item_features.texts is not None:
+        ids, mask = encoder.tokenize(item_features.texts)  # (N, T) each
+    else:
+        raise ValueError("this model fine-tuned its text encoder, so it needs the products' "
+                         "texts: build ItemFeatures with from_catalog")
+    return encoder.encode(torch.from_numpy(ids), torch.from_numpy(mask), batch_size=batch_size)
 
 
 def history_matrix(

@@ -1,4 +1,5 @@
-"""Product text and the frozen text encoder (the "tiny" one, and the packaged MiniLM)."""
+"""Product text, tokenization (and its cache), and the frozen text encoder (the "tiny" one,
+and the packaged MiniLM)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ import torch
 
 from training import text as text_module
 from training.config import TrainConfig
-from training.text import TextEncoder, embed_texts, encoder_dim, product_text
+from training.text import (
+    TextEncoder,
+    embed_texts,
+    encode_tokens,
+    encoder_dim,
+    encoder_path,
+    load_tokenizer,
+    product_text,
+    token_ids,
+)
 
 TINY = TrainConfig(text_encoder="tiny", device="cpu", max_text_tokens=16, text_batch_size=4)
 TEXTS = ["red heart candle", "garden hose 20m", "", "a much longer text " * 20, "red heart candle"]
@@ -129,3 +139,66 @@ def test_minilm_puts_similar_products_close() -> None:
     assert out.shape == (3, 384) and out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
     assert out[0] @ out[1] > out[0] @ out[2] + 0.2
+
+
+class CountingTokenizer:
+    """Wraps a Rust tokenizer and counts ``encode_batch`` calls (cache hits make none)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def to_str(self) -> str:
+        return self.inner.to_str()
+
+    @property
+    def padding(self):
+        return self.inner.padding
+
+    def encode_batch(self, texts):
+        self.calls += 1
+        return self.inner.encode_batch(texts)
+
+
+def test_backend_tokenization_matches_the_transformers_call() -> None:
+    from transformers import AutoTokenizer
+
+    slow = AutoTokenizer.from_pretrained(encoder_path("minilm"), local_files_only=True)
+    expected = slow(TEXTS, truncation=True, max_length=16, padding="max_length")
+    ids, mask = encode_tokens(load_tokenizer(TINY), TEXTS)
+    assert ids.dtype == mask.dtype == np.int32 and ids.shape == (len(TEXTS), 16)
+    np.testing.assert_array_equal(ids, np.array(expected["input_ids"]))
+    np.testing.assert_array_equal(mask, np.array(expected["attention_mask"]))
+
+
+def test_token_ids_are_cached_per_catalogue_version(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(text_module, "TOKENIZE_CHUNK", 2)  # several chunks, tokenized ahead
+    tokenizer = CountingTokenizer(load_tokenizer(TINY))
+    ids, mask = token_ids(TEXTS, tokenizer, tmp_path)
+    assert tokenizer.calls == 3  # 5 texts in chunks of 2
+    expected = encode_tokens(tokenizer.inner, TEXTS)
+    np.testing.assert_array_equal(ids, expected[0])
+    np.testing.assert_array_equal(mask, expected[1])
+    again = token_ids(TEXTS, tokenizer, tmp_path)
+    assert tokenizer.calls == 3  # a hit: nothing tokenized
+    np.testing.assert_array_equal(again[0], ids)
+    assert again[0].dtype == np.int32
+    token_ids(TEXTS[:-1], tokenizer, tmp_path)  # another catalogue version
+    assert tokenizer.calls == 5
+    shorter = CountingTokenizer(load_tokenizer(TINY.replace(max_text_tokens=8)))
+    assert token_ids(TEXTS, shorter, tmp_path)[0].shape == (len(TEXTS), 8)
+    assert shorter.calls == 3 and len(list((tmp_path / "tokens").glob("*.npz"))) == 3
+
+
+def test_token_ids_without_a_cache_or_texts() -> None:
+    ids, mask = token_ids([], load_tokenizer(TINY))
+    assert ids.shape == mask.shape == (0, 16)
+
+
+def test_frozen_encoder_gives_the_same_vectors_in_any_batching() -> None:
+    """Tokenizing one batch ahead keeps every vector in its place."""
+    one = TextEncoder(TINY.replace(text_batch_size=1), progress=False).encode(TEXTS,
+                                                                              progress=False)
+    many = TextEncoder(TINY.replace(text_batch_size=64), progress=False).encode(TEXTS,
+                                                                                progress=False)
+    np.testing.assert_allclose(one, many, atol=1e-5)
+    assert not np.allclose(one[0], one[1])
