@@ -140,6 +140,43 @@ def data_release(
     typer.echo(note.summary())
 
 
+@model_app.command("evaluate")
+def model_evaluate(
+    root: Annotated[str | None, typer.Option(help="landing root (default: $SHOPREC_LANDING_ROOT)")] = None,
+    cut: Annotated[str | None, typer.Option(
+        help="test cut, YYYY-MM-DD (default: the last event minus --test-days)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="write the table to FILE.json and FILE.md")] = None,
+    test_days: Annotated[int, typer.Option(min=1, help="test (and validation) window")] = 30,
+    epochs: Annotated[int | None, typer.Option(min=0, help="two-tower epochs")] = None,
+    two_tower: Annotated[bool, typer.Option(help="train the two-tower model")] = True,
+) -> None:
+    """Temporal-split evaluation: baselines, two-tower and blends in both settings."""
+    from training.protocol import evaluate_root
+
+    settings = _settings(root)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    try:
+        result = evaluate_root(settings.landing_root, _day(cut) if cut else None,
+                               test_days=test_days, text_encoder=settings.text_encoder,
+                               cache_dir=settings.cache_dir / "text", epochs=epochs,
+                               two_tower=two_tower, progress=True)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    markdown = result.to_markdown()
+    typer.echo(markdown)
+    written = ""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.to_json(out.with_suffix(".json"))
+        out.with_suffix(".md").write_text(markdown)
+        written = f"; wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}"
+    typer.echo(f"evaluated {len(result.methods)} methods at cut {result.cut} on "
+               f"{result.n_users['all']:,} test users (new products: "
+               f"{result.n_users['new']:,}){written}")
+
+
 @app.command("run")
 def run(
     start: Annotated[str, typer.Option(help="first day, YYYY-MM-DD")],
