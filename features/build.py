@@ -18,7 +18,7 @@ point-in-time join for an event of day D sees the snapshots of day D-1 and never
 - ``product_stats``: for every catalogue product, views and purchases over 7 and 30 days, the
   30-day conversion rate, price, category, brand and days since first seen.
 - ``product_text``: "title | category | brand | description" of products added or changed
-  that day (the text the item tower reads; the same rule as ``training.text.product_text``).
+  that day (the text the item tower reads; ``features.contract.product_text``).
 - ``product_catalog``: products added or changed that day, timestamped when they changed
   (kept for the ``product_catalog_v1`` service).
 """
@@ -40,6 +40,7 @@ from features.contract import (
     EVENT_TYPES,
     Interval,
     parse_day,
+    product_text,
     read_partition,
     read_range,
     read_upto,
@@ -54,7 +55,6 @@ WINDOWS_DAYS = (7, 30)
 # Events read per build: the widest window plus one day (see the module docstring).
 PROFILE_LOOKBACK_DAYS = max(WINDOWS_DAYS) + 1
 PRODUCT_STAT_EVENT_TYPES = ("view", "purchase")
-TEXT_COLUMNS = ("title", "category", "brand", "description")
 NEVER = -1  # days_since_last_purchase of a user who never purchased
 
 TS = pa.timestamp("us", tz="UTC")
@@ -348,27 +348,6 @@ def build_product_stats(window_events: pd.DataFrame, catalog: pd.DataFrame,
     out["event_timestamp"] = end
     return pa.Table.from_pandas(out.reset_index(), schema=PRODUCT_STATS_SCHEMA,
                                 preserve_index=False)
-
-
-def product_text(products: pd.DataFrame) -> list[str]:
-    """The item tower's text per product: "title | category | brand | description".
-
-    The same rule as ``training.text.product_text`` (which needs torch to import); missing or
-    empty parts are left out. A test keeps the two identical.
-
-    Args:
-        products: rows with (some of) title, category, brand, description.
-
-    Returns:
-        One string per row, in row order.
-    """
-    columns = [
-        products[c].astype("string").fillna("").str.strip().to_numpy(dtype=object)
-        if c in products.columns
-        else np.full(len(products), "", dtype=object)
-        for c in TEXT_COLUMNS
-    ]
-    return [" | ".join(p for p in parts if p) for parts in zip(*columns, strict=True)]
 
 
 def build_product_text(products: pd.DataFrame, interval: Interval) -> pa.Table:

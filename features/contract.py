@@ -243,3 +243,31 @@ def catalog_as_of(root: str, last_day: dt.date) -> pd.DataFrame:
 def _check_table(table: str) -> None:
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; expected one of {TABLES}")
+
+
+# The text the item tower reads, built from these catalogue columns in this order.
+TEXT_COLUMNS = ("title", "category", "brand", "description")
+
+
+def product_text(products: pd.DataFrame) -> list[str]:
+    """The text the item tower reads for each product, in row order.
+
+    The one definition of that rule: the feature build (``product_text`` view) and the
+    text encoder both call it, so training and serving read the same text.
+
+    Args:
+        products: rows with (some of) title, category, brand, description.
+
+    Returns:
+        One "title | category | brand | description" string per row; missing or empty
+        parts are left out.
+    """
+    import numpy as np
+
+    columns = [
+        products[c].astype("string").fillna("").str.strip().to_numpy(dtype=object)
+        if c in products.columns
+        else np.full(len(products), "", dtype=object)
+        for c in TEXT_COLUMNS
+    ]
+    return [" | ".join(p for p in parts if p) for parts in zip(*columns, strict=True)]

@@ -28,17 +28,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from features.contract import TEXT_COLUMNS, product_text  # noqa: F401 (re-exported)
 from training.config import MINILM, TINY, TrainConfig, autocast_dtype, resolve_device
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedModel
 
-TEXT_COLUMNS = ("title", "category", "brand", "description")
 # Texts per Rust ``encode_batch`` call when tokenizing a catalogue (bounds memory).
 TOKENIZE_CHUNK = 65536
 # Merge the cache's shards into one once there are more than this many.
@@ -46,25 +45,6 @@ MAX_CACHE_SHARDS = 32
 # The tiny test encoder: random weights, MiniLM's tokenizer.
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
              "intermediate_size": 64}
-
-
-def product_text(catalog: pd.DataFrame) -> list[str]:
-    """The text the item tower reads for each product, in the catalogue's row order.
-
-    Args:
-        catalog: products with (some of) title, category, brand, description.
-
-    Returns:
-        One "title | category | brand | description" string per row; missing or empty
-        parts are left out.
-    """
-    columns = [
-        catalog[c].astype("string").fillna("").str.strip().to_numpy(dtype=object)
-        if c in catalog.columns
-        else np.full(len(catalog), "", dtype=object)
-        for c in TEXT_COLUMNS
-    ]
-    return [" | ".join(p for p in parts if p) for parts in zip(*columns, strict=True)]
 
 
 def encoder_path(text_encoder: str) -> Path:
