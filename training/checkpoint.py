@@ -3,14 +3,20 @@
 A checkpoint folder holds::
 
     model.safetensors   the state dict (a fine-tuned text encoder's weights included)
-    model.json          the model's constructor arguments (sizes, price scaling)
-    vocabularies.json   category and brand vocabularies (index 0 = unknown is implicit)
+    model.json          the model's constructor arguments (sizes, price scaling, whether the
+                        user tower reads user features)
+    vocabularies.json   category, brand and country vocabularies (index 0 = unknown is
+                        implicit)
     config.json         the TrainConfig it was trained with
     text_encoder.json   only with a fine-tuned text encoder: its architecture, tokenizer
                         and trainable depth, so serving needs no other model files
 
 No pickle is involved, so loading a checkpoint cannot run code. ``warm_start`` initialises
 a new model (possibly of another catalogue version) from a checkpoint.
+
+Checkpoints written before user features existed (no ``user_features`` in model.json, no
+countries) load as the history-only model they are, and warm-start a new model everywhere
+but its user-profile parameters, which keep their initialisation.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ CONFIG = "config.json"
 TEXT_ENCODER = "text_encoder.json"
 # Embedding tables whose rows follow a vocabulary (row 0 = unknown), with the vocabulary.
 VOCABULARY_TABLES = {"item_tower.category.weight": "categories",
-                     "item_tower.brand.weight": "brands"}
+                     "item_tower.brand.weight": "brands",
+                     "user_tower.profile.country.weight": "countries"}
 
 
 def save_model(model: TwoTowerModel, config: TrainConfig, folder: os.PathLike[str] | str) -> Path:
@@ -55,7 +62,7 @@ def save_model(model: TwoTowerModel, config: TrainConfig, folder: os.PathLike[st
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
     spec = model.spec()
-    vocabularies = {"categories": spec.pop("categories"), "brands": spec.pop("brands")}
+    vocabularies = {name: spec.pop(name) for name in VOCABULARY_TABLES.values()}
     (folder / MODEL_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
     (folder / VOCABULARIES).write_text(json.dumps(vocabularies, indent=2))
     (folder / CONFIG).write_text(json.dumps(config.to_params(), indent=2, sort_keys=True))
@@ -88,6 +95,7 @@ def load_model(
 def _empty_model(folder: Path) -> TwoTowerModel:
     """A model of the checkpoint's architecture, before its weights are loaded."""
     spec = json.loads((folder / MODEL_SPEC).read_text())
+    spec.setdefault("user_features", False)  # written before user features existed
     vocabularies = json.loads((folder / VOCABULARIES).read_text())
     model = TwoTowerModel(**spec, **vocabularies)
     if (folder / TEXT_ENCODER).is_file():
@@ -100,10 +108,11 @@ def warm_start(model: TwoTowerModel, folder: os.PathLike[str] | str) -> dict[str
     """Initialise ``model`` from a checkpoint wherever the two agree.
 
     A parameter (or buffer) is copied when the checkpoint has one of the same name and
-    shape. The category and brand tables are mapped row by row through their vocabularies
-    (they differ between catalogue versions): a value both know keeps its learned row, a
-    new value keeps its fresh initialisation, row 0 (unknown) is copied. Everything else
-    (a different size, a text encoder only one side has) keeps its fresh values.
+    shape. The category, brand and country tables are mapped row by row through their
+    vocabularies (they differ between catalogue versions and training sets): a value both
+    know keeps its learned row, a new value keeps its fresh initialisation, row 0 (unknown)
+    is copied. Everything else (a different size, a text encoder or user features only one
+    side has) keeps its fresh values.
 
     Args:
         model: a freshly built model (vocabularies of the new catalogue).
@@ -116,7 +125,8 @@ def warm_start(model: TwoTowerModel, folder: os.PathLike[str] | str) -> dict[str
     folder = Path(folder)
     saved = load_file(str(folder / WEIGHTS))
     old_vocab = json.loads((folder / VOCABULARIES).read_text())
-    new_vocab = {"categories": model.categories, "brands": model.brands}
+    new_vocab = {"categories": model.categories, "brands": model.brands,
+                 "countries": model.countries}
     report: dict[str, list[str]] = {"loaded": [], "mapped": [], "skipped": [], "unused": []}
     update: dict[str, torch.Tensor] = {}
     for name, current in model.state_dict().items():
@@ -125,7 +135,7 @@ def warm_start(model: TwoTowerModel, folder: os.PathLike[str] | str) -> dict[str
             report["skipped"].append(f"{name} (not in the checkpoint)")
         elif name in VOCABULARY_TABLES and old.shape[1:] == current.shape[1:]:
             which = VOCABULARY_TABLES[name]
-            old_row = {value: i + 1 for i, value in enumerate(old_vocab[which])}
+            old_row = {value: i + 1 for i, value in enumerate(old_vocab.get(which, []))}
             rows = current.detach().cpu().clone()  # (V_new, E), fresh init
             rows[0] = old[0]  # unknown
             kept = 0

@@ -62,6 +62,10 @@ class TrainConfig:
         early_stopping_k: with a validation set, Recall@K at this K picks the best epoch.
         patience: with a validation set, stop after this many epochs without a better
             validation recall.
+        user_features: the user tower also reads the user's profile (Feast ``user_profile``:
+            counters, recency, basket value, country; ``training.user_features``); False
+            gives the history-only tower.
+        country_dim: size of the country embedding of the user features.
     """
 
     text_encoder: str = MINILM
@@ -89,11 +93,13 @@ class TrainConfig:
     batch_size_cuda: int = 2048
     early_stopping_k: int = 50
     patience: int = 2
+    user_features: bool = True
+    country_dim: int = 8
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("max_text_tokens", "text_batch_size", "embedding_dim", "hidden_dim",
-                     "history_len", "batch_size", "category_dim", "brand_dim"):
+                     "history_len", "batch_size", "category_dim", "brand_dim", "country_dim"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         for name in ("early_stopping_k", "patience"):

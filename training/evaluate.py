@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from training.towers import TwoTowerModel, encode_users
+from training.user_features import align_to_users
 
 DEFAULT_KS = (10, 50)
 
@@ -123,6 +124,7 @@ def rank_with_model(
     *,
     exclude_history: bool = False,
     batch_size: int = 1024,
+    user_features: pd.DataFrame | None = None,
 ) -> tuple[list[list[str]], int]:
     """Rank candidate products for each user by user · item.
 
@@ -138,6 +140,8 @@ def rank_with_model(
         top: length of each ranking.
         exclude_history: do not recommend products already in the user's history.
         batch_size: users scored at once.
+        user_features: the users' ``user_profile`` columns, keyed by a ``user_id`` column
+            (else by the index); missing users and columns are unknown; None: all unknown.
 
     Returns:
         (per user, the top product ids best first; the number of candidate products)
@@ -149,7 +153,9 @@ def rank_with_model(
                              catalog["product_id"].astype(str).unique())
     user_histories = [histories.get(u) for u in users]
     user_types = [event_types.get(u) for u in users] if event_types is not None else None
-    user_emb = encode_users(model, user_histories, user_types, item_index, item_embeddings)
+    profiles = align_to_users(user_features, users) if user_features is not None else None
+    user_emb = encode_users(model, user_histories, user_types, item_index, item_embeddings,
+                            user_features=profiles)
     items = np.asarray(item_embeddings, dtype=np.float32)  # (N, D)
     ids = np.asarray(product_ids, dtype=object)
     top = min(top, int(candidates.sum()))
@@ -177,11 +183,12 @@ def evaluate_model(
     *,
     exclude_history: bool = False,
     batch_size: int = 1024,
+    user_features: pd.DataFrame | None = None,
 ) -> dict[str, float]:
     """Score every candidate product for each holdout user by user · item; rank; measure.
 
-    Args: as ``rank_with_model``; ``truth``: user -> products bought in the holdout (users
-    with an empty set are skipped); ``ks``: cut-offs.
+    Args: as ``rank_with_model`` (``user_features`` included); ``truth``: user -> products
+    bought in the holdout (users with an empty set are skipped); ``ks``: cut-offs.
 
     Returns:
         ``ranking_metrics`` over the users, coverage relative to the candidates.
@@ -190,7 +197,7 @@ def evaluate_model(
     users = sorted(u for u, t in truth.items() if t)
     ranked, n_candidates = rank_with_model(
         model, catalog, item_embeddings, product_ids, histories, event_types, users, max(ks),
-        exclude_history=exclude_history, batch_size=batch_size)
+        exclude_history=exclude_history, batch_size=batch_size, user_features=user_features)
     return ranking_metrics(ranked, [truth[u] for u in users], ks, n_candidates)
 
 

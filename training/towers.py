@@ -10,12 +10,16 @@ texts.
 
 User tower: attention pooling over the item-tower embeddings of the user's recent products,
 aware of each event's type and recency, plus a learned "empty history" token that is always
-attended (so a cold user gets a finite, learned embedding), then an MLP, L2-normalised.
-Because the user tower reads item embeddings, serving encodes users from the precomputed
-catalogue embeddings (``encode_users``) and needs no text encoder for them.
+attended (so a cold user gets a finite, learned embedding); plus, with user features, a
+vector projected from the user's profile (``training.user_features``: log1p counters, days
+since the last purchase, a "profile missing" flag, and a country embedding); then an MLP,
+L2-normalised. The profile's projection starts at zero, so a new model (or one warm-started
+from a checkpoint without user features) begins as the history-only tower. Because the user
+tower reads item embeddings, serving encodes users from the precomputed catalogue embeddings
+(``encode_users``) and needs no text encoder for them.
 
 Shape letters: B batch, L history length, M distinct items of a batch, N catalogue size,
-H text-embedding size, D shared embedding size.
+H text-embedding size, D shared embedding size, P numeric profile inputs.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ from torch import nn
 from features.contract import EVENT_TYPES
 from training.config import TrainConfig
 from training.text import TrainableTextEncoder, product_text
+from training.user_features import N_NUMERIC, country_values, numeric_features, unknown_numeric
 
 # 0 = unknown event type (and padding); the contract's event types follow.
 EVENT_TYPE_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}
-UNKNOWN = 0  # vocabulary index of an unknown category / brand
+UNKNOWN = 0  # vocabulary index of an unknown category / brand / country
 
 
 class TwoTowerBatch(TypedDict):
@@ -57,6 +62,8 @@ class TwoTowerBatch(TypedDict):
     history: torch.Tensor  # (B, L) long, index into the M items; anything where masked
     history_mask: torch.Tensor  # (B, L) bool, True = a real product; most recent first
     history_event: torch.Tensor  # (B, L) long, EVENT_TYPE_IDS
+    user_numeric: NotRequired[torch.Tensor]  # (B, P) float, numeric_features; absent = unknown
+    user_country: NotRequired[torch.Tensor]  # (B,) long, country vocabulary index
     hard: NotRequired[torch.Tensor]  # (B, K) long, index into the M items
     fresh: NotRequired[torch.Tensor]  # (F,) long, items whose text is re-encoded
     fresh_mask: NotRequired[torch.Tensor]  # (F, T) attention mask
@@ -106,10 +113,58 @@ class ItemTower(nn.Module):
         return F.normalize(out, dim=-1)  # (B, D)
 
 
-class UserTower(nn.Module):
-    """Attention pooling over a user's recent item embeddings -> unit vector (B, D)."""
+class UserProfileEncoder(nn.Module):
+    """A user's profile -> a vector (B, D) added to the pooled history; zero at first."""
 
-    def __init__(self, embedding_dim: int, history_len: int, hidden_dim: int, dropout: float):
+    def __init__(self, n_countries: int, country_dim: int, embedding_dim: int, hidden_dim: int,
+                 dropout: float):
+        super().__init__()
+        self.country = nn.Embedding(n_countries, country_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(N_NUMERIC + country_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, embedding_dim),
+        )
+        # Zero output at init: the tower starts as (or, warm-started, stays) history-only.
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        # The inputs of a user without a profile (not saved: it follows the code's transform).
+        self.register_buffer("unknown", torch.from_numpy(unknown_numeric()), persistent=False)
+
+    def forward(self, numeric: torch.Tensor | None, country: torch.Tensor | None,
+                batch: int) -> torch.Tensor:
+        """Project profiles.
+
+        Args:
+            numeric: (B, P) ``training.user_features.numeric_features``, or None (unknown).
+            country: (B,) country vocabulary ids, or None (unknown).
+            batch: B, for when both are None.
+
+        Returns:
+            (B, D), to add to the pooled history.
+        """
+        if numeric is None:
+            numeric = self.unknown.expand(batch, -1)  # (B, P)
+        if country is None:
+            country = torch.full((batch,), UNKNOWN, dtype=torch.long,
+                                 device=self.unknown.device)  # (B,)
+        x = torch.cat([numeric.float(), self.country(country)], dim=-1)  # (B, P + C)
+        return self.mlp(x)  # (B, D)
+
+
+class UserTower(nn.Module):
+    """Attention pooling over a user's recent item embeddings (plus, optionally, their
+    profile) -> unit vector (B, D).
+
+    Args:
+        n_countries: rows of the country embedding (vocabulary + unknown); None: no user
+            features (the history-only tower).
+        country_dim: size of the country embedding.
+    """
+
+    def __init__(self, embedding_dim: int, history_len: int, hidden_dim: int, dropout: float,
+                 *, n_countries: int | None = None, country_dim: int = 8):
         super().__init__()
         n_events = len(EVENT_TYPE_IDS) + 1
         self.history_len = history_len
@@ -135,16 +190,27 @@ class UserTower(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden_dim, embedding_dim),
         )
+        # Built last, so the history part draws the same initial weights as without it.
+        self.profile = (UserProfileEncoder(n_countries, country_dim, embedding_dim, hidden_dim,
+                                           dropout) if n_countries is not None else None)
 
     def forward(
-        self, items: torch.Tensor, event_types: torch.Tensor, mask: torch.Tensor
+        self,
+        items: torch.Tensor,
+        event_types: torch.Tensor,
+        mask: torch.Tensor,
+        numeric: torch.Tensor | None = None,
+        country: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Pool a padded history.
+        """Pool a padded history, and add the profile.
 
         Args:
             items: (B, L, D) item embeddings, most recent first.
             event_types: (B, L) EVENT_TYPE_IDS.
             mask: (B, L) bool, False on padding (whose content is ignored).
+            numeric: (B, P) ``training.user_features.numeric_features``, or None (unknown).
+            country: (B,) country vocabulary ids, or None (unknown). Both are ignored by a
+                tower without user features.
 
         Returns:
             (B, D) unit vectors; finite for an all-padding row.
@@ -169,16 +235,21 @@ class UserTower(nn.Module):
         scores = (scores + bias).masked_fill(~valid, float("-inf"))  # (B, L+1)
         weights = torch.softmax(scores.float(), dim=-1).to(tokens.dtype)  # (B, L+1)
         pooled = (weights.unsqueeze(-1) * self.value(tokens)).sum(dim=1)  # (B, D)
+        if self.profile is not None:
+            pooled = pooled + self.profile(numeric, country, batch).to(pooled.dtype)  # (B, D)
         out = pooled + self.mlp(pooled)  # (B, D)
         return F.normalize(out, dim=-1)  # (B, D)
 
 
 class TwoTowerModel(nn.Module):
-    """Both towers, the category/brand vocabularies and the price scaling.
+    """Both towers, the category/brand/country vocabularies and the price scaling.
 
-    Vocabularies come from the training catalogue; index 0 is "unknown", so products of a
-    new category or brand still get an embedding. ``spec()`` returns the constructor's
-    keyword arguments (JSON-able), which ``training.checkpoint`` stores beside the weights.
+    Category and brand vocabularies come from the training catalogue, the country vocabulary
+    from the training examples; index 0 is "unknown", so products of a new category or brand,
+    and users of a new country, still get an embedding. ``user_features=False`` builds the
+    history-only user tower (what checkpoints written before user features hold).
+    ``spec()`` returns the constructor's keyword arguments (JSON-able), which
+    ``training.checkpoint`` stores beside the weights.
     """
 
     def __init__(
@@ -195,16 +266,22 @@ class TwoTowerModel(nn.Module):
         dropout: float = 0.1,
         price_center: float = 0.0,
         price_scale: float = 1.0,
+        user_features: bool = True,
+        countries: Sequence[str] = (),
+        country_dim: int = 8,
     ):
         super().__init__()
         self.categories = list(categories)
         self.brands = list(brands)
+        self.countries = list(countries) if user_features else []
         self._category_ids = {c: i + 1 for i, c in enumerate(self.categories)}
         self._brand_ids = {b: i + 1 for i, b in enumerate(self.brands)}
+        self._country_ids = {c: i + 1 for i, c in enumerate(self.countries)}
         self._spec: dict[str, Any] = {
             "text_dim": text_dim, "embedding_dim": embedding_dim, "category_dim": category_dim,
             "brand_dim": brand_dim, "hidden_dim": hidden_dim, "history_len": history_len,
             "dropout": dropout, "price_center": price_center, "price_scale": price_scale,
+            "user_features": user_features, "country_dim": country_dim,
         }
         self.history_len = history_len
         self.price_center = price_center
@@ -213,7 +290,11 @@ class TwoTowerModel(nn.Module):
             text_dim, len(self.categories) + 1, len(self.brands) + 1, embedding_dim,
             category_dim, brand_dim, hidden_dim, dropout,
         )
-        self.user_tower = UserTower(embedding_dim, history_len, hidden_dim, dropout)
+        self.user_tower = UserTower(
+            embedding_dim, history_len, hidden_dim, dropout,
+            n_countries=len(self.countries) + 1 if user_features else None,
+            country_dim=country_dim,
+        )
         self.text_encoder: TrainableTextEncoder | None = None
 
     def attach_text_encoder(self, encoder: TrainableTextEncoder) -> TwoTowerModel:
@@ -226,9 +307,21 @@ class TwoTowerModel(nn.Module):
 
     @classmethod
     def from_catalog(
-        cls, config: TrainConfig, catalog: pd.DataFrame, text_dim: int
+        cls, config: TrainConfig, catalog: pd.DataFrame, text_dim: int,
+        *, countries: Sequence[str] = (),
     ) -> TwoTowerModel:
-        """A fresh model whose vocabularies and price scaling come from ``catalog``."""
+        """A fresh model whose vocabularies and price scaling come from ``catalog``.
+
+        Args:
+            config: sizes, and whether the user tower reads user features.
+            catalog: the products.
+            text_dim: size H of the text vectors.
+            countries: the country vocabulary (``user_features.country_vocabulary`` of the
+                training examples).
+
+        Returns:
+            The model, freshly initialised.
+        """
         log_price = np.log1p(pd.to_numeric(catalog["price"], errors="coerce").fillna(0.0)
                              .clip(lower=0.0).to_numpy(dtype=np.float64))
         scale = float(log_price.std()) if len(log_price) > 1 else 1.0
@@ -244,11 +337,15 @@ class TwoTowerModel(nn.Module):
             dropout=config.dropout,
             price_center=float(log_price.mean()) if len(log_price) else 0.0,
             price_scale=scale if scale > 1e-6 else 1.0,
+            user_features=config.user_features,
+            countries=countries,
+            country_dim=config.country_dim,
         )
 
     def spec(self) -> dict[str, Any]:
         """Constructor keyword arguments (vocabularies included), JSON-able."""
-        return {**self._spec, "categories": self.categories, "brands": self.brands}
+        return {**self._spec, "categories": self.categories, "brands": self.brands,
+                "countries": self.countries}
 
     @property
     def device(self) -> torch.device:
@@ -261,6 +358,34 @@ class TwoTowerModel(nn.Module):
     def brand_ids(self, values: Sequence[Any]) -> np.ndarray:
         """Vocabulary indices (0 = unknown) of brand values."""
         return np.array([self._brand_ids.get(v, UNKNOWN) for v in values], dtype=np.int64)
+
+    @property
+    def user_features(self) -> bool:
+        """Whether the user tower reads user features."""
+        return self.user_tower.profile is not None
+
+    def user_inputs(
+        self, user_features: pd.DataFrame | None, n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The user tower's profile inputs of ``n`` users.
+
+        Args:
+            user_features: ``user_profile`` columns row-aligned with the users (absent
+                columns and null values are unknown), or None (every user unknown).
+            n: the number of users.
+
+        Returns:
+            (n, P) float32 ``numeric_features`` and (n,) int64 country ids (0 = unknown).
+
+        Raises:
+            ValueError: ``user_features`` has another number of rows.
+        """
+        frame = user_features if user_features is not None else pd.DataFrame(index=range(n))
+        if len(frame) != n:
+            raise ValueError(f"{len(frame)} rows of user features for {n} users")
+        countries = country_values(frame)
+        ids = np.array([self._country_ids.get(c, UNKNOWN) for c in countries], dtype=np.int64)
+        return numeric_features(frame), ids
 
     def embed_items(
         self, text: torch.Tensor, category: torch.Tensor, brand: torch.Tensor, price: torch.Tensor
@@ -288,7 +413,8 @@ class TwoTowerModel(nn.Module):
         )  # (M, D)
         mask = batch["history_mask"]  # (B, L)
         history = items[batch["history"].clamp(min=0)]  # (B, L, D)
-        users = self.user_tower(history, batch["history_event"], mask)  # (B, D)
+        users = self.user_tower(history, batch["history_event"], mask,
+                                batch.get("user_numeric"), batch.get("user_country"))  # (B, D)
         if "hard" in batch:
             candidates = torch.cat([batch["target"].unsqueeze(1), batch["hard"]], dim=1)
             return users, items[candidates]  # (B, D), (B, 1 + K, D)
@@ -486,6 +612,7 @@ def encode_users(
     item_index: dict[str, int],
     item_embeddings: np.ndarray,
     *,
+    user_features: pd.DataFrame | None = None,
     batch_size: int = 4096,
 ) -> np.ndarray:
     """User-tower embeddings from precomputed item embeddings.
@@ -496,14 +623,22 @@ def encode_users(
         event_types: per user, the event type of each entry, or None.
         item_index: product id -> row of ``item_embeddings``; unknown products are skipped.
         item_embeddings: (N, D) from ``encode_items``.
+        user_features: ``user_profile`` columns (``training.user_features.PROFILE_COLUMNS``;
+            other columns ignored), row-aligned with ``histories`` (by position, not index);
+            absent columns and null values are unknown; None: every profile unknown. A model
+            without user features ignores it.
         batch_size: users per forward pass.
 
     Returns:
         (U, D) float32, unit rows.
+
+    Raises:
+        ValueError: ``user_features`` has another number of rows than ``histories``.
     """
     model.eval()
     device = model.device
     rows, events = history_matrix(histories, event_types, item_index, model.history_len)
+    numeric, country = model.user_inputs(user_features, len(rows))  # (U, P), (U,)
     table = torch.from_numpy(np.asarray(item_embeddings, dtype=np.float32)).to(device)  # (N, D)
     if table.shape[0] == 0:  # no catalogue: every history is padding; keep indexing valid
         table = table.new_zeros(1, model.spec()["embedding_dim"])  # (1, D)
@@ -514,5 +649,8 @@ def encode_users(
             mask = idx >= 0  # (b, L)
             history = table[idx.clamp(min=0)]  # (b, L, D)
             ev = torch.from_numpy(events[start : start + batch_size]).to(device)  # (b, L)
-            out[start : start + len(idx)] = model.user_tower(history, ev, mask).cpu().numpy()
+            num = torch.from_numpy(numeric[start : start + batch_size]).to(device)  # (b, P)
+            cty = torch.from_numpy(country[start : start + batch_size]).to(device)  # (b,)
+            out[start : start + len(idx)] = model.user_tower(history, ev, mask, num,
+                                                             cty).cpu().numpy()
     return out

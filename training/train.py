@@ -17,6 +17,11 @@ fine-tuned encoder. CPU cost, measured with MiniLM on one core (batch 256, 32 to
 2k examples of real shop titles): frozen ~9,500 examples/s, one fine-tuned layer ~490,
 two ~250, plus a one-off pass of the frozen layers over the catalogue; fine-tune on a GPU.
 
+User features: when the examples carry Feast's ``user_profile`` columns (as
+``features.store.historical_user_history`` and ``training.blend.examples_from_events`` give
+them), each example's profile, as it stood at its time, is fed to the user tower; without
+them every profile is "unknown" (``training.user_features``).
+
 Options: K same-category hard negatives per example (``hard_negatives``), early stopping
 on a validation set's Recall@K (``validation``), warm start from a checkpoint
 (``warm_start``), and DistributedDataParallel when a process group is initialised (see
@@ -63,6 +68,7 @@ from training.towers import (
     encode_items,
     history_matrix,
 )
+from training.user_features import PROFILE_COLUMNS, country_vocabulary, has_profile
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +93,16 @@ class ValidationSet:
         truth: user -> products bought in the holdout (users with none are skipped).
         event_types: user -> event type per history entry, or None.
         exclude_history: do not count products already in the user's history.
+        user_features: the users' ``user_profile`` columns at the holdout cut, keyed by a
+            ``user_id`` column (else by the index); missing users and columns are unknown;
+            None: every profile unknown.
     """
 
     histories: Mapping[str, Sequence[str] | None]
     truth: Mapping[str, set[str]]
     event_types: Mapping[str, Sequence[str] | None] | None = None
     exclude_history: bool = False
+    user_features: pd.DataFrame | None = None
 
 
 @dataclass
@@ -159,8 +169,11 @@ def train(
             row wins otherwise). Every product gets an embedding.
         examples: user_id, product_id (the target), event_timestamp, recent_product_ids
             (the user's previous products, most recent LAST; may be empty or None),
-            recent_event_types (aligned with recent_product_ids, or None). Targets and
-            history products missing from the catalogue are dropped.
+            recent_event_types (aligned with recent_product_ids, or None), and optionally
+            the ``user_profile`` columns (``training.user_features.PROFILE_COLUMNS``, as of
+            the example's time; absent or null = unknown), whose countries make the
+            model's country vocabulary. Targets and history products missing from the
+            catalogue are dropped.
         cache_dir: cache folder for text vectors and token ids (None: no cache).
         progress: show progress bars.
         on_epoch: called after each epoch as ``on_epoch(epoch, metrics)``, epoch from 0,
@@ -185,7 +198,8 @@ def train(
     catalog = unique_products(catalog)
     product_ids = catalog["product_id"].astype(str).tolist()
     item_index = {p: i for i, p in enumerate(product_ids)}
-    targets, history, events = prepare_examples(examples, item_index, config.history_len)
+    targets, history, events, profiles = prepare_examples(examples, item_index,
+                                                          config.history_len)
     if len(product_ids) < 2:
         raise NotEnoughData(f"the catalogue has {len(product_ids)} product(s); need >= 2")
     if len(targets) < max(config.min_examples, 2 * world):
@@ -210,7 +224,8 @@ def train(
                                       progress=progress)
     with _deterministic(device):
         _seed_everything(config.seed)
-        model = TwoTowerModel.from_catalog(config, catalog, text_embeddings.shape[1])
+        model = TwoTowerModel.from_catalog(config, catalog, text_embeddings.shape[1],
+                                           countries=country_vocabulary(profiles))
         if encoder is not None:
             model.attach_text_encoder(encoder)
         report = init_from_checkpoint(model, warm_start) if warm_start is not None else None
@@ -221,9 +236,10 @@ def train(
             text = CatalogText(encoder, tokens, device, amp, config.text_batch_size)
             text_embeddings = text.vectors(encoder).cpu().numpy()
         features = ItemFeatures.from_catalog(catalog, text_embeddings, tokens=tokens)
+        inputs = model.user_inputs(profiles, len(targets)) if model.user_features else None
         epochs, best_epoch = _fit(model, config, device, features, targets, history, events,
-                                  text=text, validation=validation, progress=progress,
-                                  on_epoch=on_epoch)
+                                  profiles=inputs, text=text, validation=validation,
+                                  progress=progress, on_epoch=on_epoch)
         if text is not None and encoder is not None:
             text_embeddings = text.vectors(encoder).cpu().numpy()  # the fine-tuned encoder's
         item_embeddings = encode_items(model, features, text=torch.from_numpy(text_embeddings))
@@ -259,7 +275,7 @@ def unique_products(catalog: pd.DataFrame) -> pd.DataFrame:
 
 def prepare_examples(
     examples: pd.DataFrame, item_index: dict[str, int], history_len: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame | None]:
     """Turn example rows into index arrays, dropping targets outside the catalogue.
 
     Rows are put in a canonical order (timestamp, user, product) first, so the result does
@@ -267,7 +283,8 @@ def prepare_examples(
 
     Returns:
         targets (E,) int64 catalogue rows; history (E, L) int64 rows, -1 = padding, most
-        recent first; events (E, L) int64 event type ids.
+        recent first; events (E, L) int64 event type ids; the kept rows' ``user_profile``
+        columns (E rows, in that order), or None when the examples carry none.
     """
     missing = {"product_id"} - set(examples.columns)
     if missing:
@@ -288,7 +305,11 @@ def prepare_examples(
         if "recent_event_types" in examples.columns else None
     )
     history, events = history_matrix(histories, types, item_index, history_len)
-    return targets, history, events
+    profiles = None
+    if has_profile(examples):
+        columns = [c for c in PROFILE_COLUMNS if c in examples.columns]
+        profiles = examples[columns].reset_index(drop=True)
+    return targets, history, events, profiles
 
 
 class CatalogText:
@@ -425,12 +446,18 @@ def _fit(
     history: np.ndarray,
     events: np.ndarray,
     *,
+    profiles: tuple[np.ndarray, np.ndarray] | None,
     text: CatalogText | None,
     validation: ValidationSet | None,
     progress: bool,
     on_epoch: Callable[[int, dict[str, float]], Any] | None,
 ) -> tuple[list[dict[str, float]], int | None]:
     """The optimisation loop.
+
+    Args:
+        profiles: every example's profile inputs, (E, P) numeric and (E,) country ids
+            (``TwoTowerModel.user_inputs``), or None for a model without user features;
+            the others as ``train``'s.
 
     Returns:
         Per-epoch metrics, and the best epoch with a validation set (its weights are then
@@ -464,6 +491,8 @@ def _fit(
     targets_t = torch.from_numpy(targets)  # (E,)
     history_t = torch.from_numpy(history)  # (E, L)
     events_t = torch.from_numpy(events)  # (E, L)
+    profiles_t = ((torch.from_numpy(profiles[0]), torch.from_numpy(profiles[1]))
+                  if profiles is not None else None)  # (E, P), (E,)
     shuffle = torch.Generator().manual_seed(config.seed)  # the same order on every rank
     sampler = torch.Generator().manual_seed(config.seed + 7919 * (rank + 1))
     step = step_batch_size(config, device)
@@ -485,8 +514,8 @@ def _fit(
             hard, rate = (negatives.sample(targets_t[idx], config.hard_negatives, sampler)
                           if negatives is not None else (None, None))
             batch, rows, hard_rows = _make_batch(idx, targets_t, history_t, events_t, items,
-                                                 device, hard=hard, text=text, table=table,
-                                                 pin=pin)
+                                                 device, profiles=profiles_t, hard=hard,
+                                                 text=text, table=table, pin=pin)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 users, candidates = net(batch)  # (B, D), (B, D) or (B, 1 + K, D)
             users = users.float()
@@ -599,6 +628,7 @@ def _validation_recall(
             model, None, item_emb, features.product_ids, validation.histories,
             validation.event_types, validation.truth, ks=(k,),
             exclude_history=validation.exclude_history,
+            user_features=validation.user_features,
         )
         recall = [float(scores[f"recall_at_{k}"])]
     if world > 1:  # one decision for every rank, or they would step out of lockstep
@@ -614,6 +644,7 @@ def _make_batch(
     items: dict[str, torch.Tensor],
     device: torch.device,
     *,
+    profiles: tuple[torch.Tensor, torch.Tensor] | None = None,
     hard: torch.Tensor | None = None,
     text: CatalogText | None = None,
     table: torch.Tensor | None = None,
@@ -628,6 +659,8 @@ def _make_batch(
             (E, L), on the CPU.
         items: the catalogue's item-tower inputs on ``device``.
         device: the training device.
+        profiles: every example's profile inputs, (E, P) numeric and (E,) country ids, on
+            the CPU; None: no user features.
         hard: (B, K) catalogue rows of hard negatives, or None.
         text: with a fine-tuned encoder, the catalogue's text inputs; its ``table`` (N, H)
             gives the history products' text vectors.
@@ -664,6 +697,9 @@ def _make_batch(
         "history_mask": move(mask),  # (B, L')
         "history_event": move(ev),  # (B, L')
     }
+    if profiles is not None:
+        batch["user_numeric"] = move(profiles[0][idx])  # (B, P)
+        batch["user_country"] = move(profiles[1][idx])  # (B,)
     hard_rows = None
     if hard is not None:
         batch["hard"] = move(inverse[n : n + n * k].view(n, k))  # (B, K)

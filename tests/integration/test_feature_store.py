@@ -2,8 +2,9 @@
 and online == offline at the interval end for every online view.
 
 A small synthetic shop is built and materialized day by day, as the DAG does, into a fresh
-SHOPREC_HOME; expected histories are recomputed from the raw landing events, not from the
-feature tables under test.
+SHOPREC_HOME; expected histories and profiles are recomputed from the raw landing data
+(profiles with ``training.user_features.profiles_as_of``), not from the feature tables under
+test.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.build import HISTORY_EVENT_TYPES, HISTORY_LEN, build_interval
-from features.contract import Interval, read_range
+from features.contract import Interval, read_range, read_upto
 from features.store import (
     MATERIALIZED_VIEWS,
+    PROFILE_COLUMNS,
     feature_store,
     historical_user_history,
     materialize_day,
@@ -30,6 +32,7 @@ from features.store import (
 )
 from features.synth import generate_shop
 from shoprec.settings import Settings
+from training.user_features import profiles_as_of
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +75,34 @@ def _got(row: pd.Series) -> dict:
     return {"recent_product_ids": list(row["recent_product_ids"]),
             "recent_event_types": list(row["recent_event_types"]),
             "n_events_total": int(row["n_events_total"])}
+
+
+def _history(row: dict) -> dict:
+    """The history part of an ``online_user_history`` row."""
+    return {k: row[k] for k in ("recent_product_ids", "recent_event_types")}
+
+
+def _profile(value: object) -> object:
+    """A profile value in one spelling: None when missing, float when numeric."""
+    if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value)):
+        return None
+    return value if isinstance(value, str) else float(value)
+
+
+def _same(a: object, b: object) -> bool:
+    """Two profile values agree (numbers to 1e-9 relative: sums in another order)."""
+    a, b = _profile(a), _profile(b)
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-9)
+    return a == b
+
+
+def _expected_profiles(settings: Settings, user_ids: list[str], times: list) -> pd.DataFrame:
+    """Profiles from the raw landing events, users and products (no feature table)."""
+    events = _events(settings)
+    catalog = read_upto(settings.landing_root, "products", LAST)
+    users = read_upto(settings.landing_root, "users", LAST)
+    return profiles_as_of(events, catalog, users, user_ids, times)
 
 
 def _purchases(events: pd.DataFrame) -> pd.DataFrame:
@@ -163,21 +194,57 @@ def test_online_store_holds_each_users_latest_snapshot(settings: Settings) -> No
     events = _events(settings)
     users = sorted(events.loc[events["event_type"].isin(HISTORY_EVENT_TYPES), "user_id"].unique())
     online = _online_everyone(settings, [*users, UNKNOWN])
-    assert online[UNKNOWN] == {"recent_product_ids": [], "recent_event_types": []}
+    assert _history(online[UNKNOWN]) == {"recent_product_ids": [], "recent_event_types": []}
     after_all = pd.Timestamp(Interval.for_day(LAST).end)
     for user in users:
         expected = _expected(events, user, after_all)
         del expected["n_events_total"]
-        assert online[user] == expected, user
+        assert _history(online[user]) == expected, user
 
     # A user active on the last day: exactly that day's offline snapshot.
     path = settings.offline_root / "user_recent_products" / f"date={LAST}" / "part-0.parquet"
     last_day = pq.read_table(path).to_pylist()
     assert last_day, "somebody should be active on the last day"
     row = last_day[0]
-    assert online[row["user_id"]] == {"recent_product_ids": row["recent_product_ids"],
-                                      "recent_event_types": row["recent_event_types"]}
+    assert _history(online[row["user_id"]]) == {"recent_product_ids": row["recent_product_ids"],
+                                                "recent_event_types": row["recent_event_types"]}
     assert online_user_history(feature_store(settings), []) == {}
+
+
+def test_point_in_time_profile_is_the_end_of_the_previous_day(settings: Settings) -> None:
+    """historical_user_history also returns the user_profile columns, under plain names, as
+    the previous day's snapshot held them: what profiles_as_of computes from raw events."""
+    buys = _purchases(_events(settings))
+    entity = _entity(buys)
+    out = historical_user_history(settings, entity)
+    assert set(PROFILE_COLUMNS) <= set(out.columns)
+    assert "purchase_count_30d" in out.columns and "country" in out.columns
+    expected = _expected_profiles(settings, list(entity["user_id"]),
+                                  list(entity["event_timestamp"]))
+    for column in PROFILE_COLUMNS:
+        mismatched = [i for i, (a, b) in enumerate(zip(out[column], expected[column],
+                                                       strict=True)) if not _same(a, b)]
+        assert not mismatched, (column, mismatched[:5])
+    known = expected["purchase_count_30d"].notna()
+    assert 0 < known.sum() < len(expected)  # first-time buyers have no profile yet
+    assert out.loc[known.to_numpy(), "country"].notna().any()
+
+
+def test_online_profile_is_the_latest_snapshot(settings: Settings) -> None:
+    events = _events(settings)
+    users = sorted(events["user_id"].unique())
+    online = _online_everyone(settings, [*users, UNKNOWN])
+    assert all(online[UNKNOWN][c] is None for c in PROFILE_COLUMNS)
+    end = pd.Timestamp(Interval.for_day(LAST).end)
+    offline = _offline_latest(settings, "user_profile", "user_id", end)
+    expected = _expected_profiles(settings, users, [end] * len(users))
+    for i, user in enumerate(users):
+        for column in PROFILE_COLUMNS:
+            assert _same(online[user][column], offline[user][column]), (user, column)
+            assert _same(online[user][column], expected[column].iloc[i]), (user, column)
+    # A row is encode_users' user_features as it is.
+    frame = pd.DataFrame([online[users[0]]])
+    assert set(PROFILE_COLUMNS) <= set(frame.columns)
 
 
 def test_materializing_a_day_twice_changes_nothing_online(settings: Settings) -> None:

@@ -82,7 +82,8 @@ def test_evaluate_model_ranks_by_dot_product(monkeypatch: pytest.MonkeyPatch) ->
     product_ids = ["p0", "p1", "p2", "p3"]
     users = {"u1": np.array([1.0, 0.0]), "u2": np.array([0.0, 1.0])}
 
-    def fake_encode_users(model, histories, event_types, item_index, item_embeddings):
+    def fake_encode_users(model, histories, event_types, item_index, item_embeddings, *,
+                          user_features=None):
         # evaluate_model visits users sorted by id; map back through the history marker
         return np.stack([users[h[0]] for h in histories]).astype(np.float32)
 

@@ -21,6 +21,7 @@ from training.towers import (
     encode_users,
     history_matrix,
 )
+from training.user_features import N_NUMERIC, unknown_numeric
 
 H, D, L = 8, 16, 6
 
@@ -192,7 +193,7 @@ def test_checkpoint_roundtrip_gives_identical_outputs(
         encode_users(model, hist, None, index, a), encode_users(loaded, hist, None, index, b)
     )
     vocab = json.loads((tmp_path / "ckpt" / "vocabularies.json").read_text())
-    assert vocab == {"categories": ["candles", "garden"], "brands": ["acme"]}
+    assert vocab == {"categories": ["candles", "garden"], "brands": ["acme"], "countries": []}
 
 
 def test_config_params_are_flat_and_roundtrip_through_strings() -> None:
@@ -383,3 +384,199 @@ def test_new_config_fields_default_to_todays_behaviour() -> None:
     assert step_batch_size(config, torch.device("cpu")) == config.batch_size
     assert step_batch_size(config, torch.device("cuda")) == config.batch_size_cuda >= 2048
     assert step_batch_size(config.replace(batch_size_cuda=0), torch.device("cuda")) == 512
+
+
+# --- user features in the user tower -------------------------------------------------------
+
+COUNTRIES = ["France", "United Kingdom"]
+
+
+@pytest.fixture
+def profile_model() -> TwoTowerModel:
+    """A model with user features whose every weight (the zero-initialised profile
+    projection included) is non-default, as after training."""
+    torch.manual_seed(0)
+    model = TwoTowerModel(
+        text_dim=H, categories=["candles", "garden"], brands=["acme"], embedding_dim=D,
+        category_dim=4, brand_dim=4, hidden_dim=32, history_len=L, dropout=0.0,
+        countries=COUNTRIES, country_dim=3,
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def _profiles(countries: list[str | None]) -> pd.DataFrame:
+    """Profiles that differ only by country, plus a user_id column encode_users ignores."""
+    return pd.DataFrame({"user_id": [f"u{i}" for i in range(len(countries))],
+                         "purchase_count_30d": [3] * len(countries),
+                         "days_since_last_purchase": [2] * len(countries),
+                         "country": countries})
+
+
+def test_user_inputs_map_unknown_countries_to_zero(profile_model: TwoTowerModel) -> None:
+    numeric, country = profile_model.user_inputs(
+        _profiles(["United Kingdom", "France", "Narnia", None]), 4)
+    assert numeric.shape == (4, N_NUMERIC) and numeric.dtype == np.float32
+    assert country.tolist() == [2, 1, 0, 0]
+    unknown_rows, unknown_ids = profile_model.user_inputs(None, 2)
+    np.testing.assert_array_equal(unknown_rows, np.stack([unknown_numeric()] * 2))
+    assert unknown_ids.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="3 rows of user features for 2 users"):
+        profile_model.user_inputs(_profiles(["France"] * 3), 2)
+
+
+def test_a_new_model_starts_as_the_history_only_tower(features: ItemFeatures) -> None:
+    torch.manual_seed(0)
+    kwargs = dict(text_dim=H, categories=["candles"], brands=[], embedding_dim=D,
+                  hidden_dim=32, history_len=L)
+    with_features = TwoTowerModel(**kwargs, countries=COUNTRIES).eval()
+    torch.manual_seed(0)
+    without = TwoTowerModel(**kwargs, user_features=False).eval()
+    assert with_features.user_features and not without.user_features
+    index = {p: i for i, p in enumerate(features.product_ids)}
+    emb = encode_items(with_features, features)
+    np.testing.assert_array_equal(emb, encode_items(without, features))
+    hist = [["p0", "p2"], []]
+    profiled = encode_users(with_features, hist, None, index, emb,
+                            user_features=_profiles(["France", None]))
+    # The profile's projection starts at zero, and the history part drew the same weights.
+    np.testing.assert_allclose(profiled, encode_users(without, hist, None, index, emb),
+                               atol=1e-6)
+    # A history-only model ignores user features.
+    np.testing.assert_array_equal(
+        encode_users(without, hist, None, index, emb, user_features=_profiles(["France"] * 2)),
+        encode_users(without, hist, None, index, emb))
+
+
+def test_profile_makes_cold_users_distinct(
+    profile_model: TwoTowerModel, features: ItemFeatures
+) -> None:
+    index = {p: i for i, p in enumerate(features.product_ids)}
+    emb = encode_items(profile_model, features)
+    cold = [[], [], [], []]
+    out = encode_users(profile_model, cold, None, index, emb,
+                       user_features=_profiles(["France", "United Kingdom", None, "Narnia"]))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(out[0], out[1], atol=1e-3)  # the country moves a cold user
+    np.testing.assert_allclose(out[2], out[3], atol=1e-6)  # unknown country = null country
+    unknown = encode_users(profile_model, cold[:1], None, index, emb)  # no features at all
+    assert not np.allclose(out[2], unknown[0], atol=1e-3)  # a known profile, unknown country
+    np.testing.assert_allclose(  # absent columns and rows read as unknown
+        encode_users(profile_model, cold[:1], None, index, emb,
+                     user_features=pd.DataFrame(index=range(1))), unknown, atol=1e-6)
+
+
+def test_forward_matches_serving_path_with_user_features(
+    profile_model: TwoTowerModel, features: ItemFeatures
+) -> None:
+    item_emb = encode_items(profile_model, features)
+    index = {p: i for i, p in enumerate(features.product_ids)}
+    histories, profiles = [["p0", "p2", "p1"], []], _profiles(["France", "United Kingdom"])
+    served = encode_users(profile_model, histories, None, index, item_emb,
+                          user_features=profiles)
+    rows, events = history_matrix(histories, None, index, L)
+    numeric, country = profile_model.user_inputs(profiles, 2)
+    feats = features.tensors(profile_model, torch.device("cpu"))
+    batch = {
+        "item_text": feats["text"], "item_category": feats["category"],
+        "item_brand": feats["brand"], "item_price": feats["price"],
+        "target": torch.tensor([3, 0]), "history": torch.from_numpy(rows),
+        "history_mask": torch.from_numpy(rows >= 0), "history_event": torch.from_numpy(events),
+        "user_numeric": torch.from_numpy(numeric), "user_country": torch.from_numpy(country),
+    }
+    with torch.no_grad():
+        users, _ = profile_model(batch)
+    np.testing.assert_allclose(served, users.numpy(), atol=1e-5)
+
+
+def test_checkpoint_roundtrip_keeps_the_country_vocabulary(
+    profile_model: TwoTowerModel, features: ItemFeatures, tmp_path
+) -> None:
+    save_model(profile_model, TrainConfig(text_encoder="tiny"), tmp_path / "ckpt")
+    loaded, _ = load_model(tmp_path / "ckpt")
+    assert loaded.countries == COUNTRIES and loaded.user_features
+    assert loaded.spec() == profile_model.spec()
+    vocab = json.loads((tmp_path / "ckpt" / "vocabularies.json").read_text())
+    assert vocab["countries"] == COUNTRIES
+    index = {p: i for i, p in enumerate(features.product_ids)}
+    emb = encode_items(profile_model, features)
+    hist, profiles = [["p0"], []], _profiles(["United Kingdom", "France"])
+    np.testing.assert_array_equal(
+        encode_users(profile_model, hist, None, index, emb, user_features=profiles),
+        encode_users(loaded, hist, None, index, emb, user_features=profiles))
+
+
+def _old_format_checkpoint(folder, features: ItemFeatures) -> TwoTowerModel:
+    """A checkpoint as written before user features: no profile weights, no
+    ``user_features``/``country_dim`` in model.json, no countries in vocabularies.json."""
+    torch.manual_seed(3)
+    old = TwoTowerModel(text_dim=H, categories=["candles", "garden"], brands=["acme"],
+                        embedding_dim=D, category_dim=4, brand_dim=4, hidden_dim=32,
+                        history_len=L, dropout=0.0, user_features=False)
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    save_model(old, TrainConfig(text_encoder="tiny"), folder)
+    for name, keys in (("model.json", ("user_features", "country_dim")),
+                       ("vocabularies.json", ("countries",))):
+        data = json.loads((folder / name).read_text())
+        for key in keys:
+            del data[key]
+        (folder / name).write_text(json.dumps(data))
+    return old.eval()
+
+
+def test_old_checkpoint_loads_and_warm_starts_a_profile_model(
+    features: ItemFeatures, tmp_path
+) -> None:
+    old = _old_format_checkpoint(tmp_path / "old", features)
+    loaded, _ = load_model(tmp_path / "old")
+    assert not loaded.user_features and loaded.countries == []
+    index = {p: i for i, p in enumerate(features.product_ids)}
+    emb = encode_items(old, features)
+    hist = [["p0", "p1"], []]
+    before = encode_users(old, hist, None, index, emb)
+    np.testing.assert_array_equal(encode_users(loaded, hist, None, index, emb), before)
+
+    torch.manual_seed(4)
+    new = TwoTowerModel(text_dim=H, categories=["candles", "garden"], brands=["acme"],
+                        embedding_dim=D, category_dim=4, brand_dim=4, hidden_dim=32,
+                        history_len=L, dropout=0.0, countries=COUNTRIES, country_dim=3)
+    fresh = {k: v.clone() for k, v in new.state_dict().items()
+             if k.startswith("user_tower.profile")}
+    report = warm_start(new, tmp_path / "old")
+    assert fresh and all(any(s.startswith(f"{k} (not in the checkpoint")
+                             for s in report["skipped"]) for k in fresh)
+    assert len(report["skipped"]) == len(fresh) and not report["unused"]
+    for name, value in fresh.items():  # the new parameters keep their initialisation
+        assert torch.equal(new.state_dict()[name], value), name
+    # Everything else came from the checkpoint, and the projection is still zero:
+    # the warm-started model scores like the old one, profiles or not.
+    new.eval()
+    np.testing.assert_allclose(encode_items(new, features), emb, atol=1e-6)
+    np.testing.assert_allclose(
+        encode_users(new, hist, None, index, emb, user_features=_profiles(["France", None])),
+        before, atol=1e-6)
+
+
+def test_warm_start_maps_country_rows_by_value(profile_model: TwoTowerModel, tmp_path) -> None:
+    save_model(profile_model, TrainConfig(), tmp_path / "champion")
+    torch.manual_seed(1)
+    new = TwoTowerModel(text_dim=H, categories=["candles", "garden"], brands=["acme"],
+                        embedding_dim=D, category_dim=4, brand_dim=4, hidden_dim=32,
+                        history_len=L, dropout=0.0, countries=["Germany", "United Kingdom"],
+                        country_dim=3)
+    fresh_germany = new.user_tower.profile.country.weight[1].detach().clone()
+    report = warm_start(new, tmp_path / "champion")
+    old_rows = profile_model.user_tower.profile.country.weight
+    new_rows = new.user_tower.profile.country.weight
+    torch.testing.assert_close(new_rows[0], old_rows[0])  # unknown
+    torch.testing.assert_close(new_rows[1], fresh_germany)  # new country: fresh
+    torch.testing.assert_close(new_rows[2], old_rows[2])  # United Kingdom: row 2 both times
+    assert any(m.startswith("user_tower.profile.country.weight (1 of 2 countries")
+               for m in report["mapped"])
+    torch.testing.assert_close(new.user_tower.profile.mlp[-1].weight,
+                               profile_model.user_tower.profile.mlp[-1].weight)
