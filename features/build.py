@@ -49,7 +49,7 @@ from shoprec.settings import Settings
 
 log = logging.getLogger(__name__)
 
-HISTORY_LEN = 50
+HISTORY_LEN = 200
 HISTORY_EVENT_TYPES = ("view", "add_to_cart", "purchase")
 WINDOWS_DAYS = (7, 30)
 # Events read per build: the widest window plus one day (see the module docstring).
@@ -91,6 +91,13 @@ USER_PROFILE_SCHEMA = pa.schema([
     ("country", pa.string()),
     ("event_timestamp", TS),
 ])
+
+
+def user_profile_columns() -> list[str]:
+    """``user_profile``'s feature columns: every column but the key and the timestamp."""
+    return [name for name in USER_PROFILE_SCHEMA.names
+            if name not in ("user_id", "event_timestamp")]
+
 
 PRODUCT_STATS_SCHEMA = pa.schema([
     ("product_id", pa.string()),

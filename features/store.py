@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from features.build import user_profile_columns
 from features.contract import Interval, parse_day
 from shoprec.settings import FEATURE_REPO, Settings
 
@@ -26,12 +27,13 @@ DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_ser
 # The feature views that the daily pipeline materializes (every online view).
 MATERIALIZED_VIEWS = ("user_recent_products", "user_profile", "product_stats", "product_text",
                       "product_catalog")
-# recent_product_ids, recent_event_types, n_events_total (training history and serving).
-USER_HISTORY_SERVICE = "two_tower_v1"
 # Every user and item feature, point in time, for (user_id, product_id, event_timestamp).
 TRAINING_SERVICE = "two_tower_training_v1"
-# The user-tower inputs read online per request.
+# The user-tower inputs: the history (user_recent_products) and the profile (user_profile),
+# read point in time for training and evaluation, online per request for serving.
 SERVING_SERVICE = "two_tower_serving_v1"
+# The user_profile columns, returned under these plain names.
+PROFILE_COLUMNS = tuple(user_profile_columns())
 
 
 def feature_store(settings: Settings) -> FeatureStore:
@@ -147,40 +149,48 @@ def historical_features(settings: Settings, entity_df: pd.DataFrame,
 
 
 def historical_user_history(settings: Settings, entity_df: pd.DataFrame) -> pd.DataFrame:
-    """Point-in-time user histories for (user_id, event_timestamp) rows.
+    """Point-in-time user histories and profiles for (user_id, event_timestamp) rows.
 
     Args:
         entity_df: at least ``user_id`` and ``event_timestamp`` (UTC); other columns are
             carried through.
 
     Returns:
-        ``entity_df`` joined with ``recent_product_ids``, ``recent_event_types`` and
-        ``n_events_total`` as they stood at each row's timestamp. Rows are sorted by the
+        ``entity_df`` joined with ``recent_product_ids``, ``recent_event_types``
+        (lists, empty without history), ``n_events_total`` (0 without history),
+        ``recent_timestamps``, and the ``user_profile`` columns (``PROFILE_COLUMNS``, e.g.
+        ``purchase_count_30d``, ``country``; null where the user had no profile yet), as
+        they stood at each row's timestamp (``SERVING_SERVICE``). Rows are sorted by the
         entity frame's original order (Feast returns them in its own order).
     """
-    out = historical_features(settings, entity_df, USER_HISTORY_SERVICE)
+    out = historical_features(settings, entity_df, SERVING_SERVICE)
     for col in ("recent_product_ids", "recent_event_types"):
         out[col] = out[col].map(_as_list)
     out["n_events_total"] = out["n_events_total"].fillna(0).astype("int64")
     return out
 
 
-def online_user_history(store: FeatureStore, user_ids: list[str]) -> dict[str, dict[str, list]]:
-    """Read users' recent products from the online store.
+def online_user_history(store: FeatureStore, user_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Read users' recent products and profiles from the online store (``SERVING_SERVICE``).
 
     Returns:
-        user_id -> {"recent_product_ids": [...], "recent_event_types": [...]}; users the store
-        does not know map to empty lists.
+        user_id -> {"recent_product_ids": [...], "recent_event_types": [...],
+        "recent_timestamps": [epoch seconds, ...], and each of
+        ``PROFILE_COLUMNS``: its value}; users the store does not know map to empty lists
+        and None values. ``pd.DataFrame([row])`` of a row is ``encode_users``'
+        ``user_features``.
     """
     if not user_ids:
         return {}
     data = store.get_online_features(
-        features=store.get_feature_service(USER_HISTORY_SERVICE),
+        features=store.get_feature_service(SERVING_SERVICE),
         entity_rows=[{"user_id": u} for u in user_ids],
     ).to_dict()
     return {
         u: {"recent_product_ids": _as_list(data["recent_product_ids"][i]),
-            "recent_event_types": _as_list(data["recent_event_types"][i])}
+            "recent_event_types": _as_list(data["recent_event_types"][i]),
+            "recent_timestamps": [int(t) for t in data["recent_timestamps"][i] or []],
+            **{c: data[c][i] for c in PROFILE_COLUMNS}}
         for i, u in enumerate(data["user_id"])
     }
 

@@ -13,6 +13,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import pandas as pd
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
@@ -20,6 +21,7 @@ from pydantic import BaseModel, Field
 from serving.bundle import Bundle, BundleError
 from shoprec import __version__
 from shoprec.settings import Settings
+from training.scorer import Histories
 
 log = logging.getLogger("shoprec.serving")
 
@@ -27,8 +29,8 @@ log = logging.getLogger("shoprec.serving")
 class RecommendedItem(BaseModel):
     product_id: str
     title: str
-    score: float = Field(description="Inner product of user and item embeddings, or the "
-                                     "product's popularity for the popular fallback.")
+    score: float = Field(description="The served ranking's score (two-tower, co-occurrence, "
+                                     "ALS and purchase facts blended); higher is better.")
     reason: str = Field(description="Why this product is recommended.")
 
 
@@ -36,8 +38,8 @@ class Recommendations(BaseModel):
     user_id: str
     model_name: str
     model_version: str
-    cold_start: bool = Field(description="True when the user has no known history and the "
-                                         "popular-products fallback answered.")
+    cold_start: bool = Field(description="True when the user has no known history: the "
+                                         "ranking falls back to popularity, trend and newness.")
     items: list[RecommendedItem]
 
 
@@ -101,7 +103,9 @@ class UserHistory:
         self._store = None
         self._lock = threading.Lock()
 
-    def get(self, user_id: str) -> tuple[list[str], list[str]]:
+    def get(self, user_id: str) -> Histories:
+        """The user's history as the online store holds it (empty when unknown or the store
+        is unavailable)."""
         from features.store import feature_store, online_user_history
 
         with self._lock:  # the SQLite online store is not shared across threads
@@ -111,8 +115,8 @@ class UserHistory:
                 row = online_user_history(self._store, [user_id])[user_id]
             except Exception as exc:  # a missing store must not take the API down
                 log.warning("online features unavailable (%s); serving without history", exc)
-                return [], []
-        return row["recent_product_ids"], row["recent_event_types"]
+                return Histories.empty(1)
+        return Histories.from_feast(pd.DataFrame([row]))
 
 
 def current_bundle(request: Request) -> Bundle:
@@ -188,14 +192,16 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         user_id: Annotated[str, Path(min_length=1, max_length=128)],
         bundle: Annotated[Bundle, Depends(current_bundle)],
         k: Annotated[int, Query(ge=1, le=1000, description="number of products")] = 10,
+        exclude_purchased: Annotated[bool, Query(
+            description="leave out products the user already bought")] = False,
     ) -> Recommendations:
         """Top-k products for a user, from their recent behaviour in the online store.
 
-        Users without known history get the shop's popular products (`cold_start`: true).
+        Users without known history get popular, trending and new products
+        (`cold_start`: true).
         """
-        products, types = history.get(user_id)
-        items = bundle.recommend(products, types, k)
-        cold = not any(p in bundle.item_row for p in products)
+        items, cold = bundle.recommend(history.get(user_id), k,
+                                       exclude_purchased=exclude_purchased)
         return Recommendations(
             user_id=user_id, model_name=bundle.name, model_version=bundle.version,
             cold_start=cold,

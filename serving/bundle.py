@@ -4,6 +4,7 @@ Written by the training step into the MLflow model's artifacts::
 
     manifest.json          name/interval/metrics and the sha256 of every file below
     model/                 two-tower weights, config, vocabularies (training.checkpoint)
+    scorer/                the served ranking's pair scorers and item side (training.scorer)
     item_embeddings.npy    (N, D) float32, unit rows, in ``products.parquet`` order
     products.parquet       product_id, title, category, brand, price, popularity
 
@@ -32,6 +33,7 @@ MANIFEST = "manifest.json"
 PRODUCTS = "products.parquet"
 EMBEDDINGS = "item_embeddings.npy"
 MODEL_DIR = "model"
+SCORER_DIR = "scorer"
 INDEX_FILE = "index.faiss"
 INDEX_META = "index.json"
 
@@ -53,13 +55,16 @@ def _checksums(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
-def write_bundle(folder: Path, *, model: Any, config: Any, products: pd.DataFrame,
-                 item_embeddings: np.ndarray, meta: dict[str, Any]) -> Path:
+def write_bundle(folder: Path, *, model: Any, config: Any, scorer: Any,
+                 products: pd.DataFrame, item_embeddings: np.ndarray,
+                 meta: dict[str, Any]) -> Path:
     """Write a bundle folder and its manifest.
 
     Args:
         folder: target folder (created).
         model: the trained ``TwoTowerModel``; config: its ``TrainConfig``.
+        scorer: the served ranking (``training.scorer.Scorer``), its item side fitted on
+            the same catalogue as ``products`` (same order).
         products: one row per embedding, in embedding order, with product_id, title,
             category, brand, price and popularity.
         item_embeddings: (N, D) float32.
@@ -72,8 +77,11 @@ def write_bundle(folder: Path, *, model: Any, config: Any, products: pd.DataFram
 
     if len(products) != len(item_embeddings):
         raise ValueError(f"{len(products)} products for {len(item_embeddings)} embeddings")
+    if list(products["product_id"]) != list(scorer.state.product_ids):
+        raise ValueError("the scorer's item side and the product table disagree")
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, config, folder / MODEL_DIR)
+    scorer.save(folder / SCORER_DIR)
     np.save(folder / EMBEDDINGS, np.ascontiguousarray(item_embeddings, dtype=np.float32))
     products.reset_index(drop=True).to_parquet(folder / PRODUCTS, index=False)
     manifest = {**meta, "products": len(products), "dim": int(item_embeddings.shape[1]),
@@ -120,6 +128,7 @@ class Bundle:
     run_id: str
     manifest: dict[str, Any]
     model: Any
+    scorer: Any  # training.scorer.Scorer
     products: pd.DataFrame  # indexed by row, aligned with item_embeddings
     item_embeddings: np.ndarray  # (N, D)
     index: Any
@@ -130,52 +139,61 @@ class Bundle:
     def size(self) -> int:
         return len(self.products)
 
-    def popular(self, k: int, exclude: set[str] = frozenset()) -> list[Recommendation]:
-        """Most popular products (purchases in the trailing window), for cold users."""
-        order = self.products.sort_values(["popularity", "product_id"],
-                                          ascending=[False, True], kind="stable")
-        out = []
-        for row in order.itertuples():
-            if row.product_id in exclude:
-                continue
-            out.append(Recommendation(row.product_id, row.title, float(row.popularity),
-                                      "popular with shoppers this month"))
-            if len(out) == k:
-                break
-        return out
+    def recommend(self, history: Any, k: int, *, exclude_purchased: bool = False,
+                  exclude: set[str] = frozenset()) -> tuple[list[Recommendation], bool]:
+        """Top-k products for one user with the served ranking.
 
-    def recommend(self, history: list[str], event_types: list[str] | None, k: int,
-                  exclude: set[str] = frozenset()) -> list[Recommendation]:
-        """Top-k products for a user with this history (most recent last).
+        Args:
+            history: the user's ``training.scorer.Histories`` (one entry).
+            k: how many.
+            exclude_purchased: leave out what the history purchased.
+            exclude: more products to leave out.
 
-        Users with no known product in their history get the popular products.
+        Returns:
+            (recommendations best first, cold_start: no known product in the history).
         """
-        from training.towers import encode_users
+        from training.protocol import top_k
 
-        known = [p for p in history if p in self.item_row]
-        if not known:
-            return self.popular(k, exclude)
-        user = encode_users(self.model, [history], [event_types] if event_types else None,
-                            self.item_row, self.item_embeddings)  # (1, D)
-        fetch = min(self.size, k + len(exclude))
-        scores, rows = self.index.search(user.astype(np.float32), fetch)  # (1, fetch)
-        recent = [self.item_row[p] for p in known[-20:]]
-        recent_emb = self.item_embeddings[recent]  # (R, D)
+        products = history.products[0]
+        stamps = history.timestamps[0]
+        known_times = stamps[np.isfinite(stamps)]
+        now = max(self.scorer.state.cut.timestamp(), float(known_times.max(initial=0.0)))
+        scores = self.scorer.scores(history, now, exclude_purchased=exclude_purchased,
+                                    exclude=[set(exclude)])[0]  # (N,)
+        rows = [int(r) for r in top_k(scores[None, :], k)[0] if np.isfinite(scores[r])]
+        known = [self.item_row[p] for p in products if p in self.item_row]
+        reasons = self._reasons(rows, known, history.event_types[0], products)
+        out = [Recommendation(str(self.products.product_id.iat[r]),
+                              str(self.products.title.iat[r]), float(scores[r]), reason)
+               for r, reason in zip(rows, reasons, strict=True)]
+        return out, not known
+
+    def _reasons(self, rows: list[int], known: list[int], types: list[str],
+                 products: list[str]) -> list[str]:
+        """A short reason per result: bought before, bought together with / similar to a
+        product of the history, or popular / trending."""
+        state = self.scorer.state
+        bought = {self.item_row[p] for p, t in zip(products, types, strict=True)
+                  if t == "purchase" and p in self.item_row}
+        recent = list(dict.fromkeys(reversed(known)))[:20]  # most recent first, distinct
+        trend = state.facts["trend"]
         out = []
-        for score, row in zip(scores[0], rows[0], strict=True):
-            if row < 0:
+        for row in rows:
+            if row in bought:
+                out.append("you bought it before")
                 continue
-            product = self.products.iloc[int(row)]
-            if product.product_id in exclude:
+            if recent:
+                together = state.neighbours[recent][:, row].toarray().ravel()  # (R,)
+                if together.max(initial=0.0) > 0:
+                    anchor = recent[int(np.argmax(together))]
+                    out.append(f"often bought with {self.products.title.iat[anchor]}")
+                    continue
+                similar = self.item_embeddings[recent] @ self.item_embeddings[row]  # (R,)
+                anchor = recent[int(np.argmax(similar))]
+                out.append(f"similar to {self.products.title.iat[anchor]}")
                 continue
-            # Explain by the recent product the result is closest to.
-            anchor = recent[int(np.argmax(recent_emb @ self.item_embeddings[int(row)]))]
-            anchor_title = self.products.iloc[anchor].title
-            reason = ("you viewed it recently" if anchor == row
-                      else f"similar to {anchor_title!s}")
-            out.append(Recommendation(product.product_id, product.title, float(score), reason))
-            if len(out) == k:
-                break
+            out.append("trending this week" if trend[row] > 0.1
+                       else "popular with shoppers this month")
         return out
 
 
@@ -197,8 +215,11 @@ def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
     index_meta = json.loads(meta_path.read_text())
     if index_meta.get("sha256") != _sha256(index_path):
         raise BundleError(f"version {version}: index checksum mismatch; refusing to load")
-    model, _config = load_model(model_dir / MODEL_DIR)
+    from training.scorer import Scorer
+
+    model, config = load_model(model_dir / MODEL_DIR)
     model.eval()
+    scorer = Scorer.load(model_dir / SCORER_DIR, model, config)
     products = pd.read_parquet(model_dir / PRODUCTS)
     embeddings = np.load(model_dir / EMBEDDINGS)
     index = load_index(index_path)
@@ -207,7 +228,7 @@ def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
                           f"{len(products)} products")
     return Bundle(
         name=name, version=version, run_id=run_id, manifest=manifest, model=model,
-        products=products, item_embeddings=embeddings, index=to_device(index),
+        scorer=scorer, products=products, item_embeddings=embeddings, index=to_device(index),
         index_meta=index_meta,
         item_row={p: i for i, p in enumerate(products["product_id"])},
     )

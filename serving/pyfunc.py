@@ -1,8 +1,10 @@
 """The bundle as an MLflow pyfunc model: the registry shows a real, loadable model.
 
 ``mlflow.pyfunc.load_model("models:/shoprec-two-tower@champion").predict(df)`` takes a frame
-with a ``recent_product_ids`` column (list of product ids, most recent last) and returns the
-top-k product ids and scores by exact search; the HTTP server uses the FAISS index instead.
+with a ``recent_product_ids`` column (list of product ids, most recent last) and, optionally,
+``recent_event_types`` and ``recent_timestamps`` (epoch seconds) aligned with it, as Feast's
+``user_recent_products`` holds them, and returns the served ranking's top-k product ids and
+scores (params: ``k``, ``exclude_purchased``).
 """
 
 from __future__ import annotations
@@ -21,38 +23,67 @@ class TwoTowerRecommender(mlflow.pyfunc.PythonModel):
     """Recommends products for user histories with a shoprec bundle."""
 
     def load_context(self, context: Any) -> None:
-        from serving.bundle import EMBEDDINGS, MODEL_DIR, PRODUCTS, verify
+        from serving.bundle import MODEL_DIR, PRODUCTS, SCORER_DIR, verify
         from training.checkpoint import load_model
+        from training.scorer import Scorer
 
         folder = Path(context.artifacts["bundle"])
         verify(folder)
-        self.model, _ = load_model(folder / MODEL_DIR)
-        self.embeddings = np.load(folder / EMBEDDINGS)  # (N, D)
+        model, config = load_model(folder / MODEL_DIR)
+        self.scorer = Scorer.load(folder / SCORER_DIR, model, config)
         self.product_ids = pd.read_parquet(folder / PRODUCTS)["product_id"].tolist()
-        self.row = {p: i for i, p in enumerate(self.product_ids)}
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from training.towers import encode_users
+        from training.protocol import top_k
+        from training.scorer import Histories
 
-        k = int((params or {}).get("k", DEFAULT_K))
-        histories = [list(h) if h is not None else [] for h in model_input["recent_product_ids"]]
-        users = encode_users(self.model, histories, None, self.row, self.embeddings)  # (U, D)
-        scores = users @ self.embeddings.T  # (U, N)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (U, k)
+        params = params or {}
+        k = int(params.get("k", DEFAULT_K))
+        frame = model_input.copy()
+        n = len(frame)
+        products = [list(h) if h is not None else [] for h in frame["recent_product_ids"]]
+        frame["recent_product_ids"] = products
+        if "recent_event_types" not in frame:
+            frame["recent_event_types"] = [["purchase"] * len(p) for p in products]
+        histories = Histories.from_feast(frame)
+        now = max([self.scorer.state.cut.timestamp(),
+                   *(float(np.nanmax(t)) for t in histories.timestamps
+                     if np.isfinite(t).any())])
+        scores = self.scorer.scores(histories, now,
+                                    exclude_purchased=bool(params.get("exclude_purchased")))
+        top = top_k(scores, k)  # (U, k)
         return pd.DataFrame({
-            "product_ids": [[self.product_ids[j] for j in row] for row in top],
-            "scores": [[float(scores[i, j]) for j in row] for i, row in enumerate(top)],
-        })
+            "product_ids": [[self.product_ids[j] for j in row if np.isfinite(scores[i, j])]
+                            for i, row in enumerate(top)],
+            "scores": [[float(scores[i, j]) for j in row if np.isfinite(scores[i, j])]
+                       for i, row in enumerate(top)],
+        }, index=range(n))
 
 
-def log_pyfunc(bundle: Path, sample_history: list[str]) -> Any:
-    """Log the bundle as the active run's model, with signature and input example."""
-    from mlflow.models import infer_signature
+def log_pyfunc(bundle: Path, sample_history: list[str],
+               sample_types: list[str] | None = None,
+               sample_timestamps: list[int] | None = None) -> Any:
+    """Log the bundle as the active run's model, with signature and input example.
 
-    example = pd.DataFrame({"recent_product_ids": [sample_history[-5:]]})
+    The signature's inputs: ``recent_product_ids`` (required), ``recent_event_types`` and
+    ``recent_timestamps`` (optional); params ``k`` and ``exclude_purchased``.
+    """
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, Schema
+
+    n = len(sample_history[-5:])
+    example = pd.DataFrame({
+        "recent_product_ids": [sample_history[-5:]],
+        "recent_event_types": [(sample_types or ["purchase"] * n)[-n:]],
+        "recent_timestamps": [[int(t) for t in (sample_timestamps or [0] * n)[-n:]]],
+    })
     output = pd.DataFrame({"product_ids": [["P1"]], "scores": [[1.0]]})
-    signature = infer_signature(example, output, params={"k": DEFAULT_K})
+    inferred = infer_signature(example, output,
+                               params={"k": DEFAULT_K, "exclude_purchased": False})
+    inputs = Schema([ColSpec(c.type, c.name, required=c.name == "recent_product_ids")
+                     for c in inferred.inputs.inputs])
+    signature = ModelSignature(inputs, inferred.outputs, inferred.params)
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=TwoTowerRecommender(),

@@ -68,8 +68,11 @@ def examples_from_events(
     history_len: int = 50,
     target_event_types: Sequence[str] = TARGET_EVENT_TYPES,
     min_history: int = 1,
+    catalog: pd.DataFrame | None = None,
+    users: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Training examples straight from events: each target with the user's prior products.
+    """Training examples straight from events: each target with the user's prior products
+    and, given a catalogue, the user's profile.
 
     Args:
         events: contract events (any order).
@@ -77,27 +80,35 @@ def examples_from_events(
         history_len: keep the most recent ``history_len`` history entries.
         target_event_types: event types that make a target.
         min_history: drop targets with fewer history entries (the pipeline's rule: 1).
+        catalog: product rows (``category``, ``price``); given, each example also carries
+            the ``user_profile`` columns as of the end of the day before it, the rule of
+            Feast's daily snapshots (``training.user_features.profiles_as_of``, over all of
+            ``events``); None: no profile columns.
+        users: user rows (``user_id``, ``country``) for the profile's country; None:
+            country unknown.
 
     Returns:
         user_id, product_id, event_timestamp, recent_product_ids (most recent LAST: products
-        of the user's events strictly before the target's time), recent_event_types.
+        of the user's events strictly before the target's time), recent_event_types, and
+        with ``catalog`` the ``user_profile`` columns (``PROFILE_COLUMNS``; null where the
+        user had no profile yet).
     """
     ev = events[events["product_id"].notna()]
     if products is not None:
         ev = ev[ev["product_id"].isin(products)]
     ev = ev.sort_values(["user_id", "ts", "event_id"], kind="stable").reset_index(drop=True)
-    users = ev["user_id"].to_numpy(dtype=object)  # (E,)
+    user = ev["user_id"].to_numpy(dtype=object)  # (E,)
     product = ev["product_id"].tolist()
     kind = ev["event_type"].tolist()
     ts = ev["ts"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy()  # (E,) datetime64
     is_target = ev["event_type"].isin(list(target_event_types)).to_numpy()  # (E,)
-    bounds = np.flatnonzero(users[1:] != users[:-1]) + 1  # user boundaries
+    bounds = np.flatnonzero(user[1:] != user[:-1]) + 1  # user boundaries
     starts = np.concatenate([[0], bounds]).astype(np.int64)
-    ends = np.concatenate([bounds, [len(users)]]).astype(np.int64)
+    ends = np.concatenate([bounds, [len(user)]]).astype(np.int64)
     rows: list[int] = []
     hist: list[list[str]] = []
     types: list[list[str]] = []
-    for a, b in zip(starts, ends, strict=True) if len(users) else ():
+    for a, b in zip(starts, ends, strict=True) if len(user) else ():
         # per event, the user's first event at the same time: history ends before it
         first = a + np.searchsorted(ts[a:b], ts[a:b], side="left")  # (n,)
         for i in np.flatnonzero(is_target[a:b]) + a:
@@ -109,39 +120,62 @@ def examples_from_events(
             hist.append(product[lo:stop])
             types.append(kind[lo:stop])
     picked = ev.iloc[rows]
-    return pd.DataFrame({
+    examples = pd.DataFrame({
         "user_id": picked["user_id"].to_numpy(dtype=object),
         "product_id": picked["product_id"].to_numpy(dtype=object),
         "event_timestamp": picked["ts"].to_numpy(),
         "recent_product_ids": pd.Series(hist, dtype=object).to_numpy(),
         "recent_event_types": pd.Series(types, dtype=object).to_numpy(),
     })
+    if catalog is None:
+        return examples
+    from training.user_features import profiles_as_of
+
+    profiles = profiles_as_of(events, catalog, users, examples["user_id"],
+                              examples["event_timestamp"])  # (E, len(PROFILE_COLUMNS))
+    return pd.concat([examples, profiles], axis=1)
 
 
 class TwoTowerRecommender(ScoredRecommender):
     """The two-tower model trained on the training period, scoring by user · item.
+
+    With ``config.user_features`` (the default) the examples carry each user's profile as
+    of the end of the day before the example, and scoring uses the profile at the cut by
+    the same rule (``training.user_features.profiles_as_of``): what Feast's daily
+    ``user_profile`` snapshots would have held.
 
     Args:
         config: hyper-parameters (``text_encoder``: "minilm" for real runs, "tiny" in tests).
         cache_dir: text-embedding cache folder.
         progress: training progress bars.
         name: method name.
+        users: user rows (``user_id``, ``country``, e.g. the landing ``users`` table) for
+            the profile's country; None: country unknown (``TrainData`` has no users table).
     """
 
     def __init__(self, config: TrainConfig | None = None,
                  cache_dir: str | os.PathLike[str] | None = None, *, progress: bool = False,
-                 name: str = "two_tower"):
+                 name: str = "two_tower", users: pd.DataFrame | None = None):
         self.config = config or TrainConfig()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.progress = progress
         self.name = name
+        self.users = users
 
     def _fit(self, data: TrainData) -> None:
         from training.baselines import popularity_scores
         from training.train import NotEnoughData, train
+        from training.user_features import profiles_as_of
 
+        profiled = self.config.user_features
         examples = examples_from_events(data.events, set(data.product_ids),
-                                        history_len=self.config.history_len)
+                                        history_len=self.config.history_len,
+                                        catalog=data.catalog if profiled else None,
+                                        users=self.users)
+        # Each user's profile at the cut, keyed by user_id, for scoring.
+        self.profiles = (profiles_as_of(data.events, data.catalog, self.users, data.users,
+                                        [data.cut] * len(data.users)).set_axis(data.users)
+                         if profiled else None)
         self.n_examples = len(examples)
         self.skipped: str | None = None
         self.result = None
@@ -160,13 +194,16 @@ class TwoTowerRecommender(ScoredRecommender):
 
     def scores(self, user_ids: Sequence[str]) -> np.ndarray:
         from training.towers import encode_users
+        from training.user_features import align_to_users
 
         data = self.fitted
         if self.result is None:
             return np.tile(self.popularity, (len(user_ids), 1))  # (b, N)
         histories, types = data.histories(user_ids)
+        profiles = (align_to_users(self.profiles, user_ids)
+                    if self.profiles is not None else None)  # (b, len(PROFILE_COLUMNS))
         users = encode_users(self.result.model, histories, types, data.item_index,
-                             self.item_embeddings)  # (b, D)
+                             self.item_embeddings, user_features=profiles)  # (b, D)
         return users @ self.item_embeddings.T  # (b, N)
 
     def params(self) -> dict[str, Any]:
@@ -725,8 +762,10 @@ def standard_recommenders(
     progress: bool = False,
     two_tower: bool = True,
     validation_days: int = VALIDATION_DAYS,
+    users: pd.DataFrame | None = None,
 ) -> list[Recommender]:
-    """Every baseline, the two-tower model and both blends, in fitting order.
+    """Every baseline, the two-tower model, both blends and the served ranking, in fitting
+    order.
 
     The blends' sources are the same objects as the stand-alone methods, so each is
     trained once on the training period and once on the validation split.
@@ -737,20 +776,26 @@ def standard_recommenders(
         progress: training progress bars.
         two_tower: include the two-tower model (alone and in the blends).
         validation_days: the blends' validation window.
+        users: user rows (country) for the two-tower model's user profiles.
 
     Returns:
-        popularity, repeat, item_knn, als, text_cosine, [two_tower,] blend_weights, blend.
+        popularity, repeat, item_knn, als, text_cosine, [two_tower,] blend_weights, blend,
+        served (``training.scorer.ServedRecommender``: what the pipeline trains and serves).
     """
     from training.baselines import ALS, ItemKNN, Popularity, Repeat, TextCosine
+    from training.scorer import ServedRecommender
 
     config = config or TrainConfig()
     methods: list[ScoredRecommender] = [
         Popularity(), Repeat(), ItemKNN(), ALS(), TextCosine(config, cache_dir),
     ]
     if two_tower:
-        methods.append(TwoTowerRecommender(config, cache_dir, progress=progress))
+        methods.append(TwoTowerRecommender(config, cache_dir, progress=progress, users=users))
     sources = [*methods, Popularity(days=7, name="popularity_7d")]
     return [*methods,
             Blend(sources, learner="weights", validation_days=validation_days,
                   name="blend_weights"),
-            Blend(sources, learner="mlp", validation_days=validation_days, name="blend")]
+            Blend(sources, learner="mlp", validation_days=validation_days, name="blend"),
+            ServedRecommender(two_tower=config if two_tower else None, cache_dir=cache_dir,
+                              users=users, validation_days=validation_days,
+                              progress=progress)]

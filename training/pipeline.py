@@ -1,12 +1,24 @@
 """The pipeline's training and evaluation steps for one data interval.
 
-``train_interval`` builds point-in-time training examples from Feast, trains the two-tower
-model, and logs the run (params, per-epoch curves, a loss plot, the serving bundle as a pyfunc
-model) to MLflow. ``evaluate_interval`` measures the run's model and the current champion on
-the same temporal holdout and logs both, so the promotion gate compares like with like.
+The windows, counted back from the interval's end (``HoldoutConfig``)::
+
+    |---- train the two-tower ----|--- validation ---|------ test ------|
+                           validation cut         test cut        interval end
+
+``train_interval`` trains the two-tower model on Feast's point-in-time examples before the
+validation cut (early stopping on the validation window, warm start from the champion),
+tunes the served ranking (``training.scorer``: two-tower, co-occurrence, ALS and purchase
+facts blended by a small network) on the validation window, refits its item side on
+everything up to the interval's end, and logs the bundle as a pyfunc model.
+
+``evaluate_interval`` measures, on the test window with the evaluation protocol
+(``training.protocol``, both settings), the run's served ranking and its two-tower model
+alone, the champion's ranking (its learned parts, item side refitted at the same cut) and
+every baseline; logs the whole table, a Recall@K plot and the headline metrics the
+promotion gate reads.
 
 Both are idempotent per interval: a finished run with the same interval, configuration and
-training data is reused rather than trained again.
+training data is reused rather than trained again, and an evaluated run keeps its metrics.
 """
 
 from __future__ import annotations
@@ -36,31 +48,57 @@ from training.registry import (
     find_run,
     mlflow_client,
 )
+from training.scorer import ScorerConfig
 
 log = logging.getLogger(__name__)
 
 TARGET_EVENT_TYPES = ("purchase", "add_to_cart")
+CURVE_MAX_K = 100
+BASELINES = ("popularity", "repeat", "item_knn", "als", "text_cosine")
+MODEL = "model"
+TWO_TOWER = "two_tower"
 
 
 class NotEnoughHistory(RuntimeError):
     """The shop's history up to this interval is too short to train and evaluate on."""
 
 
+
 @dataclass(frozen=True)
 class HoldoutConfig:
-    """The evaluation protocol of the daily run (logged with the run's params).
+    """The evaluation windows of the daily run (logged with the run's params).
 
     Attributes:
-        holdout_days: the last days of history, up to the interval's end, held out.
-        min_train_days: days of history required before the holdout starts.
-        popularity_days: window of the popularity feature and baseline.
+        test_days: the last days up to the interval's end: the test window of the protocol.
+        validation_days: the days before the test window: early stopping and the tuning of
+            the served ranking.
+        min_train_days: days of history required before the validation window.
         ks: cut-offs of the ranking metrics.
     """
 
-    holdout_days: int = 3
+    test_days: int = 30
+    validation_days: int = 30
     min_train_days: int = 3
-    popularity_days: int = 30
     ks: tuple[int, ...] = (10, 50)
+
+    def windows(self, history_days: int) -> tuple[int, int]:
+        """(test, validation) days for a shop with ``history_days`` days of history.
+
+        A young shop gets shorter windows, each a third of what exceeds ``min_train_days``
+        (at least one day), until its history is long enough for the configured ones.
+
+        Raises:
+            NotEnoughHistory: fewer than ``min_train_days`` + 2 days.
+        """
+        spare = history_days - self.min_train_days
+        if spare < 2:
+            raise NotEnoughHistory(
+                f"{history_days} day(s) of history; need {self.min_train_days + 2} "
+                f"({self.min_train_days} to train on, 1 to validate, 1 to test)")
+        if spare >= self.test_days + self.validation_days + self.min_train_days:
+            return self.test_days, self.validation_days
+        each = max(1, spare // 3)
+        return min(each, self.test_days), min(each, self.validation_days)
 
 
 @dataclass
@@ -68,17 +106,25 @@ class IntervalData:
     """Everything one interval's training and evaluation read."""
 
     day: dt.date
-    cut: dt.datetime
-    catalog: pd.DataFrame
-    events: pd.DataFrame
+    end: pd.Timestamp
+    test_days: int
+    validation_days: int
+    events: pd.DataFrame  # every event up to the interval's end
+    products: pd.DataFrame  # every product row up to the interval's end
+    catalog: pd.DataFrame  # the catalogue as of the interval's end
+    users: pd.DataFrame  # every user row (country) up to the interval's end
 
     @property
-    def holdout(self) -> pd.DataFrame:
-        return self.events[self.events["ts"] >= pd.Timestamp(self.cut)]
+    def test_cut(self) -> pd.Timestamp:
+        return self.end - pd.Timedelta(days=self.test_days)
 
     @property
-    def before_cut(self) -> pd.DataFrame:
-        return self.events[self.events["ts"] < pd.Timestamp(self.cut)]
+    def validation_cut(self) -> pd.Timestamp:
+        return self.test_cut - pd.Timedelta(days=self.validation_days)
+
+    def windows(self) -> dict[str, str]:
+        return {"validation_cut": self.validation_cut.isoformat(),
+                "test_cut": self.test_cut.isoformat(), "end": self.end.isoformat()}
 
 
 def train_config(settings: Settings) -> TrainConfig:
@@ -87,32 +133,29 @@ def train_config(settings: Settings) -> TrainConfig:
 
 
 def load_interval(settings: Settings, day: dt.date, holdout: HoldoutConfig) -> IntervalData:
-    """Read the catalogue and events up to the interval's end and place the holdout cut.
+    """Read events, product rows and the catalogue up to the interval's end; place the cuts.
 
     Raises:
-        NotEnoughHistory: fewer than ``min_train_days`` days of events before the cut.
+        NotEnoughHistory: the history is too short for the windows (``HoldoutConfig``).
     """
-    interval = Interval.for_day(day)
-    cut = interval.end - dt.timedelta(days=holdout.holdout_days)
+    end = pd.Timestamp(Interval.for_day(day).end)
     events = read_upto(settings.landing_root, "events", day)
     if events.empty:
         raise NotEnoughHistory(f"no events up to {day}")
-    first_day = events["ts"].min().date()
-    days_before_cut = (cut.date() - first_day).days
-    if days_before_cut < holdout.min_train_days:
-        raise NotEnoughHistory(
-            f"{days_before_cut} day(s) of history before the holdout cut {cut:%Y-%m-%d}; "
-            f"need {holdout.min_train_days} (holdout = last {holdout.holdout_days} days)")
-    return IntervalData(day, cut, catalog_as_of(settings.landing_root, day), events)
+    history_days = (end.date() - events["ts"].min().date()).days
+    test_days, validation_days = holdout.windows(history_days)
+    return IntervalData(day, end, test_days, validation_days, events,
+                        read_upto(settings.landing_root, "products", day),
+                        catalog_as_of(settings.landing_root, day),
+                        read_upto(settings.landing_root, "users", day))
 
 
-def training_examples(settings: Settings, data: IntervalData) -> pd.DataFrame:
-    """Purchases and add-to-carts before the cut, each with the user's history as Feast
-    held it at that moment (point in time: the end-of-day snapshot before the event)."""
+def training_examples(settings: Settings, events: pd.DataFrame) -> pd.DataFrame:
+    """Purchases and add-to-carts of ``events``, each with the user's history (and profile)
+    as Feast held it at that moment (point in time: the end-of-day snapshot before it)."""
     from features.store import historical_user_history
 
-    targets = data.before_cut
-    targets = targets[targets["event_type"].isin(TARGET_EVENT_TYPES)]
+    targets = events[events["event_type"].isin(TARGET_EVENT_TYPES)]
     entity = pd.DataFrame({
         "user_id": targets["user_id"].to_numpy(),
         "event_timestamp": targets["ts"].to_numpy(),
@@ -126,54 +169,44 @@ def training_examples(settings: Settings, data: IntervalData) -> pd.DataFrame:
     return examples[has_history].sort_values("event_id").reset_index(drop=True)
 
 
-def holdout_users(settings: Settings, data: IntervalData) -> tuple[dict, dict, dict]:
-    """Test users and their truth: users with history before the cut and a purchase after.
-
-    Returns:
-        (histories at the cut, their event types, truth = distinct products purchased after
-        the cut), keyed by user_id.
-    """
+def validation_set(settings: Settings, data: IntervalData) -> Any:
+    """Early-stopping users: users known before the validation cut who purchased in the
+    validation window, with their Feast history at the cut."""
     from features.store import historical_user_history
+    from training.train import ValidationSet
 
-    holdout = data.holdout
-    buyers = holdout[holdout["event_type"] == "purchase"]
-    known_before = set(data.before_cut["user_id"])
-    truth = {u: set(g["product_id"]) for u, g in buyers.groupby("user_id")
-             if u in known_before}
-    if not truth:
-        return {}, {}, {}
-    users = sorted(truth)
-    entity = pd.DataFrame({"user_id": users,
-                           "event_timestamp": [pd.Timestamp(data.cut)] * len(users)})
-    hist = historical_user_history(settings, entity)
-    histories = dict(zip(hist["user_id"], hist["recent_product_ids"], strict=True))
-    types = dict(zip(hist["user_id"], hist["recent_event_types"], strict=True))
-    keep = [u for u in users if histories.get(u)]
-    return ({u: histories[u] for u in keep}, {u: types[u] for u in keep},
-            {u: truth[u] for u in keep})
-
-
-def popularity(events: pd.DataFrame, until: dt.datetime, days: int) -> pd.Series:
-    """Purchased quantity per product in the ``days`` before ``until``."""
-    start = pd.Timestamp(until) - pd.Timedelta(days=days)
-    window = events[(events["ts"] >= start) & (events["ts"] < pd.Timestamp(until))
+    events = data.events
+    before = events[events["ts"] < data.validation_cut]
+    window = events[(events["ts"] >= data.validation_cut) & (events["ts"] < data.test_cut)
                     & (events["event_type"] == "purchase")]
-    return window.groupby("product_id")["quantity"].sum().astype(float)
+    known = set(before["user_id"])
+    truth = {u: set(g) for u, g in window.groupby("user_id")["product_id"] if u in known}
+    if not truth:
+        return None
+    users = sorted(truth)
+    hist = historical_user_history(settings, pd.DataFrame({
+        "user_id": users, "event_timestamp": [data.validation_cut] * len(users)}))
+    return ValidationSet(
+        histories=dict(zip(hist["user_id"], hist["recent_product_ids"], strict=True)),
+        truth=truth,
+        event_types=dict(zip(hist["user_id"], hist["recent_event_types"], strict=True)),
+        user_features=hist)
 
 
-def dataset_fingerprint(catalog: pd.DataFrame, examples: pd.DataFrame) -> str:
-    """Identity of the data a run learns from: the catalogue and the training examples."""
+def dataset_fingerprint(products: pd.DataFrame, events: pd.DataFrame) -> str:
+    """Identity of the data a run learns from: the product rows and the events."""
     digest = hashlib.sha256()
     digest.update(pd.util.hash_pandas_object(
-        catalog[["product_id", "title", "category", "price"]].astype(str), index=False
+        products[["product_id", "title", "category", "price"]].astype(str), index=False
     ).to_numpy().tobytes())
-    digest.update("\n".join(examples["event_id"].astype(str)).encode())
+    digest.update("\n".join(sorted(events["event_id"].astype(str))).encode())
     return digest.hexdigest()[:16]
 
 
-def _fingerprint(config: TrainConfig, holdout: HoldoutConfig, data_fingerprint: str) -> str:
+def _fingerprint(config: TrainConfig, scorer: ScorerConfig, holdout: HoldoutConfig,
+                 data_fingerprint: str) -> str:
     """Identity of a training run: hyper-parameters + protocol + exactly its data."""
-    blob = f"{config.fingerprint()}|{asdict(holdout)!r}|{data_fingerprint}"
+    blob = f"{config.fingerprint()}|{asdict(scorer)!r}|{asdict(holdout)!r}|{data_fingerprint}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -195,9 +228,26 @@ def _loss_plot(history: list[dict[str, float]], path: Path) -> Path:
     return path
 
 
+def _champion_checkpoint(settings: Settings, client: Any) -> tuple[Path | None, str | None]:
+    """The champion's two-tower checkpoint folder to warm-start from, and its version."""
+    from serving.bundle import MODEL_DIR
+    from serving.publish import download_model_bundle
+
+    champion = alias_version(client, settings.model_name, CHAMPION)
+    if champion is None:
+        return None, None
+    try:
+        return download_model_bundle(settings, run_id=champion.run_id) / MODEL_DIR, \
+            str(champion.version)
+    except Exception as exc:  # a broken champion must not stop training from scratch
+        log.warning("no warm start: cannot fetch champion v%s (%s)", champion.version, exc)
+        return None, None
+
+
 def train_interval(settings: Settings, day: str | dt.date,
-                   holdout: HoldoutConfig = HoldoutConfig()) -> dict[str, Any]:
-    """Train (or reuse) the interval's model and log it to MLflow.
+                   holdout: HoldoutConfig = HoldoutConfig(),
+                   scorer_config: ScorerConfig | None = None) -> dict[str, Any]:
+    """Train (or reuse) the interval's model and served ranking and log them to MLflow.
 
     Returns:
         {"mlflow_run_id", "reused", "examples", "day"} for XCom.
@@ -209,17 +259,21 @@ def train_interval(settings: Settings, day: str | dt.date,
 
     from serving.bundle import write_bundle
     from serving.pyfunc import log_pyfunc
+    from training.protocol import temporal_split, train_data, validation_split
+    from training.scorer import Scorer
     from training.train import NotEnoughData, train
 
     day = parse_day(day)
     config = train_config(settings)
+    scorer_config = scorer_config or ScorerConfig()
     data = load_interval(settings, day, holdout)
-    examples = training_examples(settings, data)
+    examples = training_examples(settings, data.events[data.events["ts"] < data.validation_cut])
     if len(examples) < config.min_examples:
         raise NotEnoughHistory(f"{len(examples)} training examples with a user history "
-                               f"before {data.cut:%Y-%m-%d}; need {config.min_examples}")
-    data_fingerprint = dataset_fingerprint(data.catalog, examples)
-    fingerprint = _fingerprint(config, holdout, data_fingerprint)
+                               f"before {data.validation_cut:%Y-%m-%d}; "
+                               f"need {config.min_examples}")
+    data_fingerprint = dataset_fingerprint(data.products, data.events)
+    fingerprint = _fingerprint(config, scorer_config, holdout, data_fingerprint)
     client = mlflow_client(settings)
     exp_id = experiment_id(settings, client)
     tags = {TAG_INTERVAL: day.isoformat(), TAG_FINGERPRINT: fingerprint}
@@ -229,42 +283,63 @@ def train_interval(settings: Settings, day: str | dt.date,
         return {"mlflow_run_id": existing.info.run_id, "reused": True,
                 "examples": len(examples), "day": day.isoformat()}
     delete_unfinished_runs(client, exp_id, tags)
+    warm, warm_version = _champion_checkpoint(settings, client)
+    cache = settings.cache_dir / "text"
 
-    run_tags = {**tags, "shoprec.cut": data.cut.isoformat(),
+    run_tags = {**tags, **{f"shoprec.{k}": v for k, v in data.windows().items()},
+                "shoprec.cut": data.test_cut.isoformat(),
                 "shoprec.dataset_fingerprint": data_fingerprint,
                 "shoprec.config_hash": config.fingerprint(),
                 "shoprec.git_commit": code_version(),
+                "shoprec.warm_start": f"v{warm_version}" if warm_version else "none",
                 "shoprec.validation_report": str(settings.home / "validation"
                                                  / f"date={day.isoformat()}")}
     with mlflow.start_run(experiment_id=exp_id, run_name=f"two-tower {day}",
                           tags=run_tags) as run:
-        mlflow.log_params({**config.to_params(),
-                           **{f"holdout.{k}": v for k, v in asdict(holdout).items()}})
+        mlflow.log_params({**config.to_params(), **scorer_config.to_params(),
+                           **{f"holdout.{k}": v for k, v in asdict(holdout).items()},
+                           "holdout.test_days_used": data.test_days,
+                           "holdout.validation_days_used": data.validation_days})
         try:
-            result = train(config, data.catalog, examples, cache_dir=settings.cache_dir / "text",
-                           progress=False,
+            result = train(config, data.catalog, examples, cache_dir=cache, progress=False,
+                           validation=validation_set(settings, data), warm_start=warm,
                            on_epoch=lambda epoch, m: mlflow.log_metrics(
                                {f"epoch_{k}": v for k, v in m.items()}, step=epoch))
         except NotEnoughData as exc:
             raise NotEnoughHistory(str(exc)) from exc
-        pop = popularity(data.events, Interval.for_day(day).end, holdout.popularity_days)
-        catalog = data.catalog.set_index("product_id").loc[result.product_ids].reset_index()
+        # The served ranking: tuned on the validation window, item side at the interval end.
+        split = temporal_split(data.events, data.products, data.test_cut, data.test_days)
+        tuning = validation_split(split.train, data.validation_days)
+        scorer = Scorer(scorer_config, result.model, config)
+        validation = scorer.fit_items(tuning.train, cache).tune(tuning, data.users)
+        scorer.fit_items(train_data(data.events, data.products, data.end), cache)
+        state = scorer.state
+        products = (data.products.sort_values("updated_at", kind="stable")
+                    .drop_duplicates("product_id", keep="last").set_index("product_id")
+                    .loc[state.product_ids].reset_index())
         products = pd.DataFrame({
-            "product_id": catalog["product_id"], "title": catalog["title"],
-            "category": catalog["category"], "brand": catalog["brand"],
-            "price": catalog["price"],
-            "popularity": catalog["product_id"].map(pop).fillna(0.0).to_numpy(),
+            "product_id": products["product_id"], "title": products["title"],
+            "category": products["category"], "brand": products["brand"],
+            "price": products["price"], "popularity": state.facts["popularity"],
         })
-        mlflow.log_metrics({"train_examples": result.n_examples,
-                            "train_seconds": result.seconds,
-                            "catalog_products": len(products)})
+        mlflow.log_metrics({
+            "train_examples": result.n_examples, "train_seconds": result.seconds,
+            "catalog_products": len(products),
+            **({"best_epoch": result.best_epoch} if result.best_epoch is not None else {}),
+            **{f"validation_{s}_{k}": v for s, m in validation.items() for k, v in m.items()},
+        })
         with tempfile.TemporaryDirectory() as tmp:
             bundle = write_bundle(Path(tmp) / "bundle", model=result.model, config=config,
-                                  products=products, item_embeddings=result.item_embeddings,
-                                  meta={"interval": day.isoformat(), "cut": data.cut.isoformat(),
+                                  scorer=scorer, products=products,
+                                  item_embeddings=state.embeddings,
+                                  meta={"interval": day.isoformat(), **data.windows(),
                                         "fingerprint": fingerprint,
                                         "model_name": settings.model_name})
-            log_pyfunc(bundle, sample_history=list(examples["recent_product_ids"].iloc[0]))
+            sample = examples.iloc[0]
+            stamps = sample.get("recent_timestamps")
+            log_pyfunc(bundle, sample_history=list(sample["recent_product_ids"]),
+                       sample_types=list(sample["recent_event_types"]),
+                       sample_timestamps=None if stamps is None else list(stamps))
             if result.history:
                 mlflow.log_artifact(str(_loss_plot(result.history, Path(tmp) / "loss.png")),
                                     artifact_path="plots")
@@ -274,72 +349,48 @@ def train_interval(settings: Settings, day: str | dt.date,
             "day": day.isoformat()}
 
 
-def catalog_embeddings(model: Any, config: TrainConfig, catalog: pd.DataFrame,
-                       cache_dir: Path) -> tuple[np.ndarray, list[str]]:
-    """Item embeddings of a catalogue under a (possibly older) model.
+def load_scorer(settings: Settings, run_id: str) -> Any:
+    """The served ranking a run logged (two-tower model + pair scorers + item side)."""
+    from serving.bundle import MODEL_DIR, SCORER_DIR
+    from serving.publish import download_model_bundle
+    from training.checkpoint import load_model
+    from training.scorer import Scorer
 
-    New products are encoded from their text and attributes, so a champion trained before
-    they arrived is still compared on the whole current catalogue.
-    """
-    from training.text import embed_texts, product_text
-    from training.towers import ItemFeatures, encode_items
-    from training.train import unique_products
-
-    catalog = unique_products(catalog)
-    text = embed_texts(product_text(catalog), config, cache_dir, progress=False)
-    features = ItemFeatures.from_catalog(catalog, text)
-    return encode_items(model, features), features.product_ids
+    folder = download_model_bundle(settings, run_id=run_id)
+    model, config = load_model(folder / MODEL_DIR)
+    return Scorer.load(folder / SCORER_DIR, model, config)
 
 
-CURVE_MAX_K = 100
-
-
-def _rank(model: Any, config: TrainConfig, data: IntervalData, users: list[str],
-          histories: dict, types: dict, cache_dir: Path) -> tuple[list[list[str]], int]:
-    """Top-100 products per holdout user under a model, over the current catalogue."""
-    from training.evaluate import rank_with_model
-
-    embeddings, product_ids = catalog_embeddings(model, config, data.catalog, cache_dir)
-    return rank_with_model(model, data.catalog, embeddings, product_ids, histories, types,
-                           users, CURVE_MAX_K)
-
-
-def repeat_rankings(before_cut: pd.DataFrame, users: list[str], popular: list[str],
-                    top: int) -> list[list[str]]:
-    """The "repeat" baseline: each user's own most-bought products (by purchase count, then
-    most recent), filled up with the popular products."""
-    bought = before_cut[before_cut["event_type"] == "purchase"]
-    stats = (bought.groupby(["user_id", "product_id"])
-             .agg(n=("event_id", "size"), last=("ts", "max")).reset_index()
-             .sort_values(["user_id", "n", "last", "product_id"],
-                          ascending=[True, False, False, True], kind="stable"))
-    own = stats.groupby("user_id")["product_id"].agg(list).to_dict()
-    out = []
-    for user in users:
-        mine = own.get(user, [])[:top]
-        seen = set(mine)
-        out.append(mine + [p for p in popular if p not in seen][: top - len(mine)])
-    return out
+def metric_name(method: str, setting: str, segment: str, metric: str) -> str:
+    """The MLflow name of one figure: the served ranking's setting (a) overall is the bare
+    metric (``recall_at_50``); otherwise prefixed by method, ``new_`` for setting (b) and
+    the segment, e.g. ``baseline_als_new_recall_at_50``, ``two_tower_cold_users_ndcg_at_10``."""
+    parts = [] if method == MODEL else [
+        method if method in (TWO_TOWER, "champion") else f"baseline_{method}"]
+    parts += ["new"] if setting == "new" else []
+    parts += [] if segment == "all" else [segment]
+    return "_".join([*parts, metric])
 
 
 def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date,
                       holdout: HoldoutConfig = HoldoutConfig()) -> dict[str, Any]:
-    """Measure the run's model, the champion and the baselines on the same holdout.
+    """Measure the run's ranking, its two-tower model, the champion and every baseline on
+    the test window with the evaluation protocol (both settings).
 
-    Logs, to the training run: the model's metrics (``recall_at_10`` ...), the champion's
-    (``champion_*``), each baseline's (``baseline_<name>_*``) and the best baseline's
-    (``best_baseline_*``); a markdown/JSON comparison table and a Recall@K plot (K = 1..100)
-    as artifacts. Already-evaluated runs (a rerun) return their logged metrics unchanged.
+    Logs to the training run: every figure (``metric_name``), ``best_baseline_*`` (per
+    metric, the best baseline's value) and ``champion_version``; the protocol's markdown and
+    JSON tables (``evaluation/``) and Recall@K plots for K = 1..100 (``plots/``). An
+    already-evaluated run (a rerun) returns its logged metrics unchanged.
 
     Returns:
         {"mlflow_run_id", "metrics": {...}} for XCom.
     """
     import mlflow
 
-    from serving.publish import download_model_bundle
-    from training.checkpoint import load_model
-    from training.evaluate import popular_ranking, ranking_metrics, recall_curve
-    from training.report import metrics_markdown, recall_at_k_plot, write_table_json
+    from training.baselines import ALS, ItemKNN, Popularity, Repeat, TextCosine
+    from training.protocol import SETTING_TITLES, SETTINGS, evaluate_split, temporal_split
+    from training.report import recall_at_k_plot
+    from training.scorer import ServedRecommender, TwoTowerRanker
 
     day = parse_day(day)
     client = mlflow_client(settings)
@@ -348,54 +399,57 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
         return {"mlflow_run_id": mlflow_run_id,
                 "metrics": {k: v for k, v in logged.items() if not k.startswith("epoch_")}}
     data = load_interval(settings, day, holdout)
-    histories, types, truth = holdout_users(settings, data)
-    if not truth:
-        raise NotEnoughHistory(f"no holdout users after {data.cut:%Y-%m-%d}")
-    users = sorted(truth)
-    truth_list = [truth[u] for u in users]
+    split = temporal_split(data.events, data.products, data.test_cut, data.test_days)
+    if not split.truth["all"]:
+        raise NotEnoughHistory(f"no test users after {data.test_cut:%Y-%m-%d}")
     cache = settings.cache_dir / "text"
-    model, config = load_model(download_model_bundle(settings, run_id=mlflow_run_id) / "model")
-    model_ranked, n_products = _rank(model, config, data, users, histories, types, cache)
-    popular = popular_ranking(popularity(data.events, data.cut, holdout.popularity_days),
-                              CURVE_MAX_K)
-    rankings = {"model": model_ranked}
+    scorer = load_scorer(settings, mlflow_run_id)
+    methods: list[Any] = [
+        ServedRecommender(scorer=scorer, cache_dir=cache, users=data.users, name=MODEL),
+        TwoTowerRanker(scorer.model, scorer.model_config, cache, users=data.users,
+                       name=TWO_TOWER),
+    ]
     champion = alias_version(client, settings.model_name, CHAMPION)
     if champion is not None and champion.run_id != mlflow_run_id:
-        champ_model, champ_config = load_model(
-            download_model_bundle(settings, run_id=champion.run_id) / "model")
-        rankings[f"champion v{champion.version}"] = _rank(
-            champ_model, champ_config, data, users, histories, types, cache)[0]
-    baselines = {"popularity": [popular] * len(users),
-                 "repeat": repeat_rankings(data.before_cut, users, popular, CURVE_MAX_K)}
-    rankings.update(baselines)
+        methods.append(ServedRecommender(scorer=load_scorer(settings, champion.run_id),
+                                         cache_dir=cache, users=data.users, name="champion"))
+    methods += [Popularity(), Repeat(), ItemKNN(), ALS(), TextCosine(scorer.model_config, cache)]
+    result = evaluate_split(split, methods, holdout.ks, test_days=data.test_days,
+                            curve_k=CURVE_MAX_K)
 
-    table = {name: ranking_metrics(ranked, truth_list, holdout.ks, n_products)
-             for name, ranked in rankings.items()}
-    metrics = dict(table["model"])
-    for name, values in table.items():
-        if name.startswith("champion"):
-            metrics.update({f"champion_{k}": v for k, v in values.items()})
-            metrics["champion_version"] = float(champion.version)
-        elif name in baselines:
-            metrics.update({f"baseline_{name}_{k}": v for k, v in values.items()})
-    for key in ("recall_at_50", "recall_at_10", "ndcg_at_10"):
-        metrics[f"best_baseline_{key}"] = max(table[b][key] for b in baselines)
-    metrics["holdout_users"] = float(len(users))
+    metrics: dict[str, float] = {}
+    for method, settings_ in result.metrics.items():
+        for setting, segments in settings_.items():
+            for segment, values in segments.items():
+                metrics.update({metric_name(method, setting, segment, k): v
+                                for k, v in values.items() if k != "n_users"})
+    for setting in SETTINGS:
+        prefix = "" if setting == "all" else "new_"
+        for key in result.metrics[MODEL][setting]["all"]:
+            if key != "n_users":
+                metrics[f"best_baseline_{prefix}{key}"] = max(
+                    result.value(b, setting, key) for b in BASELINES)
+        metrics[f"{prefix}holdout_users"] = float(result.n_users[setting])
+    if champion is not None and champion.run_id != mlflow_run_id:
+        metrics["champion_version"] = float(champion.version)
 
-    title = f"Holdout {data.cut:%Y-%m-%d} .. {day} ({len(users)} users, all products)"
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=mlflow_run_id):
         mlflow.log_metrics(metrics)
         folder = Path(tmp)
-        (folder / "metrics.md").write_text(metrics_markdown(
-            table, title=title, note="Users with history before the cut and a purchase "
-            "after it; truth = the distinct products they bought after the cut."))
-        write_table_json(table, folder / "metrics.json")
+        (folder / "metrics.md").write_text(
+            f"# Evaluation of {day}\n\n`model` is the served ranking; `two_tower` the "
+            "two-tower model alone; `champion` the current champion's ranking, refitted at "
+            "the same cut.\n\n" + result.to_markdown())
+        result.to_json(folder / "metrics.json")
         mlflow.log_artifact(str(folder / "metrics.md"), artifact_path="evaluation")
         mlflow.log_artifact(str(folder / "metrics.json"), artifact_path="evaluation")
-        curves = {name: recall_curve(ranked, truth_list, CURVE_MAX_K)
-                  for name, ranked in rankings.items()}
-        mlflow.log_artifact(str(recall_at_k_plot(curves, folder / "recall_at_k.png",
-                                                 title=title)), artifact_path="plots")
-    log.info("evaluated %s on %d holdout users: %s", mlflow_run_id, len(users),
-             {name: round(v["recall_at_50"], 4) for name, v in table.items()})
+        for setting in SETTINGS:
+            curves = {m: np.asarray(c[setting]) for m, c in result.curves.items()}
+            title = (f"{SETTING_TITLES[setting]}: test {data.test_cut:%Y-%m-%d} .. {day} "
+                     f"({result.n_users[setting]} users)")
+            name = "recall_at_k.png" if setting == "all" else "recall_at_k_new.png"
+            mlflow.log_artifact(str(recall_at_k_plot(curves, folder / name, title=title)),
+                                artifact_path="plots")
+    log.info("evaluated %s on %s test users: %s", mlflow_run_id, result.n_users,
+             {m: round(result.value(m, "all", "recall_at_50"), 4) for m in result.methods})
     return {"mlflow_run_id": mlflow_run_id, "metrics": metrics}

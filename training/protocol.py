@@ -385,6 +385,23 @@ def catalog_at(
     return before.sort_values("product_id", kind="stable").reset_index(drop=True)
 
 
+def train_data(events: pd.DataFrame, catalog: pd.DataFrame, cut: Any) -> TrainData:
+    """What was known before ``cut``: its events (in (ts, event_id) order), the catalogue as
+    of the cut (``catalog_at``) and its users.
+
+    Args:
+        events: contract events (any time range, any order).
+        catalog: product rows (history or snapshot).
+        cut: the cut (a date means its midnight UTC).
+    """
+    cut = _utc(cut)
+    events = events.sort_values(["ts", "event_id"], kind="stable")
+    before = events[events["ts"] < cut].reset_index(drop=True)
+    users = sorted(before["user_id"].astype(str).unique())
+    return TrainData(events=before, catalog=catalog_at(catalog, cut, before), users=users,
+                     cut=cut)
+
+
 def temporal_split(
     events: pd.DataFrame,
     catalog: pd.DataFrame,
@@ -404,13 +421,11 @@ def temporal_split(
     """
     cut = default_cut(events, test_days) if cut is None else _utc(cut)
     end = cut + pd.Timedelta(days=test_days)
-    events = events.sort_values(["ts", "event_id"], kind="stable")
+    train = train_data(events, catalog, cut)
+    before = train.events
     ts = events["ts"]
-    before = events[ts < cut].reset_index(drop=True)
     window = events[(ts >= cut) & (ts <= end)]  # closed: the last event is in the window
-    candidates = catalog_at(catalog, cut, before)
-    users = sorted(before["user_id"].astype(str).unique())
-    train = TrainData(events=before, catalog=candidates, users=users, cut=cut)
+    users = train.users
 
     known = set(users)
     bought = window[(window["event_type"] == "purchase") & window["product_id"].notna()]
@@ -548,6 +563,7 @@ class ProtocolResult:
             metric (``recall_at_10``, ..., ``n_users``) -> value.
         seconds: method -> wall time to fit and recommend.
         params: method -> what it chose (e.g. blend weights); JSON-able.
+        curves: method -> setting -> Recall@K for K = 1.. (when asked for).
     """
 
     cut: str
@@ -560,6 +576,7 @@ class ProtocolResult:
     metrics: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:
@@ -659,20 +676,34 @@ def _markdown_table(
 
 
 def evaluate_recommender(
-    recommender: Recommender, split: Split, ks: Iterable[int] = DEFAULT_KS
+    recommender: Recommender, split: Split, ks: Iterable[int] = DEFAULT_KS,
+    curves: dict[str, list[float]] | None = None, curve_k: int = 100,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Ask a fitted recommender for both settings' users and measure it.
+
+    Args:
+        recommender: a fitted method.
+        split: the split it was fitted on.
+        ks: cut-offs.
+        curves: when given, filled with setting -> Recall@K for K = 1..``curve_k``.
+        curve_k: the longest list asked for when ``curves`` is given.
 
     Returns:
         setting -> segment -> metric -> value.
     """
+    from training.evaluate import recall_curve
+
     ks = tuple(ks)
+    top = max(max(ks), curve_k) if curves is not None else max(ks)
     out = {}
     for setting in SETTINGS:
         users = split.users(setting)
-        lists = recommender.recommend(users, max(ks), exclude=split.exclusions(setting))
+        lists = recommender.recommend(users, top, exclude=split.exclusions(setting))
         ranked = dict(zip(users, lists, strict=True))
         out[setting] = setting_metrics(split, setting, ranked, ks)
+        if curves is not None:
+            truth = [split.truth[setting][u] for u in users]
+            curves[setting] = [float(v) for v in recall_curve(lists, truth, curve_k)]
     return out
 
 
@@ -702,14 +733,41 @@ def run_protocol(
     Returns:
         The table. Raises ValueError when there is no test user.
     """
-    ks = tuple(sorted(set(ks)))
-    names = [r.name for r in recommenders]
-    if len(set(names)) != len(names):
-        raise ValueError(f"method names must be unique: {names}")
     split = temporal_split(events, catalog, cut, test_days)
     if not split.truth["all"]:
         raise ValueError(f"no test users: nobody with an event before {split.cut} purchased "
                          f"in the {test_days} days after it")
+    return evaluate_split(split, recommenders, ks, test_days=test_days, progress=progress)
+
+
+def evaluate_split(
+    split: Split,
+    recommenders: Sequence[Recommender],
+    ks: Iterable[int] = DEFAULT_KS,
+    *,
+    test_days: int = TEST_DAYS,
+    fit: bool = True,
+    curve_k: int = 0,
+    progress: bool = False,
+) -> ProtocolResult:
+    """Fit (unless ``fit`` is False: already fitted on ``split.train``) and measure methods.
+
+    Args:
+        split: the temporal split.
+        recommenders: the methods, fitted in order; names must be unique.
+        ks: cut-offs.
+        test_days: the split's test window (recorded).
+        fit: fit each method on ``split.train`` first.
+        curve_k: also record Recall@K for K = 1..curve_k per method and setting (0: no).
+        progress: a progress bar over methods.
+
+    Returns:
+        The table.
+    """
+    ks = tuple(sorted(set(ks)))
+    names = [r.name for r in recommenders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique: {names}")
     result = ProtocolResult(
         cut=split.cut.isoformat(), end=split.end.isoformat(), test_days=test_days, ks=ks,
         n_products=len(split.train.product_ids), n_train_events=len(split.train.events),
@@ -719,8 +777,12 @@ def run_protocol(
     for rec in bar:
         bar.set_postfix_str(rec.name)
         started = time.perf_counter()
-        rec.fit(split.train)
-        result.metrics[rec.name] = evaluate_recommender(rec, split, ks)
+        if fit:
+            rec.fit(split.train)
+        curves: dict[str, list[float]] | None = {} if curve_k else None
+        result.metrics[rec.name] = evaluate_recommender(rec, split, ks, curves, curve_k)
+        if curves is not None:
+            result.curves[rec.name] = curves
         result.seconds[rec.name] = time.perf_counter() - started
         params = getattr(rec, "params", None)
         if callable(params):
@@ -779,6 +841,9 @@ def evaluate_root(
         config = config.replace(text_encoder=text_encoder)
     if epochs is not None:
         config = config.replace(epochs=epochs)
+    user_days = list_days(root, "users")
+    users = read_upto(root, "users", user_days[-1]) if user_days else None
     recommenders = standard_recommenders(config, cache_dir=cache_dir, progress=progress,
-                                         two_tower=two_tower, validation_days=test_days)
+                                         two_tower=two_tower, validation_days=test_days,
+                                         users=users)
     return run_protocol(events, catalog, recommenders, cut, ks, test_days, progress=progress)

@@ -29,7 +29,8 @@ user_recent_products = FeatureView(
     schema=[
         Field(name="user_id", dtype=String),
         Field(name="recent_product_ids", dtype=Array(String),
-              description="Last 50 products the user touched, oldest first."),
+              description="Last 200 products the user touched (features.build.HISTORY_LEN), "
+                          "oldest first."),
         Field(name="recent_event_types", dtype=Array(String),
               description="Event type of each recent product (view, add_to_cart, purchase)."),
         Field(name="recent_timestamps", dtype=Array(Int64),

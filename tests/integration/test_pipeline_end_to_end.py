@@ -94,8 +94,20 @@ def test_registry_has_one_version_per_trained_day_and_a_champion(pipeline) -> No
     metrics = client.get_run(champion.run_id).data.metrics
     assert 0 < metrics["recall_at_50"] <= 1
     assert metrics["recall_at_50"] >= metrics["recall_at_10"]
-    assert "baseline_popularity_recall_at_50" in metrics
-    assert "baseline_repeat_recall_at_50" in metrics
+    # the protocol's whole table: every baseline and the two-tower alone, both settings
+    for name in ("popularity", "repeat", "item_knn", "als", "text_cosine"):
+        for setting in ("", "new_"):
+            assert f"baseline_{name}_{setting}recall_at_50" in metrics
+    assert {"new_recall_at_50", "two_tower_recall_at_50", "cold_users_recall_at_10",
+            "gini_at_50", "best_baseline_new_recall_at_50", "validation_all_recall_at_50",
+            "holdout_users", "new_holdout_users"} <= set(metrics)
+    artifacts = {a.path for folder in ("evaluation", "plots")
+                 for a in client.list_artifacts(champion.run_id, folder)}
+    assert {"evaluation/metrics.md", "evaluation/metrics.json", "plots/recall_at_k.png",
+            "plots/recall_at_k_new.png", "plots/loss.png"} <= artifacts
+    run = client.get_run(champion.run_id)
+    assert {"scorer.neighbours", "holdout.test_days_used", "epochs"} <= set(run.data.params)
+    assert run.data.tags["shoprec.validation_cut"] < run.data.tags["shoprec.test_cut"]
 
 
 def test_rerunning_a_day_duplicates_nothing(pipeline) -> None:
@@ -114,6 +126,43 @@ def test_rerunning_a_day_duplicates_nothing(pipeline) -> None:
         next(v.run_id for v in _versions(settings)
              if v.tags["shoprec.interval"] == last.isoformat())).data.metrics
     assert rerun["recall_at_50"] == run_metrics["recall_at_50"]
+
+
+def test_later_runs_warm_start_from_the_champion(pipeline) -> None:
+    from training.registry import TAG_INTERVAL
+
+    settings, _, _ = pipeline
+    client = _client(settings)
+    versions = sorted(_versions(settings), key=lambda v: v.tags[TAG_INTERVAL])
+    warm = [client.get_run(v.run_id).data.tags["shoprec.warm_start"] for v in versions]
+    assert warm[0] == "none"  # nothing to start from
+    first = next(i for i, w in enumerate(warm) if w != "none")  # once there is a champion
+    assert all(w.startswith("v") for w in warm[first:]), warm  # ... every run starts from it
+    assert all(int(w[1:]) < int(v.version) for w, v in zip(warm, versions, strict=True)
+               if w != "none")
+
+
+def test_the_registered_pyfunc_ranks_like_the_server(pipeline) -> None:
+    import mlflow
+
+    from serving.publish import load_version_bundle
+    from training.scorer import Histories
+
+    settings, _, _ = pipeline
+    bundle = load_version_bundle(settings)
+    model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@champion")
+    history = list(bundle.products["product_id"][:3])
+    stamps = [int(bundle.scorer.state.cut.timestamp()) - 60 * i for i in (3, 2, 1)]
+    frame = pd.DataFrame({"recent_product_ids": [history, []],
+                          "recent_event_types": [["purchase", "view", "view"], []],
+                          "recent_timestamps": [stamps, []]})
+    out = model.predict(frame, params={"k": 5})
+    expected, _ = bundle.recommend(Histories.from_feast(frame.iloc[:1]), 5)
+    assert out["product_ids"][0] == [r.product_id for r in expected]
+    cold, _ = bundle.recommend(Histories.empty(1), 5)
+    assert out["product_ids"][1] == [r.product_id for r in cold]
+    fresh = model.predict(frame, params={"k": 5, "exclude_purchased": True})
+    assert history[0] not in fresh["product_ids"][0]
 
 
 def test_served_recommendations_come_from_the_champion(pipeline) -> None:

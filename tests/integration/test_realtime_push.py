@@ -131,8 +131,9 @@ def test_events_of_a_batch_are_folded_in_time_order(settings: Settings) -> None:
     store = feature_store(settings)
     user, recent, profile = _known_user(settings)
     base = AFTER + pd.Timedelta(hours=1)
-    kinds = ["view", "add_to_cart", "purchase", "search"] * 15  # 45 product events
-    events = [_event(f"b-{i:02d}", user, kind, None if kind == "search" else f"P{i:06d}",
+    reps = HISTORY_LEN // 3 + 5  # enough product events to push old ones out
+    kinds = ["view", "add_to_cart", "purchase", "search"] * reps
+    events = [_event(f"b-{i:03d}", user, kind, None if kind == "search" else f"P{i:06d}",
                      base + pd.Timedelta(seconds=i))
               for i, kind in enumerate(kinds)]
     events.reverse()  # arrival order must not matter
@@ -150,11 +151,11 @@ def test_events_of_a_batch_are_folded_in_time_order(settings: Settings) -> None:
     assert got_recent["recent_timestamps"] == (recent["recent_timestamps"]
                                                + new_stamps)[-HISTORY_LEN:]
     assert len(got_recent["recent_product_ids"]) == HISTORY_LEN
-    assert got_recent["n_events_total"] == recent["n_events_total"] + 45
+    assert got_recent["n_events_total"] == recent["n_events_total"] + 3 * reps
     for kind in ("view", "add_to_cart", "purchase", "search"):
         for window in (7, 30):
             column = f"{kind}_count_{window}d"
-            assert got_profile[column] == profile[column] + 15, column
+            assert got_profile[column] == profile[column] + reps, column
 
 
 def test_a_brand_new_user_gets_rows_and_a_search_only_counts(settings: Settings) -> None:

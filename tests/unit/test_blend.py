@@ -61,6 +61,40 @@ def test_examples_take_strictly_earlier_products_most_recent_last() -> None:
     assert ex["event_timestamp"].dt.tz is not None
 
 
+def test_examples_carry_the_profile_of_the_end_of_the_day_before() -> None:
+    from training.user_features import PROFILE_COLUMNS, profiles_as_of
+
+    events = events_frame([
+        ("u", "a", 0, "view"), ("u", "b", 1), ("u", "c", 1, "add_to_cart"), ("u", "d", 3),
+        ("v", "a", 2, "view"), ("v", "b", 2.5),
+    ])
+    users = pd.DataFrame({"user_id": ["u", "v"], "country": ["France", None]})
+    catalog = catalog_frame("abcd")
+    ex = examples_from_events(events, catalog=catalog, users=users)
+    assert list(ex.columns[:5]) == ["user_id", "product_id", "event_timestamp",
+                                    "recent_product_ids", "recent_event_types"]
+    assert list(ex.columns[5:]) == list(PROFILE_COLUMNS)
+    rows = {r["product_id"] if r["user_id"] == "u" else "v-" + r["product_id"]: r
+            for r in ex.to_dict("records")}
+    assert set(rows) == {"b", "c", "d", "v-b"}
+    # b (day 1): the day-0 snapshot, one view, no purchase yet
+    b = rows["b"]
+    assert (b["view_count_7d"], b["purchase_count_30d"], b["days_since_last_purchase"],
+            b["distinct_categories_30d"], b["country"]) == (1, 0, -1, 1, "France")
+    assert rows["c"] == {**b, "product_id": "c"}  # the same day: the same snapshot
+    # d (day 3): the day-2 snapshot, the purchase of day 1 (price 1) and the cart
+    d = rows["d"]
+    assert (d["purchase_count_30d"], d["add_to_cart_count_7d"], d["days_since_last_purchase"],
+            d["mean_basket_value_30d"]) == (1, 1, 2, 1.0)
+    # v had no event before day 2: no snapshot, every profile column null
+    assert all(pd.isna(rows["v-b"][c]) for c in PROFILE_COLUMNS)
+    pd.testing.assert_frame_equal(
+        ex[list(PROFILE_COLUMNS)],
+        profiles_as_of(events, catalog, users, ex["user_id"], ex["event_timestamp"]))
+    # No catalogue, no profile.
+    assert list(examples_from_events(events).columns) == list(ex.columns[:5])
+
+
 def test_examples_truncate_history_and_filter_products() -> None:
     events = events_frame([("u", p, i) for i, p in enumerate("abcdef")])
     ex = examples_from_events(events, history_len=2)
@@ -236,15 +270,28 @@ def test_purchase_context_facts() -> None:
 
 
 @pytest.fixture(scope="module")
-def synthetic_split(tmp_path_factory):
-    from features.contract import list_days, read_upto
+def synthetic_shop(tmp_path_factory) -> str:
     from features.synth import generate_shop
 
     root = str(tmp_path_factory.mktemp("shop"))
     generate_shop(root, days=21, users=120, products=50, seed=5)
-    events = read_upto(root, "events", list_days(root, "events")[-1])
-    catalog = read_upto(root, "products", list_days(root, "products")[-1])
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic_split(synthetic_shop):
+    from features.contract import list_days, read_upto
+
+    events = read_upto(synthetic_shop, "events", list_days(synthetic_shop, "events")[-1])
+    catalog = read_upto(synthetic_shop, "products", list_days(synthetic_shop, "products")[-1])
     return temporal_split(events, catalog, test_days=7)
+
+
+@pytest.fixture(scope="module")
+def synthetic_users(synthetic_shop) -> pd.DataFrame:
+    from features.contract import list_days, read_upto
+
+    return read_upto(synthetic_shop, "users", list_days(synthetic_shop, "users")[-1])
 
 
 def test_two_tower_recommender_trains_and_scores(synthetic_split, tmp_path) -> None:
@@ -265,3 +312,32 @@ def test_two_tower_without_enough_data_ranks_by_popularity(synthetic_split, tmp_
     assert "need" in rec.params()["skipped"]
     users = synthetic_split.users("all")[:2]
     assert rec.recommend(users, 5) == Popularity().fit(synthetic_split.train).recommend(users, 5)
+
+
+def test_two_tower_recommender_scores_with_the_profile_at_the_cut(
+    synthetic_split, synthetic_users, tmp_path
+) -> None:
+    from training.towers import encode_users
+    from training.user_features import profiles_as_of
+
+    train = synthetic_split.train
+    config = TrainConfig(text_encoder="tiny", epochs=1, device="cpu", min_examples=10)
+    rec = TwoTowerRecommender(config, tmp_path, users=synthetic_users).fit(train)
+    countries = set(synthetic_users["country"].dropna())
+    assert rec.result.model.countries and set(rec.result.model.countries) <= countries
+    users = synthetic_split.users("all")[:6]
+    at_cut = profiles_as_of(train.events, train.catalog, synthetic_users, users,
+                            [train.cut] * len(users))
+    assert at_cut["country"].notna().all()
+    histories, types = train.histories(users)
+    expected = encode_users(rec.result.model, histories, types, train.item_index,
+                            rec.item_embeddings, user_features=at_cut) @ rec.item_embeddings.T
+    np.testing.assert_allclose(rec.scores(users), expected, atol=1e-6)
+    blind = encode_users(rec.result.model, histories, types, train.item_index,
+                         rec.item_embeddings) @ rec.item_embeddings.T
+    assert not np.allclose(rec.scores(users), blind, atol=1e-4)  # the profile counts
+
+    history_only = TwoTowerRecommender(config.replace(user_features=False), tmp_path)
+    history_only.fit(train)
+    assert history_only.profiles is None and not history_only.result.model.user_features
+    assert np.isfinite(history_only.scores(users)).all()

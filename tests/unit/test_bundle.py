@@ -25,6 +25,8 @@ from serving.bundle import (
 )
 from serving.index import build_index, save_index
 from training.config import TrainConfig
+from training.protocol import train_data
+from training.scorer import Histories, Scorer, ScorerConfig
 from training.train import TrainResult, train
 
 CATEGORIES = ["candles", "mugs", "toys"]
@@ -33,9 +35,8 @@ CONFIG = TrainConfig(
     text_encoder="tiny", device="cpu", epochs=1, batch_size=16, embedding_dim=8,
     hidden_dim=16, category_dim=4, brand_dim=4, history_len=5, min_examples=2,
 )
-# Distinct popularity in neither catalogue nor alphabetical order (mugs-1 is the most popular).
-POPULARITY = {f"{c}-{j}": float((7 * (i * PER_CATEGORY + j)) % 12)
-              for i, c in enumerate(CATEGORIES) for j in range(PER_CATEGORY)}
+SCORER = ScorerConfig(neighbours=4, als_factors=4, als_iterations=2)
+CUT = pd.Timestamp("2026-01-03", tz="UTC")
 
 
 def _catalog() -> pd.DataFrame:
@@ -64,20 +65,40 @@ def trained() -> TrainResult:
     return train(CONFIG, _catalog(), _examples(), progress=False)
 
 
-def _products(result: TrainResult) -> pd.DataFrame:
-    catalog = _catalog().set_index("product_id").loc[result.product_ids].reset_index()
+def _events() -> pd.DataFrame:
+    """The examples as events: a view of the history product, then the purchase."""
+    rows = []
+    for ex in _examples().itertuples():
+        for kind, product, ts in (("view", ex.recent_product_ids[0],
+                                   ex.event_timestamp - pd.Timedelta(minutes=30)),
+                                  ("purchase", ex.product_id, ex.event_timestamp)):
+            rows.append({"event_id": f"{ex.user_id}-{kind}", "user_id": ex.user_id,
+                         "product_id": product, "event_type": kind, "query": None,
+                         "quantity": 1, "price": 1.0, "ts": ts})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def scorer(trained: TrainResult) -> Scorer:
+    return Scorer(SCORER, trained.model, CONFIG).fit_items(
+        train_data(_events(), _catalog(), CUT))
+
+
+def _products(scorer: Scorer) -> pd.DataFrame:
+    catalog = _catalog().set_index("product_id").loc[scorer.state.product_ids].reset_index()
     return pd.DataFrame({
         "product_id": catalog["product_id"], "title": catalog["title"],
         "category": catalog["category"], "brand": catalog["brand"], "price": catalog["price"],
-        "popularity": catalog["product_id"].map(POPULARITY).to_numpy(),
+        "popularity": scorer.state.facts["popularity"],
     })
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(trained: TrainResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle_dir(trained: TrainResult, scorer: Scorer,
+               tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("bundle") / "bundle"
-    return write_bundle(folder, model=trained.model, config=CONFIG, products=_products(trained),
-                        item_embeddings=trained.item_embeddings,
+    return write_bundle(folder, model=trained.model, config=CONFIG, scorer=scorer,
+                        products=_products(scorer), item_embeddings=scorer.state.embeddings,
                         meta={"interval": "2026-01-02", "model_name": "test"})
 
 
@@ -117,10 +138,13 @@ def test_manifest_lists_every_file_with_its_checksum(bundle_dir: Path,
     files = {str(p.relative_to(bundle_dir)) for p in bundle_dir.rglob("*")
              if p.is_file() and p.name != MANIFEST}
     assert set(manifest["files"]) == files
-    assert {EMBEDDINGS, PRODUCTS, "model/model.safetensors"} <= files
+    assert {EMBEDDINGS, PRODUCTS, "model/model.safetensors", "scorer/scorer.pkl",
+            "scorer/pair_scorers.pt"} <= files
     assert manifest["files"][EMBEDDINGS] == hashlib.sha256(
         (bundle_dir / EMBEDDINGS).read_bytes()).hexdigest()
-    np.testing.assert_array_equal(np.load(bundle_dir / EMBEDDINGS), trained.item_embeddings)
+    # the catalogue under the trained model: the same vectors training produced
+    np.testing.assert_allclose(np.load(bundle_dir / EMBEDDINGS), trained.item_embeddings,
+                               atol=1e-5)
 
 
 def test_flipped_byte_is_refused_naming_the_file(bundle_dir: Path, tmp_path: Path) -> None:
@@ -147,11 +171,16 @@ def test_folder_without_manifest_is_not_a_bundle(bundle_dir: Path, tmp_path: Pat
         verify(folder)
 
 
-def test_products_and_embeddings_must_align(trained: TrainResult, tmp_path: Path) -> None:
+def test_products_and_embeddings_must_align(trained: TrainResult, scorer: Scorer,
+                                            tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="11 products for 12 embeddings"):
-        write_bundle(tmp_path / "b", model=trained.model, config=CONFIG,
-                     products=_products(trained).iloc[:11],
-                     item_embeddings=trained.item_embeddings, meta={})
+        write_bundle(tmp_path / "b", model=trained.model, config=CONFIG, scorer=scorer,
+                     products=_products(scorer).iloc[:11],
+                     item_embeddings=scorer.state.embeddings, meta={})
+    with pytest.raises(ValueError, match="item side and the product table disagree"):
+        write_bundle(tmp_path / "c", model=trained.model, config=CONFIG, scorer=scorer,
+                     products=_products(scorer).iloc[::-1],
+                     item_embeddings=scorer.state.embeddings, meta={})
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -163,7 +192,8 @@ def test_load_bundle_reads_what_was_written(bundle: Bundle, trained: TrainResult
     assert bundle.index_meta["kind"] == "flat_ip"
     assert list(bundle.products["product_id"]) == trained.product_ids
     assert bundle.item_row == trained.item_index
-    np.testing.assert_array_equal(bundle.item_embeddings, trained.item_embeddings)
+    assert bundle.scorer.state.product_ids == trained.product_ids
+    np.testing.assert_allclose(bundle.item_embeddings, trained.item_embeddings, atol=1e-5)
 
 
 def test_load_bundle_refuses_a_tampered_model_folder(bundle_dir: Path, index_dir: Path,
@@ -203,48 +233,58 @@ def test_missing_index_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
 # --- recommending ----------------------------------------------------------------------
 
 
-def _exact_ranking(bundle: Bundle, history: list[str]) -> list[str]:
-    from training.towers import encode_users
+def _history(products: list[str], types: list[str] | None = None) -> Histories:
+    types = types or ["view"] * len(products)
+    stamps = [CUT.timestamp() - 3600.0 * (len(products) - i) for i in range(len(products))]
+    return Histories([products], [types], [np.asarray(stamps)])
 
-    user = encode_users(bundle.model, [history], None, bundle.item_row,
-                        bundle.item_embeddings)  # (1, D)
-    scores = bundle.item_embeddings @ user[0]  # (N,)
-    return [bundle.products["product_id"].iloc[i] for i in np.argsort(-scores, kind="stable")]
+
+def _exact_ranking(bundle: Bundle, history: Histories, **kwargs) -> list[str]:
+    scores = bundle.scorer.scores(history, CUT.timestamp(), **kwargs)[0]  # (N,)
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    return [bundle.products["product_id"].iloc[i] for i in order if np.isfinite(scores[i])]
 
 
 def test_recommend_returns_k_distinct_scored_explained_products(bundle: Bundle) -> None:
-    history = ["mugs-0", "mugs-1"]
-    recs = bundle.recommend(history, None, k=5)
+    history = _history(["mugs-0", "mugs-1"], ["view", "purchase"])
+    recs, cold = bundle.recommend(history, k=5)
     ids = [r.product_id for r in recs]
+    assert not cold
     assert len(ids) == 5 and len(set(ids)) == 5
     assert ids == _exact_ranking(bundle, history)[:5]
     scores = [r.score for r in recs]
     assert all(np.isfinite(scores)) and scores == sorted(scores, reverse=True)
     titles = dict(zip(bundle.products["product_id"], bundle.products["title"], strict=True))
+    allowed = {"you bought it before", "trending this week", "popular with shoppers this month",
+               *(f"{how} Mugs product {j}" for how in ("often bought with", "similar to")
+                 for j in (0, 1))}
     for r in recs:
         assert r.title == titles[r.product_id]
-        assert r.reason in {"you viewed it recently", "similar to Mugs product 0",
-                            "similar to Mugs product 1"}
+        assert r.reason in allowed
+    reasons = {r.product_id: r.reason for r in bundle.recommend(history, k=12)[0]}
+    assert reasons["mugs-1"] == "you bought it before"
+    assert reasons["mugs-0"] != "you bought it before"  # viewed, not bought
 
 
-def test_recommend_excludes_products(bundle: Bundle) -> None:
-    history = ["toys-1", "candles-2"]
-    top = [r.product_id for r in bundle.recommend(history, ["view", "purchase"], k=4)]
+def test_recommend_excludes_products_and_purchases(bundle: Bundle) -> None:
+    history = _history(["toys-1", "candles-2"], ["view", "purchase"])
+    top = [r.product_id for r in bundle.recommend(history, k=4)[0]]
     exclude = set(top[:2]) | {"mugs-3"}
-    recs = bundle.recommend(history, ["view", "purchase"], k=4, exclude=exclude)
+    recs, _ = bundle.recommend(history, k=4, exclude=exclude)
     ids = [r.product_id for r in recs]
     assert len(ids) == 4 and len(set(ids)) == 4
     assert not exclude & set(ids)
-    assert ids[:2] == [p for p in top if p not in exclude][:2]  # the rest keep their order
+    fresh = [r.product_id for r in bundle.recommend(history, k=11, exclude_purchased=True)[0]]
+    assert "candles-2" not in fresh and len(fresh) == 11
+    assert fresh == _exact_ranking(bundle, history, exclude_purchased=True)[:11]
 
 
-@pytest.mark.parametrize("history", [[], ["not-in-catalogue", "nor-this"]])
-def test_user_without_known_history_gets_popular_products(bundle: Bundle,
-                                                          history: list[str]) -> None:
-    by_popularity = sorted(POPULARITY, key=lambda p: (-POPULARITY[p], p))
-    recs = bundle.recommend(history, None, k=4)
-    assert [r.product_id for r in recs] == by_popularity[:4]
-    assert [r.score for r in recs] == [POPULARITY[p] for p in by_popularity[:4]]
-    assert all(r.reason for r in recs)
-    skipped = bundle.recommend(history, None, k=3, exclude={by_popularity[0]})
-    assert [r.product_id for r in skipped] == by_popularity[1:4]
+@pytest.mark.parametrize("products", [[], ["not-in-catalogue", "nor-this"]])
+def test_user_without_known_history_is_cold(bundle: Bundle, products: list[str]) -> None:
+    recs, cold = bundle.recommend(_history(products), k=4)
+    assert cold
+    assert [r.product_id for r in recs] == _exact_ranking(bundle, Histories.empty(1))[:4]
+    assert all(r.reason in {"trending this week", "popular with shoppers this month"}
+               for r in recs)
+    skipped, _ = bundle.recommend(_history(products), k=3, exclude={recs[0].product_id})
+    assert [r.product_id for r in skipped] == [r.product_id for r in recs[1:4]]

@@ -127,7 +127,7 @@ def test_history_is_truncated_to_the_most_recent_but_the_total_accumulates() -> 
     assert rows["u1"]["last_purchase_ts"] == _ts(DAY1, "12:00")
 
 
-def test_default_history_len_keeps_the_last_fifty() -> None:
+def test_default_history_len_keeps_the_last_history_len() -> None:
     n = HISTORY_LEN + 7
     start = _ts(DAY1, "00:00")
     events = _events([

@@ -296,13 +296,14 @@ def test_cli_model_evaluate_writes_json_and_markdown(shop_home, tmp_path) -> Non
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     methods = ["popularity", "repeat", "item_knn", "als", "text_cosine", "two_tower",
-               "blend_weights", "blend"]
+               "blend_weights", "blend", "served"]
     assert list(data["metrics"]) == methods
     assert data["cut"].startswith("2026-01-15") and data["test_days"] == 7
     for method in methods:
         for setting in ("all", "new"):
             assert 0.0 <= data["metrics"][method][setting]["all"]["recall_at_50"] <= 1.0
     assert data["params"]["blend_weights"]["validation_cut"].startswith("2026-01-08")
+    assert data["params"]["served"]["two_tower"] is True
     markdown = out.with_suffix(".md").read_text()
     assert "| blend |" in markdown and "(b) new products only" in markdown
     assert markdown in result.output and "wrote" in result.output

@@ -1,0 +1,165 @@
+"""The served ranking: histories as Feast holds them, its sources, learning, persistence."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+from unit.test_blend import T0, catalog_frame, events_frame
+
+from features.build import USER_RECENT_SCHEMA, build_user_recent_products
+from features.contract import Interval
+from training.baselines import Popularity, cosine_similarity
+from training.protocol import run_protocol, temporal_split, train_data, validation_split
+from training.scorer import (
+    FEATURE_NAMES,
+    Histories,
+    Scorer,
+    ScorerConfig,
+    ServedRecommender,
+    cosine_neighbours,
+)
+
+SMALL = ScorerConfig(neighbours=5, als_factors=4, als_iterations=3, hidden=8, epochs=15)
+PRODUCTS = [f"p{i}" for i in range(12)]
+
+
+def loyal_shop(days: int = 40) -> pd.DataFrame:
+    """Each user buys "their" product every 3 days, and views or buys a random one now and
+    then."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(12):
+        own = PRODUCTS[u % len(PRODUCTS)]
+        for day in range(u % 3, days, 3):
+            rows.append((f"u{u}", own, day + 0.1 * (u % 5)))
+            if rng.random() < 0.3:
+                kind = "view" if rng.random() < 0.5 else "purchase"
+                rows.append((f"u{u}", PRODUCTS[rng.integers(len(PRODUCTS))], day + 0.5, kind))
+    events = events_frame(rows)
+    events["ts"] = events["ts"].dt.floor("s")  # whole seconds, as the contract stores them
+    return events
+
+
+def test_histories_match_what_feast_builds_day_by_day() -> None:
+    events = loyal_shop(10)
+    state = USER_RECENT_SCHEMA.empty_table().to_pandas()
+    for offset in range(10):
+        day = (T0 + pd.Timedelta(days=offset)).date()
+        today = events[events["ts"].dt.date == day]
+        table = build_user_recent_products(today, state, Interval.for_day(day),
+                                           history_len=4).to_pandas()
+        state = pd.concat([state[~state["user_id"].isin(table["user_id"])], table])
+    users = sorted(state["user_id"])
+    ours = Histories.from_events(events, users + ["nobody"], limit=4)
+    feast = Histories.from_feast(state.set_index("user_id").loc[users].reset_index())
+    assert ours.products[:-1] == feast.products
+    assert ours.event_types[:-1] == feast.event_types
+    for a, b in zip(ours.timestamps, feast.timestamps, strict=False):
+        np.testing.assert_array_equal(a, b)
+    assert ours.products[-1] == [] and len(ours.timestamps[-1]) == 0
+
+
+def test_feast_rows_without_timestamps_mean_now() -> None:
+    frame = pd.DataFrame({"recent_product_ids": [["a", "b"], None],
+                          "recent_event_types": [["purchase", "view"], None]})
+    hist = Histories.from_feast(frame)
+    assert hist.products == [["a", "b"], []]
+    assert np.isnan(hist.timestamps[0]).all() and len(hist.timestamps[1]) == 0
+
+
+def test_cosine_neighbours_is_the_top_of_the_dense_cosine() -> None:
+    rng = np.random.default_rng(1)
+    matrix = sparse.csr_matrix((rng.random((30, 9)) < 0.3).astype(np.float32))
+    dense = cosine_similarity(matrix, None, self_similarity=False).toarray()
+    got = cosine_neighbours(matrix, 3, chunk=4).toarray()
+    for row in range(9):
+        kept = np.flatnonzero(got[row])
+        assert len(kept) <= 3 and row not in kept
+        np.testing.assert_allclose(got[row, kept], dense[row, kept], rtol=1e-5)
+        if len(kept):  # nothing dropped beats what was kept
+            assert dense[row, np.setdiff1d(np.arange(9), [*kept, row])].max(initial=0) \
+                <= got[row, kept].min() + 1e-6
+
+
+def test_als_user_factors_solve_the_weighted_least_squares() -> None:
+    data = train_data(loyal_shop(), catalog_frame(PRODUCTS), T0 + pd.Timedelta(days=30))
+    scorer = Scorer(SMALL).fit_items(data)
+    state = scorer.state
+    row = sparse.csr_matrix(([1.0, 3.0], ([0, 0], [2, 5])), shape=(1, len(PRODUCTS)))
+    scores = scorer._als(row)[0]  # (N,)
+    y = state.als_items.astype(np.float64)
+    x, *_ = np.linalg.lstsq(y, scores.astype(np.float64), rcond=None)  # the user's factors
+    confidence = np.ones(len(PRODUCTS))
+    confidence[[2, 5]] += SMALL.als_alpha * np.log1p([1.0, 3.0])
+    preference = np.zeros(len(PRODUCTS))
+    preference[[2, 5]] = 1.0
+    gradient = (y.T * confidence) @ (y @ x - preference) + SMALL.als_regularization * x
+    np.testing.assert_allclose(gradient, 0.0, atol=1e-4)
+
+
+def _fitted(days: int = 40) -> tuple[Scorer, pd.Timestamp]:
+    events = loyal_shop(days)
+    split = temporal_split(events, catalog_frame(PRODUCTS), T0 + pd.Timedelta(days=days - 6),
+                           test_days=6)
+    tuning = validation_split(split.train, 6)
+    scorer = Scorer(SMALL).fit_items(tuning.train)
+    scorer.tune(tuning)
+    return scorer.fit_items(split.train), split.cut
+
+
+def test_the_scorer_learns_repeat_buying_and_leaves_purchases_out_when_asked() -> None:
+    scorer, cut = _fitted()
+    users = [f"u{u}" for u in range(12)]
+    data = train_data(loyal_shop(), catalog_frame(PRODUCTS), cut)
+    hist = Histories.from_events(data.events, users)
+    scores = scorer.scores(hist, cut.timestamp())  # (U, N)
+    own = [scorer.state.item_index[PRODUCTS[u % 12]] for u in range(12)]
+    assert (scores.argmax(axis=1) == own).mean() >= 0.9
+    new = scorer.scores(hist, cut.timestamp(), exclude_purchased=True)
+    assert np.isneginf(new[np.arange(12), own]).all()
+    assert scorer.validation["all"]["n_users"] > 0
+    assert set(scorer.pair_scorers) == {"all", "new"}
+
+
+def test_cold_users_get_the_facts_alone() -> None:
+    scorer, cut = _fitted()
+    features = scorer.features(Histories.empty(2), cut.timestamp())
+    assert features.shape == (2, len(PRODUCTS), len(FEATURE_NAMES))
+    own = FEATURE_NAMES.index("own")
+    assert not features[..., : own + 1].any()  # no source, nothing owned
+    scores = scorer.scores(Histories.empty(2), cut.timestamp())
+    np.testing.assert_allclose(scores[0], scores[1])
+    assert np.isfinite(scores).all()
+
+
+def test_save_and_load_give_the_same_scores(tmp_path) -> None:
+    scorer, cut = _fitted()
+    hist = Histories.from_events(loyal_shop(), ["u1", "u2", "stranger"])
+    before = scorer.scores(hist, cut.timestamp())
+    loaded = Scorer.load(scorer.save(tmp_path / "scorer"))
+    np.testing.assert_array_equal(loaded.scores(hist, cut.timestamp()), before)
+    assert loaded.state.product_ids == scorer.state.product_ids
+    assert loaded.validation == scorer.validation
+
+
+def test_the_tune_step_refuses_an_item_side_fitted_elsewhere() -> None:
+    events = loyal_shop()
+    split = temporal_split(events, catalog_frame(PRODUCTS), T0 + pd.Timedelta(days=34),
+                           test_days=6)
+    scorer = Scorer(SMALL).fit_items(split.train)
+    with pytest.raises(ValueError, match="validation split"):
+        scorer.tune(validation_split(split.train, 6))
+
+
+def test_served_ranking_beats_popularity_under_the_protocol() -> None:
+    result = run_protocol(loyal_shop(60), catalog_frame(PRODUCTS),
+                          [Popularity(), ServedRecommender(SMALL, validation_days=10)],
+                          ks=(1, 10), test_days=10)
+    assert result.value("served", "all", "ndcg_at_1") > \
+        result.value("popularity", "all", "ndcg_at_1") + 0.3
+    assert result.params["served"]["scorer.validation"]["all"]["n_users"] > 0
+    assert dt.datetime.fromisoformat(result.cut) < dt.datetime.fromisoformat(result.end)
