@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export SHOPREC_HOME ?= $(CURDIR)/state
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint lock bench clean
+.PHONY: demo test lint lock bench bench-serving clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ lock:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/materialize.py
+
+# Serving latency/throughput on a 100k-product shop (BENCH_ARGS="--products 2000 --users 1000
+# --seconds 3" for a smoke run). Builds its shop once under state/bench-serving.
+bench-serving: $(STAMP)
+	$(BIN)/python benchmarks/serving.py $(BENCH_ARGS)
 
 clean:
 	rm -rf state

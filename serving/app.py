@@ -1,29 +1,44 @@
-"""The HTTP API: recommendations from the champion bundle (OpenAPI at /docs).
+"""The HTTP API (OpenAPI at /docs): recommendations, search, similar and complementary
+products from the champion bundle; events into the online store; health, version and
+Prometheus metrics.
 
-The app answers from one immutable ``Bundle`` held in ``BundleSlot``; a reload builds the
-next bundle off the request path and swaps the reference in one assignment, so a request
-sees either the old model or the new one, never a mix.
+The app answers from one immutable ``Bundle`` held in ``BundleSlot``; a reload (``POST
+/admin/reload``, or the poll of the champion alias every ``SHOPREC_SERVING_POLL_SECONDS``)
+builds the next bundle off the request path and swaps the reference in one assignment, so a
+request sees either the old model or the new one, never a mix; a bundle that fails to load
+leaves the old one serving.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import hmac
 import logging
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
-from serving.bundle import Bundle, BundleError
+from features.validation import MAX_PRICE, MAX_QUANTITY
+from serving.bundle import Bundle
+from serving.search import MAX_QUERY_CHARS
 from shoprec import __version__
 from shoprec.settings import Settings
+from training.registry import CHAMPION
 from training.scorer import Histories
 
 log = logging.getLogger("shoprec.serving")
+MAX_EVENTS = 1000
+K = Annotated[int, Query(ge=1, le=1000, description="number of products (1..1000)")]
 
 
 class RecommendedItem(BaseModel):
@@ -43,6 +58,52 @@ class Recommendations(BaseModel):
     items: list[RecommendedItem]
 
 
+class SearchResults(BaseModel):
+    query: str
+    user_id: str | None
+    model_name: str
+    model_version: str
+    items: list[RecommendedItem]
+
+
+class RelatedProducts(BaseModel):
+    product_id: str
+    title: str
+    model_name: str
+    model_version: str
+    fallback: bool = Field(False, description="True when co-occurrence had fewer than k "
+                                              "products and popular ones filled the list.")
+    items: list[RecommendedItem]
+
+
+class EventIn(BaseModel):
+    """One event, as the data contract defines it (features/contract.py EVENTS)."""
+
+    event_id: str = Field(min_length=1, max_length=128)
+    user_id: str = Field(min_length=1, max_length=128)
+    event_type: Literal["view", "add_to_cart", "purchase", "search"]
+    product_id: str | None = Field(None, min_length=1, max_length=128,
+                                   description="a catalogue product; null only for search")
+    query: str | None = Field(None, max_length=500, description="search events: the query")
+    quantity: int = Field(1, ge=1, le=MAX_QUANTITY)
+    price: float | None = Field(None, gt=0, le=MAX_PRICE)
+    ts: dt.datetime = Field(description="when it happened, ISO 8601 with a time zone; not "
+                                        "in the future")
+
+
+class ErrorResponse(BaseModel):
+    """A 4xx/5xx answer: ``detail`` says what is wrong (FastAPI's list of problems for a
+    malformed request), ``reason`` one readable line when the request did not validate."""
+
+    detail: str | list[dict[str, Any]]
+    reason: str | None = None
+
+
+class IngestReport(BaseModel):
+    events: int
+    users: list[str]
+
+
 class Health(BaseModel):
     status: str
 
@@ -56,8 +117,10 @@ class VersionInfo(BaseModel):
     app_version: str
     model_name: str | None
     model_version: str | None
+    alias: str | None = Field(description="the registry alias this server follows")
     run_id: str | None
-    interval: str | None
+    interval: str | None = Field(description="the data interval the model was trained on")
+    cuts: dict[str, str] | None = Field(description="validation cut, test cut, end")
     index_kind: str | None
     index_size: int | None
     loaded_at: float | None
@@ -70,7 +133,12 @@ class ReloadResult(BaseModel):
 
 
 class BundleSlot:
-    """The current bundle, swapped whole; readers never lock."""
+    """The current bundle, swapped whole; readers never lock.
+
+    ``load`` builds the next bundle off the request path (a thread), then replaces the
+    reference in one assignment: requests that already read the old bundle finish on it.
+    A failed load keeps the old bundle and records why (``last_error``, /readyz).
+    """
 
     def __init__(self) -> None:
         self.bundle: Bundle | None = None
@@ -78,15 +146,23 @@ class BundleSlot:
         self.last_error: str = ""
         self._reload_lock = threading.Lock()
 
-    def load(self, settings: Settings) -> Bundle:
-        from serving.publish import load_version_bundle
+    def load(self, settings: Settings, *, only_if_changed: bool = False) -> Bundle | None:
+        """Load the champion; with ``only_if_changed``, only when its version differs.
+
+        Returns:
+            The bundle now served (None when unchanged and nothing was loaded).
+        """
+        from serving.publish import champion_version, load_version_bundle
 
         with self._reload_lock:  # one reload at a time; requests keep using the old bundle
             try:
+                if only_if_changed and self.bundle is not None \
+                        and champion_version(settings) == self.bundle.version:
+                    return None
                 bundle = load_version_bundle(settings)
-            except (BundleError, OSError) as exc:
-                self.last_error = str(exc)
-                log.error("could not load the champion: %s (serving %s)", exc,
+            except Exception as exc:  # MLflow down, bad bundle, ...: keep serving the old one
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.error("could not load the champion: %s (serving %s)", self.last_error,
                           f"v{self.bundle.version}" if self.bundle else "nothing")
                 raise
             self.bundle, self.loaded_at, self.last_error = bundle, time.time(), ""
@@ -94,29 +170,87 @@ class BundleSlot:
                      bundle.size, bundle.index_meta.get("kind"))
             return bundle
 
+    async def poll(self, settings: Settings) -> None:
+        """Follow the champion alias: every ``serving_poll_seconds``, load it if it moved."""
+        while True:
+            await asyncio.sleep(settings.serving_poll_seconds)
+            try:
+                await run_in_threadpool(self.load, settings, only_if_changed=True)
+            except Exception:  # logged in load(); try again next time
+                pass
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry, so several apps can coexist)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("shoprec_requests_total", "HTTP requests",
+                                ["endpoint", "method", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "shoprec_request_seconds", "HTTP request latency", ["endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry)
+        self.version = Gauge("shoprec_bundle_version", "model version being served",
+                             registry=self.registry)
+        self.products = Gauge("shoprec_bundle_products", "products in the served catalogue",
+                              registry=self.registry)
+
+
+INVALID = {422: {"model": ErrorResponse, "description": "the request breaks the schema or "
+                                                       "the data contract"}}
+NOT_LOADED = {503: {"model": ErrorResponse, "description": "no model loaded yet"}, **INVALID}
+UNKNOWN = {404: {"model": ErrorResponse, "description": "unknown product or category"},
+           **NOT_LOADED}
+
 
 class UserHistory:
-    """Reads users' recent products from the Feast online store."""
+    """Reads users' recent products and profiles from the Feast online store, and writes
+    incoming events into it."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._store = None
         self._lock = threading.Lock()
 
+    def _open(self):
+        from features.store import feature_store
+
+        if self._store is None:
+            self._store = feature_store(self.settings)
+        return self._store
+
     def get(self, user_id: str) -> Histories:
         """The user's history as the online store holds it (empty when unknown or the store
         is unavailable)."""
-        from features.store import feature_store, online_user_history
+        from features.store import online_user_history
 
         with self._lock:  # the SQLite online store is not shared across threads
             try:
-                if self._store is None:
-                    self._store = feature_store(self.settings)
-                row = online_user_history(self._store, [user_id])[user_id]
+                row = online_user_history(self._open(), [user_id])[user_id]
             except Exception as exc:  # a missing store must not take the API down
                 log.warning("online features unavailable (%s); serving without history", exc)
                 return Histories.empty(1)
         return Histories.from_feast(pd.DataFrame([row]))
+
+    def ingest(self, events: list[dict[str, Any]], ingest: Any) -> Any:
+        """``features.realtime.ingest_events`` on this store.
+
+        Raises:
+            HTTPException: 503 when the online store is unavailable.
+        """
+        from features.realtime import InvalidEvent
+
+        with self._lock:
+            try:
+                return ingest(self._open(), events)
+            except InvalidEvent:
+                raise
+            except Exception as exc:
+                log.error("could not write events to the online store: %s", exc)
+                raise HTTPException(503, detail=f"online store unavailable: {exc}") from exc
 
 
 def current_bundle(request: Request) -> Bundle:
@@ -133,25 +267,68 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
     settings = settings or Settings.from_env()
     slot = BundleSlot()
     history = UserHistory(settings)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if load_on_start:
             try:
                 await run_in_threadpool(slot.load, settings)
-            except (BundleError, OSError):
-                pass  # /readyz reports it; a later reload can fix it
+            except Exception:  # noqa: S110 - /readyz and the log report it; the poll retries
+                pass
+        poller = (asyncio.create_task(slot.poll(settings))
+                  if settings.serving_poll_seconds > 0 else None)
         yield
+        if poller is not None:
+            poller.cancel()
 
     app = FastAPI(
         title="shoprec",
         version=__version__,
-        description="Recommendations from the shop's champion two-tower model. Every result "
-                    "carries a score and a reason.",
+        description="Recommendations, search and related products from the shop's champion "
+                    "model. Every result carries a score and a reason.",
         lifespan=lifespan,
     )
     app.state.slot = slot
     app.state.settings = settings
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            metrics.requests.labels(endpoint, request.method, str(status)).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with one readable reason per problem (and FastAPI's details)."""
+        reasons = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
+                   for e in exc.errors()]
+        return JSONResponse(status_code=422, content={
+            "detail": jsonable_encoder(exc.errors()), "reason": "; ".join(reasons)})
+
+    def _items(recs) -> list[RecommendedItem]:
+        return [RecommendedItem(**vars(r)) for r in recs]
+
+    def _product(bundle: Bundle, product_id: str) -> int:
+        row = bundle.item_row.get(product_id)
+        if row is None:
+            raise HTTPException(404, detail=f"unknown product {product_id!r}: not in the "
+                                            f"catalogue of model v{bundle.version}")
+        return row
+
+    def _category(bundle: Bundle, category: str | None) -> str | None:
+        if category is not None and category not in bundle.categories:
+            raise HTTPException(404, detail=f"unknown category {category!r}")
+        return category
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
     def healthz() -> Health:
@@ -159,69 +336,150 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         return Health(status="ok")
 
     @app.get("/readyz", response_model=Readiness, tags=["ops"],
-             responses={503: {"model": Readiness}})
+             responses={503: {"model": Readiness, "description": "no bundle loaded"}})
     def readyz():
-        """Readiness: a model bundle is loaded."""
-        from fastapi.responses import JSONResponse
-
+        """Readiness: a model bundle is loaded (the detail says when a reload failed)."""
         if slot.bundle is None:
             return JSONResponse(status_code=503, content=Readiness(
                 ready=False, detail=slot.last_error or "no bundle loaded").model_dump())
         detail = f"serving v{slot.bundle.version}"
         if slot.last_error:
-            detail += f"; last reload failed: {slot.last_error}"
+            detail += f"; last reload failed, kept v{slot.bundle.version}: {slot.last_error}"
         return Readiness(ready=True, detail=detail)
 
     @app.get("/version", response_model=VersionInfo, tags=["ops"])
     def version() -> VersionInfo:
         """Which model version answers, what it was trained on, and its index."""
         b = slot.bundle
+        cuts = ({k: str(b.manifest[k]) for k in ("validation_cut", "test_cut", "end")
+                 if k in b.manifest} if b else None)
         return VersionInfo(
             app_version=__version__,
             model_name=b.name if b else None, model_version=b.version if b else None,
-            run_id=b.run_id if b else None,
-            interval=b.manifest.get("interval") if b else None,
+            alias=CHAMPION, run_id=b.run_id if b else None,
+            interval=b.manifest.get("interval") if b else None, cuts=cuts,
             index_kind=b.index_meta.get("kind") if b else None,
             index_size=b.index_meta.get("size") if b else None,
             loaded_at=slot.loaded_at,
         )
 
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    def prometheus_metrics() -> PlainTextResponse:
+        """Prometheus text format: requests and latency per endpoint, the bundle served."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if slot.bundle is not None:
+            metrics.version.set(float(slot.bundle.version))
+            metrics.products.set(slot.bundle.size)
+        return PlainTextResponse(generate_latest(metrics.registry),
+                                 media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/recommend/{user_id}", response_model=Recommendations, tags=["recommend"],
-             responses={503: {"description": "no model loaded yet"}})
+             responses=UNKNOWN)
     def recommend(
         user_id: Annotated[str, Path(min_length=1, max_length=128)],
         bundle: Annotated[Bundle, Depends(current_bundle)],
-        k: Annotated[int, Query(ge=1, le=1000, description="number of products")] = 10,
+        k: K = 10,
         exclude_purchased: Annotated[bool, Query(
             description="leave out products the user already bought")] = False,
+        category: Annotated[str | None, Query(
+            min_length=1, max_length=200, description="only products of this category")] = None,
+        country: Annotated[str | None, Query(
+            min_length=1, max_length=100,
+            description="the visitor's country, for users without history")] = None,
     ) -> Recommendations:
         """Top-k products for a user, from their recent behaviour in the online store.
 
-        Users without known history get popular, trending and new products
-        (`cold_start`: true).
+        Users without known history get what is popular in their country (when known), or
+        popular, trending and new products (`cold_start`: true).
         """
         items, cold = bundle.recommend(history.get(user_id), k,
-                                       exclude_purchased=exclude_purchased)
-        return Recommendations(
-            user_id=user_id, model_name=bundle.name, model_version=bundle.version,
-            cold_start=cold,
-            items=[RecommendedItem(**vars(item)) for item in items],
-        )
+                                       exclude_purchased=exclude_purchased,
+                                       category=_category(bundle, category), country=country)
+        return Recommendations(user_id=user_id, model_name=bundle.name,
+                               model_version=bundle.version, cold_start=cold,
+                               items=_items(items))
+
+    @app.get("/search", response_model=SearchResults, tags=["search"], responses=UNKNOWN)
+    def search(
+        q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS,
+                                description="what the shopper typed")],
+        bundle: Annotated[Bundle, Depends(current_bundle)],
+        k: K = 10,
+        user_id: Annotated[str | None, Query(
+            min_length=1, max_length=128, description="personalise for this user")] = None,
+        category: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    ) -> SearchResults:
+        """Products matching a query: its words and codes (a brand, a stock code) and its
+        meaning (the shared text encoder); personalised by the user's ranking when given."""
+        if not q.strip():
+            raise HTTPException(422, detail="the query is blank")
+        user = history.get(user_id) if user_id else None
+        items = bundle.search(q, k, history=user, category=_category(bundle, category))
+        return SearchResults(query=q, user_id=user_id, model_name=bundle.name,
+                             model_version=bundle.version, items=_items(items))
+
+    @app.get("/similar/{product_id}", response_model=RelatedProducts, tags=["products"],
+             responses=UNKNOWN)
+    def similar(
+        product_id: Annotated[str, Path(min_length=1, max_length=128)],
+        bundle: Annotated[Bundle, Depends(current_bundle)],
+        k: K = 10,
+    ) -> RelatedProducts:
+        """Products whose embeddings are nearest (text, category, brand, price, behaviour)."""
+        row = _product(bundle, product_id)
+        return RelatedProducts(product_id=product_id, title=str(bundle.products.title.iat[row]),
+                               model_name=bundle.name, model_version=bundle.version,
+                               items=_items(bundle.similar(product_id, k)))
+
+    @app.get("/complementary/{product_id}", response_model=RelatedProducts, tags=["products"],
+             responses=UNKNOWN)
+    def complementary(
+        product_id: Annotated[str, Path(min_length=1, max_length=128)],
+        bundle: Annotated[Bundle, Depends(current_bundle)],
+        k: K = 10,
+    ) -> RelatedProducts:
+        """Products bought together with this one (co-occurrence of buyers)."""
+        row = _product(bundle, product_id)
+        items, fallback = bundle.complementary(product_id, k)
+        return RelatedProducts(product_id=product_id, title=str(bundle.products.title.iat[row]),
+                               model_name=bundle.name, model_version=bundle.version,
+                               fallback=fallback, items=_items(items))
+
+    @app.post("/events", response_model=IngestReport, tags=["events"],
+              responses={**INVALID, 503: {"model": ErrorResponse,
+                                          "description": "the online store is unavailable"}})
+    def events(body: Annotated[EventIn | list[EventIn], Body(
+            description="one event or a batch (at most 1000)")]) -> IngestReport:
+        """Validate events against the data contract and fold them into the users' online
+        features: the user's next /recommend reflects them. One bad event refuses the batch."""
+        from features.realtime import InvalidEvent, ingest_events
+
+        batch = body if isinstance(body, list) else [body]
+        if len(batch) > MAX_EVENTS:
+            raise HTTPException(422, detail=f"{len(batch)} events; at most {MAX_EVENTS}")
+        try:
+            result = history.ingest([e.model_dump() for e in batch], ingest_events)
+        except InvalidEvent as exc:
+            raise HTTPException(422, detail=str(exc)) from exc
+        return IngestReport(events=result.events, users=result.users)
 
     @app.post("/admin/reload", response_model=ReloadResult, tags=["ops"],
-              responses={401: {"description": "missing token"},
-                         403: {"description": "wrong token or reload disabled"}})
+              responses={401: {"model": ErrorResponse, "description": "missing token"},
+                         403: {"model": ErrorResponse,
+                               "description": "wrong token or reload disabled"},
+                         **INVALID})
     async def admin_reload(authorization: Annotated[str | None, Header()] = None) -> Any:
         """Load the current champion off the request path and swap it in."""
         if not settings.admin_token:
             raise HTTPException(403, detail="reload disabled: SHOPREC_ADMIN_TOKEN is not set")
         if not authorization or not authorization.startswith("Bearer "):
             raise HTTPException(401, detail="missing 'Authorization: Bearer <token>' header")
-        if authorization.removeprefix("Bearer ") != settings.admin_token:
+        if not hmac.compare_digest(authorization.removeprefix("Bearer "), settings.admin_token):
             raise HTTPException(403, detail="wrong token")
         try:
             bundle = await run_in_threadpool(slot.load, settings)
-        except (BundleError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - reported; the old bundle keeps serving
             current = slot.bundle.version if slot.bundle else None
             return ReloadResult(reloaded=False, model_version=current,
                                 detail=f"kept the current bundle: {exc}")

@@ -133,14 +133,30 @@ class Bundle:
     item_embeddings: np.ndarray  # (N, D)
     index: Any
     index_meta: dict[str, Any]
+    search_index: Any  # serving.search.SearchIndex
+    query_encoder: Any  # QueryEncoder, or None (no text encoder: lexical search only)
     item_row: dict[str, int] = field(repr=False)
+    categories: frozenset[str] = field(default=frozenset(), repr=False)
 
     @property
     def size(self) -> int:
         return len(self.products)
 
+    def _result(self, row: int, score: float, reason: str) -> Recommendation:
+        return Recommendation(str(self.products.product_id.iat[row]),
+                              str(self.products.title.iat[row]), float(score), reason)
+
+    def _excluded(self, exclude: set[str], category: str | None) -> np.ndarray:
+        """(N,) bool: rows never to return."""
+        out = np.zeros(self.size, dtype=bool)
+        out[[self.item_row[p] for p in exclude if p in self.item_row]] = True
+        if category is not None:
+            out |= (self.products["category"] != category).to_numpy()
+        return out
+
     def recommend(self, history: Any, k: int, *, exclude_purchased: bool = False,
-                  exclude: set[str] = frozenset()) -> tuple[list[Recommendation], bool]:
+                  exclude: set[str] = frozenset(), category: str | None = None,
+                  country: str | None = None) -> tuple[list[Recommendation], bool]:
         """Top-k products for one user with the served ranking.
 
         Args:
@@ -148,6 +164,9 @@ class Bundle:
             k: how many.
             exclude_purchased: leave out what the history purchased.
             exclude: more products to leave out.
+            category: only products of this category.
+            country: the visitor's country, used when the history is empty (else the
+                profile's): popularity in that country.
 
         Returns:
             (recommendations best first, cold_start: no known product in the history).
@@ -155,18 +174,83 @@ class Bundle:
         from training.protocol import top_k
 
         products = history.products[0]
+        known = [self.item_row[p] for p in products if p in self.item_row]
+        excluded = self._excluded(set(exclude), category)
+        if not known:
+            country = country or _profile_country(history)
+            local = self.scorer.state.country_popularity.get(country) if country else None
+            if local is not None and local.sum() > 0:
+                scores = np.where(excluded, -np.inf, local + 1e-3 * self.scorer.state.facts[
+                    "popularity_30d"])  # (N,)
+                rows = [int(r) for r in top_k(scores[None, :], k)[0] if np.isfinite(scores[r])]
+                return [self._result(r, scores[r], f"popular in {country} this month")
+                        for r in rows], True
         stamps = history.timestamps[0]
         known_times = stamps[np.isfinite(stamps)]
         now = max(self.scorer.state.cut.timestamp(), float(known_times.max(initial=0.0)))
+        drop = {str(p) for p in self.products.product_id[excluded]} if excluded.any() else set()
         scores = self.scorer.scores(history, now, exclude_purchased=exclude_purchased,
-                                    exclude=[set(exclude)])[0]  # (N,)
+                                    exclude=[drop])[0]  # (N,)
         rows = [int(r) for r in top_k(scores[None, :], k)[0] if np.isfinite(scores[r])]
-        known = [self.item_row[p] for p in products if p in self.item_row]
         reasons = self._reasons(rows, known, history.event_types[0], products)
-        out = [Recommendation(str(self.products.product_id.iat[r]),
-                              str(self.products.title.iat[r]), float(scores[r]), reason)
-               for r, reason in zip(rows, reasons, strict=True)]
-        return out, not known
+        return [self._result(r, scores[r], reason)
+                for r, reason in zip(rows, reasons, strict=True)], not known
+
+    def similar(self, product_id: str, k: int) -> list[Recommendation]:
+        """The ``k`` products whose item embeddings are nearest (the FAISS index).
+
+        Raises:
+            KeyError: the product is not in this bundle's catalogue.
+        """
+        row = self.item_row[product_id]
+        query = self.item_embeddings[row : row + 1].astype(np.float32)  # (1, D)
+        scores, rows = self.index.search(query, min(k + 1, self.size))  # (1, k + 1)
+        title = self.products.title.iat[row]
+        return [self._result(int(r), float(sc), f"similar to {title}")
+                for sc, r in zip(scores[0], rows[0], strict=True) if r >= 0 and r != row][:k]
+
+    def complementary(self, product_id: str, k: int) -> tuple[list[Recommendation], bool]:
+        """Products bought together with ``product_id`` (co-occurrence of buyers), best
+        first; topped up with popular products of other categories when there are fewer
+        than ``k`` (the second value says so).
+
+        Raises:
+            KeyError: the product is not in this bundle's catalogue.
+        """
+        row = self.item_row[product_id]
+        neighbours = self.scorer.state.neighbours[row]
+        order = np.lexsort((neighbours.indices, -neighbours.data))[:k]
+        title = self.products.title.iat[row]
+        out = [self._result(int(neighbours.indices[i]), float(neighbours.data[i]),
+                            f"often bought with {title}") for i in order]
+        if len(out) >= k:
+            return out, False
+        taken = {row, *(self.item_row[r.product_id] for r in out)}
+        same = (self.products["category"] == self.products["category"].iat[row]).to_numpy()
+        popularity = self.scorer.state.facts["popularity"]  # (N,)
+        for r in np.lexsort((np.arange(self.size), -popularity)):
+            if len(out) == k:
+                break
+            if int(r) not in taken and not same[r]:
+                out.append(self._result(int(r), 0.0, "popular with shoppers this month"))
+        return out, True
+
+    def search(self, query: str, k: int, *, history: Any = None,
+               category: str | None = None) -> list[Recommendation]:
+        """Products for a search query: lexical + semantic match, personalised by the
+        served ranking when the user's ``history`` is given."""
+        vector = self.query_encoder.encode(query) if self.query_encoder is not None else None
+        personal = None
+        if history is not None and any(p in self.item_row for p in history.products[0]):
+            stamps = history.timestamps[0]
+            known_times = stamps[np.isfinite(stamps)]
+            now = max(self.scorer.state.cut.timestamp(), float(known_times.max(initial=0.0)))
+            personal = self.scorer.scores(history, now)[0]  # (N,)
+        hits = self.search_index.search(query, k, query_vector=vector, personal=personal,
+                                        excluded=self._excluded(set(), category))
+        return [self._result(h.row, h.score,
+                             f"matches '{' '.join(h.matched)}'" if h.matched
+                             else f"related to '{query.strip()[:40]}'") for h in hits]
 
     def _reasons(self, rows: list[int], known: list[int], types: list[str],
                  products: list[str]) -> list[str]:
@@ -197,6 +281,27 @@ class Bundle:
         return out
 
 
+def _profile_country(history: Any) -> str | None:
+    profiles = getattr(history, "profiles", None)
+    if profiles is None or "country" not in profiles or profiles.empty:
+        return None
+    value = profiles["country"].iat[0]
+    return str(value) if isinstance(value, str) and value else None
+
+
+class QueryEncoder:
+    """The shared (frozen) text encoder for search queries, loaded once per bundle."""
+
+    def __init__(self, config: Any):
+        from training.text import TextEncoder
+
+        self.encoder = TextEncoder(config.replace(device="cpu"), progress=False)
+
+    def encode(self, text: str) -> np.ndarray:
+        """(H,) unit vector of ``text``."""
+        return self.encoder.encode([text], progress=False)[0]
+
+
 def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
                 run_id: str) -> Bundle:
     """Verify and load a bundle from its two artifact folders.
@@ -205,7 +310,9 @@ def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
         BundleError: checksum mismatch, missing index, or index/embeddings disagreement.
     """
     from serving.index import load_index, to_device
+    from serving.search import SearchIndex
     from training.checkpoint import load_model
+    from training.scorer import Scorer
 
     manifest = verify(model_dir)
     index_path = index_dir / INDEX_FILE
@@ -215,8 +322,6 @@ def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
     index_meta = json.loads(meta_path.read_text())
     if index_meta.get("sha256") != _sha256(index_path):
         raise BundleError(f"version {version}: index checksum mismatch; refusing to load")
-    from training.scorer import Scorer
-
     model, config = load_model(model_dir / MODEL_DIR)
     model.eval()
     scorer = Scorer.load(model_dir / SCORER_DIR, model, config)
@@ -226,9 +331,13 @@ def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
     if index.ntotal != len(products):
         raise BundleError(f"version {version}: index holds {index.ntotal} vectors for "
                           f"{len(products)} products")
+    text_vectors = scorer.state.text_vectors
     return Bundle(
         name=name, version=version, run_id=run_id, manifest=manifest, model=model,
-        scorer=scorer, products=products, item_embeddings=embeddings, index=to_device(index),
-        index_meta=index_meta,
+        scorer=scorer, products=products,
+        search_index=SearchIndex(products, text_vectors),
+        query_encoder=QueryEncoder(config) if text_vectors is not None else None,
+        categories=frozenset(products["category"].astype(str)),
+        item_embeddings=embeddings, index=to_device(index), index_meta=index_meta,
         item_row={p: i for i, p in enumerate(products["product_id"])},
     )

@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 RECALL_SAMPLE = 500
 RECALL_K = 50
-MIN_INDEX_RECALL = 0.95
 
 
 def _find_bundle(folder: Path) -> Path:
@@ -53,7 +52,7 @@ def build_index_for_version(settings: Settings, version: str) -> dict[str, Any]:
     """Build the catalogue's FAISS index for a model version and store it with the version.
 
     The index is checked against exact search (recall@50 on a sample of catalogue vectors)
-    and refused below ``MIN_INDEX_RECALL``.
+    and refused below ``settings.index_min_recall``.
 
     Returns:
         {"version", "index_kind", "size", "recall_at_50"} for XCom.
@@ -66,13 +65,15 @@ def build_index_for_version(settings: Settings, version: str) -> dict[str, Any]:
     mv = client.get_model_version(settings.model_name, version)
     folder = download_model_bundle(settings, run_id=mv.run_id)
     embeddings = np.load(folder / EMBEDDINGS)  # (N, D)
-    index, kind = build_index(embeddings)
+    index, kind = build_index(embeddings, ann_threshold=settings.index_exact_max)
     rng = np.random.default_rng(0)
     sample = embeddings[rng.choice(len(embeddings), min(RECALL_SAMPLE, len(embeddings)),
                                    replace=False)]
     recall = measure_recall(index, embeddings, sample, k=RECALL_K)
-    if recall < MIN_INDEX_RECALL:
-        raise RuntimeError(f"{kind} index recall@{RECALL_K} {recall:.3f} < {MIN_INDEX_RECALL}")
+    if recall < settings.index_min_recall:
+        raise RuntimeError(f"{kind} index recall@{RECALL_K} {recall:.3f} < "
+                           f"{settings.index_min_recall} (SHOPREC_INDEX_MIN_RECALL); "
+                           "not stored, the version cannot serve")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / INDEX_FILE
         save_index(index, path)
@@ -89,6 +90,12 @@ def build_index_for_version(settings: Settings, version: str) -> dict[str, Any]:
              RECALL_K, recall)
     return {"version": str(version), "index_kind": kind, "size": int(index.ntotal),
             f"recall_at_{RECALL_K}": recall}
+
+
+def champion_version(settings: Settings, alias: str = "champion") -> str | None:
+    """The version the alias points at now (None: no such alias)."""
+    mv = alias_version(mlflow_client(settings), settings.model_name, alias)
+    return None if mv is None else str(mv.version)
 
 
 def load_version_bundle(settings: Settings, version: str | None = None,

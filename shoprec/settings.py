@@ -44,6 +44,9 @@ class Settings:
     serving_port: int = 8000
     serving_url: str = ""
     admin_token: str = ""
+    serving_poll_seconds: float = 60.0
+    index_exact_max: int = 50_000
+    index_min_recall: float = 0.95
     text_encoder: str = "minilm"
     allowed_lateness_hours: int = 1
     feast_project: str = "shoprec"
@@ -76,6 +79,11 @@ class Settings:
             serving_port=int(env.get("SHOPREC_SERVING_PORT", cls.serving_port)),
             serving_url=env.get("SHOPREC_SERVING_URL", ""),
             admin_token=env.get("SHOPREC_ADMIN_TOKEN", ""),
+            serving_poll_seconds=float(env.get("SHOPREC_SERVING_POLL_SECONDS",
+                                               cls.serving_poll_seconds)),
+            index_exact_max=int(env.get("SHOPREC_INDEX_EXACT_MAX", cls.index_exact_max)),
+            index_min_recall=float(env.get("SHOPREC_INDEX_MIN_RECALL",
+                                           cls.index_min_recall)),
             text_encoder=env.get("SHOPREC_TEXT_ENCODER", cls.text_encoder),
             allowed_lateness_hours=int(
                 env.get("SHOPREC_ALLOWED_LATENESS_HOURS", cls.allowed_lateness_hours)

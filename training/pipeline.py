@@ -312,7 +312,7 @@ def train_interval(settings: Settings, day: str | dt.date,
         tuning = validation_split(split.train, data.validation_days)
         scorer = Scorer(scorer_config, result.model, config)
         validation = scorer.fit_items(tuning.train, cache).tune(tuning, data.users)
-        scorer.fit_items(train_data(data.events, data.products, data.end), cache)
+        scorer.fit_items(train_data(data.events, data.products, data.end), cache, data.users)
         state = scorer.state
         products = (data.products.sort_values("updated_at", kind="stable")
                     .drop_duplicates("product_id", keep="last").set_index("product_id")

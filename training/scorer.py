@@ -272,6 +272,9 @@ class ItemState:
         neighbours: (N, N) sparse co-occurrence cosine.
         als_items: (N, F) ALS item factors; als_gram: (F, F) their Gram matrix.
         facts: per-product facts of ``item_facts``.
+        text_vectors: (N, H) unit vectors of the products' text under the shared (frozen)
+            text encoder, for search (None: no two-tower model).
+        country_popularity: country -> (N,) purchases in the last 30 days by its users.
     """
 
     cut: pd.Timestamp
@@ -281,6 +284,8 @@ class ItemState:
     als_items: np.ndarray
     als_gram: np.ndarray
     facts: dict[str, np.ndarray]
+    text_vectors: np.ndarray | None = None
+    country_popularity: dict[str, np.ndarray] = field(default_factory=dict)
     item_index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -289,36 +294,59 @@ class ItemState:
     @classmethod
     def fit(cls, data: TrainData, config: ScorerConfig, model: Any = None,
             model_config: TrainConfig | None = None,
-            cache_dir: str | os.PathLike[str] | None = None) -> ItemState:
-        """Fit the item side on ``data`` (and embed its catalogue with ``model``)."""
+            cache_dir: str | os.PathLike[str] | None = None,
+            users: pd.DataFrame | None = None) -> ItemState:
+        """Fit the item side on ``data`` (and embed its catalogue with ``model``); ``users``
+        (user rows with country) gives the per-country popularity."""
         from training.baselines import ALS
 
         matrix = data.interactions(event_types=INTERACTION_EVENTS, weight="binary")  # (U, N)
         als = ALS(factors=config.als_factors, regularization=config.als_regularization,
                   alpha=config.als_alpha, iterations=config.als_iterations, seed=config.seed)
         als.fit(data)
-        embeddings = None
+        embeddings = text_vectors = None
         if model is not None:
-            embeddings = embed_catalog(model, model_config, data.catalog, data.product_ids,
-                                       cache_dir)
+            embeddings, text_vectors = embed_catalog(model, model_config, data.catalog,
+                                                     data.product_ids, cache_dir)
         items = als.item_factors.astype(np.float64)  # (N, F)
         return cls(cut=data.cut, product_ids=list(data.product_ids), embeddings=embeddings,
                    neighbours=cosine_neighbours(matrix, config.neighbours),
                    als_items=als.item_factors, als_gram=items.T @ items,
-                   facts=item_facts(data, config.repurchase_prior))
+                   facts=item_facts(data, config.repurchase_prior), text_vectors=text_vectors,
+                   country_popularity=country_popularity(data, users))
+
+
+def country_popularity(data: TrainData, users: pd.DataFrame | None,
+                       days: int = 30) -> dict[str, np.ndarray]:
+    """Country -> (N,) float32 purchases in the ``days`` before the cut by users of that
+    country (each user's latest known country)."""
+    if users is None or users.empty or "country" not in users:
+        return {}
+    known = users.dropna(subset=["country"]).drop_duplicates("user_id", keep="last")
+    country = known.set_index("user_id")["country"]
+    buys = data.purchases[data.purchases["ts"] >= data.cut - pd.Timedelta(days=days)]
+    buys = buys.assign(country=buys["user_id"].map(country)).dropna(subset=["country"])
+    out = {}
+    for name, group in buys.groupby("country"):
+        counts = group["product_id"].map(data.item_index).value_counts()
+        vector = np.zeros(len(data.product_ids), np.float32)
+        vector[counts.index.to_numpy(dtype=np.int64)] = counts.to_numpy(dtype=np.float32)
+        out[str(name)] = vector
+    return out
 
 
 def embed_catalog(model: Any, config: TrainConfig | None, catalog: pd.DataFrame,
-                  product_ids: Sequence[str],
-                  cache_dir: str | os.PathLike[str] | None) -> np.ndarray:
-    """(N, D) item embeddings of ``product_ids`` (rows of ``catalog``) under ``model``."""
+                  product_ids: Sequence[str], cache_dir: str | os.PathLike[str] | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) item embeddings of ``product_ids`` (rows of ``catalog``) under ``model``, and
+    (N, H) the frozen text encoder's vectors of their text."""
     from training.text import embed_texts, product_text
     from training.towers import ItemFeatures, encode_items
     from training.train import unique_products
 
     rows = unique_products(catalog).set_index("product_id").loc[list(product_ids)].reset_index()
     text = embed_texts(product_text(rows), config, cache_dir, progress=False)
-    return encode_items(model, ItemFeatures.from_catalog(rows, text)).astype(np.float32)
+    return encode_items(model, ItemFeatures.from_catalog(rows, text)).astype(np.float32), text
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,10 +374,11 @@ class Scorer:
 
     # -- the item side -------------------------------------------------------------------
 
-    def fit_items(self, data: TrainData,
-                  cache_dir: str | os.PathLike[str] | None = None) -> Scorer:
-        """Fit the item side on ``data``; returns self."""
-        self.state = ItemState.fit(data, self.config, self.model, self.model_config, cache_dir)
+    def fit_items(self, data: TrainData, cache_dir: str | os.PathLike[str] | None = None,
+                  users: pd.DataFrame | None = None) -> Scorer:
+        """Fit the item side on ``data`` (``users``: rows with country); returns self."""
+        self.state = ItemState.fit(data, self.config, self.model, self.model_config, cache_dir,
+                                   users)
         return self
 
     # -- features ------------------------------------------------------------------------
@@ -714,8 +743,8 @@ class TwoTowerRanker(ScoredRecommender):
     def _fit(self, data: TrainData) -> None:
         from training.baselines import _unit_fill, popularity_scores
 
-        self.embeddings = embed_catalog(self.model, self.config, data.catalog,
-                                        data.product_ids, self.cache_dir)  # (N, D)
+        self.embeddings, _ = embed_catalog(self.model, self.config, data.catalog,
+                                           data.product_ids, self.cache_dir)  # (N, D)
         self.fill = _unit_fill(popularity_scores(data))  # (N,)
 
     def scores(self, user_ids: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,217 @@
+"""Open-loop HTTP load for ``benchmarks/serving.py``: a fixed request timetable on loopback.
+
+Run as its own process (``python benchmarks/_load.py SPEC.json``), so the client never shares
+an interpreter (or a GIL) with the server. The spec names the base URL, the request paths
+(cycled), the rate and the duration; the result is one JSON object on stdout.
+
+Every request i has a scheduled send time ``t0 + i / rate`` and its latency is measured from
+that time, not from when it was actually sent: a server (or client) that falls behind makes
+later requests wait, and that wait is counted (no coordinated omission). Requests go out over
+a pool of keep-alive HTTP/1.1 connections; a request that finds every connection busy opens
+another one, up to ``max_connections``, then queues (its latency still running).
+
+The client speaks minimal HTTP/1.1 over asyncio streams (uvloop when installed) instead of
+httpx: on a 2-core machine the client's CPU is taken from the server, and this costs a
+fraction of httpx's per-request work. Only stdlib is imported, so the process starts fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+
+@dataclass
+class Tally:
+    """What one load run observed."""
+
+    latencies_ms: list[float] = field(default_factory=list)  # successful requests only
+    send_lag_ms: list[float] = field(default_factory=list)  # actual send - scheduled send
+    errors: dict[str, int] = field(default_factory=dict)  # "HTTP 503", "TimeoutError", ...
+    sent: int = 0
+    ok: int = 0
+    first_scheduled: float = 0.0
+    last_done: float = 0.0
+    max_open: int = 0
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+class ConnectionPool:
+    """Keep-alive connections to one host; grows on demand up to ``limit``."""
+
+    def __init__(self, host: str, port: int, limit: int):
+        self.host, self.port, self.limit = host, port, limit
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.open = 0
+        self.max_open = 0
+        self.freed = asyncio.Condition()
+
+    async def acquire(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async with self.freed:
+            while not self.idle and self.open >= self.limit:
+                await self.freed.wait()
+            if self.idle:
+                return self.idle.pop()
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
+        try:
+            return await asyncio.open_connection(self.host, self.port)
+        except BaseException:
+            await self.discard(None)
+            raise
+
+    async def release(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        async with self.freed:
+            self.idle.append(conn)
+            self.freed.notify()
+
+    async def discard(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
+                      ) -> None:
+        if conn is not None:
+            conn[1].close()
+        async with self.freed:
+            self.open -= 1
+            self.freed.notify()
+
+    async def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+async def _get(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], host: str,
+               path: str) -> tuple[int, bool]:
+    """One GET on a keep-alive connection; returns (status, connection reusable)."""
+    reader, writer = conn
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip().lower()
+    if "content-length" in headers:
+        await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)  # the chunk and its CRLF
+            if size == 0:
+                break
+    else:  # no framing: the body runs to the end of the connection
+        await reader.read()
+        return status, False
+    return status, headers.get("connection") != "close"
+
+
+async def _one(pool: ConnectionPool, path: str, scheduled: float, timeout: float,
+               tally: Tally, record: bool) -> None:
+    conn = None
+    try:
+        async with asyncio.timeout(timeout):
+            conn = await pool.acquire()
+            if record:
+                tally.send_lag_ms.append((time.perf_counter() - scheduled) * 1e3)
+            status, reusable = await _get(conn, pool.host, path)
+    except Exception as exc:  # every failure is a counted error, never a crash
+        if conn is not None:
+            await pool.discard(conn)
+        if record:
+            tally.error(type(exc).__name__)
+        return
+    done = time.perf_counter()
+    if reusable:
+        await pool.release(conn)
+    else:
+        await pool.discard(conn)
+    if not record:
+        return
+    tally.last_done = max(tally.last_done, done)
+    if 200 <= status < 300:
+        tally.ok += 1
+        tally.latencies_ms.append((done - scheduled) * 1e3)
+    else:
+        tally.error(f"HTTP {status}")
+
+
+async def run_load(spec: dict[str, Any]) -> dict[str, Any]:
+    """Send ``rate`` requests per second for ``seconds`` (after ``warmup_seconds`` unrecorded).
+
+    Args:
+        spec: {"url", "paths" (cycled), "rate", "seconds", "warmup_seconds",
+            "max_connections", "timeout"}.
+
+    Returns:
+        {"rate", "seconds", "sent", "ok", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms",
+         "mean_ms", "achieved_rps", "send_lag_p99_ms", "max_connections_used",
+         "client_cpu_s"}.
+    """
+    parts = urlsplit(spec["url"])
+    pool = ConnectionPool(parts.hostname or "127.0.0.1", parts.port or 80,
+                          int(spec.get("max_connections", 256)))
+    rate, paths = float(spec["rate"]), list(spec["paths"])
+    timeout = float(spec.get("timeout", 10.0))
+    warm = int(round(rate * float(spec.get("warmup_seconds", 0.0))))
+    total = warm + int(round(rate * float(spec["seconds"])))
+    tally = Tally()
+    tasks = []
+    t0 = time.perf_counter() + 0.05
+    tally.first_scheduled = t0 + warm / rate
+    for i in range(total):
+        scheduled = t0 + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        record = i >= warm
+        tally.sent += record
+        tasks.append(asyncio.ensure_future(
+            _one(pool, paths[i % len(paths)], scheduled, timeout, tally, record)))
+    await asyncio.gather(*tasks)
+    await pool.close()
+    lat = tally.latencies_ms
+    span = max(tally.last_done - tally.first_scheduled, 1e-9)
+    return {
+        "rate": rate, "seconds": float(spec["seconds"]), "sent": tally.sent, "ok": tally.ok,
+        "errors": sum(tally.errors.values()), "error_kinds": tally.errors,
+        "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95),
+        "p99_ms": percentile(lat, 99), "max_ms": max(lat) if lat else math.nan,
+        "mean_ms": sum(lat) / len(lat) if lat else math.nan,
+        "achieved_rps": tally.ok / span if tally.ok else 0.0,
+        "send_lag_p99_ms": percentile(tally.send_lag_ms, 99),
+        "max_connections_used": pool.max_open,
+        "client_cpu_s": time.process_time(),
+    }
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(open(argv[1]).read())  # noqa: SIM115 - read once, tiny file
+    try:
+        import uvloop  # uvicorn[standard] installs it; the stdlib loop works too
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    print(json.dumps(runner(run_load(spec))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

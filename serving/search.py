@@ -1,0 +1,131 @@
+"""Product search: a lexical score (BM25 over the product's words and codes) and a semantic
+one (the shared text encoder), combined; optionally personalised by the served ranking.
+
+Exact tokens (a brand, a stock code, a product id) find their product through the lexical
+part; paraphrases and related words through the semantic part. A product added to the
+catalogue today is searchable as soon as a bundle containing it is served: nothing here
+depends on sales.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+TOKEN = re.compile(r"[0-9a-z]+")
+LEXICAL_WEIGHT = 0.6
+SEMANTIC_WEIGHT = 0.4
+PERSONAL_WEIGHT = 0.25
+SEMANTIC_CANDIDATES = 200
+MAX_QUERY_CHARS = 200
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-case alphanumeric runs ("85123A White Heart" -> ["85123a", "white", "heart"])."""
+    return TOKEN.findall(str(text).lower())
+
+
+@dataclass
+class SearchHit:
+    row: int
+    score: float
+    matched: list[str]
+
+
+class SearchIndex:
+    """BM25 over product documents plus cosine of unit text vectors.
+
+    Args:
+        products: product_id, title, category, brand (rows in bundle order).
+        text_vectors: (N, H) unit rows from the shared text encoder, or None (lexical only).
+        k1, b: BM25 parameters.
+    """
+
+    def __init__(self, products: pd.DataFrame, text_vectors: np.ndarray | None,
+                 k1: float = 1.2, b: float = 0.75):
+        docs = [tokens(" ".join(str(v) for v in row if v is not None and v == v))
+                for row in products[["product_id", "title", "category", "brand"]]
+                .itertuples(index=False)]
+        self.vocabulary: dict[str, int] = {}
+        rows, cols = [], []
+        for r, doc in enumerate(docs):
+            for t in doc:
+                rows.append(r)
+                cols.append(self.vocabulary.setdefault(t, len(self.vocabulary)))
+        n, v = len(docs), len(self.vocabulary)
+        tf = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n, v))
+        tf.sum_duplicates()
+        lengths = np.asarray(tf.sum(axis=1)).ravel()  # (N,)
+        df = np.asarray((tf > 0).sum(axis=0)).ravel()  # (V,)
+        idf = np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)  # (V,)
+        norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1e-9))  # (N,)
+        tf = tf.tocoo()
+        weights = tf.data * (k1 + 1) / (tf.data + norm[tf.row]) * idf[tf.col]
+        self.bm25 = sparse.csc_matrix((weights.astype(np.float32), (tf.row, tf.col)),
+                                      shape=(n, v))  # (N, V)
+        self.ids = {str(p).lower(): i for i, p in enumerate(products["product_id"])}
+        self.text_vectors = text_vectors
+
+    def lexical(self, query_tokens: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """(N,) BM25 scores and the query tokens the catalogue knows."""
+        known = [t for t in dict.fromkeys(query_tokens) if t in self.vocabulary]
+        if not known:
+            return np.zeros(self.bm25.shape[0], np.float32), []
+        cols = [self.vocabulary[t] for t in known]
+        return np.asarray(self.bm25[:, cols].sum(axis=1)).ravel(), known  # (N,)
+
+    def search(self, query: str, k: int, *, query_vector: np.ndarray | None = None,
+               personal: np.ndarray | None = None,
+               excluded: np.ndarray | None = None) -> list[SearchHit]:
+        """The top ``k`` products for a query.
+
+        Args:
+            query: the text typed.
+            k: how many.
+            query_vector: (H,) unit vector of the query from the shared text encoder.
+            personal: (N,) the user's served-ranking scores (higher is better), or None.
+            excluded: (N,) bool, products never to return.
+
+        Returns:
+            Hits best first: row, combined score, query tokens the product's text contains.
+        """
+        words = tokens(query)
+        lex, known = self.lexical(words)  # (N,)
+        n = len(lex)
+        score = np.zeros(n, np.float64)  # (N,)
+        candidates = lex > 0
+        if lex.max(initial=0.0) > 0:
+            score += LEXICAL_WEIGHT * lex / lex.max()
+        if query_vector is not None and self.text_vectors is not None and n:
+            semantic = self.text_vectors @ query_vector  # (N,) cosine
+            top = np.argpartition(-semantic, min(SEMANTIC_CANDIDATES, n) - 1)[
+                :SEMANTIC_CANDIDATES]
+            candidates[top] = True
+            score += SEMANTIC_WEIGHT * np.clip(semantic, 0.0, 1.0)
+        if personal is not None and candidates.any():
+            p = np.where(np.isfinite(personal), personal, np.nan)[candidates]
+            low, high = np.nanmin(p, initial=np.inf), np.nanmax(p, initial=-np.inf)
+            if np.isfinite(low) and high > low:
+                scaled = np.nan_to_num((personal - low) / (high - low), nan=0.0,
+                                       posinf=0.0, neginf=0.0)
+                score += PERSONAL_WEIGHT * np.clip(scaled, 0.0, 1.0)
+        exact = self.ids.get(query.strip().lower())
+        if exact is not None:  # the product id itself: first
+            candidates[exact] = True
+            score[exact] += 10.0
+        if excluded is not None:
+            candidates &= ~excluded
+        rows = np.flatnonzero(candidates)
+        order = rows[np.lexsort((rows, -score[rows]))][:k]
+        doc_terms = self.bm25[order][:, [self.vocabulary[t] for t in known]] if known else None
+        hits = []
+        for i, row in enumerate(order):
+            matched = ([t for j, t in enumerate(known) if doc_terms[i, j] > 0]
+                       if doc_terms is not None else [])
+            hits.append(SearchHit(int(row), float(score[row]), matched))
+        return hits
