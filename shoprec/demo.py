@@ -76,6 +76,7 @@ def start_server(settings: Settings, port: int, timeout: float = 120.0) -> tuple
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
+    stop_server(settings)  # do not leave a server that never became ready
     raise RuntimeError(f"server not ready after {timeout:.0f}s; see {log_dir / 'serving.log'}")
 
 
@@ -87,6 +88,30 @@ def demo_users(settings: Settings, last_day: dt.date, n: int = 3) -> list[str]:
     events = read_range(settings.landing_root, "events", days)
     buyers = events[events["event_type"] == "purchase"]["user_id"].value_counts()
     return sorted(buyers.index[:n])
+
+
+def _ensure_champion(settings: Settings, echo: Callable[[str], None]) -> None:
+    """If no version passed the gate, say why and promote the latest one by hand, as a
+    reviewer would with `shoprec model promote` (recorded on the version as such)."""
+    import json
+
+    from training.registry import CHAMPION, TAG_GATE, alias_version, mlflow_client, set_champion
+
+    client = mlflow_client(settings)
+    if alias_version(client, settings.model_name, CHAMPION) is not None:
+        return
+    versions = client.search_model_versions(f"name = '{settings.model_name}'")
+    if not versions:
+        return
+    latest = max(versions, key=lambda v: int(v.version))
+    gate = json.loads(latest.tags.get(TAG_GATE, "{}")).get("reason", "not evaluated")
+    echo(f"      no version passed the promotion gate on this short synthetic history "
+         f"(v{latest.version}: {gate});")
+    echo(f"      the demo promotes v{latest.version} by hand, as `shoprec model promote "
+         f"{latest.version}` would")
+    set_champion(settings, str(latest.version),
+                 reason="demo: no version passed the gate on the synthetic history",
+                 actor="shoprec demo")
 
 
 def run_demo(settings: Settings, *, days: int, users: int, products: int, port: int,
@@ -108,6 +133,7 @@ def run_demo(settings: Settings, *, days: int, users: int, products: int, port: 
         echo("the pipeline failed; see the task logs under "
              f"{settings.airflow_home / 'logs'}")
         return False
+    _ensure_champion(settings, echo)
     echo(f"[3/4] serving the champion on port {port}")
     stop_server(settings)
     pid, url = start_server(settings, port)

@@ -6,6 +6,7 @@ events, most recent last). ``Scorer`` turns such histories into one score per ca
 product, from
 
 - the two-tower model: user tower over the history · item embeddings;
+- text similarity: the mean text vector of the history's products · each product's;
 - item co-occurrence: cosine between products' buyer sets (each product's top neighbours),
   summed over the products in the history;
 - ALS item factors: the user's factors solved in closed form from the history's counts;
@@ -52,7 +53,7 @@ from training.protocol import (
 
 log = logging.getLogger(__name__)
 
-SOURCE_NAMES = ("two_tower", "co_occurrence", "als")
+SOURCE_NAMES = ("two_tower", "text_cosine", "co_occurrence", "als")
 FACT_NAMES = ("own", "log_count", "log_count_30d", "recency_30d", "recency_180d",
               "repurchase_rate", "own_x_repurchase_rate", "popularity_7d", "popularity_30d",
               "trend", "newness", "user_occasions", "own_x_user_occasions")
@@ -444,6 +445,21 @@ class Scorer:
         scores[~known] = 0.0
         return scores.astype(np.float32)
 
+    def _text_cosine(self, histories: Histories) -> np.ndarray:
+        """(b, N) cosine between the mean text vector of the history's products and each
+        product's (zeros without text vectors or history)."""
+        state = self.state
+        n = len(state.product_ids)
+        if state.text_vectors is None:
+            return np.zeros((len(histories), n), dtype=np.float32)
+        out = np.zeros((len(histories), n), dtype=np.float32)
+        for row, products in enumerate(histories.products):
+            cols = [state.item_index[p] for p in products if p in state.item_index]
+            if cols:
+                mean = state.text_vectors[cols].mean(axis=0)  # (H,)
+                out[row] = state.text_vectors @ (mean / max(np.linalg.norm(mean), 1e-9))
+        return out
+
     def _als(self, interactions: sparse.csr_matrix) -> np.ndarray:
         """(b, N) ALS scores with each user's factors solved from their history: the
         implicit-feedback normal equations (Hu, Koren and Volinsky 2008), confidence
@@ -477,6 +493,7 @@ class Scorer:
         interactions, purchases, recent, age, occasions = self._user_rows(histories, now)
         sources = [
             self._two_tower(histories),
+            self._text_cosine(histories),
             (sparse.csr_matrix((np.ones_like(interactions.data), interactions.indices,
                                 interactions.indptr), shape=interactions.shape)
              @ self.state.neighbours).toarray(),
