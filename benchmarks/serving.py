@@ -55,9 +55,11 @@ P99_TARGET_MS = {"recommend": 25.0, "similar": 15.0, "search": 50.0}
 UNKNOWN_USER_SHARE = 0.05  # /recommend for visitors the store does not know (cold start)
 K = 10
 # Bytes per (user, candidate, feature) float32 in Scorer.features, and how many copies of that
-# tensor the features/np.stack step holds at its peak (the columns plus the stacked result).
-FEATURE_BYTES, FEATURE_COPIES, FEATURE_COUNT = 4, 2, 16
+# tensor tuning holds at its peak (the features and the training copy).
+FEATURE_BYTES, FEATURE_COPIES, FEATURE_COUNT = 4, 2, 17
 TUNE_MEMORY_BUDGET = 3e9  # bytes for the pair-scorer tuning tensor, well under this box's RAM
+MODEL_STEPS = ("train", "evaluate", "register", "build index", "champion")
+MIN_RATE = 1.0  # req/s: the throughput search gives up below this
 
 log = logging.getLogger("bench.serving")
 
@@ -98,11 +100,14 @@ class ShopSpec:
 
 
 def default_tune_users(products: int) -> int:
-    """Validation users for tuning the pair scorers, capped so the (users, products, 16)
+    """Validation users for tuning the pair scorers, capped so the (users, candidates, F)
     float32 feature tensor fits in memory (``ScorerConfig.max_users`` default otherwise)."""
     from training.scorer import ScorerConfig
 
-    per_user = products * FEATURE_COUNT * FEATURE_BYTES * FEATURE_COPIES
+    config = ScorerConfig()
+    candidates = min(products, 3 * config.candidates + config.neighbour_candidates
+                     + 2 * config.popular_candidates + config.history_len)  # at most
+    per_user = candidates * FEATURE_COUNT * FEATURE_BYTES * FEATURE_COPIES
     return max(50, min(ScorerConfig().max_users, int(TUNE_MEMORY_BUDGET // per_user)))
 
 
@@ -118,6 +123,9 @@ class StepLog:
     def done(self, name: str, signature: str) -> bool:
         return self.steps.get(name, {}).get("signature") == signature
 
+    def forget(self, name: str) -> None:
+        self.steps.pop(name, None)
+
     def record(self, name: str, signature: str, seconds: float, result: Any = None) -> None:
         self.steps[name] = {"signature": signature, "seconds": round(seconds, 2),
                             "result": result}
@@ -126,7 +134,7 @@ class StepLog:
 
 @contextlib.contextmanager
 def heartbeat(label: str, every: float = 60.0) -> Iterator[None]:
-    """Print an 'still running' line every ``every`` seconds while a silent step runs."""
+    """Print a 'still running' line every ``every`` seconds while a silent step runs."""
     stop = threading.Event()
     started = time.perf_counter()
 
@@ -240,8 +248,10 @@ def minilm_probe(products: int, sample: int) -> dict[str, float]:
     return out
 
 
-def setup(spec: ShopSpec, home: Path, minilm_sample: int) -> tuple[Any, dict[str, Any]]:
-    """Build (or reuse) the shop and its champion. Returns (settings, step timings)."""
+def setup(spec: ShopSpec, home: Path, minilm_sample: int, *, data_only: bool = False
+          ) -> tuple[Any, dict[str, Any]]:
+    """Build (or reuse) the shop and its champion (``data_only``: the shop and its features
+    only). Returns (settings, step timings)."""
     from tqdm.auto import tqdm
 
     settings = use_state(home, spec.encoder)
@@ -327,20 +337,101 @@ def setup(spec: ShopSpec, home: Path, minilm_sample: int) -> tuple[Any, dict[str
     run_step(steps, "build features", data, build, f"{spec.days} days")
     run_step(steps, "materialize", data, materialize,
              f"feast apply + {spec.days} days to SQLite", step_log)
-    trained = run_step(steps, "train", model, train,
-                       f"{spec.last_day}, pair scorers tuned on <= {spec.tune_users} users",
-                       step_log)
-    if spec.evaluate:
-        run_step(steps, "evaluate", model, lambda: evaluate(trained["mlflow_run_id"]),
-                 f"{spec.last_day}: the protocol's test window, every baseline", step_log)
-    registered = run_step(steps, "register", model,
-                          lambda: register(trained["mlflow_run_id"]), log_path=step_log)
-    run_step(steps, "build index", model, lambda: build_index(registered["version"]),
-             log_path=step_log)
-    run_step(steps, "champion", model, lambda: champion(registered["version"]),
-             log_path=step_log)
+    if data_only:
+        return settings, steps.steps
+
+    def model_steps() -> None:
+        trained = run_step(steps, "train", model, train,
+                           f"{spec.last_day}, pair scorers tuned on <= {spec.tune_users} users",
+                           step_log)
+        if spec.evaluate:
+            run_step(steps, "evaluate", model, lambda: evaluate(trained["mlflow_run_id"]),
+                     f"{spec.last_day}: the protocol's test window, every baseline", step_log)
+        registered = run_step(steps, "register", model,
+                              lambda: register(trained["mlflow_run_id"]), log_path=step_log)
+        run_step(steps, "build index", model, lambda: build_index(registered["version"]),
+                 log_path=step_log)
+        run_step(steps, "champion", model, lambda: champion(registered["version"]),
+                 log_path=step_log)
+
+    # A model trained by an earlier version of the code (e.g. with another scorer feature
+    # set) may not load with this code. train_interval would reuse its run (the run's
+    # fingerprint covers config and data, not code), and evaluate_interval loads the
+    # champion to compare with: delete what is stale before the model steps.
+    if steps.done("train", model):
+        problem = run_problem(settings, steps.steps["train"]["result"]["mlflow_run_id"])
+        if problem:
+            print(f"  the trained model does not load with this code: {problem[:300]}\n"
+                  f"  -> deleting the {spec.last_day} training run(s) and training again",
+                  flush=True)
+            discard_runs(settings, spec.last_day)
+            for name in MODEL_STEPS:
+                steps.forget(name)
+    champion_run = champion_run_id(settings)
+    if champion_run is not None and run_problem(settings, champion_run):
+        print("  the champion does not load with this code: removing its alias", flush=True)
+        drop_aliases(settings)
+        steps.forget("champion")
+    model_steps()
+    problem = champion_problem(settings)
+    if problem:
+        raise RuntimeError(f"the champion does not load: {problem}")
     print(f"  (Feast/MLflow output of these steps: {step_log})", flush=True)
     return settings, steps.steps
+
+
+def run_problem(settings: Any, run_id: str) -> str | None:
+    """Why this code cannot load a training run's model and scorer (None: it can)."""
+    from training.pipeline import load_scorer
+
+    try:
+        load_scorer(settings, run_id)
+    except Exception as exc:  # whatever loading the bundle would fail with
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def champion_run_id(settings: Any) -> str | None:
+    from training.registry import CHAMPION, alias_version, mlflow_client
+
+    version = alias_version(mlflow_client(settings), settings.model_name, CHAMPION)
+    return None if version is None else version.run_id
+
+
+def champion_problem(settings: Any) -> str | None:
+    """Why the champion bundle cannot be loaded by this code (None: it loads)."""
+    from serving.publish import load_version_bundle
+
+    try:
+        load_version_bundle(settings)
+    except Exception as exc:  # whatever the server would fail with
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def drop_aliases(settings: Any) -> None:
+    """Remove the model's champion and challenger aliases."""
+    from mlflow.exceptions import MlflowException
+
+    from training.registry import CHALLENGER, CHAMPION, mlflow_client
+
+    client = mlflow_client(settings)
+    for alias in (CHAMPION, CHALLENGER):
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model_alias(settings.model_name, alias)
+
+
+def discard_runs(settings: Any, day: dt.date) -> int:
+    """Delete the MLflow training runs of ``day`` (so that training starts afresh)."""
+    from training.registry import TAG_INTERVAL, experiment_id, mlflow_client
+
+    client = mlflow_client(settings)
+    exp_id = experiment_id(settings, client)
+    runs = client.search_runs([exp_id], f"tags.`{TAG_INTERVAL}` = '{day.isoformat()}'",
+                              max_results=100)
+    for run in runs:
+        client.delete_run(run.info.run_id)
+    return len(runs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,9 +525,14 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; "
                                    f"see {self.log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                response = httpx.get(f"{self.url}/readyz", timeout=5)
+                if response.status_code == 200:
                     return time.perf_counter() - started
+                detail = response.json().get("detail", "")
+                if detail and detail != "no bundle loaded":  # a load failed: no point waiting
+                    raise RuntimeError(f"server cannot load the champion: {detail}; "
+                                       f"see {self.log_path}")
             time.sleep(0.5)
         raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log_path}")
 
@@ -509,21 +605,23 @@ def settle(server: Server, targets: Targets, served: dict[str, bool],
     """Make sure no backlog of an earlier run is still being worked off.
 
     The server keeps computing requests whose client gave up (a timed-out request stays
-    queued in its thread pool), which would slow the next run down. Wait until /healthz
-    answers quickly again; if it does not within ``limit`` seconds, restart the server.
+    queued in its thread pool), which would slow the next run down. Wait until the server
+    process is idle (under 0.2 cores over a second) and /healthz answers quickly; if that
+    does not happen within ``limit`` seconds, restart the server.
     """
     import httpx
 
     deadline = time.perf_counter() + limit
-    time.sleep(0.5)
     with httpx.Client(timeout=limit) as client:
         while time.perf_counter() < deadline:
+            cpu = server.cpu_seconds()
+            time.sleep(1.0)
+            idle = not server.cpu_seconds() - cpu >= 0.2  # NaN (no /proc): rely on /healthz
             started = time.perf_counter()
             with contextlib.suppress(httpx.HTTPError):
                 client.get(f"{server.url}/healthz")
-            if time.perf_counter() - started < 0.02:
+            if idle and time.perf_counter() - started < 0.02:
                 return
-            time.sleep(0.5)
     print(f"    (server still busy with an earlier backlog after {limit:.0f} s: restarting it)",
           flush=True)
     server.stop()
@@ -573,13 +671,19 @@ def max_throughput(server: Server, targets: Targets, served: dict[str, bool], na
               f"{'ok' if ok else 'NOT sustained'}", flush=True)
         return ok
 
+    # bracket: double while sustained; halve while nothing has been sustained yet
     good, bad, rate = known_good, math.inf, known_good * 2 if known_good else start
-    while rate <= ceiling:
+    while MIN_RATE <= rate <= ceiling:
         if step(rate):
-            good, rate = rate, rate * 2
+            good = rate
+            if math.isfinite(bad):
+                break
+            rate *= 2
         else:
             bad = rate
-            break
+            if good:
+                break
+            rate = round(rate / 2)
     for _ in range(bisect if math.isfinite(bad) else 0):
         mid = round((good + bad) / 2) if good else round(bad / 2)
         if mid in (good, bad) or mid < 1:
@@ -638,13 +742,10 @@ def breakdown(settings: Any, targets: Targets, n: int,
     import numpy as np
     import pandas as pd
     import torch
-    from scipy import sparse
 
-    from features.store import SERVING_SERVICE, feature_store, online_user_history
+    from features.store import OnlineUserReader, feature_store, online_user_history
     from serving.publish import load_version_bundle
-    from training.protocol import top_k
     from training.scorer import Histories
-    from training.towers import encode_users
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -652,10 +753,13 @@ def breakdown(settings: Any, targets: Targets, n: int,
     bundle = load_version_bundle(settings)
     load_s = time.perf_counter() - started
     store = feature_store(settings)
+    reader = OnlineUserReader(store)
     scorer = bundle.scorer
     state = scorer.state
     out: dict[str, Any] = {"bundle_load_s": load_s, "catalogue": bundle.size,
                            "index": bundle.index_meta.get("kind"),
+                           "retrieval": {name: r.kind for name, r in
+                                         state.retrieval(scorer.config.exact_max).items()},
                            "torch_threads": torch.get_num_threads()}
     try:
         from serving.app import RecommendedItem
@@ -666,14 +770,13 @@ def breakdown(settings: Any, targets: Targets, n: int,
     known_watch, cold_watch = Stopwatch(), Stopwatch()
     users = targets.users[: n]
     for user in users[:5]:  # warm caches (Feast registry, torch, faiss) before timing
-        bundle.recommend(Histories.from_feast(pd.DataFrame(
-            [online_user_history(store, [user])[user]])), K)
+        bundle.recommend(Histories.from_feast(pd.DataFrame([reader.read([user])[user]])), K)
     for user in users:
         fetch_w = Stopwatch()
-        row = fetch_w.time("feature fetch (Feast online read)",
-                           lambda u=user: online_user_history(store, [u])[u])
-        fetch_w.time("  of which: registry lookup (get_feature_service)",
-                     lambda: store.get_feature_service(SERVING_SERVICE))
+        row = fetch_w.time("feature fetch (OnlineUserReader, as served)",
+                           lambda u=user: reader.read([u])[u])
+        fetch_w.time("  for comparison: Feast get_online_features",
+                     lambda u=user: online_user_history(store, [u])[u])
         history = fetch_w.time("history frame (Histories.from_feast)",
                                lambda r=row: Histories.from_feast(pd.DataFrame([r])))
         known = any(p in bundle.item_row for p in history.products[0])
@@ -687,35 +790,35 @@ def breakdown(settings: Any, targets: Targets, n: int,
                        lambda it=items: [RecommendedItem(**vars(i)) for i in it])
         if not known:
             continue
-        # the pieces of Scorer.scores, re-run one by one on the same history
+        # the pieces of Scorer.rank, re-run one by one on the same history
         stamps = history.timestamps[0]
         now = max(state.cut.timestamp(), float(stamps[np.isfinite(stamps)].max(initial=0.0)))
-        rows = watch.time("user rows (Scorer._user_rows)",
-                          lambda h=history, t=now: scorer._user_rows(h, t))
-        vec = watch.time("user encoding (user tower)", lambda h=history: encode_users(
-            scorer.model, h.products, h.event_types, state.item_index, state.embeddings,
-            user_features=h.profiles))
-        if vec is not None:
-            watch.time("two-tower dot (user x all items)", lambda v=vec: v @ state.embeddings.T)
-        if rows is not None:
-            inter = rows[0]
-            watch.time("co-occurrence (history x neighbours)", lambda i=inter: (
-                sparse.csr_matrix((np.ones_like(i.data), i.indices, i.indptr), shape=i.shape)
-                @ state.neighbours).toarray())
-            watch.time("ALS (solve user + score items)", lambda i=inter: scorer._als(i))
-        features = watch.time("features total (Scorer.features)",
-                              lambda h=history, t=now: scorer.features(h, t))
-        if features is not None:
-            excluded = np.zeros(features.shape[:2], dtype=bool)
-            scores = watch.time("pair scorer (Scorer._apply, MLP over all items)",
-                                lambda f=features, e=excluded: scorer._apply("all", f, e))
-            if scores is not None:
-                picked = watch.time("top-k", lambda s=scores: top_k(s, K)[0])
-                known_rows = [bundle.item_row[p] for p in history.products[0]
-                              if p in bundle.item_row]
-                watch.time("reasons (Bundle._reasons)", lambda p=picked, kr=known_rows, h=history:
-                           bundle._reasons([int(r) for r in p], kr, h.event_types[0],
-                                           h.products[0]))
+        views = watch.time("user view: user tower, text mean, ALS solve, co-occurrence",
+                           lambda h=history: scorer._views(h))
+        if views is None:
+            continue
+        candidates = watch.time("candidates (retrieval x3, neighbours, popular)",
+                                lambda h=history, v=views: scorer.candidates(h, views=v))
+        if candidates is None:
+            continue
+        watch.add("  candidates per request (count, not ms)", float(len(candidates[0])))
+        built = watch.time("features of the candidates (Scorer.features)",
+                           lambda h=history, t=now, c=candidates, v=views:
+                           scorer.features(h, t, c, v))
+        if built is None:
+            continue
+        features, columns = built
+        scores = watch.time("pair scorer (MLP over the candidates)",
+                            lambda f=features, c=columns: scorer._apply("all", f, c < 0))
+        if scores is not None:
+            picked = watch.time("top-k", lambda s=scores, c=columns:
+                                c[0][np.lexsort((c[0], -s[0]))][:K])
+            known_rows = [bundle.item_row[p] for p in history.products[0]
+                          if p in bundle.item_row]
+            if picked is not None:
+                watch.time("reasons (Bundle._reasons)", lambda p=picked, kr=known_rows,
+                           h=history: bundle._reasons([int(r) for r in p], kr,
+                                                      h.event_types[0], h.products[0]))
     out["recommend_known"] = known_watch.rows()
     out["recommend_cold"] = cold_watch.rows()
 
@@ -744,6 +847,9 @@ def breakdown(settings: Any, targets: Targets, n: int,
 
             watch.time("lexical (BM25 over the catalogue)",
                        lambda q=query: index.lexical(tokens(q)))
+            if vector is not None and index.retrieval is not None:
+                watch.time(f"semantic candidates ({index.retrieval.kind} retrieval)",
+                           lambda v=vector: index.retrieval.top(v[None, :], 200))
             watch.time("search index total (lexical + semantic + top-k)",
                        lambda q=query, v=vector: index.search(q, K, query_vector=v))
         watch.time("bundle.search (total)", lambda q=query: bundle.search(q, K))
@@ -816,6 +922,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--throughput-start", type=float, default=50.0)
     parser.add_argument("--throughput-ceiling", type=float, default=6400.0)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--setup-data-only", action="store_true",
+                        help="build the shop and its features, then stop (no model, no server)")
+    parser.add_argument("--setup-only", action="store_true",
+                        help="build the shop and its champion, then stop (no server)")
     parser.add_argument("--breakdown-requests", type=int, default=None,
                         help="requests per endpoint timed in-process (default 300; 30 for "
                              "catalogues under 20,000 products)")
@@ -851,7 +961,10 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line(), flush=True)
     started = time.perf_counter()
     minilm_sample = args.minilm_sample if args.minilm_sample is not None else (0 if small else 1024)
-    settings, setup_steps = setup(spec, home, minilm_sample)
+    settings, setup_steps = setup(spec, home, minilm_sample, data_only=args.setup_data_only)
+    if args.setup_data_only or args.setup_only:
+        print(f"set up in {(time.perf_counter() - started) / 60:.1f} min: {home}")
+        return 0
     results: dict[str, Any] = {"spec": asdict(spec), "command": sys.argv, "setup": setup_steps,
                                "machine": machine_line(), "rate": args.rate,
                                "seconds": args.seconds, "load": {}, "throughput": {}}
@@ -977,9 +1090,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt(floor['p95_ms'])}{fmt(floor['p99_ms'])}{fmt(floor['max_ms'])}"
               f"{'-':>8}{'floor':>9}{'-':>9}{fmt(floor['server_cpu_ms_per_req'], '11.2f')}"
               f"{'-':>11}")
-    print("  (latencies in ms over HTTP on loopback, from the scheduled send time; max rps: "
-          "highest rate sustained; CPU ms/req: the server process's CPU per request during "
-          "the run; in-proc: the bundle call alone, no HTTP, no feature fetch)")
+    print("  (latencies: ms over HTTP on loopback from each request's scheduled send time, "
+          "every request counted, a failed one at the time it failed (timeouts: 10 s); "
+          "max rps: highest rate sustained; CPU ms/req: the server process's CPU per request "
+          "sent, overstated when requests were dropped; in-proc: the bundle call alone, no "
+          "HTTP, no feature fetch)")
     out_path = home / f"bench-serving-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
     out_path.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nDone in {total_min:.1f} min: {'; '.join(verdicts)}. Figures: {out_path}")

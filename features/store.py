@@ -195,6 +195,66 @@ def online_user_history(store: FeatureStore, user_ids: list[str]) -> dict[str, d
     }
 
 
+class OnlineUserReader:
+    """``online_user_history`` for one request at a time, without Feast's per-call overhead.
+
+    ``FeatureStore.get_online_features`` resolves the feature service, builds request
+    protos and a response table on every call (about 6 ms per user on this machine); the
+    server needs one user's row per request. This reads the serving service's views through
+    the provider's ``online_read`` (the online store's own lookup, the same rows: a test
+    checks them field by field against ``online_user_history``) in well under a
+    millisecond. The views are looked up again every ``refresh_seconds`` so that a
+    ``feast apply`` is picked up.
+
+    Args:
+        store: the Feast store.
+        refresh_seconds: how long the resolved views are reused.
+    """
+
+    def __init__(self, store: FeatureStore, refresh_seconds: float = 60.0):
+        self.store = store
+        self.refresh_seconds = refresh_seconds
+        self._views: list[tuple[Any, list[str]]] = []
+        self._resolved_at = -float("inf")
+
+    def _resolve(self) -> list[tuple[Any, list[str]]]:
+        import time
+
+        now = time.monotonic()
+        if now - self._resolved_at > self.refresh_seconds:
+            service = self.store.get_feature_service(SERVING_SERVICE, allow_cache=True)
+            self._views = [(self.store.get_feature_view(p.name), [f.name for f in p.features])
+                           for p in service.feature_view_projections]
+            self._resolved_at = now
+        return self._views
+
+    def read(self, user_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The rows ``online_user_history`` returns for ``user_ids``."""
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+        from feast.type_map import feast_value_type_to_python_type
+
+        if not user_ids:
+            return {}
+        keys = [EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=u)])
+                for u in user_ids]
+        provider = self.store._get_provider()  # noqa: SLF001 - the online store's own read
+        values: list[dict[str, Any]] = [{} for _ in user_ids]
+        for view, names in self._resolve():
+            rows = provider.online_read(self.store.config, view, keys, names)
+            for out, (_, row) in zip(values, rows, strict=True):
+                for name in names:
+                    proto = (row or {}).get(name)
+                    out[name] = None if proto is None else feast_value_type_to_python_type(proto)
+        return {
+            u: {"recent_product_ids": _as_list(v.get("recent_product_ids")),
+                "recent_event_types": _as_list(v.get("recent_event_types")),
+                "recent_timestamps": [int(t) for t in v.get("recent_timestamps") or []],
+                **{c: v.get(c) for c in PROFILE_COLUMNS}}
+            for u, v in zip(user_ids, values, strict=True)
+        }
+
+
 def _as_list(value: Any) -> list[str]:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return []

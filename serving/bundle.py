@@ -36,6 +36,7 @@ MODEL_DIR = "model"
 SCORER_DIR = "scorer"
 INDEX_FILE = "index.faiss"
 INDEX_META = "index.json"
+PERSONAL_TOP = 500  # /search with a user: the user's top products that get a boost
 
 
 class BundleError(RuntimeError):
@@ -146,13 +147,28 @@ class Bundle:
         return Recommendation(str(self.products.product_id.iat[row]),
                               str(self.products.title.iat[row]), float(score), reason)
 
+    def _allowed(self, category: str | None) -> np.ndarray | None:
+        """(N,) bool: the rows of ``category`` (None: no restriction)."""
+        if category is None:
+            return None
+        masks = self.__dict__.setdefault("_category_masks", {})
+        if category not in masks:
+            masks[category] = (self.products["category"] == category).to_numpy()
+        return masks[category]
+
     def _excluded(self, exclude: set[str], category: str | None) -> np.ndarray:
         """(N,) bool: rows never to return."""
         out = np.zeros(self.size, dtype=bool)
         out[[self.item_row[p] for p in exclude if p in self.item_row]] = True
-        if category is not None:
-            out |= (self.products["category"] != category).to_numpy()
+        allowed = self._allowed(category)
+        if allowed is not None:
+            out |= ~allowed
         return out
+
+    def _now(self, history: Any) -> float:
+        stamps = history.timestamps[0]
+        known_times = stamps[np.isfinite(stamps)]
+        return max(self.scorer.state.cut.timestamp(), float(known_times.max(initial=0.0)))
 
     def recommend(self, history: Any, k: int, *, exclude_purchased: bool = False,
                   exclude: set[str] = frozenset(), category: str | None = None,
@@ -175,26 +191,24 @@ class Bundle:
 
         products = history.products[0]
         known = [self.item_row[p] for p in products if p in self.item_row]
-        excluded = self._excluded(set(exclude), category)
         if not known:
             country = country or _profile_country(history)
             local = self.scorer.state.country_popularity.get(country) if country else None
             if local is not None and local.sum() > 0:
+                excluded = self._excluded(set(exclude), category)
                 scores = np.where(excluded, -np.inf, local + 1e-3 * self.scorer.state.facts[
                     "popularity_30d"])  # (N,)
                 rows = [int(r) for r in top_k(scores[None, :], k)[0] if np.isfinite(scores[r])]
                 return [self._result(r, scores[r], f"popular in {country} this month")
                         for r in rows], True
-        stamps = history.timestamps[0]
-        known_times = stamps[np.isfinite(stamps)]
-        now = max(self.scorer.state.cut.timestamp(), float(known_times.max(initial=0.0)))
-        drop = {str(p) for p in self.products.product_id[excluded]} if excluded.any() else set()
-        scores = self.scorer.scores(history, now, exclude_purchased=exclude_purchased,
-                                    exclude=[drop])[0]  # (N,)
-        rows = [int(r) for r in top_k(scores[None, :], k)[0] if np.isfinite(scores[r])]
+        [(rows, scores)] = self.scorer.rank(history, self._now(history), k,
+                                            exclude_purchased=exclude_purchased,
+                                            exclude=[set(exclude)],
+                                            allowed=self._allowed(category))
+        rows = [int(r) for r in rows]
         reasons = self._reasons(rows, known, history.event_types[0], products)
-        return [self._result(r, scores[r], reason)
-                for r, reason in zip(rows, reasons, strict=True)], not known
+        return [self._result(r, s, reason)
+                for r, s, reason in zip(rows, scores, reasons, strict=True)], not known
 
     def similar(self, product_id: str, k: int) -> list[Recommendation]:
         """The ``k`` products whose item embeddings are nearest (the FAISS index).
@@ -242,10 +256,9 @@ class Bundle:
         vector = self.query_encoder.encode(query) if self.query_encoder is not None else None
         personal = None
         if history is not None and any(p in self.item_row for p in history.products[0]):
-            stamps = history.timestamps[0]
-            known_times = stamps[np.isfinite(stamps)]
-            now = max(self.scorer.state.cut.timestamp(), float(known_times.max(initial=0.0)))
-            personal = self.scorer.scores(history, now)[0]  # (N,)
+            [(rows, scores)] = self.scorer.rank(history, self._now(history), PERSONAL_TOP)
+            personal = np.full(self.size, -np.inf)  # (N,) the user's top products only
+            personal[rows] = scores
         hits = self.search_index.search(query, k, query_vector=vector, personal=personal,
                                         excluded=self._excluded(set(), category))
         return [self._result(h.row, h.score,
@@ -261,19 +274,20 @@ class Bundle:
                   if t == "purchase" and p in self.item_row}
         recent = list(dict.fromkeys(reversed(known)))[:20]  # most recent first, distinct
         trend = state.facts["trend"]
+        if recent and rows:
+            together = state.neighbours[recent][:, rows].toarray()  # (R, k)
+            similar = self.item_embeddings[recent] @ self.item_embeddings[rows].T  # (R, k)
         out = []
-        for row in rows:
+        for i, row in enumerate(rows):
             if row in bought:
                 out.append("you bought it before")
                 continue
             if recent:
-                together = state.neighbours[recent][:, row].toarray().ravel()  # (R,)
-                if together.max(initial=0.0) > 0:
-                    anchor = recent[int(np.argmax(together))]
+                if together[:, i].max(initial=0.0) > 0:
+                    anchor = recent[int(np.argmax(together[:, i]))]
                     out.append(f"often bought with {self.products.title.iat[anchor]}")
                     continue
-                similar = self.item_embeddings[recent] @ self.item_embeddings[row]  # (R,)
-                anchor = recent[int(np.argmax(similar))]
+                anchor = recent[int(np.argmax(similar[:, i]))]
                 out.append(f"similar to {self.products.title.iat[anchor]}")
                 continue
             out.append("trending this week" if trend[row] > 0.1
@@ -335,7 +349,8 @@ def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
     return Bundle(
         name=name, version=version, run_id=run_id, manifest=manifest, model=model,
         scorer=scorer, products=products,
-        search_index=SearchIndex(products, text_vectors),
+        search_index=SearchIndex(products, text_vectors,
+                                 scorer.state.retrieval(scorer.config.exact_max).get("text")),
         query_encoder=QueryEncoder(config) if text_vectors is not None else None,
         categories=frozenset(products["category"].astype(str)),
         item_embeddings=embeddings, index=to_device(index), index_meta=index_meta,

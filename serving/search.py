@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,11 +44,13 @@ class SearchIndex:
     Args:
         products: product_id, title, category, brand (rows in bundle order).
         text_vectors: (N, H) unit rows from the shared text encoder, or None (lexical only).
+        retrieval: a ``training.retrieval.Retrieval`` over ``text_vectors`` for the semantic
+            candidates (None: exact search over every row).
         k1, b: BM25 parameters.
     """
 
     def __init__(self, products: pd.DataFrame, text_vectors: np.ndarray | None,
-                 k1: float = 1.2, b: float = 0.75):
+                 retrieval: Any = None, k1: float = 1.2, b: float = 0.75):
         docs = [tokens(" ".join(str(v) for v in row if v is not None and v == v))
                 for row in products[["product_id", "title", "category", "brand"]]
                 .itertuples(index=False)]
@@ -70,6 +73,11 @@ class SearchIndex:
                                       shape=(n, v))  # (N, V)
         self.ids = {str(p).lower(): i for i, p in enumerate(products["product_id"])}
         self.text_vectors = text_vectors
+        if text_vectors is not None and retrieval is None:
+            from training.retrieval import Retrieval
+
+            retrieval = Retrieval(text_vectors, exact_max=len(text_vectors))
+        self.retrieval = retrieval
 
     def lexical(self, query_tokens: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """(N,) BM25 scores and the query tokens the catalogue knows."""
@@ -97,35 +105,36 @@ class SearchIndex:
         words = tokens(query)
         lex, known = self.lexical(words)  # (N,)
         n = len(lex)
-        score = np.zeros(n, np.float64)  # (N,)
-        candidates = lex > 0
-        if lex.max(initial=0.0) > 0:
-            score += LEXICAL_WEIGHT * lex / lex.max()
-        if query_vector is not None and self.text_vectors is not None and n:
-            semantic = self.text_vectors @ query_vector  # (N,) cosine
-            top = np.argpartition(-semantic, min(SEMANTIC_CANDIDATES, n) - 1)[
-                :SEMANTIC_CANDIDATES]
-            candidates[top] = True
-            score += SEMANTIC_WEIGHT * np.clip(semantic, 0.0, 1.0)
-        if personal is not None and candidates.any():
-            p = np.where(np.isfinite(personal), personal, np.nan)[candidates]
-            low, high = np.nanmin(p, initial=np.inf), np.nanmax(p, initial=-np.inf)
-            if np.isfinite(low) and high > low:
-                scaled = np.nan_to_num((personal - low) / (high - low), nan=0.0,
-                                       posinf=0.0, neginf=0.0)
-                score += PERSONAL_WEIGHT * np.clip(scaled, 0.0, 1.0)
+        parts = [np.flatnonzero(lex > 0)]
+        if query_vector is not None and self.retrieval is not None and n:
+            parts.append(self.retrieval.top(query_vector[None, :], SEMANTIC_CANDIDATES)[0])
         exact = self.ids.get(query.strip().lower())
-        if exact is not None:  # the product id itself: first
-            candidates[exact] = True
-            score[exact] += 10.0
+        if exact is not None:
+            parts.append(np.asarray([exact]))
+        rows = np.unique(np.concatenate(parts)).astype(np.int64)  # the candidates
         if excluded is not None:
-            candidates &= ~excluded
-        rows = np.flatnonzero(candidates)
-        order = rows[np.lexsort((rows, -score[rows]))][:k]
+            rows = rows[~excluded[rows]]
+        score = np.zeros(len(rows), np.float64)  # (C,)
+        if lex.max(initial=0.0) > 0:
+            score += LEXICAL_WEIGHT * lex[rows] / lex.max()
+        if query_vector is not None and self.text_vectors is not None and len(rows):
+            semantic = self.text_vectors[rows] @ query_vector  # (C,) cosine
+            score += SEMANTIC_WEIGHT * np.clip(semantic, 0.0, 1.0)
+        if personal is not None and len(rows):
+            p = personal[rows]
+            finite = p[np.isfinite(p)]
+            if len(finite) and finite.max() > finite.min():
+                low, high = finite.min(), finite.max()
+                scaled = np.where(np.isfinite(p), (p - low) / (high - low), 0.0)
+                score += PERSONAL_WEIGHT * np.clip(scaled, 0.0, 1.0)
+        if exact is not None:  # the product id itself: first
+            score[rows == exact] += 10.0
+        order = rows[np.lexsort((rows, -score))][:k]
+        best = dict(zip(rows.tolist(), score.tolist(), strict=True))
         doc_terms = self.bm25[order][:, [self.vocabulary[t] for t in known]] if known else None
         hits = []
         for i, row in enumerate(order):
             matched = ([t for j, t in enumerate(known) if doc_terms[i, j] > 0]
                        if doc_terms is not None else [])
-            hits.append(SearchHit(int(row), float(score[row]), matched))
+            hits.append(SearchHit(int(row), float(best[int(row)]), matched))
         return hits

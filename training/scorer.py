@@ -47,9 +47,9 @@ from training.protocol import (
     ScoredRecommender,
     Split,
     TrainData,
-    ranked_ids,
     validation_split,
 )
+from training.retrieval import EXACT_MAX, Retrieval
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,13 @@ class ScorerConfig:
         epochs: pair-scorer passes over the validation users.
         max_users: at most this many validation users (a seeded sample) per setting.
         seed: sampling and initialisation seed.
+        candidates: candidates per dense source (two-tower, text, ALS) and user.
+        neighbour_candidates: co-occurrence candidates per user (the strongest).
+        popular_candidates: the most popular products over 30 and over 7 days, each.
+        min_candidates: candidate lists shorter than this (a narrow category, an unknown
+            user) are topped up by popularity.
+        exact_max: catalogues up to this size retrieve candidates exactly; larger ones
+            through HNSW (``training.retrieval``).
     """
 
     history_len: int = HISTORY_LEN
@@ -88,6 +95,11 @@ class ScorerConfig:
     epochs: int = 20
     max_users: int = 2000
     seed: int = 0
+    candidates: int = 200
+    neighbour_candidates: int = 300
+    popular_candidates: int = 100
+    min_candidates: int = 100
+    exact_max: int = EXACT_MAX
 
     def to_params(self) -> dict[str, Any]:
         return {f"scorer.{k}": v for k, v in asdict(self).items()}
@@ -292,6 +304,38 @@ class ItemState:
     def __post_init__(self) -> None:
         self.item_index = {p: i for i, p in enumerate(self.product_ids)}
 
+    def retrieval(self, exact_max: int) -> dict[str, Retrieval]:
+        """The candidate retrievers of the dense sources ("two_tower", "text", "als"), built
+        on first use (and kept, pickled with the state)."""
+        built = self.__dict__.get("retrievers")
+        if built is None or built.get("exact_max") != exact_max:
+            matrices = {"two_tower": self.embeddings, "text": self.text_vectors,
+                        "als": self.als_items}
+            built = {"exact_max": exact_max,
+                     "by_source": {name: Retrieval(m, exact_max)
+                                   for name, m in matrices.items() if m is not None}}
+            self.__dict__["retrievers"] = built
+        return built["by_source"]
+
+    def popularity_order(self) -> np.ndarray:
+        """(N,) every column, most purchased in the last 30 days (then 7 days) first."""
+        order = self.__dict__.get("_popularity_order")
+        if order is None:
+            n = len(self.product_ids)
+            order = np.lexsort((np.arange(n), -self.facts["popularity_7d"],
+                                -self.facts["popularity_30d"])).astype(np.int64)
+            self.__dict__["_popularity_order"] = order
+        return order
+
+    def popular_rows(self, k: int) -> np.ndarray:
+        """The ``k`` most popular columns over 30 days and the ``k`` over 7 days."""
+        n = len(self.product_ids)
+        k = min(k, n)
+        if k == 0:
+            return np.zeros(0, np.int64)
+        week = np.argpartition(-self.facts["popularity_7d"], k - 1)[:k]
+        return np.unique(np.concatenate([self.popularity_order()[:k], week])).astype(np.int64)
+
     @classmethod
     def fit(cls, data: TrainData, config: ScorerConfig, model: Any = None,
             model_config: TrainConfig | None = None,
@@ -355,6 +399,54 @@ def embed_catalog(model: Any, config: TrainConfig | None, catalog: pd.DataFrame,
 # ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class UserView:
+    """One user's history as the scorer reads it, in catalogue columns.
+
+    Attributes:
+        known: columns of the history's catalogue products, oldest first.
+        interactions: columns of its purchase/add-to-cart entries.
+        buy_cols, buy_times: columns and epoch seconds (NaN: unknown) of its purchases.
+        together_cols, together_vals: the co-occurrence source, sparse (sorted columns).
+        user_vector: (D,) two-tower user embedding (None: no model or no known product).
+        text_vector: (H,) unit mean text vector of the history's products.
+        als_vector: (F,) ALS user factors solved from the history.
+    """
+
+    known: np.ndarray
+    interactions: np.ndarray
+    buy_cols: np.ndarray
+    buy_times: np.ndarray
+    together_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    together_vals: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    user_vector: np.ndarray | None = None
+    text_vector: np.ndarray | None = None
+    als_vector: np.ndarray | None = None
+
+    def buy_times_or(self, now: float) -> np.ndarray:
+        """Purchase times, unknown ones taken as ``now``."""
+        return np.where(np.isnan(self.buy_times), now, self.buy_times)
+
+    def purchase_facts(self, cols: np.ndarray, now: float
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For ``cols``: purchases in the history, purchases in the 30 days before ``now``,
+        and days since the last purchase (inf: never), each (C,) float32."""
+        count = np.zeros(len(cols), np.float32)
+        recent = np.zeros(len(cols), np.float32)
+        age = np.full(len(cols), np.inf, np.float32)
+        if len(self.buy_cols):
+            days = ((now - self.buy_times_or(now)) / DAY_SECONDS).clip(min=1e-3)  # (P,)
+            position = {int(c): i for i, c in enumerate(cols)}
+            for col, day in zip(self.buy_cols.tolist(), days.tolist(), strict=True):
+                i = position.get(col)
+                if i is None:
+                    continue
+                count[i] += 1.0
+                recent[i] += day <= 30.0
+                age[i] = min(age[i], day)
+        return count, recent, age
+
+
 class Scorer:
     """Two-tower model + pair scorers (the model) over an ``ItemState`` (fitted at a cut).
 
@@ -380,145 +472,184 @@ class Scorer:
         """Fit the item side on ``data`` (``users``: rows with country); returns self."""
         self.state = ItemState.fit(data, self.config, self.model, self.model_config, cache_dir,
                                    users)
+        self.state.retrieval(self.config.exact_max)  # built now, saved with the state
         return self
 
     # -- features ------------------------------------------------------------------------
 
-    def _user_rows(self, histories: Histories, now: float
-                   ) -> tuple[sparse.csr_matrix, sparse.csr_matrix, np.ndarray, np.ndarray,
-                              np.ndarray]:
-        """Per-user sparse facts of the histories, in ``state.product_ids`` columns.
-
-        Returns:
-            interactions (b, N) counts of purchase/add-to-cart entries; purchases (b, N)
-            counts; purchases in the 30 days before ``now`` (b, N) dense; days since the
-            last purchase (b, N) dense (inf: never); purchase occasions (b,).
-        """
-        index = self.state.item_index
-        n = len(self.state.product_ids)
-        inter_r, inter_c, buy_r, buy_c, buy_t = [], [], [], [], []
-        occasions = np.zeros(len(histories), dtype=np.float32)  # (b,)
-        for row, (products, types, stamps) in enumerate(zip(
-                histories.products, histories.event_types, histories.timestamps, strict=True)):
-            times = set()
-            for product, kind, ts in zip(products, types, stamps, strict=True):
-                col = index.get(product)
-                if col is None or kind not in INTERACTION_EVENTS:
-                    continue
-                inter_r.append(row)
-                inter_c.append(col)
-                if kind == "purchase":
-                    buy_r.append(row)
-                    buy_c.append(col)
-                    when = now if np.isnan(ts) else float(ts)
-                    buy_t.append(when)
-                    times.add(when)
-            occasions[row] = len(times)
-        shape = (len(histories), n)
-        ones = np.ones(len(inter_r), dtype=np.float32)
-        interactions = sparse.csr_matrix((ones, (inter_r, inter_c)), shape=shape)
-        buy_r_a, buy_c_a = np.asarray(buy_r, np.int64), np.asarray(buy_c, np.int64)
-        buy_t_a = np.asarray(buy_t, np.float64)
-        purchases = sparse.csr_matrix((np.ones(len(buy_r_a), np.float32), (buy_r_a, buy_c_a)),
-                                      shape=shape)
-        age = np.full(shape, np.inf, dtype=np.float32)  # (b, N)
-        recent = np.zeros(shape, dtype=np.float32)  # (b, N)
-        if len(buy_r_a):
-            days = ((now - buy_t_a) / DAY_SECONDS).clip(min=1e-3).astype(np.float32)  # (P,)
-            np.minimum.at(age, (buy_r_a, buy_c_a), days)
-            in_month = days <= 30.0
-            np.add.at(recent, (buy_r_a[in_month], buy_c_a[in_month]), 1.0)
-        return interactions, purchases, recent, age, occasions
-
-    def _two_tower(self, histories: Histories) -> np.ndarray:
+    def _views(self, histories: Histories) -> list[UserView]:
+        """What the candidates and features of each user are computed from."""
         from training.towers import encode_users
 
-        state = self.state
-        n = len(state.product_ids)
-        if self.model is None or state.embeddings is None:
-            return np.zeros((len(histories), n), dtype=np.float32)
-        users = encode_users(self.model, histories.products, histories.event_types,
-                             state.item_index, state.embeddings,
-                             user_features=histories.profiles)  # (b, D)
-        scores = users @ state.embeddings.T  # (b, N)
-        known = np.array([any(p in state.item_index for p in h) for h in histories.products])
-        scores[~known] = 0.0
-        return scores.astype(np.float32)
-
-    def _text_cosine(self, histories: Histories) -> np.ndarray:
-        """(b, N) cosine between the mean text vector of the history's products and each
-        product's (zeros without text vectors or history)."""
-        state = self.state
-        n = len(state.product_ids)
-        if state.text_vectors is None:
-            return np.zeros((len(histories), n), dtype=np.float32)
-        out = np.zeros((len(histories), n), dtype=np.float32)
-        for row, products in enumerate(histories.products):
-            cols = [state.item_index[p] for p in products if p in state.item_index]
-            if cols:
-                mean = state.text_vectors[cols].mean(axis=0)  # (H,)
-                out[row] = state.text_vectors @ (mean / max(np.linalg.norm(mean), 1e-9))
-        return out
-
-    def _als(self, interactions: sparse.csr_matrix) -> np.ndarray:
-        """(b, N) ALS scores with each user's factors solved from their history: the
-        implicit-feedback normal equations (Hu, Koren and Volinsky 2008), confidence
-        1 + alpha · log1p(count), as ``training.baselines.ALS`` fits them."""
         state, config = self.state, self.config
-        items = state.als_items.astype(np.float64)  # (N, F)
-        eye = config.als_regularization * np.eye(items.shape[1])  # (F, F)
-        out = np.zeros((interactions.shape[0], items.shape[0]), dtype=np.float32)  # (b, N)
-        for row in range(interactions.shape[0]):
-            start, stop = interactions.indptr[row], interactions.indptr[row + 1]
-            if start == stop:
+        index = state.item_index
+        n = len(state.product_ids)
+        views = []
+        inter_r, inter_c = [], []
+        for row, (products, types, stamps) in enumerate(zip(
+                histories.products, histories.event_types, histories.timestamps, strict=True)):
+            cols = [index.get(p, -1) for p in products]
+            known = np.asarray([c for c in cols if c >= 0], dtype=np.int64)
+            interaction = [c for c, t in zip(cols, types, strict=True)
+                           if c >= 0 and t in INTERACTION_EVENTS]
+            buys = [(c, ts) for c, t, ts in zip(cols, types, stamps, strict=True)
+                    if c >= 0 and t == "purchase"]
+            inter_r.extend([row] * len(interaction))
+            inter_c.extend(interaction)
+            views.append(UserView(known=known, interactions=np.asarray(interaction, np.int64),
+                                  buy_cols=np.asarray([c for c, _ in buys], np.int64),
+                                  buy_times=np.asarray([t for _, t in buys], np.float64)))
+        # co-occurrence: the (binary) interacted products' neighbour rows, summed -- sparse
+        indicator = sparse.csr_matrix((np.ones(len(inter_r), np.float32), (inter_r, inter_c)),
+                                      shape=(len(histories), n))
+        indicator.sum_duplicates()
+        indicator.data[:] = 1.0
+        together = sparse.csr_matrix(indicator @ state.neighbours)  # (b, N) sparse
+        together.sort_indices()
+        users = None
+        if self.model is not None and state.embeddings is not None:
+            users = encode_users(self.model, histories.products, histories.event_types,
+                                 index, state.embeddings, user_features=histories.profiles)
+        for row, view in enumerate(views):
+            start, stop = together.indptr[row], together.indptr[row + 1]
+            view.together_cols = together.indices[start:stop].astype(np.int64)
+            view.together_vals = together.data[start:stop]
+            if not len(view.known):
                 continue
-            cols = interactions.indices[start:stop]  # (n,)
-            extra = config.als_alpha * np.log1p(interactions.data[start:stop])  # (n,) C - 1
-            y = items[cols]  # (n, F)
-            lhs = state.als_gram + (y.T * extra) @ y + eye  # (F, F)
-            rhs = y.T @ (1.0 + extra)  # (F,)
-            out[row] = items @ np.linalg.solve(lhs, rhs)
+            if users is not None:
+                view.user_vector = users[row]
+            if state.text_vectors is not None:
+                mean = state.text_vectors[view.known].mean(axis=0)  # (H,)
+                view.text_vector = mean / max(float(np.linalg.norm(mean)), 1e-9)
+            if len(view.interactions):
+                view.als_vector = self._als_factors(view.interactions)
+        del config
+        return views
+
+    def _als_factors(self, cols: np.ndarray) -> np.ndarray:
+        """(F,) a user's ALS factors solved from the history's counts: the implicit-feedback
+        normal equations (Hu, Koren and Volinsky 2008), confidence 1 + alpha · log1p(count),
+        as ``training.baselines.ALS`` fits them."""
+        state, config = self.state, self.config
+        unique, counts = np.unique(cols, return_counts=True)
+        items = state.als_items[unique].astype(np.float64)  # (n, F)
+        extra = config.als_alpha * np.log1p(counts.astype(np.float64))  # (n,) C - 1
+        eye = config.als_regularization * np.eye(items.shape[1])  # (F, F)
+        lhs = state.als_gram + (items.T * extra) @ items + eye  # (F, F)
+        rhs = items.T @ (1.0 + extra)  # (F,)
+        return np.linalg.solve(lhs, rhs).astype(np.float32)
+
+    def candidates(self, histories: Histories, *, views: list[UserView] | None = None,
+                   exclude: Sequence[np.ndarray] | None = None,
+                   allowed: np.ndarray | None = None) -> list[np.ndarray]:
+        """Per user, the catalogue columns worth scoring (sorted, no duplicates): the
+        history's products, their co-occurrence neighbours, the nearest products of the
+        two-tower, text and ALS vectors (``config.candidates`` each) and the most popular
+        products; topped up by popularity to ``config.min_candidates``.
+
+        Args:
+            histories: the users' histories.
+            views: ``_views(histories)`` when already computed.
+            exclude: per user, columns never to return.
+            allowed: (N,) bool, the only columns that may be returned (None: all).
+        """
+        state, config = self.state, self.config
+        views = views if views is not None else self._views(histories)
+        retrievers = state.retrieval(config.exact_max)
+        wanted = {"two_tower": "user_vector", "text": "text_vector", "als": "als_vector"}
+        found: dict[str, list[np.ndarray | None]] = {}
+        for name, attribute in wanted.items():
+            rows = [r for r, v in enumerate(views) if getattr(v, attribute) is not None]
+            found[name] = [None] * len(views)
+            if name in retrievers and rows:
+                queries = np.stack([getattr(views[r], attribute) for r in rows])
+                for r, top in zip(rows, retrievers[name].top(queries, config.candidates),
+                                  strict=True):
+                    found[name][r] = top
+        popular = state.popular_rows(config.popular_candidates)
+        order = state.popularity_order()
+        out = []
+        for row, view in enumerate(views):
+            together = view.together_cols
+            if len(together) > config.neighbour_candidates:
+                keep = np.argpartition(-view.together_vals, config.neighbour_candidates - 1)[
+                    : config.neighbour_candidates]
+                together = together[keep]
+            parts = [view.known, together, popular,
+                     *(f[row] for f in found.values() if f[row] is not None)]
+            cols = np.unique(np.concatenate(parts))
+            keep = np.ones(len(cols), dtype=bool)
+            if allowed is not None:
+                keep &= allowed[cols]
+            if exclude is not None and len(exclude[row]):
+                keep &= ~np.isin(cols, exclude[row])
+            cols = cols[keep]
+            if len(cols) < config.min_candidates:  # e.g. a narrow category: top up
+                ok = np.ones(len(order), dtype=bool) if allowed is None else allowed[order]
+                if exclude is not None and len(exclude[row]):
+                    ok &= ~np.isin(order, exclude[row])
+                extra = order[ok & ~np.isin(order, cols)][: config.min_candidates - len(cols)]
+                cols = np.unique(np.concatenate([cols, extra]))
+            out.append(cols)
         return out
 
-    def features(self, histories: Histories, now: float) -> np.ndarray:
-        """(b, N, F) float32 features (``FEATURE_NAMES``) of every (user, candidate) pair.
+    def features(self, histories: Histories, now: float,
+                 candidates: Sequence[np.ndarray] | None = None,
+                 views: list[UserView] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Features (``FEATURE_NAMES``) of each user's candidates.
 
         Args:
             histories: the users' histories.
             now: epoch seconds of the moment of scoring (the cut, or the request time).
+            candidates: per user, the columns to describe (default: ``candidates``).
+            views: ``_views(histories)`` when already computed.
+
+        Returns:
+            (b, C, F) float32 features and (b, C) int64 columns, C the longest candidate
+            list; shorter lists are padded with column -1 (and zero features).
         """
-        from training.blend import normalise_scores
-
-        facts = self.state.facts
-        interactions, purchases, recent, age, occasions = self._user_rows(histories, now)
-        sources = [
-            self._two_tower(histories),
-            self._text_cosine(histories),
-            (sparse.csr_matrix((np.ones_like(interactions.data), interactions.indices,
-                                interactions.indptr), shape=interactions.shape)
-             @ self.state.neighbours).toarray(),
-            self._als(interactions),
-        ]
-        columns = [np.nan_to_num(normalise_scores(s, "minmax"), neginf=0.0) for s in sources]
-        count = purchases.toarray()  # (b, N)
-        own = (count > 0).astype(np.float32)  # (b, N)
-        shape = own.shape
-        occ = (np.log1p(occasions) / 5.0)[:, None]  # (b, 1)
-
-        def wide(values: np.ndarray) -> np.ndarray:
-            return np.broadcast_to(values[None, :], shape)  # (b, N)
-
-        with np.errstate(over="ignore"):
-            columns += [
-                own, np.log1p(count), np.log1p(recent),
-                own * np.exp(-np.where(own > 0, age, 0.0) / 30.0),
-                own * np.exp(-np.where(own > 0, age, 0.0) / 180.0),
-                wide(facts["repurchase_rate"]), own * facts["repurchase_rate"][None, :],
-                wide(facts["popularity_7d"]), wide(facts["popularity_30d"]),
-                wide(facts["trend"]), wide(facts["newness"]),
-                np.broadcast_to(occ, shape), own * occ,
-            ]
-        return np.stack(columns, axis=-1).astype(np.float32)  # (b, N, F)
+        state = self.state
+        views = views if views is not None else self._views(histories)
+        if candidates is None:
+            candidates = self.candidates(histories, views=views)
+        width = max((len(c) for c in candidates), default=0)
+        out = np.zeros((len(views), width, len(FEATURE_NAMES)), dtype=np.float32)
+        columns = np.full((len(views), width), -1, dtype=np.int64)
+        facts = state.facts
+        for row, (view, cols) in enumerate(zip(views, candidates, strict=True)):
+            c = len(cols)
+            if c == 0:
+                continue
+            columns[row, :c] = cols
+            sources = np.zeros((len(SOURCE_NAMES), c), dtype=np.float64)
+            if view.user_vector is not None:
+                sources[0] = state.embeddings[cols] @ view.user_vector
+            if view.text_vector is not None:
+                sources[1] = state.text_vectors[cols] @ view.text_vector
+            if len(view.together_cols):
+                at = np.searchsorted(view.together_cols, cols).clip(max=len(view.together_cols) - 1)
+                hit = view.together_cols[at] == cols
+                sources[2] = np.where(hit, view.together_vals[at], 0.0)
+            if view.als_vector is not None:
+                sources[3] = state.als_items[cols] @ view.als_vector
+            low = sources.min(axis=1, keepdims=True)  # (S, 1) minmax over the candidates
+            span = sources.max(axis=1, keepdims=True) - low
+            sources = (sources - low) / np.where(span > 0, span, 1.0)
+            count, recent, age = view.purchase_facts(cols, now)
+            own = (count > 0).astype(np.float32)
+            occ = np.float32(np.log1p(len(set(view.buy_times_or(now)))) / 5.0)
+            with np.errstate(over="ignore"):
+                block = [
+                    *sources, own, np.log1p(count), np.log1p(recent),
+                    own * np.exp(-np.where(own > 0, age, 0.0) / 30.0),
+                    own * np.exp(-np.where(own > 0, age, 0.0) / 180.0),
+                    facts["repurchase_rate"][cols], own * facts["repurchase_rate"][cols],
+                    facts["popularity_7d"][cols], facts["popularity_30d"][cols],
+                    facts["trend"][cols], facts["newness"][cols],
+                    np.full(c, occ), own * occ,
+                ]
+            out[row, :c] = np.stack(block, axis=-1)
+        return out, columns
 
     def histories(self, data: TrainData, user_ids: Sequence[str],
                   users: pd.DataFrame | None = None) -> Histories:
@@ -537,9 +668,11 @@ class Scorer:
             users: user rows (country) for the profiles, or None.
 
         Returns:
-            setting -> in-sample validation metrics (recall/ndcg at 10 and 50, n_users).
+            setting -> in-sample validation metrics (recall/ndcg at 10 and 50 over the
+            whole truth, so what the candidates miss counts as missed; the candidates'
+            own recall as ``candidate_recall``; n_users).
         """
-        from training.blend import excluded_matrix, train_scorer, tuning_metrics
+        from training.blend import train_scorer, tuning_metrics
 
         state = self.state
         if state is None or state.cut != split.cut:
@@ -554,63 +687,106 @@ class Scorer:
             if not users:
                 self.validation[setting] = {"n_users": 0.0}
                 continue
-            features = self.features(self.histories(split.train, users, user_table), now)
-            excluded = excluded_matrix(users, split.exclusions(setting), state.item_index)
-            truth = np.zeros(excluded.shape, dtype=bool)  # (U, N)
+            histories = self.histories(split.train, users, user_table)
+            exclusions = split.exclusions(setting) or {}
+            exclude = [np.asarray(sorted(state.item_index[p] for p in exclusions.get(u, ())
+                                         if p in state.item_index), dtype=np.int64)
+                       for u in users]
+            views = self._views(histories)
+            candidates = self.candidates(histories, views=views, exclude=exclude)
+            features, columns = self.features(histories, now, candidates, views)
+            padding = columns < 0  # (U, C)
+            truth = np.zeros(columns.shape, dtype=bool)  # (U, C)
             sizes = np.zeros(len(users), dtype=np.int64)
             for row, user in enumerate(users):
-                products = split.truth[setting][user]
-                sizes[row] = len(products)
-                truth[row, [state.item_index[p] for p in products if p in state.item_index]] = True
-            scorer = train_scorer(features, excluded, truth & ~excluded,
-                                  hidden=self.config.hidden, epochs=self.config.epochs,
-                                  seed=self.config.seed)
+                wanted = [state.item_index[p] for p in split.truth[setting][user]
+                          if p in state.item_index]
+                sizes[row] = len(split.truth[setting][user])
+                truth[row] = np.isin(columns[row], wanted) & ~padding[row]
+            scorer = train_scorer(features, padding, truth, hidden=self.config.hidden,
+                                  epochs=self.config.epochs, seed=self.config.seed)
             self.pair_scorers[setting] = scorer
-            self.validation[setting] = {**tuning_metrics(self._apply(setting, features,
-                                                                     excluded), truth, sizes),
-                                        "n_users": float(len(users))}
+            self.validation[setting] = {
+                **tuning_metrics(self._apply(setting, features, padding), truth, sizes),
+                "candidate_recall": float((truth.sum(axis=1) / sizes).mean()),
+                "candidates_mean": float((~padding).sum(axis=1).mean()),
+                "n_users": float(len(users))}
             log.info("scorer %s: validation %s", setting,
                      {k: round(v, 4) for k, v in self.validation[setting].items()})
         return self.validation
 
     def _apply(self, setting: str, features: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+        """(b, C) scores of (b, C, F) features; -inf where ``excluded`` (b, C)."""
         scorer = self.pair_scorers.get(setting) or self.pair_scorers.get("all")
         if scorer is None:  # untuned: rank by the sources and popularity
             scores = features[..., : len(SOURCE_NAMES)].sum(axis=-1) \
                 + features[..., FEATURE_NAMES.index("popularity_30d")] * 1e-3
         else:
             with torch.inference_mode():
-                scores = scorer(torch.from_numpy(features)).double().numpy()  # (b, N)
+                scores = scorer(torch.from_numpy(features)).double().numpy()  # (b, C)
         scores = np.asarray(scores, dtype=np.float64)
         scores[excluded] = -np.inf
         return scores
 
     # -- scoring -------------------------------------------------------------------------
 
-    def scores(self, histories: Histories, now: float, *, exclude_purchased: bool = False,
-               exclude: Sequence[set[str]] | None = None,
-               setting: str | None = None) -> np.ndarray:
-        """(b, N) scores of every candidate (-inf: excluded).
-
-        Args:
-            histories: the users' histories.
-            now: epoch seconds of the moment of scoring.
-            exclude_purchased: leave out what the history bought (and, unless ``setting``
-                says otherwise, rank with the "new products" scorer).
-            exclude: per user, more products to leave out.
-            setting: the pair scorer to rank with, "all" or "new" (default: "new" when
-                ``exclude_purchased``, else "all").
-        """
+    def _excluded_columns(self, histories: Histories, exclude_purchased: bool,
+                          exclude: Sequence[set[str]] | None) -> list[np.ndarray]:
         index = self.state.item_index
-        excluded = np.zeros((len(histories), len(index)), dtype=bool)  # (b, N)
+        out = []
         for row in range(len(histories)):
             drop = set(exclude[row]) if exclude is not None else set()
             if exclude_purchased:
                 drop |= {p for p, t in zip(histories.products[row], histories.event_types[row],
                                            strict=True) if t == "purchase"}
-            excluded[row, [index[p] for p in drop if p in index]] = True
+            out.append(np.asarray(sorted(index[p] for p in drop if p in index), np.int64))
+        return out
+
+    def rank(self, histories: Histories, now: float, k: int, *,
+             exclude_purchased: bool = False, exclude: Sequence[set[str]] | None = None,
+             allowed: np.ndarray | None = None,
+             setting: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per user, the top ``k`` catalogue columns and their scores, best first (ties by
+        column).
+
+        Args:
+            histories: the users' histories.
+            now: epoch seconds of the moment of scoring.
+            k: how many per user.
+            exclude_purchased: leave out what the history bought (and, unless ``setting``
+                says otherwise, rank with the "new products" scorer).
+            exclude: per user, more products to leave out.
+            allowed: (N,) bool, the only columns that may be returned (a category).
+            setting: the pair scorer to rank with, "all" or "new" (default: "new" when
+                ``exclude_purchased``, else "all").
+        """
         setting = setting or ("new" if exclude_purchased else "all")
-        return self._apply(setting, self.features(histories, now), excluded)
+        views = self._views(histories)
+        candidates = self.candidates(
+            histories, views=views, allowed=allowed,
+            exclude=self._excluded_columns(histories, exclude_purchased, exclude))
+        features, columns = self.features(histories, now, candidates, views)
+        scores = self._apply(setting, features, columns < 0)  # (b, C)
+        out = []
+        for row in range(len(views)):
+            valid = np.isfinite(scores[row])
+            cols, vals = columns[row][valid], scores[row][valid]
+            order = np.lexsort((cols, -vals))[:k]
+            out.append((cols[order], vals[order]))
+        return out
+
+    def scores(self, histories: Histories, now: float, *, exclude_purchased: bool = False,
+               exclude: Sequence[set[str]] | None = None,
+               setting: str | None = None) -> np.ndarray:
+        """(b, N) scores of the catalogue (-inf: excluded or not a candidate); see ``rank``
+        for the arguments."""
+        n = len(self.state.product_ids)
+        out = np.full((len(histories), n), -np.inf)
+        for row, (cols, vals) in enumerate(self.rank(
+                histories, now, n, exclude_purchased=exclude_purchased, exclude=exclude,
+                setting=setting)):
+            out[row, cols] = vals
+        return out
 
     def params(self) -> dict[str, Any]:
         return {**self.config.to_params(), "scorer.features": list(FEATURE_NAMES),
@@ -641,6 +817,7 @@ class Scorer:
         scorer = cls(ScorerConfig(**saved["config"]), model, model_config)
         scorer.validation = saved["validation"]
         scorer.state = saved["state"]
+        scorer.state.retrieval(scorer.config.exact_max)  # a state saved before retrieval
         weights = torch.load(folder / "pair_scorers.pt", weights_only=True)
         for setting, state_dict in weights.items():
             module = PairScorer(len(FEATURE_NAMES), saved["hidden"])
@@ -706,27 +883,30 @@ class ServedRecommender(ScoredRecommender):
         self.scorer.fit_items(split.train, self.cache_dir).tune(split, self.users)
         self.scorer.fit_items(data, self.cache_dir)
 
-    def _score(self, user_ids: Sequence[str], exclude: Mapping[str, set[str]] | None
-               ) -> np.ndarray:
+    def _rank(self, user_ids: Sequence[str], k: int,
+              exclude: Mapping[str, set[str]] | None) -> list[tuple[np.ndarray, np.ndarray]]:
         data = self.fitted
         histories = self.scorer.histories(data, user_ids, self.users)
         if exclude is None:
-            return self.scorer.scores(histories, data.cut.timestamp())
-        return self.scorer.scores(histories, data.cut.timestamp(), setting="new",
-                                  exclude=[exclude.get(u, set()) for u in user_ids])
+            return self.scorer.rank(histories, data.cut.timestamp(), k)
+        return self.scorer.rank(histories, data.cut.timestamp(), k, setting="new",
+                                exclude=[exclude.get(u, set()) for u in user_ids])
 
     def scores(self, user_ids: Sequence[str]) -> np.ndarray:
-        return self._score(user_ids, None)
+        """(U, N) scores (-inf: not a candidate)."""
+        data = self.fitted
+        histories = self.scorer.histories(data, user_ids, self.users)
+        return self.scorer.scores(histories, data.cut.timestamp())
 
     def recommend(self, user_ids: Sequence[str], k: int, *,
                   exclude: Mapping[str, set[str]] | None = None,
                   batch_size: int = 256) -> list[list[str]]:
         """Top ``k`` per user; with ``exclude`` the new-products scorer is used."""
-        ids = np.asarray(self.fitted.product_ids, dtype=object)
+        ids = self.fitted.product_ids
         out: list[list[str]] = []
         for start in range(0, len(user_ids), batch_size):
             batch = list(user_ids[start : start + batch_size])
-            out.extend(ranked_ids(self._score(batch, exclude), ids, k))
+            out.extend([ids[c] for c in cols] for cols, _ in self._rank(batch, k, exclude))
         return out
 
     def params(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -25,6 +26,7 @@ from features.contract import Interval, read_range, read_upto
 from features.store import (
     MATERIALIZED_VIEWS,
     PROFILE_COLUMNS,
+    OnlineUserReader,
     feature_store,
     historical_user_history,
     materialize_day,
@@ -209,6 +211,26 @@ def test_online_store_holds_each_users_latest_snapshot(settings: Settings) -> No
     assert _history(online[row["user_id"]]) == {"recent_product_ids": row["recent_product_ids"],
                                                 "recent_event_types": row["recent_event_types"]}
     assert online_user_history(feature_store(settings), []) == {}
+
+
+def test_the_servers_reader_returns_exactly_what_feast_returns(settings: Settings) -> None:
+    """``OnlineUserReader`` (the server's fast path) against ``get_online_features``."""
+    events = _events(settings)
+    users = [*sorted(events["user_id"].unique()), UNKNOWN]
+    store = feature_store(settings)
+    reader = OnlineUserReader(store)
+    expected = online_user_history(store, users)
+    got = reader.read(users)
+    assert list(got) == users
+    for user in users:
+        assert got[user].keys() == expected[user].keys()
+        for column, value in expected[user].items():
+            if isinstance(value, float) and np.isnan(value):
+                assert np.isnan(got[user][column]), (user, column)
+            else:
+                assert got[user][column] == value, (user, column)
+    assert reader.read([UNKNOWN])[UNKNOWN]["recent_product_ids"] == []
+    assert reader.read([]) == {}
 
 
 def test_point_in_time_profile_is_the_end_of_the_previous_day(settings: Settings) -> None:

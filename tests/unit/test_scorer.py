@@ -89,10 +89,8 @@ def test_als_user_factors_solve_the_weighted_least_squares() -> None:
     data = train_data(loyal_shop(), catalog_frame(PRODUCTS), T0 + pd.Timedelta(days=30))
     scorer = Scorer(SMALL).fit_items(data)
     state = scorer.state
-    row = sparse.csr_matrix(([1.0, 3.0], ([0, 0], [2, 5])), shape=(1, len(PRODUCTS)))
-    scores = scorer._als(row)[0]  # (N,)
+    x = scorer._als_factors(np.array([5, 2, 5, 5])).astype(np.float64)  # 1 x p2, 3 x p5
     y = state.als_items.astype(np.float64)
-    x, *_ = np.linalg.lstsq(y, scores.astype(np.float64), rcond=None)  # the user's factors
     confidence = np.ones(len(PRODUCTS))
     confidence[[2, 5]] += SMALL.als_alpha * np.log1p([1.0, 3.0])
     preference = np.zeros(len(PRODUCTS))
@@ -127,8 +125,9 @@ def test_the_scorer_learns_repeat_buying_and_leaves_purchases_out_when_asked() -
 
 def test_cold_users_get_the_facts_alone() -> None:
     scorer, cut = _fitted()
-    features = scorer.features(Histories.empty(2), cut.timestamp())
-    assert features.shape == (2, len(PRODUCTS), len(FEATURE_NAMES))
+    features, columns = scorer.features(Histories.empty(2), cut.timestamp())
+    assert features.shape == (2, len(PRODUCTS), len(FEATURE_NAMES))  # all: under min_candidates
+    assert (np.sort(columns, axis=1) == np.arange(len(PRODUCTS))).all()
     own = FEATURE_NAMES.index("own")
     assert not features[..., : own + 1].any()  # no source, nothing owned
     scores = scorer.scores(Histories.empty(2), cut.timestamp())
@@ -163,3 +162,54 @@ def test_served_ranking_beats_popularity_under_the_protocol() -> None:
         result.value("popularity", "all", "ndcg_at_1") + 0.3
     assert result.params["served"]["scorer.validation"]["all"]["n_users"] > 0
     assert dt.datetime.fromisoformat(result.cut) < dt.datetime.fromisoformat(result.end)
+
+
+def test_retrieval_hnsw_finds_what_exact_search_finds_and_pickles() -> None:
+    import pickle
+
+    from training.retrieval import Retrieval
+
+    rng = np.random.default_rng(3)
+    matrix = rng.normal(size=(3000, 16)).astype(np.float32)
+    queries = rng.normal(size=(40, 16)).astype(np.float32)
+    exact, approx = Retrieval(matrix, exact_max=10_000), Retrieval(matrix, exact_max=100)
+    assert (exact.kind, approx.kind) == ("exact", "hnsw")
+    truth = exact.top(queries, 50)
+    for row, top in enumerate(truth):  # exact really is the top 50
+        scores = matrix @ queries[row]
+        assert scores[top].min() >= np.sort(scores)[-50] - 1e-5
+    found = approx.top(queries, 50)
+    recall = np.mean([len(set(t) & set(f)) / 50 for t, f in zip(truth, found, strict=True)])
+    assert recall >= 0.95
+    again = pickle.loads(pickle.dumps(approx))
+    assert [set(r) for r in again.top(queries, 50)] == [set(r) for r in found]
+
+
+def test_candidates_hold_the_history_respect_filters_and_rank_within_them() -> None:
+    scorer, cut = _fitted()
+    scorer.config = ScorerConfig(**{**SMALL.__dict__, "candidates": 2,
+                                    "neighbour_candidates": 2, "popular_candidates": 1,
+                                    "min_candidates": 0})
+    users = [f"u{u}" for u in range(12)]
+    data = train_data(loyal_shop(), catalog_frame(PRODUCTS), cut)
+    hist = Histories.from_events(data.events, users)
+    index = scorer.state.item_index
+    candidates = scorer.candidates(hist)
+    assert max(len(c) for c in candidates) < len(PRODUCTS)  # not the whole catalogue
+    for row, cols in enumerate(candidates):
+        assert {index[p] for p in hist.products[row]} <= set(cols.tolist())
+        assert (np.diff(cols) > 0).all()
+    allowed = np.zeros(len(PRODUCTS), dtype=bool)
+    allowed[[1, 4, 7]] = True
+    narrow = scorer.candidates(hist, allowed=allowed,
+                               exclude=[np.array([4])] * len(users))
+    assert all(set(c.tolist()) <= {1, 7} for c in narrow)
+    ranked = scorer.rank(hist, cut.timestamp(), 3)
+    dense = scorer.scores(hist, cut.timestamp())
+    for row, (cols, vals) in enumerate(ranked):
+        assert len(cols) == 3 and (np.diff(vals) <= 0).all()
+        np.testing.assert_allclose(dense[row, cols], vals)
+        assert np.isneginf(np.delete(dense[row], candidates[row])).all()
+    scorer.config = ScorerConfig(**{**scorer.config.__dict__, "min_candidates": 5})
+    topped = scorer.candidates(Histories.empty(1), allowed=allowed)[0]
+    assert set(topped.tolist()) == {1, 4, 7}  # topped up by popularity, still in the filter
