@@ -288,3 +288,17 @@ def test_user_without_known_history_is_cold(bundle: Bundle, products: list[str])
                for r in recs)
     skipped, _ = bundle.recommend(_history(products), k=3, exclude={recs[0].product_id})
     assert [r.product_id for r in skipped] == [r.product_id for r in recs[1:4]]
+
+
+def test_query_vectors_are_cached_per_normalised_query_and_read_only() -> None:
+    from serving.bundle import QueryEncoder
+
+    encoder = QueryEncoder(CONFIG, cache_size=8)
+    first = encoder.encode("heart  candle")
+    again = encoder.encode(" heart candle ")
+    assert again is first and not first.flags.writeable
+    info = encoder.cache_info()
+    assert (info.hits, info.misses) == (1, 1)
+    uncached = QueryEncoder(CONFIG, cache_size=0)
+    np.testing.assert_allclose(uncached.encode("heart candle"), first, rtol=1e-5)
+    assert uncached.cache_info() is None
