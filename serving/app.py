@@ -17,6 +17,7 @@ import hmac
 import logging
 import threading
 import time
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -55,6 +56,9 @@ class Recommendations(BaseModel):
     model_version: str
     cold_start: bool = Field(description="True when the user has no known history: the "
                                          "ranking falls back to popularity, trend and newness.")
+    degraded: str | None = Field(None, description="Set when the online store was "
+                                 "unavailable: why, and what was served instead (the user's "
+                                 "last-known features, or no history).")
     items: list[RecommendedItem]
 
 
@@ -63,6 +67,8 @@ class SearchResults(BaseModel):
     user_id: str | None
     model_name: str
     model_version: str
+    degraded: str | None = Field(None, description="Set when personalisation was asked for "
+                                 "and the online store was unavailable.")
     items: list[RecommendedItem]
 
 
@@ -250,13 +256,33 @@ UNKNOWN = {404: {"model": ErrorResponse, "description": "unknown product or cate
 
 class UserHistory:
     """Reads users' recent products and profiles from the Feast online store, and writes
-    incoming events into it."""
+    incoming events into it.
 
-    def __init__(self, settings: Settings) -> None:
+    When the online store fails (Redis down, ...), requests are not failed: a user read
+    before gets their last-known row (an LRU of ``cache_size`` users, refreshed on every
+    successful read), anybody else is served as a visitor without history; the answer is
+    flagged ``degraded`` and /readyz says since when. While the store is down it is tried
+    again at most every ``retry_seconds`` (requests in between do not wait on it); the
+    first success ends the degraded state.
+
+    Args:
+        settings: where the store is.
+        cache_size: last-known rows kept.
+        retry_seconds: how often a failed store is tried again.
+    """
+
+    def __init__(self, settings: Settings, cache_size: int = 10_000,
+                 retry_seconds: float = 2.0) -> None:
         self.settings = settings
+        self.cache_size = cache_size
+        self.retry_seconds = retry_seconds
         self._store = None
         self._reader = None
         self._lock = threading.Lock()
+        self._known: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.down_since: float | None = None
+        self.down_reason = ""
+        self._last_try = 0.0
 
     def _open(self):
         from features.store import OnlineUserReader, feature_store
@@ -266,17 +292,48 @@ class UserHistory:
             self._reader = OnlineUserReader(self._store)
         return self._store
 
-    def get(self, user_id: str) -> Histories:
-        """The user's history as the online store holds it (empty when unknown or the store
-        is unavailable)."""
+    @property
+    def degraded(self) -> str | None:
+        """Why answers are degraded now (None: the online store works)."""
+        if self.down_since is None:
+            return None
+        since = dt.datetime.fromtimestamp(self.down_since, dt.UTC).isoformat(timespec="seconds")
+        return f"online store unavailable since {since} ({self.down_reason})"
+
+    def get(self, user_id: str) -> tuple[Histories, str | None]:
+        """The user's history as the online store holds it (empty when unknown), and why
+        the answer is degraded (None when it is not)."""
         with self._lock:  # the SQLite online store is not shared across threads
-            try:
-                self._open()
-                row = self._reader.read([user_id])[user_id]
-            except Exception as exc:  # a missing store must not take the API down
-                log.warning("online features unavailable (%s); serving without history", exc)
-                return Histories.empty(1)
-        return Histories.from_feast(pd.DataFrame([row]))
+            row = None
+            now = time.monotonic()
+            if self.down_since is None or now - self._last_try >= self.retry_seconds:
+                self._last_try = now
+                try:
+                    self._open()
+                    row = self._reader.read([user_id])[user_id]
+                except Exception as exc:  # a failing store must not take the API down
+                    if self.down_since is None:
+                        log.warning("online store unavailable (%s: %s); serving last-known "
+                                    "features or popularity until it answers again",
+                                    type(exc).__name__, exc)
+                        self.down_since = time.time()
+                    self.down_reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+                else:
+                    if self.down_since is not None:
+                        log.warning("online store answers again after %.0f s",
+                                    time.time() - self.down_since)
+                        self.down_since, self.down_reason = None, ""
+            if row is not None:
+                self._known[user_id] = row
+                self._known.move_to_end(user_id)
+                while len(self._known) > self.cache_size:
+                    self._known.popitem(last=False)
+                return Histories.from_feast(pd.DataFrame([row])), None
+            known = self._known.get(user_id)
+            if known is not None:
+                return (Histories.from_feast(pd.DataFrame([known])),
+                        f"{self.degraded}: last-known features")
+            return Histories.empty(1), f"{self.degraded}: served without history"
 
     def ingest(self, events: list[dict[str, Any]], ingest: Any) -> Any:
         """``features.realtime.ingest_events`` on this store.
@@ -405,6 +462,8 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         detail = f"serving v{slot.bundle.version}"
         if slot.last_error:
             detail += f"; last reload failed, kept v{slot.bundle.version}: {slot.last_error}"
+        if history.degraded:
+            detail += f"; degraded: {history.degraded}"
         return Readiness(ready=True, detail=detail)
 
     @app.get("/version", response_model=VersionInfo, tags=["ops"])
@@ -452,12 +511,12 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         Users without known history get what is popular in their country (when known), or
         popular, trending and new products (`cold_start`: true).
         """
-        items, cold = bundle.recommend(history.get(user_id), k,
-                                       exclude_purchased=exclude_purchased,
+        user, degraded = history.get(user_id)
+        items, cold = bundle.recommend(user, k, exclude_purchased=exclude_purchased,
                                        category=_category(bundle, category), country=country)
         return Recommendations(user_id=user_id, model_name=bundle.name,
                                model_version=bundle.version, cold_start=cold,
-                               items=_items(items))
+                               degraded=degraded, items=_items(items))
 
     @app.get("/search", response_model=SearchResults, tags=["search"], responses=UNKNOWN)
     def search(
@@ -473,10 +532,11 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         meaning (the shared text encoder); personalised by the user's ranking when given."""
         if not q.strip():
             raise HTTPException(422, detail="the query is blank")
-        user = history.get(user_id) if user_id else None
+        user, degraded = history.get(user_id) if user_id else (None, None)
         items = bundle.search(q, k, history=user, category=_category(bundle, category))
         return SearchResults(query=q, user_id=user_id, model_name=bundle.name,
-                             model_version=bundle.version, items=_items(items))
+                             model_version=bundle.version, degraded=degraded,
+                             items=_items(items))
 
     @app.get("/similar/{product_id}", response_model=RelatedProducts, tags=["products"],
              responses=UNKNOWN)
