@@ -328,13 +328,18 @@ class ItemState:
         return order
 
     def popular_rows(self, k: int) -> np.ndarray:
-        """The ``k`` most popular columns over 30 days and the ``k`` over 7 days."""
-        n = len(self.product_ids)
-        k = min(k, n)
-        if k == 0:
-            return np.zeros(0, np.int64)
-        week = np.argpartition(-self.facts["popularity_7d"], k - 1)[:k]
-        return np.unique(np.concatenate([self.popularity_order()[:k], week])).astype(np.int64)
+        """The ``k`` most popular columns over 30 days and the ``k`` over 7 days (sorted)."""
+        cached = self.__dict__.setdefault("_popular_rows", {})
+        if k not in cached:
+            n = len(self.product_ids)
+            k_ = min(k, n)
+            if k_ == 0:
+                cached[k] = np.zeros(0, np.int64)
+            else:
+                week = np.argpartition(-self.facts["popularity_7d"], k_ - 1)[:k_]
+                cached[k] = np.unique(np.concatenate([self.popularity_order()[:k_], week])
+                                      ).astype(np.int64)
+        return cached[k]
 
     @classmethod
     def fit(cls, data: TrainData, config: ScorerConfig, model: Any = None,
@@ -429,21 +434,19 @@ class UserView:
 
     def purchase_facts(self, cols: np.ndarray, now: float
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For ``cols``: purchases in the history, purchases in the 30 days before ``now``,
-        and days since the last purchase (inf: never), each (C,) float32."""
+        """For ``cols`` (sorted): purchases in the history, purchases in the 30 days before
+        ``now``, and days since the last purchase (inf: never), each (C,) float32."""
         count = np.zeros(len(cols), np.float32)
         recent = np.zeros(len(cols), np.float32)
         age = np.full(len(cols), np.inf, np.float32)
         if len(self.buy_cols):
             days = ((now - self.buy_times_or(now)) / DAY_SECONDS).clip(min=1e-3)  # (P,)
-            position = {int(c): i for i, c in enumerate(cols)}
-            for col, day in zip(self.buy_cols.tolist(), days.tolist(), strict=True):
-                i = position.get(col)
-                if i is None:
-                    continue
-                count[i] += 1.0
-                recent[i] += day <= 30.0
-                age[i] = min(age[i], day)
+            at = np.searchsorted(cols, self.buy_cols).clip(max=len(cols) - 1)  # cols sorted
+            hit = cols[at] == self.buy_cols  # (P,) purchases among the candidates
+            at, days = at[hit], days[hit].astype(np.float32)
+            np.add.at(count, at, 1.0)
+            np.add.at(recent, at, (days <= 30.0).astype(np.float32))
+            np.minimum.at(age, at, days)
         return count, recent, age
 
 

@@ -67,9 +67,13 @@ def numeric_features(frame: pd.DataFrame) -> np.ndarray:
         docstring, then the "profile missing" flag.
     """
     raw = np.full((len(frame), len(NUMERIC_COLUMNS)), np.nan)  # (n, F)
-    for j, column in enumerate(NUMERIC_COLUMNS):
-        if column in frame.columns:
-            raw[:, j] = pd.to_numeric(frame[column], errors="coerce").to_numpy(
+    present = [j for j, column in enumerate(NUMERIC_COLUMNS) if column in frame.columns]
+    try:  # one conversion for the usual case (numbers and nulls): a request's hot path
+        raw[:, present] = frame[[NUMERIC_COLUMNS[j] for j in present]].to_numpy(
+            dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError):  # something non-numeric: column by column, coerced
+        for j in present:
+            raw[:, j] = pd.to_numeric(frame[NUMERIC_COLUMNS[j]], errors="coerce").to_numpy(
                 dtype=np.float64, na_value=np.nan)
     missing = np.isnan(raw).all(axis=1)  # (n,)
     values = np.nan_to_num(raw, nan=0.0).clip(min=0.0)  # (n, F)
