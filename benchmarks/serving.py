@@ -4,7 +4,8 @@
    shop (``features.synth.generate_shop``), features built and materialized into the Feast
    SQLite online store for every day, then the last day trained, evaluated, registered,
    indexed and made champion -- the DAG's functions, called in the DAG's order;
-2. the real server (``uvicorn --factory serving.app:create_app``, one worker) on a free
+2. the real server (``uvicorn --factory serving.app:create_app``, ``--workers`` processes,
+   default 2 as in the production profile) on a free
    loopback port;
 3. from a separate process (``benchmarks/_load.py``), a fixed request rate per endpoint,
    latency measured from each request's scheduled send time: p50/p95/p99/max and errors of
@@ -488,11 +489,12 @@ def free_port() -> int:
 
 
 class Server:
-    """``uvicorn --factory serving.app:create_app`` in its own session (one worker)."""
+    """``uvicorn --factory serving.app:create_app`` in its own session (``workers``
+    processes; CPU and memory are summed over the session's processes)."""
 
     def __init__(self, settings: Any, log_path: Path, access_log: bool,
-                 torch_threads: int | None = None):
-        self.settings, self.access_log = settings, access_log
+                 torch_threads: int | None = None, workers: int = 1):
+        self.settings, self.access_log, self.workers = settings, access_log, workers
         # OMP/MKL thread counts are read when torch loads: the only way to set them for
         # the server without touching its code
         self.env = ({} if torch_threads is None else
@@ -507,7 +509,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         settings, access_log, log_path = self.settings, self.access_log, self.log_path
         command = [sys.executable, "-m", "uvicorn", "--factory", "serving.app:create_app",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+                   "--workers", str(self.workers)]
         if not access_log:
             command.append("--no-access-log")
         with log_path.open("ab") as fh:
@@ -536,22 +539,42 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log_path}")
 
+    def _processes(self) -> list[Path]:
+        """/proc entries of the server's session (the supervisor and its workers)."""
+        out = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[3]) == self.proc.pid:  # the session id: start_new_session=True
+                out.append(entry)
+        return out
+
     def cpu_seconds(self) -> float:
-        """User + system CPU of the server process so far (Linux /proc; NaN elsewhere)."""
+        """User + system CPU of the server's processes so far (Linux /proc; NaN elsewhere)."""
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total = 0.0
+            for entry in self._processes():
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return total if total else math.nan
         except (OSError, IndexError, ValueError):
             return math.nan
 
     def rss_mib(self) -> float:
+        """Resident memory of the server's processes together (MiB)."""
+        total = 0.0
         try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+            for entry in self._processes():
+                for line in (entry / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
         except OSError:
             pass
-        return math.nan
+        return total or math.nan
 
     def stop(self) -> None:
         if self.proc.poll() is not None:
@@ -935,6 +958,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="OMP_NUM_THREADS for the server and torch.set_num_threads for the "
                              "in-process breakdown (default: torch's own choice, as shipped)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="uvicorn worker processes (the production profile runs 2)")
     parser.add_argument("--access-log", action="store_true",
                         help="keep uvicorn's per-request access log on (off by default)")
     parser.add_argument("--home", type=Path, default=PROJECT_ROOT / "state" / "bench-serving")
@@ -973,10 +998,10 @@ def main(argv: list[str] | None = None) -> int:
     targets = request_targets(settings, spec, n_paths, args.seed)
     threads = (f"OMP_NUM_THREADS={args.torch_threads}" if args.torch_threads
                else "torch threads as shipped")
-    print(f"\nserver: uvicorn serving.app:create_app, 1 worker, "
+    print(f"\nserver: uvicorn serving.app:create_app, {args.workers} worker(s), "
           f"access log {'on' if args.access_log else 'off'}, {threads}", flush=True)
     server = Server(settings, home / "logs" / "bench-server.log", args.access_log,
-                    args.torch_threads)
+                    args.torch_threads, args.workers)
     try:
         ready_s = server.wait_ready(timeout=900)
         import httpx
