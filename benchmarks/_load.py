@@ -62,8 +62,10 @@ MAX_IDLE_S = 4.0
 class ConnectionPool:
     """Keep-alive connections to one host; grows on demand up to ``limit``.
 
-    Idle connections are reused most recently used first; one idle longer than
-    ``MAX_IDLE_S`` (or already closed by the server) is closed instead of reused.
+    Idle connections are reused least recently used first, so requests rotate over every
+    open connection -- and so over every server worker that accepted one, as a proxy's
+    upstream pool would spread them; one idle longer than ``MAX_IDLE_S`` (or already closed
+    by the server) is closed instead of reused.
     """
 
     def __init__(self, host: str, port: int, limit: int):
@@ -88,7 +90,7 @@ class ConnectionPool:
                     break
                 await self.freed.wait()
             if self.idle:
-                reader, writer, _ = self.idle.pop()
+                reader, writer, _ = self.idle.pop(0)
                 return reader, writer
             self.open += 1
             self.max_open = max(self.max_open, self.open)
@@ -194,6 +196,11 @@ async def run_load(spec: dict[str, Any]) -> dict[str, Any]:
                           int(spec.get("max_connections", 256)))
     rate, paths = float(spec["rate"]), list(spec["paths"])
     timeout = float(spec.get("timeout", 10.0))
+    # open a few connections before the clock starts (a proxy keeps a warm upstream pool):
+    # with one or two, every request could land on the same server worker
+    opened = [await pool.acquire() for _ in range(int(spec.get("min_connections", 8)))]
+    for conn in opened:
+        await pool.release(conn)
     warm = int(round(rate * float(spec.get("warmup_seconds", 0.0))))
     total = warm + int(round(rate * float(spec["seconds"])))
     tally = Tally()

@@ -21,7 +21,6 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-import pandas as pd
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
@@ -328,10 +327,10 @@ class UserHistory:
                 self._known.move_to_end(user_id)
                 while len(self._known) > self.cache_size:
                     self._known.popitem(last=False)
-                return Histories.from_feast(pd.DataFrame([row])), None
+                return Histories.from_row(row), None
             known = self._known.get(user_id)
             if known is not None:
-                return (Histories.from_feast(pd.DataFrame([known])),
+                return (Histories.from_row(known),
                         f"{self.degraded}: last-known features")
             return Histories.empty(1), f"{self.degraded}: served without history"
 

@@ -23,6 +23,7 @@ LEXICAL_WEIGHT = 0.6
 SEMANTIC_WEIGHT = 0.4
 PERSONAL_WEIGHT = 0.25
 SEMANTIC_CANDIDATES = 200
+LEXICAL_CANDIDATES = 500  # a common word matches thousands: only the best BM25 scores
 MAX_QUERY_CHARS = 200
 
 
@@ -105,7 +106,11 @@ class SearchIndex:
         words = tokens(query)
         lex, known = self.lexical(words)  # (N,)
         n = len(lex)
-        parts = [np.flatnonzero(lex > 0)]
+        matching = np.flatnonzero(lex > 0)
+        if len(matching) > LEXICAL_CANDIDATES:
+            best = np.argpartition(-lex[matching], LEXICAL_CANDIDATES - 1)[:LEXICAL_CANDIDATES]
+            matching = matching[best]
+        parts = [matching]
         if query_vector is not None and self.retrieval is not None and n:
             parts.append(self.retrieval.top(query_vector[None, :], SEMANTIC_CANDIDATES)[0])
         exact = self.ids.get(query.strip().lower())

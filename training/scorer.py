@@ -178,6 +178,25 @@ class Histories:
                    [np.asarray(stamps.get(u, []), dtype=np.float64) for u in users], profiles)
 
     @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Histories:
+        """One user's history from an online-store row (``features.store.OnlineUserReader``
+        / ``online_user_history``): ``from_feast`` of a one-row frame, without building it
+        (a request's hot path)."""
+        from training.user_features import PROFILE_COLUMNS
+
+        products = [str(p) for p in row.get("recent_product_ids") or []]
+        types = [str(t) for t in row.get("recent_event_types") or []]
+        stamps = np.asarray(row.get("recent_timestamps") or [], dtype=np.float64)
+        if len(types) != len(products):
+            types = ["view"] * len(products)
+        if len(stamps) != len(products):
+            stamps = np.full(len(products), np.nan)  # unknown: "now"
+        profiles = None
+        if all(c in row for c in PROFILE_COLUMNS):
+            profiles = pd.DataFrame({c: [row[c]] for c in PROFILE_COLUMNS})
+        return cls([products], [types], [stamps], profiles)
+
+    @classmethod
     def from_feast(cls, frame: pd.DataFrame) -> Histories:
         """Histories from rows of ``user_recent_products`` (missing rows: empty), with the
         ``user_profile`` columns when the frame has them."""

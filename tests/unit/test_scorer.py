@@ -213,3 +213,22 @@ def test_candidates_hold_the_history_respect_filters_and_rank_within_them() -> N
     scorer.config = ScorerConfig(**{**scorer.config.__dict__, "min_candidates": 5})
     topped = scorer.candidates(Histories.empty(1), allowed=allowed)[0]
     assert set(topped.tolist()) == {1, 4, 7}  # topped up by popularity, still in the filter
+
+
+def test_one_online_row_reads_as_its_one_row_frame() -> None:
+    from training.user_features import PROFILE_COLUMNS
+
+    profile = {c: (3 if c != "country" else "France") for c in PROFILE_COLUMNS}
+    rows = [{"recent_product_ids": ["a", "b"], "recent_event_types": ["purchase", "view"],
+             "recent_timestamps": [10, 20], **profile},
+            {"recent_product_ids": ["a"], "recent_event_types": [], "recent_timestamps": [],
+             **{c: None for c in PROFILE_COLUMNS}},
+            {"recent_product_ids": [], "recent_event_types": [], "recent_timestamps": []}]
+    for row in rows:
+        fast, frame = Histories.from_row(row), Histories.from_feast(pd.DataFrame([row]))
+        assert fast.products == frame.products and fast.event_types == frame.event_types
+        np.testing.assert_array_equal(fast.timestamps[0], frame.timestamps[0])
+        if frame.profiles is None:
+            assert fast.profiles is None
+        else:
+            pd.testing.assert_frame_equal(fast.profiles, frame.profiles, check_dtype=False)
