@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from shoprec import services
 from shoprec.settings import Settings
 
 app = typer.Typer(help="shoprec: keeps a shop's recommendation models fresh.",
@@ -28,6 +29,10 @@ model_app = typer.Typer(help="Models: evaluate, promote, roll back.", no_args_is
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 data_app.add_typer(import_app, name="import")
+# The profile's services (shoprec.services: light imports, safe at CLI start).
+app.command("up")(services.up_command)
+app.command("down")(services.down_command)
+app.command("status")(services.status_command)
 
 
 def _settings(root: str | None = None) -> Settings:
@@ -181,16 +186,62 @@ def model_evaluate(
 def run(
     start: Annotated[str, typer.Option(help="first day, YYYY-MM-DD")],
     end: Annotated[str | None, typer.Option(help="last day (default: start)")] = None,
+    train: Annotated[str, typer.Option(
+        help="auto/each: train every day; last: only on --end; none: data stages only")]
+    = "auto",
 ) -> None:
     """Run shoprec_daily through Airflow (dag.test) for each day, in date order."""
     from shoprec.orchestration import run_days
 
+    if train not in ("auto", "each", "last", "none"):
+        raise typer.BadParameter("--train must be one of auto, each, last, none")
     settings = Settings.from_env().prepare()
-    results = run_days(settings, _day(start), _day(end or start), echo=typer.echo)
+    results = run_days(settings, _day(start), _day(end or start), echo=typer.echo, train=train)
     failed = [r for r in results if r.state != "success"]
     typer.echo(f"{len(results) - len(failed)} day(s) succeeded, {len(failed)} failed; "
                f"Airflow metadata in {settings.airflow_home}")
     raise typer.Exit(1 if failed else 0)
+
+
+@app.command("backfill")
+def backfill(
+    start: Annotated[str, typer.Option(help="first interval's day, YYYY-MM-DD")],
+    end: Annotated[str, typer.Option(help="last interval's day, YYYY-MM-DD (inclusive)")],
+    reprocess: Annotated[str, typer.Option(
+        help="intervals that already have a finished run: none (skip them), failed (rerun "
+             "failed ones), completed (rerun all)")] = "none",
+    train: Annotated[str, typer.Option(
+        help="last: train once, on the last interval; each: every interval; none: never")]
+    = "last",
+    timeout: Annotated[float | None, typer.Option(help="give up waiting after SECONDS")] = None,
+) -> None:
+    """Backfill shoprec_daily over a date range as a real Airflow backfill.
+
+    One DagRun (run type backfill) per day, one at a time in date order; prints a line per
+    interval and a summary. Uses the running scheduler, or starts one for the duration.
+    Exits 1 when an interval failed or was quarantined.
+    """
+    from shoprec.orchestration import REPROCESS_CHOICES, TRAIN_CHOICES, BackfillError, run_backfill
+
+    if reprocess not in REPROCESS_CHOICES:
+        raise typer.BadParameter(f"--reprocess must be one of {', '.join(REPROCESS_CHOICES)}")
+    if train not in TRAIN_CHOICES:
+        raise typer.BadParameter(f"--train must be one of {', '.join(TRAIN_CHOICES)}")
+    first, last = _day(start), _day(end)
+    if first > last:
+        raise typer.BadParameter(f"--start {first} is after --end {last}")
+    settings = Settings.from_env().prepare()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    try:
+        result = run_backfill(settings, first, last, reprocess=reprocess, train=train,
+                              echo=typer.echo, timeout=timeout)
+    except BackfillError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(result.summary())
+    typer.echo(f"runs, task logs and the Backfill in the Airflow UI; metadata in "
+               f"{settings.airflow_home}")
+    raise typer.Exit(0 if result.ok else 1)
 
 
 @app.command("serve")

@@ -28,7 +28,8 @@ def _parse_in_fresh_process() -> str:
             dags[dag_id] = {{
                 "tags": sorted(dag.tags),
                 "retries": [t.retries for t in dag.tasks],
-                "schedule": str(dag.timetable.summary),
+                # an asset-triggered timetable has no summary
+                "schedule": str(getattr(dag.timetable, "summary", type(dag.timetable).__name__)),
                 "catchup": dag.catchup,
                 "tasks": [t.task_id for t in dag.tasks],
                 "doc": bool(dag.doc_md),
@@ -71,3 +72,8 @@ def test_daily_pipeline_shape(parsed: dict) -> None:
     assert dag["catchup"] is False
     assert dag["tasks"] == ["validate", "build_features", "materialize", "train", "evaluate",
                             "register", "build_index", "promote", "reload_serving"]
+
+
+def test_index_consumer_is_data_aware(parsed: dict) -> None:
+    consumer = parsed["dags"]["shoprec_index_published"]
+    assert consumer["schedule"] == "AssetTriggeredTimetable"
