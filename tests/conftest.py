@@ -13,6 +13,12 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+# Airflow reads its configuration once, when this process first imports it, and whichever
+# test does that first decides for the whole session: give it the project's DAG folder (its
+# DAG bundle; the same value Settings.airflow_env sets). Tests that need their own metadata
+# DB point the ORM at it (test_pipeline_end_to_end) or run Airflow in a subprocess.
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 ONLINE_RETAIL = REPO.parent / "shared" / "data" / "online-retail" / "online_retail.parquet"
 
 
