@@ -1,6 +1,8 @@
 # shoprec: two commands.
 #   make demo   set up .venv (locked set), run the pipeline on a synthetic shop, serve it
-#   make test   set up .venv (locked set), run the tests
+#   make test   set up .venv (locked set), run the tests tier by tier (fast, integration,
+#               operations), stopping at the first tier that fails
+# and, while working: make test-fast (the fast tier alone, about 2 minutes).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +11,8 @@ STAMP := $(VENV)/.installed
 export SHOPREC_HOME ?= $(CURDIR)/state
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint lock bench bench-serving clean
+.PHONY: demo test test-fast test-integration test-operations lint lock bench bench-push \
+	bench-serving clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +24,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/shoprec demo
 
+# Tiers in order, each on $(SHOPREC_TEST_WORKERS) pytest-xdist workers (default 2; 1 = one
+# process); PYTEST_ARGS go to every pytest run (e.g. PYTEST_ARGS='-k serving').
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python tests/run_tiers.py -- $(PYTEST_ARGS)
+
+test-fast test-integration test-operations: $(STAMP)
+	$(BIN)/python tests/run_tiers.py $(@:test-%=%) -- $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -37,6 +45,11 @@ lock:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/materialize.py
+
+# Real-time ingest latency (POST /events' path), local profile; PUSH_ARGS="--profile prod".
+PUSH_ARGS ?=
+bench-push: $(STAMP)
+	$(BIN)/python benchmarks/realtime_push.py $(PUSH_ARGS)
 
 # Serving latency/throughput on a 100k-product shop (BENCH_ARGS="--products 2000 --users 1000
 # --seconds 3" for a smoke run). Builds its shop once under state/bench-serving. The setup's

@@ -1,4 +1,5 @@
-"""Shared fixtures. Every test gets its own SHOPREC_HOME; nothing touches ./state."""
+"""Shared fixtures and helpers. Every test gets its own SHOPREC_HOME (a fresh one, a copy
+of a built one, or a shared one it only reads); nothing touches ./state."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+
+# The tiers (fast, integration, operations): markers, and a collection check that every test
+# is in exactly one (tests/tiers.py); pytester, to test that check.
+pytest_plugins = ["tiers", "pytester"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -32,58 +37,3 @@ def shop_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for key in ("SHOPREC_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(key, raising=False)
     return home
-
-
-def _postgres_database(name: str) -> str | None:
-    """Create (once) and return the URL of a test database, or None if PostgreSQL is down."""
-    try:
-        import psycopg
-
-        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres",
-                             autocommit=True, connect_timeout=3) as conn:
-            exists = conn.execute("select 1 from pg_database where datname = %s",
-                                  (name,)).fetchone()
-            if not exists:
-                conn.execute(f'create database "{name}"')
-    except Exception:  # noqa: BLE001 - any failure means "not available here"
-        return None
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
-def _redis_up(db: int) -> bool:
-    try:
-        import redis
-
-        return bool(redis.Redis(host="127.0.0.1", port=6379, db=db, socket_timeout=3).ping())
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _service_missing(what: str) -> None:
-    if os.environ.get("SHOPREC_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{what} is required (SHOPREC_REQUIRE_SERVICES=1) but not reachable")
-    pytest.skip(f"{what} not reachable on 127.0.0.1")
-
-
-@pytest.fixture(params=["local", pytest.param("prod", marks=pytest.mark.prod)])
-def feast_profile(request: pytest.FixtureRequest, shop_home: Path,
-                  monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a Feast test on the local profile (SQLite) and on the production profile
-    (SQL registry in PostgreSQL, Redis online store), each isolated per test."""
-    profile = request.param
-    if profile == "prod":
-        url = _postgres_database("shoprec_test")
-        if url is None:
-            _service_missing("PostgreSQL")
-        if not _redis_up(13):
-            _service_missing("Redis")
-        import redis
-
-        redis.Redis(host="127.0.0.1", port=6379, db=13).flushdb()
-        # A project per test keeps registries apart inside the one test database.
-        project = f"t{abs(hash(request.node.nodeid)) % 10**8}_{os.getpid()}"
-        monkeypatch.setenv("SHOPREC_PROFILE", "prod")
-        monkeypatch.setenv("SHOPREC_FEAST_REGISTRY_URL", url)
-        monkeypatch.setenv("SHOPREC_REDIS_URL", "127.0.0.1:6379,db=13")
-        monkeypatch.setenv("SHOPREC_FEAST_PROJECT", project)
-    return profile

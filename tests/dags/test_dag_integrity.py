@@ -10,6 +10,8 @@ import pytest
 
 from shoprec.settings import DAGS_FOLDER
 
+pytestmark = pytest.mark.fast
+
 HEAVY = ("torch", "transformers", "mlflow", "feast", "faiss", "great_expectations", "pandas")
 
 

@@ -24,6 +24,8 @@ from shoprec.orchestration import (
 )
 from shoprec.settings import DAGS_FOLDER
 
+pytestmark = pytest.mark.fast
+
 DATA_TASKS = ("validate", "build_features", "materialize")
 
 

@@ -32,6 +32,8 @@ from features.synth import generate_shop
 from features.validation import PartitionInvalid, PartitionQuarantined, check_partition
 from shoprec.settings import Settings
 
+pytestmark = pytest.mark.fast
+
 START = dt.date(2026, 1, 1)
 DAY = START + dt.timedelta(days=2)  # the last day: two days of history, products and searches
 DAY_START = pd.Timestamp(Interval.for_day(DAY).start)

@@ -36,6 +36,8 @@ from features.importers.generic import (
     parse_mapping,
 )
 
+pytestmark = pytest.mark.fast
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CSV_MAPPING = FIXTURES / "shop_mapping.yaml"
 CATALOG_MAPPING = FIXTURES / "shop_mapping_catalog.yaml"
@@ -485,7 +487,6 @@ def test_load_mapping_reports_yaml_errors(tmp_path):
 # --- the pipeline accepts what the importer writes ------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mapping", [CSV_MAPPING, CATALOG_MAPPING, SEQUENCE_MAPPING],
                          ids=lambda p: p.stem)
 def test_imported_partitions_pass_validation(tmp_path, mapping):

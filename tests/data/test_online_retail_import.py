@@ -17,6 +17,8 @@ from features.importers.online_retail import (
     import_online_retail,
 )
 
+pytestmark = pytest.mark.fast
+
 REAL_FILE = (
     Path(__file__).resolve().parents[2].parent
     / "shared" / "data" / "online-retail" / "online_retail.parquet"
@@ -25,7 +27,6 @@ REAL_FILE = (
 # tests in this module run everywhere).
 REAL_DATA = [
     pytest.mark.realdata,
-    pytest.mark.slow,
     pytest.mark.skipif(
         not REAL_FILE.exists(),
         reason=f"Online Retail file not found at {REAL_FILE} (see shared/data/online-retail)",

@@ -31,6 +31,8 @@ from features.validation import (
 from shoprec.cli import app
 from shoprec.settings import Settings
 
+pytestmark = pytest.mark.fast
+
 START = dt.date(2026, 1, 1)
 DAY = START + dt.timedelta(days=2)
 

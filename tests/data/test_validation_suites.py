@@ -24,6 +24,8 @@ from features.validation import (
 )
 from shoprec.settings import Settings
 
+pytestmark = pytest.mark.fast
+
 START = dt.date(2026, 1, 1)
 ONLINE_RETAIL = Path(__file__).resolve().parents[3] / "shared" / "data" / "online-retail" / (
     "online_retail.parquet")

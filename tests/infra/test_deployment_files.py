@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 COMPOSE = INFRA / "docker-compose.yml"

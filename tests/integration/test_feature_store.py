@@ -1,8 +1,9 @@
 """Feast over the offline partitions: point-in-time joins, row order, online reads, reruns,
 and online == offline at the interval end for every online view.
 
-A small synthetic shop is built and materialized day by day, as the DAG does, into a fresh
-SHOPREC_HOME; expected histories and profiles are recomputed from the raw landing data
+A small synthetic shop is built and materialized day by day, as the DAG does, once per
+profile for the module; the tests read it, and the two that materialize again do so on a
+private copy. Expected histories and profiles are recomputed from the raw landing data
 (profiles with ``training.user_features.profiles_as_of``), not from the feature tables under
 test.
 """
@@ -10,7 +11,6 @@ test.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from shops import FeastProfile, feast_copy, shop_environment
 
 from features.build import HISTORY_EVENT_TYPES, HISTORY_LEN, build_interval
 from features.contract import Interval, read_range, read_upto
@@ -45,18 +46,31 @@ LAST = DAY_LIST[-1]
 UNKNOWN = "U-never-seen"
 
 
+@pytest.fixture(scope="module")
+def built(feast: FeastProfile, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic shop, built and materialized day by day in date order (its home)."""
+    home = tmp_path_factory.mktemp(f"feature-store-{feast.name}") / "state"
+    with shop_environment(home, **feast.env) as settings:
+        generate_shop(settings.landing_root, days=DAYS, users=40, products=30, seed=5,
+                      start=START)
+        for day in DAY_LIST:
+            build_interval(settings, day)
+            materialize_day(settings, day)
+    return home
+
+
 @pytest.fixture
-def settings(shop_home: Path, feast_profile: str) -> Iterator[Settings]:
-    """A synthetic shop, built and materialized day by day in date order."""
-    saved = dict(os.environ)  # prepare() exports SHOPREC_FEAST_*, MLFLOW_*, AIRFLOW_*
-    settings = Settings.from_env()
-    generate_shop(settings.landing_root, days=DAYS, users=40, products=30, seed=5, start=START)
-    for day in DAY_LIST:
-        build_interval(settings, day)
-        materialize_day(settings, day)
-    yield settings
-    os.environ.clear()
-    os.environ.update(saved)
+def settings(built: Path, feast: FeastProfile) -> Iterator[Settings]:
+    """The module's shop, to read."""
+    with shop_environment(built, **feast.env) as settings:
+        yield settings
+
+
+@pytest.fixture
+def own_settings(built: Path, feast: FeastProfile, tmp_path: Path) -> Iterator[Settings]:
+    """A private copy of the module's shop, to write."""
+    with feast_copy(built, feast, tmp_path) as settings:
+        yield settings
 
 
 def _events(settings: Settings) -> pd.DataFrame:
@@ -269,7 +283,8 @@ def test_online_profile_is_the_latest_snapshot(settings: Settings) -> None:
     assert set(PROFILE_COLUMNS) <= set(frame.columns)
 
 
-def test_materializing_a_day_twice_changes_nothing_online(settings: Settings) -> None:
+def test_materializing_a_day_twice_changes_nothing_online(own_settings: Settings) -> None:
+    settings = own_settings
     events = _events(settings)
     users = [*sorted(events["user_id"].unique()), UNKNOWN]
     before = _online_everyone(settings, users)
@@ -287,8 +302,9 @@ def test_materializing_a_day_twice_changes_nothing_online(settings: Settings) ->
 
 
 def test_rerunning_an_earlier_day_keeps_the_latest_snapshots_online(
-    settings: Settings,
+    own_settings: Settings,
 ) -> None:
+    settings = own_settings
     events = _events(settings)
     users = [*sorted(events["user_id"].unique())]
     before = _online_everyone(settings, users)

@@ -1,61 +1,22 @@
 """The real chain: synthetic shop -> shoprec_daily via dag.test() on a migrated SQLite
 metadata DB -> MLflow registry -> FAISS -> the real HTTP app.
 
-One module-scoped run of the pipeline serves every test here (it is the expensive part).
+The run of the pipeline is the session's trained shop (tests/integration/conftest.py), built
+once and shared: the tests here read it, and the two that run the DAG again (a rerun, a bad
+partition) do so on a private copy.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from shops import START
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-START = dt.date(2026, 1, 1)
-DAYS = 10
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory):
-    """Run the DAG for every day of a small synthetic shop, in date order."""
-    home = tmp_path_factory.mktemp("e2e") / "state"
-    saved = dict(os.environ)
-    os.environ.update({"SHOPREC_HOME": str(home), "SHOPREC_LANDING_ROOT": str(home / "landing"),
-                       "SHOPREC_TEXT_ENCODER": "tiny"})
-    for key in ("SHOPREC_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"):
-        os.environ.pop(key, None)
-    # Airflow reads its configuration on first import; the test session may already have
-    # imported it with another AIRFLOW_HOME, so point its settings here explicitly too.
-    from features.synth import generate_shop
-    from shoprec.orchestration import load_dag, migrate_metadata_db, run_day
-    from shoprec.settings import Settings
-
-    settings = Settings.from_env().prepare()
-    os.environ.update(settings.airflow_env())
-    generate_shop(settings.landing_root, days=DAYS, users=250, products=80, seed=11, start=START)
-    migrate_metadata_db(settings)
-    _reconfigure_airflow(settings)
-    dag = load_dag(settings)
-    results = [run_day(dag, START + dt.timedelta(days=i), settings.home / "logs")
-               for i in range(DAYS)]
-    yield settings, dag, results
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def _reconfigure_airflow(settings) -> None:
-    """Make an already-imported Airflow use this test's metadata DB."""
-    from airflow import settings as airflow_settings
-    from airflow.configuration import conf
-
-    conf.set("database", "sql_alchemy_conn", settings.airflow_env()["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
-    airflow_settings.SQL_ALCHEMY_CONN = conf.get("database", "sql_alchemy_conn")
-    airflow_settings.configure_orm()
+pytestmark = pytest.mark.integration
 
 
 def _client(settings):
@@ -68,9 +29,10 @@ def _versions(settings) -> list:
     return _client(settings).search_model_versions(f"name = '{settings.model_name}'")
 
 
-def test_every_day_succeeds_and_trains_once_history_allows(pipeline) -> None:
-    _, _, results = pipeline
-    assert [r.state for r in results] == ["success"] * DAYS
+def test_every_day_succeeds_and_trains_once_history_allows(shop) -> None:
+    _, built = shop
+    results = built.results
+    assert [r.state for r in results] == ["success"] * len(built.days)
     trained = [r for r in results if r.tasks.get("register") == "success"]
     skipped = [r for r in results if r.tasks.get("train") == "skipped"]
     # early days have too little history: training is skipped, not failed
@@ -79,10 +41,11 @@ def test_every_day_succeeds_and_trains_once_history_allows(pipeline) -> None:
     assert all(r.tasks["validate"] == "success" for r in results)
 
 
-def test_registry_has_one_version_per_trained_day_and_a_champion(pipeline) -> None:
+def test_registry_has_one_version_per_trained_day_and_a_champion(shop) -> None:
     from training.registry import CHALLENGER, CHAMPION, TAG_INTERVAL, alias_version
 
-    settings, _, results = pipeline
+    settings, built = shop
+    results = built.results
     trained_days = {r.day.isoformat() for r in results if r.tasks.get("register") == "success"}
     versions = _versions(settings)
     assert sorted(v.tags[TAG_INTERVAL] for v in versions) == sorted(trained_days)
@@ -110,10 +73,11 @@ def test_registry_has_one_version_per_trained_day_and_a_champion(pipeline) -> No
     assert run.data.tags["shoprec.validation_cut"] < run.data.tags["shoprec.test_cut"]
 
 
-def test_rerunning_a_day_duplicates_nothing(pipeline) -> None:
-    from shoprec.orchestration import run_day
+def test_rerunning_a_day_duplicates_nothing(shop_copy) -> None:
+    from shoprec.orchestration import load_dag, run_day
 
-    settings, dag, results = pipeline
+    settings, built = shop_copy
+    dag, results = load_dag(settings), built.results
     before = {(v.version, v.run_id) for v in _versions(settings)}
     last = results[-1].day
     run_metrics = _client(settings).get_run(
@@ -128,10 +92,10 @@ def test_rerunning_a_day_duplicates_nothing(pipeline) -> None:
     assert rerun["recall_at_50"] == run_metrics["recall_at_50"]
 
 
-def test_later_runs_warm_start_from_the_champion(pipeline) -> None:
+def test_later_runs_warm_start_from_the_champion(shop) -> None:
     from training.registry import TAG_INTERVAL
 
-    settings, _, _ = pipeline
+    settings, _ = shop
     client = _client(settings)
     versions = sorted(_versions(settings), key=lambda v: v.tags[TAG_INTERVAL])
     warm = [client.get_run(v.run_id).data.tags["shoprec.warm_start"] for v in versions]
@@ -142,13 +106,13 @@ def test_later_runs_warm_start_from_the_champion(pipeline) -> None:
                if w != "none")
 
 
-def test_the_registered_pyfunc_ranks_like_the_server(pipeline) -> None:
+def test_the_registered_pyfunc_ranks_like_the_server(shop) -> None:
     import mlflow
 
     from serving.publish import load_version_bundle
     from training.scorer import Histories
 
-    settings, _, _ = pipeline
+    settings, _ = shop
     bundle = load_version_bundle(settings)
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@champion")
     history = list(bundle.products["product_id"][:3])
@@ -165,14 +129,15 @@ def test_the_registered_pyfunc_ranks_like_the_server(pipeline) -> None:
     assert history[0] not in fresh["product_ids"][0]
 
 
-def test_served_recommendations_come_from_the_champion(pipeline) -> None:
+def test_served_recommendations_come_from_the_champion(shop) -> None:
     from fastapi.testclient import TestClient
 
     from features.contract import read_partition
     from serving.app import create_app
     from training.registry import CHAMPION, alias_version
 
-    settings, _, results = pipeline
+    settings, built = shop
+    results = built.results
     champion = alias_version(_client(settings), settings.model_name, CHAMPION)
     events = read_partition(settings.landing_root, "events", results[-1].day)
     known_user = events[events["event_type"] != "search"]["user_id"].iloc[0]
@@ -194,10 +159,11 @@ def test_served_recommendations_come_from_the_champion(pipeline) -> None:
         assert client.get(f"/recommend/{known_user}", params={"k": "ten"}).status_code == 422
 
 
-def test_bad_partition_fails_validation_and_nothing_downstream_runs(pipeline) -> None:
-    from shoprec.orchestration import run_day
+def test_bad_partition_fails_validation_and_nothing_downstream_runs(shop_copy) -> None:
+    from shoprec.orchestration import load_dag, run_day
 
-    settings, dag, results = pipeline
+    settings, built = shop_copy
+    dag, results = load_dag(settings), built.results
     bad_day = results[-1].day + dt.timedelta(days=1)
     folder = Path(settings.landing_root) / "events" / f"date={bad_day}"
     folder.mkdir(parents=True)

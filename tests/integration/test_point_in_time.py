@@ -13,12 +13,12 @@ Feast's historical retrieval (``two_tower_training_v1``):
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from shops import FeastProfile, shop_environment
 
 from features.build import build_interval
 from features.contract import Interval, write_partition
@@ -54,11 +54,23 @@ def _events(rows: list[tuple[str, str, str, str, pd.Timestamp]]) -> pd.DataFrame
     })
 
 
+@pytest.fixture(scope="module")
+def built(feast: FeastProfile, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shop of the module docstring, built for days 1..DAYS in order (its home)."""
+    home = tmp_path_factory.mktemp(f"point-in-time-{feast.name}") / "state"
+    with shop_environment(home, **feast.env) as settings:
+        _land_and_build(settings)
+    return home
+
+
 @pytest.fixture
-def settings(shop_home: Path, feast_profile: str) -> Iterator[Settings]:
-    """The shop of the module docstring, built for days 1..DAYS in order."""
-    saved = dict(os.environ)
-    settings = Settings.from_env()
+def settings(built: Path, feast: FeastProfile) -> Iterator[Settings]:
+    """The module's shop (every test here only reads it)."""
+    with shop_environment(built, **feast.env) as settings:
+        yield settings
+
+
+def _land_and_build(settings: Settings) -> None:
     root = settings.landing_root
     product = {"product_id": "P1", "title": "Pillar Candle", "category": "candles",
                "brand": "Lumo", "description": "Beeswax"}
@@ -81,9 +93,6 @@ def settings(shop_home: Path, feast_profile: str) -> Iterator[Settings]:
     apply_repo(settings)
     for n in range(1, DAYS + 1):
         build_interval(settings, _day(n))
-    yield settings
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def _features(settings: Settings, times: dict[str, pd.Timestamp],

@@ -1,14 +1,14 @@
 """The HTTP API on a real trained shop: every endpoint, bad input, the new-product cold
 start, events, metrics, and model swaps under load (a real uvicorn server).
 
-One module-scoped shop: the pipeline's steps called in order for each day (the DAG runs the
-same functions; tests/integration/test_pipeline_end_to_end.py covers the DAG itself), with a
-product added to the catalogue on the last day that nobody has bought.
+The shop is the session's trained shop (tests/integration/conftest.py: every day through the
+DAG, with a product added to the catalogue on the last day that nobody has bought). The API
+tests share one private copy of it (they post events: a write), with the last version as
+champion; each swap test starts its servers on a copy of its own (they move the alias).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import signal
 import socket
@@ -22,80 +22,22 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+from shops import ADMIN_TOKEN as TOKEN
+from shops import LAST, NEW_ID, known_user, on_copy
 
 HTTP = httpx.Client(timeout=60)  # generous: CI shares 2 cores with the server under test
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-START = dt.date(2026, 1, 1)
-DAYS = 9
-NEW_ID = "NEW-0001"
-TOKEN = "test-admin-token"
-
-
-def _run_pipeline_day(settings, day: dt.date) -> dict:
-    """validate -> features -> materialize -> train -> evaluate -> register -> index ->
-    promote, as the DAG's tasks call them."""
-    from features.build import build_interval
-    from features.store import materialize_day
-    from features.validation import check_partition
-    from serving.publish import build_index_for_version
-    from training.pipeline import NotEnoughHistory, evaluate_interval, train_interval
-    from training.registry import promote_if_better, register_run
-
-    check_partition(settings, day)
-    build_interval(settings, day)
-    materialize_day(settings, day)
-    try:
-        trained = train_interval(settings, day)
-    except NotEnoughHistory:
-        return {}
-    evaluate_interval(settings, trained["mlflow_run_id"], day)
-    version = register_run(settings, trained["mlflow_run_id"])["version"]
-    build_index_for_version(settings, version)
-    return {"version": version, **promote_if_better(settings, version)}
-
-
-def _add_new_product(root: str, day: dt.date) -> pd.Series:
-    """A near twin of an existing product, added on ``day``, never bought."""
-    from features.contract import read_partition, read_upto, write_partition
-
-    catalog = read_upto(root, "products", day)
-    twin = catalog.sort_values("product_id").iloc[3].copy()
-    new = twin.copy()
-    new["product_id"] = NEW_ID
-    new["title"] = f"{twin['title']} Deluxe"
-    new["updated_at"] = pd.Timestamp(day, tz="UTC") + pd.Timedelta(hours=9)
-    today = read_partition(root, "products", day)
-    write_partition(root, "products", day, pd.concat([today, new.to_frame().T],
-                                                     ignore_index=True))
-    return twin
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("serving") / "state"
-    saved = dict(os.environ)
-    os.environ.update({"SHOPREC_HOME": str(home), "SHOPREC_LANDING_ROOT": str(home / "landing"),
-                       "SHOPREC_TEXT_ENCODER": "tiny", "SHOPREC_ADMIN_TOKEN": TOKEN,
-                       "SHOPREC_SERVING_POLL_SECONDS": "0"})
-    for key in ("SHOPREC_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI", "SHOPREC_PROFILE"):
-        os.environ.pop(key, None)
-    from features.store import apply_repo
-    from features.synth import generate_shop
-    from shoprec.settings import Settings
+def shop(trained_shop, tmp_path_factory: pytest.TempPathFactory):
+    """A copy of the trained shop for this module: (settings, versions, twin)."""
+    from training.registry import set_champion
 
-    settings = Settings.from_env().prepare()
-    generate_shop(settings.landing_root, days=DAYS, users=200, products=60, seed=3, start=START)
-    last = START + dt.timedelta(days=DAYS - 1)
-    twin = _add_new_product(settings.landing_root, last)
-    apply_repo(settings)
-    runs = [_run_pipeline_day(settings, START + dt.timedelta(days=i)) for i in range(DAYS)]
-    versions = [r["version"] for r in runs if r]
-    assert len(versions) >= 2, runs
-    yield settings, versions, twin
-    os.environ.clear()
-    os.environ.update(saved)
+    with on_copy(trained_shop, tmp_path_factory.mktemp("serving")) as (settings, built):
+        set_champion(settings, built.versions[-1], reason="serving tests")
+        yield settings, built.versions, built.twin
 
 
 @pytest.fixture(scope="module")
@@ -103,20 +45,10 @@ def api(shop):
     from fastapi.testclient import TestClient
 
     from serving.app import create_app
-    from training.registry import set_champion
 
-    settings, versions, _ = shop
-    set_champion(settings, versions[-1], reason="serving tests")
+    settings, _, _ = shop
     with TestClient(create_app(settings)) as client:
         yield client
-
-
-def _known_user(settings) -> str:
-    from features.contract import read_upto
-
-    events = read_upto(settings.landing_root, "events", START + dt.timedelta(days=DAYS - 1))
-    buyers = events[events["event_type"] == "purchase"]["user_id"].value_counts()
-    return str(buyers.index[0])
 
 
 # -- endpoints --------------------------------------------------------------------------
@@ -124,7 +56,7 @@ def _known_user(settings) -> str:
 
 def test_recommend_filters_and_explains(shop, api) -> None:
     settings, _, _ = shop
-    user = _known_user(settings)
+    user = known_user(settings)
     body = api.get(f"/recommend/{user}", params={"k": 8}).json()
     assert body["cold_start"] is False and len(body["items"]) == 8
     assert all(i["reason"] and i["title"] for i in body["items"])
@@ -148,7 +80,7 @@ def test_cold_users_get_country_popularity_when_the_country_is_known(shop, api) 
     settings, _, _ = shop
     from features.contract import read_upto
 
-    users = read_upto(settings.landing_root, "users", START + dt.timedelta(days=DAYS - 1))
+    users = read_upto(settings.landing_root, "users", LAST)
     country = users["country"].dropna().value_counts().index[0]
     body = api.get("/recommend/nobody-knows-me", params={"k": 4, "country": country}).json()
     assert body["cold_start"] is True
@@ -167,7 +99,7 @@ def test_search_finds_codes_words_and_personalises(shop, api) -> None:
     hits = api.get("/search", params={"q": words, "k": 5}).json()["items"]
     assert twin["product_id"] in {h["product_id"] for h in hits}
     assert all(h["reason"].startswith(("matches '", "related to '")) for h in hits)
-    user = _known_user(settings)
+    user = known_user(settings)
     mine = api.get("/search", params={"q": words, "k": 5, "user_id": user}).json()
     assert mine["user_id"] == user and len(mine["items"]) == 5
 
@@ -306,11 +238,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def serve(shop):
-    """Start real uvicorn servers on this shop (champion = the first version); stops them."""
+def serve(shop_copy):
+    """Start real uvicorn servers on a copy of the trained shop (champion = the first
+    version); stops them."""
     from training.registry import set_champion
 
-    settings, versions, _ = shop
+    settings, built = shop_copy
+    versions = built.versions
     set_champion(settings, versions[0], reason="swap test: start on the old version")
     procs = []
 
@@ -380,7 +314,7 @@ def test_a_champion_swap_under_load_drops_no_request(serve) -> None:
 
     start, settings, versions = serve
     url = start()
-    users = [_known_user(settings), "cold-1", "cold-2", "u00001"]
+    users = [known_user(settings), "cold-1", "cold-2", "u00001"]
     seen: list[str] = []
     errors: list[str] = []
     reloads: list[dict] = []

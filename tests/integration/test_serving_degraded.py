@@ -1,7 +1,8 @@
 """Redis stops while the server answers: /recommend keeps answering (degraded, flagged in the
 response and in /readyz), never a 5xx, and recovers when Redis is back.
 
-The production profile (Feast SQL registry in PostgreSQL, Redis online store) on a private
+A copy of the session's trained shop switched to the production profile (Feast SQL registry
+in PostgreSQL, Redis online store), its offline features materialized into a private
 redis-server started by this test on a free port, so stopping it disturbs nothing else; it
 keeps an append-only file, so what was materialized is there again after the restart.
 """
@@ -17,12 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from integration.test_serving_api import _known_user, _run_pipeline_day
+from shops import known_user, on_copy
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.prod]
-
-START = dt.date(2026, 1, 1)
-DAYS = 9
+pytestmark = [pytest.mark.integration, pytest.mark.prod]
 
 
 def _free_port() -> int:
@@ -61,54 +59,29 @@ class PrivateRedis:
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory):
+def shop(trained_shop, tmp_path_factory: pytest.TempPathFactory):
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    from conftest import _postgres_database, _service_missing
+    from shops import postgres_database, service_missing
 
-    url = _postgres_database("shoprec_test")
+    url = postgres_database("shoprec_test")
     if url is None:
-        _service_missing("PostgreSQL")
+        service_missing("PostgreSQL")
     root = tmp_path_factory.mktemp("degraded")
     redis = PrivateRedis(root)
     redis.start()
-    home = root / "state"
-    saved = dict(os.environ)
-    os.environ.update({
-        "SHOPREC_HOME": str(home), "SHOPREC_LANDING_ROOT": str(home / "landing"),
-        "SHOPREC_TEXT_ENCODER": "tiny", "SHOPREC_SERVING_POLL_SECONDS": "0",
-        "SHOPREC_PROFILE": "prod", "SHOPREC_FEAST_REGISTRY_URL": url,
-        "SHOPREC_REDIS_URL": f"127.0.0.1:{redis.port},db=0",
-        "SHOPREC_FEAST_PROJECT": f"degraded_{os.getpid()}"})
-    for key in ("SHOPREC_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"):
-        os.environ.pop(key, None)
-    from features.store import apply_repo
-    from features.synth import generate_shop
-    from shoprec.settings import Settings
-
+    prod = {"SHOPREC_PROFILE": "prod", "SHOPREC_FEAST_REGISTRY_URL": url,
+            "SHOPREC_REDIS_URL": f"127.0.0.1:{redis.port},db=0",
+            "SHOPREC_FEAST_PROJECT": f"degraded_{os.getpid()}"}
     try:
-        settings = Settings.from_env().prepare()
-        generate_shop(settings.landing_root, days=DAYS, users=120, products=40, seed=5,
-                      start=START)
-        apply_repo(settings)
-        from features.build import build_interval
-        from features.store import materialize_day
-        from features.validation import check_partition
-        from training.registry import set_champion
+        with on_copy(trained_shop, root, **prod) as (settings, built):
+            from features.store import materialize_day
 
-        for i in range(DAYS - 1):  # the data steps; one model, on the last day
-            day = START + dt.timedelta(days=i)
-            check_partition(settings, day)
-            build_interval(settings, day)
-            materialize_day(settings, day)
-        run = _run_pipeline_day(settings, START + dt.timedelta(days=DAYS - 1))
-        assert run, "the last day should train a model"
-        set_champion(settings, run["version"], reason="degraded-serving test")
-        yield settings, redis
+            for day in built.days:  # the copy's offline features into the private Redis
+                materialize_day(settings, day)
+            yield settings, redis
     finally:
         redis.stop()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def test_recommend_survives_redis_going_away_and_recovers(shop) -> None:
@@ -117,7 +90,7 @@ def test_recommend_survives_redis_going_away_and_recovers(shop) -> None:
     from serving.app import create_app
 
     settings, redis = shop
-    user = _known_user(settings)
+    user = known_user(settings)
     with TestClient(create_app(settings)) as api:
         healthy = api.get(f"/recommend/{user}", params={"k": 5}).json()
         assert healthy["degraded"] is None and healthy["cold_start"] is False

@@ -21,6 +21,8 @@ from training.distributed import config_from_args, parser
 from training.evaluate import evaluate_model
 from training.train import epoch_batches
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -47,7 +49,6 @@ def test_the_command_line_takes_every_config_field() -> None:
     assert config.batch_size == 512  # untouched fields keep their defaults
 
 
-@pytest.mark.slow
 def test_torchrun_trains_with_two_gloo_processes(tmp_path: Path) -> None:
     _catalog().to_parquet(tmp_path / "catalog.parquet")
     _examples().to_parquet(tmp_path / "examples.parquet")

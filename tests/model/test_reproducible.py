@@ -17,6 +17,8 @@ from test_two_tower_learns import CONFIG, _catalog, _examples, _new_users
 from training.config import TrainConfig
 from training.train import TrainResult, ValidationSet, train
 
+pytestmark = pytest.mark.fast
+
 CASES = {
     "frozen": CONFIG.replace(epochs=3),
     # One fine-tuned layer of the tiny encoder (with dropout), hard negatives on top.

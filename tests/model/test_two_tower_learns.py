@@ -19,6 +19,8 @@ from training.text import embed_texts, product_text
 from training.towers import ItemFeatures, encode_items, encode_users
 from training.train import NotEnoughData, TrainResult, ValidationSet, train, unique_products
 
+pytestmark = pytest.mark.fast
+
 CATEGORIES = ["candles", "garden", "kitchen", "toys"]
 PER_CATEGORY = 10
 CONFIG = TrainConfig(

@@ -22,6 +22,8 @@ from training.evaluate import evaluate_model
 from training.towers import encode_users
 from training.train import TrainResult, ValidationSet, train
 
+pytestmark = pytest.mark.fast
+
 # Each country buys from one category.
 COUNTRY_CATEGORY = dict(zip(["France", "Germany", "United Kingdom", "Netherlands"], CATEGORIES,
                             strict=True))

@@ -20,6 +20,8 @@ from training.baselines import (
 from training.config import TrainConfig
 from training.protocol import TrainData, temporal_split
 
+pytestmark = pytest.mark.fast
+
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
 CUT_DAY = 100
 

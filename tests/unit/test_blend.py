@@ -23,6 +23,8 @@ from training.config import TrainConfig
 from training.evaluate import ndcg_at_k, recall_at_k
 from training.protocol import ScoredRecommender, TrainData, run_protocol, temporal_split
 
+pytestmark = pytest.mark.fast
+
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
 
 

@@ -29,6 +29,8 @@ from training.protocol import train_data
 from training.scorer import Histories, Scorer, ScorerConfig
 from training.train import TrainResult, train
 
+pytestmark = pytest.mark.fast
+
 CATEGORIES = ["candles", "mugs", "toys"]
 PER_CATEGORY = 4
 CONFIG = TrainConfig(

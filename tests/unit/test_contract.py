@@ -17,6 +17,8 @@ from features.contract import (
     write_partition,
 )
 
+pytestmark = pytest.mark.fast
+
 DAY = dt.date(2026, 1, 2)
 
 

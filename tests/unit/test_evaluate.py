@@ -18,6 +18,8 @@ from training.evaluate import (
     recall_at_k,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def _dcg(ranks: list[int]) -> float:
     return sum(1 / math.log2(r + 1) for r in ranks)  # ranks from 1

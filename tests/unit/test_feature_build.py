@@ -23,6 +23,8 @@ from features.build import (
 )
 from features.contract import Interval, write_partition
 
+pytestmark = pytest.mark.fast
+
 DAY1 = dt.date(2026, 1, 1)
 DAY2 = dt.date(2026, 1, 2)
 DAY3 = dt.date(2026, 1, 3)

@@ -6,6 +6,8 @@ import pytest
 
 from training.registry import PromotionPolicy, gate_decision
 
+pytestmark = pytest.mark.fast
+
 AUTO = PromotionPolicy()
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from serving.index import HNSW_EF_SEARCH, build_index, load_index, measure_recall, save_index
 
+pytestmark = pytest.mark.fast
+
 N, D = 2000, 32
 
 

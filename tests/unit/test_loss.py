@@ -17,6 +17,8 @@ from training.loss import (
 )
 from training.train import CategoryNegatives
 
+pytestmark = pytest.mark.fast
+
 
 def test_sampling_log_q_is_the_target_frequency() -> None:
     log_q = sampling_log_q(np.array([0, 0, 1]), n_items=3)

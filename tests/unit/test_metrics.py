@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import generate_latest
 
 from serving.app import Metrics
+
+pytestmark = pytest.mark.fast
 
 
 def test_metrics_count_requests_and_bucket_latency(monkeypatch) -> None:

@@ -25,6 +25,8 @@ from training.protocol import (
     validation_split,
 )
 
+pytestmark = pytest.mark.fast
+
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
 
 

@@ -23,6 +23,8 @@ from training.scorer import (
     cosine_neighbours,
 )
 
+pytestmark = pytest.mark.fast
+
 SMALL = ScorerConfig(neighbours=5, als_factors=4, als_iterations=3, hidden=8, epochs=15)
 PRODUCTS = [f"p{i}" for i in range(12)]
 

@@ -18,6 +18,8 @@ import pytest
 from shoprec import services
 from shoprec.settings import SECRETS, Settings
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture
 def prod_home(shop_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

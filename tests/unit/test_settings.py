@@ -11,6 +11,8 @@ import pytest
 
 from shoprec.settings import PROJECT_ROOT, Settings
 
+pytestmark = pytest.mark.fast
+
 
 def _isolate(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
     """Make prepare()'s exports undoable: monkeypatch restores whatever it touched."""

@@ -12,6 +12,8 @@ import pytest
 from features import contract
 from features.synth import CATEGORY_NAMES, SynthSummary, generate_shop
 
+pytestmark = pytest.mark.fast
+
 START = dt.date(2026, 1, 1)
 DAYS = 8
 # big enough for the behaviour checks (~2k events), small enough to build in a blink

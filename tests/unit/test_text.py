@@ -25,6 +25,8 @@ from training.text import (
     token_ids,
 )
 
+pytestmark = pytest.mark.fast
+
 TINY = TrainConfig(text_encoder="tiny", device="cpu", max_text_tokens=16, text_batch_size=4)
 TEXTS = ["red heart candle", "garden hose 20m", "", "a much longer text " * 20, "red heart candle"]
 

@@ -23,6 +23,8 @@ from training.towers import (
 )
 from training.user_features import N_NUMERIC, unknown_numeric
 
+pytestmark = pytest.mark.fast
+
 H, D, L = 8, 16, 6
 
 

@@ -33,6 +33,8 @@ from training.user_features import (
     unknown_numeric,
 )
 
+pytestmark = pytest.mark.fast
+
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
 DAY = pd.Timedelta(days=1)
 

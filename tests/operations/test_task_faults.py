@@ -9,7 +9,6 @@ its build_features task and then run again through Airflow.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import signal
 import sqlite3
@@ -21,35 +20,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from shops import shop_env, shoprec, synth
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.operations
 
 START = dt.date(2026, 1, 1)
-SHOPREC = str(Path(sys.executable).with_name("shoprec"))
 FEATURE_TABLES = ("user_recent_products", "user_profile", "product_stats", "product_text",
                   "product_catalog")
 
 
-def shop_env(home: Path) -> dict[str, str]:
-    """A clean environment for one state folder: nothing inherited from other tests."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AIRFLOW", "SHOPREC_", "MLFLOW_"))}
-    env.update({"SHOPREC_HOME": str(home), "SHOPREC_LANDING_ROOT": str(home / "landing"),
-                "SHOPREC_TEXT_ENCODER": "tiny", "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1", "GX_ANALYTICS_ENABLED": "False"})
-    return env
-
-
-def shoprec(home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([SHOPREC, *args], env=shop_env(home), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def synth(home: Path, days: int, users: int, products: int, seed: int) -> None:
-    done = shoprec(home, "data", "synth", "--days", str(days), "--users", str(users),
-                   "--products", str(products), "--seed", str(seed),
-                   "--start", START.isoformat())
-    assert done.returncode == 0, done.stderr[-3000:]
 KEYS = {"user_recent_products": "user_id", "user_profile": "user_id",
         "product_stats": "product_id", "product_text": "product_id",
         "product_catalog": "product_id"}
