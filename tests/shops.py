@@ -277,6 +277,23 @@ def _copy_online_rows(source: FeastProfile, target: FeastProfile) -> int:
     return copied
 
 
+def materialized_shop(home: Path, profile: FeastProfile, *, start: dt.date, days: int,
+                      users: int, products: int, seed: int) -> Path:
+    """A synthetic shop in ``home`` on ``profile``, built and materialized day by day in date
+    order, as the DAG's data stages do. Returns ``home``."""
+    from features.build import build_interval
+    from features.store import materialize_day
+    from features.synth import generate_shop
+
+    with shop_environment(home, **profile.env) as settings:
+        generate_shop(settings.landing_root, days=days, users=users, products=products,
+                      seed=seed, start=start)
+        for i in range(days):
+            build_interval(settings, start + dt.timedelta(days=i))
+            materialize_day(settings, start + dt.timedelta(days=i))
+    return home
+
+
 @contextlib.contextmanager
 def feast_copy(home: Path, profile: FeastProfile, folder: Path) -> Iterator:
     """This process on a private copy of a built Feast shop (``home`` on ``profile``): the

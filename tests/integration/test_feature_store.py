@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from shops import FeastProfile, feast_copy, shop_environment
+from shops import FeastProfile, feast_copy, materialized_shop, shop_environment
 
-from features.build import HISTORY_EVENT_TYPES, HISTORY_LEN, build_interval
+from features.build import HISTORY_EVENT_TYPES, HISTORY_LEN
 from features.contract import Interval, read_range, read_upto
 from features.store import (
     MATERIALIZED_VIEWS,
@@ -33,7 +33,6 @@ from features.store import (
     materialize_day,
     online_user_history,
 )
-from features.synth import generate_shop
 from shoprec.settings import Settings
 from training.user_features import profiles_as_of
 
@@ -49,14 +48,8 @@ UNKNOWN = "U-never-seen"
 @pytest.fixture(scope="module")
 def built(feast: FeastProfile, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic shop, built and materialized day by day in date order (its home)."""
-    home = tmp_path_factory.mktemp(f"feature-store-{feast.name}") / "state"
-    with shop_environment(home, **feast.env) as settings:
-        generate_shop(settings.landing_root, days=DAYS, users=40, products=30, seed=5,
-                      start=START)
-        for day in DAY_LIST:
-            build_interval(settings, day)
-            materialize_day(settings, day)
-    return home
+    return materialized_shop(tmp_path_factory.mktemp(f"feature-store-{feast.name}") / "state",
+                             feast, start=START, days=DAYS, users=40, products=30, seed=5)
 
 
 @pytest.fixture

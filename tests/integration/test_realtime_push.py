@@ -15,9 +15,9 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from shops import FeastProfile, feast_copy, shop_environment
+from shops import FeastProfile, feast_copy, materialized_shop
 
-from features.build import HISTORY_LEN, build_interval, user_count_columns
+from features.build import HISTORY_LEN, user_count_columns
 from features.contract import Interval
 from features.realtime import (
     InvalidEvent,
@@ -26,8 +26,7 @@ from features.realtime import (
     read_user_rows,
     validate_events,
 )
-from features.store import feature_store, materialize_day, online_user_history
-from features.synth import generate_shop
+from features.store import feature_store, online_user_history
 from shoprec.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -42,14 +41,8 @@ NEW_USER = "U-brand-new"
 @pytest.fixture(scope="module")
 def built(feast: FeastProfile, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic shop, built and materialized day by day (its home)."""
-    home = tmp_path_factory.mktemp(f"realtime-{feast.name}") / "state"
-    with shop_environment(home, **feast.env) as settings:
-        generate_shop(settings.landing_root, days=DAYS, users=30, products=20, seed=11,
-                      start=START)
-        for i in range(DAYS):
-            build_interval(settings, START + dt.timedelta(days=i))
-            materialize_day(settings, START + dt.timedelta(days=i))
-    return home
+    return materialized_shop(tmp_path_factory.mktemp(f"realtime-{feast.name}") / "state",
+                             feast, start=START, days=DAYS, users=30, products=20, seed=11)
 
 
 @pytest.fixture
