@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from features.contract import list_days, read_upto
     from features.importers.online_retail import import_online_retail
-    from shoprec.settings import Settings
+    from core.settings import Settings
     from training.blend import standard_recommenders
     from training.config import TrainConfig
     from training.protocol import run_protocol

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from features.realtime import ingest_events, read_user_rows
     from features.store import feature_store, materialize_day
     from features.synth import generate_shop
-    from shoprec.settings import Settings
+    from core.settings import Settings
 
     settings = Settings.from_env().prepare()
     generate_shop(settings.landing_root, days=DAYS, users=30, products=20, seed=11, start=START)

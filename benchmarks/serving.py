@@ -206,7 +206,7 @@ def use_state(home: Path, encoder: str):
     os.environ.update({"SHOPREC_PROFILE": "local", "SHOPREC_HOME": str(home),
                        "SHOPREC_LANDING_ROOT": str(home / "landing"),
                        "SHOPREC_TEXT_ENCODER": encoder})
-    from shoprec.settings import Settings
+    from core.settings import Settings
 
     return Settings.from_env().prepare()
 

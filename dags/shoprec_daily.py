@@ -110,7 +110,7 @@ def _settings():
     """Settings for this run: the environment's, with the run's landing root if it sets one."""
     from dataclasses import replace
 
-    from shoprec.settings import Settings
+    from core.settings import Settings
 
     settings = Settings.from_env()
     root = get_current_context()["params"].get("landing_root")

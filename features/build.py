@@ -45,7 +45,7 @@ from features.contract import (
     read_range,
     read_upto,
 )
-from shoprec.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

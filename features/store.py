@@ -16,7 +16,7 @@ import pandas as pd
 
 from features.build import user_profile_columns
 from features.contract import Interval, parse_day
-from shoprec.settings import FEATURE_REPO, Settings
+from core.settings import FEATURE_REPO, Settings
 
 if TYPE_CHECKING:
     from feast import FeatureStore

@@ -72,7 +72,7 @@ from features.contract import (
     read_partition,
     read_upto,
 )
-from shoprec.settings import Settings
+from core.settings import Settings
 
 if TYPE_CHECKING:
     from features.quarantine import QuarantineRecord

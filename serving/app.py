@@ -31,8 +31,8 @@ from pydantic import BaseModel, Field
 from features.validation import MAX_PRICE, MAX_QUANTITY
 from serving.bundle import Bundle
 from serving.search import MAX_QUERY_CHARS
-from shoprec import __version__
-from shoprec.settings import Settings
+from core import __version__
+from core.settings import Settings
 from training.registry import CHAMPION
 from training.scorer import Histories
 

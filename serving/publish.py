@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from serving.bundle import EMBEDDINGS, INDEX_FILE, INDEX_META, MANIFEST, Bundle, BundleError
-from shoprec.settings import Settings
+from core.settings import Settings
 from training.registry import alias_version, mlflow_client
 
 log = logging.getLogger(__name__)

@@ -1,3 +1,9 @@
-"""shoprec: keeps an online shop's search and recommendation models fresh."""
+"""shoprec: the command line and operations (runs, backfills, services, demo).
 
-__version__ = "0.1.0"
+The top floor of the house (docs/architecture.md): it may import every library package;
+none of them imports it.
+"""
+
+from core import __version__
+
+__all__ = ["__version__"]

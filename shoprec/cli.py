@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from shoprec import services
-from shoprec.settings import Settings
+from core.settings import Settings
 
 app = typer.Typer(help="shoprec: keeps a shop's recommendation models fresh.",
                   no_args_is_help=True, pretty_exceptions_enable=False)

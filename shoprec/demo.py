@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from shoprec.settings import Settings
+from core.settings import Settings
 
 DEMO_START = dt.date(2026, 1, 1)
 DEMO_SEED = 7

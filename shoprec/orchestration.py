@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from shoprec.settings import DAGS_FOLDER, Settings
+from core.settings import DAGS_FOLDER, Settings
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import typer
 
-from shoprec.settings import PROJECT_ROOT, SECRETS, Settings
+from core.settings import PROJECT_ROOT, SECRETS, Settings
 
 AIRFLOW_COMPONENTS = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
                       "airflow-triggerer")
@@ -119,7 +119,7 @@ def ensure_secrets(settings: Settings) -> dict[str, str]:
 def _config_has(settings: Settings, variable: str) -> bool:
     if not settings.config_file:
         return False
-    from shoprec.settings import read_config_file
+    from core.settings import read_config_file
 
     return bool(read_config_file(settings.config_file).get(variable))
 

@@ -80,7 +80,7 @@ def prod_stack(root: Path, tag: str, redis_db: int, components: list[str] | None
     })
     from features.synth import generate_shop
     from shoprec import services
-    from shoprec.settings import Settings
+    from core.settings import Settings
 
     output: list[str] = []
     try:

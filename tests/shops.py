@@ -79,7 +79,7 @@ def shop_environment(home: Path, **extra: str) -> Iterator:
     Yields:
         The prepared ``Settings``, with Airflow's variables exported too.
     """
-    from shoprec.settings import Settings
+    from core.settings import Settings
 
     saved = dict(os.environ)
     for key in [k for k in os.environ if k.startswith(_STATE_VARIABLES)]:

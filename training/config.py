@@ -2,7 +2,7 @@
 
 One frozen dataclass, logged to MLflow as params (``to_params``) and identified by a short,
 stable hash (``fingerprint``). Infrastructure settings (paths, URIs) live in
-``shoprec.settings``, not here. Importing this module has no side effects and does not
+``core.settings``, not here. Importing this module has no side effects and does not
 import torch.
 """
 

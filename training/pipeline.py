@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from features.contract import Interval, catalog_as_of, parse_day, read_upto
-from shoprec.settings import Settings
+from core.settings import Settings
 from training.config import TrainConfig
 from training.registry import (
     CHAMPION,

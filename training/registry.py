@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from shoprec.settings import PROJECT_ROOT, Settings
+from core.settings import PROJECT_ROOT, Settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

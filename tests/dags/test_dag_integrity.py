@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from shoprec.settings import DAGS_FOLDER
+from core.settings import DAGS_FOLDER
 
 pytestmark = pytest.mark.fast
 

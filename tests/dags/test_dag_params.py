@@ -22,7 +22,7 @@ from shoprec.orchestration import (
     train_policy,
     training_decision,
 )
-from shoprec.settings import DAGS_FOLDER
+from core.settings import DAGS_FOLDER
 
 pytestmark = pytest.mark.fast
 

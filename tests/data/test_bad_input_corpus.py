@@ -30,7 +30,7 @@ from features.quarantine import (
 )
 from features.synth import generate_shop
 from features.validation import PartitionInvalid, PartitionQuarantined, check_partition
-from shoprec.settings import Settings
+from core.settings import Settings
 
 pytestmark = pytest.mark.fast
 

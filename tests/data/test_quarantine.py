@@ -29,7 +29,7 @@ from features.validation import (
     validate_day,
 )
 from shoprec.cli import app
-from shoprec.settings import Settings
+from core.settings import Settings
 
 pytestmark = pytest.mark.fast
 

@@ -22,7 +22,7 @@ from features.validation import (
     require_valid,
     validate_day,
 )
-from shoprec.settings import Settings
+from core.settings import Settings
 
 pytestmark = pytest.mark.fast
 

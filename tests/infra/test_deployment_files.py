@@ -421,7 +421,7 @@ def test_every_shoprec_variable_exists_in_the_code() -> None:
 
 def test_probe_paths_are_routes_of_the_serving_app() -> None:
     from serving.app import create_app
-    from shoprec.settings import Settings
+    from core.settings import Settings
 
     routes = {getattr(r, "path", None) for r in
               create_app(Settings(serving_poll_seconds=0), load_on_start=False).routes}

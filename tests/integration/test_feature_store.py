@@ -33,7 +33,7 @@ from features.store import (
     materialize_day,
     online_user_history,
 )
-from shoprec.settings import Settings
+from core.settings import Settings
 from training.user_features import profiles_as_of
 
 pytestmark = pytest.mark.integration

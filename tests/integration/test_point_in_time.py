@@ -23,7 +23,7 @@ from shops import FeastProfile, shop_environment
 from features.build import build_interval
 from features.contract import Interval, write_partition
 from features.store import TRAINING_SERVICE, apply_repo, historical_features
-from shoprec.settings import Settings
+from core.settings import Settings
 
 pytestmark = pytest.mark.integration
 

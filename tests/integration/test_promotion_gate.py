@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from shoprec.cli import app
-from shoprec.settings import Settings
+from core.settings import Settings
 from training.registry import (
     CHALLENGER,
     CHAMPION,

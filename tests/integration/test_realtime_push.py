@@ -27,7 +27,7 @@ from features.realtime import (
     validate_events,
 )
 from features.store import feature_store, online_user_history
-from shoprec.settings import Settings
+from core.settings import Settings
 
 pytestmark = pytest.mark.integration
 

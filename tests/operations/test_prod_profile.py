@@ -81,7 +81,7 @@ def test_up_starts_every_component_healthy_and_secured(stack) -> None:
     assert httpx.post(f"{settings.serving_url}/admin/reload").status_code == 401
     # No secret value in what was printed, the logs or the PID file.
     from shoprec.services import log_dir, pid_file
-    from shoprec.settings import SECRETS
+    from core.settings import SECRETS
 
     values = [settings.secret(n) for n in SECRETS]
     values += json.loads(settings.airflow_passwords_file.read_text()).values()

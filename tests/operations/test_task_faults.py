@@ -151,7 +151,7 @@ def test_dag_run_killed_in_build_features_then_rerun_through_airflow(small_shop:
     # `shoprec run` for day 1 in a child, SIGKILLed while build_features writes
     code = f"""
     import datetime as dt
-    from shoprec.settings import Settings
+    from core.settings import Settings
     from shoprec.orchestration import run_days
     settings = Settings.from_env().prepare()
     day = dt.date.fromisoformat({first.isoformat()!r})

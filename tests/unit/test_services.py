@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from shoprec import services
-from shoprec.settings import SECRETS, Settings
+from core.settings import SECRETS, Settings
 
 pytestmark = pytest.mark.fast
 
@@ -82,7 +82,7 @@ def test_config_file_with_secrets_must_live_outside_the_repo(
     monkeypatch.setenv("SHOPREC_MLFLOW_PORT", "5999")  # the environment wins
     assert Settings.from_env().mlflow_port == 5999
 
-    from shoprec.settings import PROJECT_ROOT, read_config_file
+    from core.settings import PROJECT_ROOT, read_config_file
 
     inside = PROJECT_ROOT / "tests" / f".tmp-config-{os.getpid()}.yaml"
     inside.write_text("MLFLOW_TRACKING_PASSWORD: nope-nope-nope\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shoprec.settings import PROJECT_ROOT, Settings
+from core.settings import PROJECT_ROOT, Settings
 
 pytestmark = pytest.mark.fast
 
@@ -111,7 +111,7 @@ def test_importing_settings_has_no_side_effects(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SHOPREC_", "AIRFLOW", "MLFLOW_"))}
     env["SHOPREC_HOME"] = str(home)
-    code = ("import os, shoprec.settings as m; s = m.Settings.from_env(); "
+    code = ("import os, core.settings as m; s = m.Settings.from_env(); "
             "print(sorted(k for k in os.environ if k.startswith(('SHOPREC_FEAST', "
             "'SHOPREC_OFFLINE', 'AIRFLOW', 'MLFLOW'))))")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=PROJECT_ROOT,
