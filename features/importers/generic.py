@@ -1080,13 +1080,15 @@ def _day_start(day: dt.date) -> pd.Timestamp:
 
 
 def _products_from_events(events: pd.DataFrame, raw: pd.DataFrame, section: TableMapping | None,
-                          only: set[str] | None, label: str) -> tuple[pd.DataFrame, SourceReport]:
+                          only: set[str] | None, label: str,
+                          price_default: float | None) -> tuple[pd.DataFrame, SourceReport]:
     """One product per product_id of the events, on the day of its first event.
 
     ``section`` (a products section without a source) names events-file columns for the
     attributes, each product taking its most frequent value; else the title is the product id.
-    The price is the median of the mapped price column (else of the event prices), else the
-    section's price default; a product without any price is dropped.
+    The price is the median of the mapped price column (else of the event prices), else
+    ``price_default`` (the mapping's ``products.columns.price.default``, which also prices the
+    products a products source lacks); a product without any price is dropped.
     """
     ev = events[events["product_id"].notna()]
     if only is not None:
@@ -1116,8 +1118,8 @@ def _products_from_events(events: pd.DataFrame, raw: pd.DataFrame, section: Tabl
         values = ev["price"].reset_index(drop=True)
     median = pd.Series(values.to_numpy(), index=keys.to_numpy()).groupby(level=0).median()
     products["price"] = products["product_id"].map(median)
-    if price_spec is not None and price_spec.default is not None:
-        products["price"] = products["price"].fillna(price_spec.default)
+    if price_default is not None:
+        products["price"] = products["price"].fillna(price_default)
     reason = _first_reason({"missing_price": products["price"].isna()},
                            DERIVED_PRODUCT_DROP_REASONS, len(products))
     kept = products[reason < 0].reset_index(drop=True)
@@ -1321,6 +1323,8 @@ def import_generic(mapping: str | Path | ImportMapping, root: str, *, inputs: Se
     reports: list[SourceReport] = []
 
     # the catalogue first: events whose product cannot enter it are dropped
+    price_spec = m.products.columns.get("price")
+    price_default = price_spec.default if price_spec is not None else None
     if m.products.source is not None:
         praw = _read_source(files["products"], m.products.source,
                             list(m.products.columns.values()), "products")
@@ -1328,11 +1332,11 @@ def import_generic(mapping: str | Path | ImportMapping, root: str, *, inputs: Se
         listed = set(prows["product_id"][p_reason < 0])
         unlisted = set(events["product_id"].dropna()) - listed
         extra, extra_report = _products_from_events(events, raw, None, unlisted,
-                                                    "products from events")
+                                                    "products from events", price_default)
         catalogue = listed | set(extra["product_id"])
     else:
         extra, extra_report = _products_from_events(events, raw, m.products, None,
-                                                    "products from events")
+                                                    "products from events", price_default)
         catalogue = set(extra["product_id"])
     orphan = (events["product_id"].notna() & ~events["product_id"].isin(catalogue)).to_numpy()
     ev_reason[events["_pos"].to_numpy()[orphan]] = DROP_REASONS.index("product_not_in_catalog")

@@ -200,6 +200,33 @@ def test_dated_catalogue_rows_land_on_days_with_events(tmp_path):
     assert (products["updated_at"].dt.date == products["day"]).all()
 
 
+def test_price_default_prices_products_the_catalogue_lacks(tmp_path):
+    # events without prices, a catalogue without prices and without SKU-Z: every product's
+    # price is the mapping's default, also for SKU-Z, derived from the events
+    (tmp_path / "events.csv").write_text(
+        "id,user,sku,when\n"
+        "1,u1,SKU-A,2024-03-01 10:00\n"
+        "2,u1,SKU-B,2024-03-01 11:00\n"
+        "3,u2,SKU-Z,2024-03-02 09:00\n"
+    )
+    (tmp_path / "catalogue.csv").write_text("sku,name\nSKU-A,Red Mug\nSKU-B,Blue Bowl\n")
+    doc = {
+        "events": {"source": "events.csv", "columns": {
+            "event_id": "id", "user_id": "user", "product_id": "sku",
+            "event_type": {"value": "purchase"}, "ts": "when"}},
+        "products": {"source": "catalogue.csv", "columns": {
+            "product_id": "sku", "title": "name", "price": {"default": 2.5}}},
+    }
+    root = str(tmp_path / "landing")
+    report = import_generic(parse_mapping(doc, tmp_path), root)
+    products = _read_all(root, "products").set_index("product_id")
+    assert products["price"].to_dict() == {"SKU-A": 2.5, "SKU-B": 2.5, "SKU-Z": 2.5}
+    assert products.loc["SKU-Z", "title"] == "SKU-Z"  # derived: the product id as title
+    assert report.source("products from events").dropped == {"missing_price": 0}
+    assert report.dropped["product_not_in_catalog"] == 0
+    assert sorted(_read_all(root, "events")["event_id"]) == ["1", "2", "3"]
+
+
 # --- an export with only an order sequence number -------------------------------------------
 
 
