@@ -91,8 +91,8 @@ def import_generic(
     root: Annotated[str | None, typer.Option(help="landing root")] = None,
 ) -> None:
     """Import any shop's CSV/parquet export through a YAML mapping; prints kept and dropped."""
-    from features.importers.generic import MappingError
     from features.importers.generic import import_generic as run_import
+    from features.importers.generic_mapping import MappingError
 
     settings = _settings(root)
     try:

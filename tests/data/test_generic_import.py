@@ -26,15 +26,14 @@ import pytest
 import yaml
 
 from features import contract
-from features.importers.generic import (
-    DROP_REASONS,
+from features.importers.generic import ImportReport, import_generic
+from features.importers.generic_mapping import (
     DirectIdentifierError,
-    ImportReport,
     MappingError,
-    import_generic,
     load_mapping,
     parse_mapping,
 )
+from features.importers.generic_tables import DROP_REASONS
 
 pytestmark = pytest.mark.fast
 
