@@ -1,8 +1,10 @@
 """Open-loop HTTP load for ``benchmarks/serving.py``: a fixed request timetable on loopback.
 
-Run as its own process (``python benchmarks/_load.py SPEC.json``), so the client never shares
-an interpreter (or a GIL) with the server. The spec names the base URL, the request paths
-(cycled), the rate and the duration; the result is one JSON object on stdout.
+Run as its own process (``python benchmarks/_serving_load.py SPEC.json``, started by
+``_serving_driver.drive``), so the client never shares an interpreter (or a GIL) with the
+server. The spec names the base URL, the request paths (cycled), the rate and the duration;
+the result is one JSON object on stdout. ``percentile`` is shared with the in-process
+breakdown (``_serving_breakdown``).
 
 Every request i has a scheduled send time ``t0 + i / rate`` and its latency is measured from
 that time, not from when it was actually sent: a server (or client) that falls behind makes
@@ -39,9 +41,9 @@ class Tally:
     ok: int = 0
     first_scheduled: float = 0.0
     last_done: float = 0.0
-    max_open: int = 0
 
     def error(self, kind: str) -> None:
+        """Count one failed request of this kind."""
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
@@ -76,6 +78,8 @@ class ConnectionPool:
         self.freed = asyncio.Condition()
 
     async def acquire(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The least recently used fresh idle connection, else a new one (waits at the
+        limit)."""
         async with self.freed:
             while True:
                 now, fresh = time.perf_counter(), []
@@ -101,12 +105,14 @@ class ConnectionPool:
             raise
 
     async def release(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        """Return a connection that can be reused."""
         async with self.freed:
             self.idle.append((*conn, time.perf_counter()))
             self.freed.notify()
 
     async def discard(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
                       ) -> None:
+        """Close a connection that cannot be reused (None: one that never opened)."""
         if conn is not None:
             conn[1].close()
         async with self.freed:
@@ -114,6 +120,7 @@ class ConnectionPool:
             self.freed.notify()
 
     async def close(self) -> None:
+        """Close the idle connections (at the end, when none is in use)."""
         for _, writer, _ in self.idle:
             writer.close()
         self.idle.clear()
@@ -148,6 +155,7 @@ async def _get(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], host: st
 
 async def _one(pool: ConnectionPool, path: str, scheduled: float, timeout: float,
                tally: Tally, record: bool) -> None:
+    """One request scheduled at ``scheduled``; counted in ``tally`` unless a warm-up one."""
     conn = None
     try:
         async with asyncio.timeout(timeout):
@@ -183,7 +191,8 @@ async def run_load(spec: dict[str, Any]) -> dict[str, Any]:
 
     Args:
         spec: {"url", "paths" (cycled), "rate", "seconds", "warmup_seconds",
-            "max_connections", "timeout"}.
+            "min_connections" (opened before the clock starts), "max_connections",
+            "timeout"}.
 
     Returns:
         {"rate", "seconds", "sent", "ok", "errors", "error_kinds", "p50_ms", "p95_ms",
@@ -237,6 +246,7 @@ async def run_load(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    """Run the load described by the JSON file ``argv[1]``; print its result as JSON."""
     spec = json.loads(open(argv[1]).read())  # noqa: SIM115 - read once, tiny file
     try:
         import uvloop  # uvicorn[standard] installs it; the stdlib loop works too
