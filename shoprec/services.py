@@ -8,6 +8,8 @@ waits until each component reports healthy and prints the URLs and the login. ``
 exactly the recorded processes: SIGTERM to each group, SIGKILL after a timeout (Airflow's
 scheduler may ignore SIGTERM), and only after checking that a PID still belongs to the
 process that ``up`` started (same boot, same start time), so a reused PID is never hit.
+Starting, health waits and stopping are shoprec.supervisor's; secrets and logins are
+shoprec.credentials'.
 
 In the prod profile (``SHOPREC_PROFILE=prod``) Airflow's metadata DB and MLflow's backend and
 auth stores live in PostgreSQL (databases created when missing), Airflow runs the
@@ -22,13 +24,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shlex
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +35,7 @@ from urllib.parse import urlsplit
 import typer
 
 from core.settings import PROJECT_ROOT, SECRETS, Settings
+from shoprec import credentials, supervisor
 
 AIRFLOW_COMPONENTS = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
                       "airflow-triggerer")
@@ -56,106 +54,6 @@ class Component:
     env: dict[str, str] = field(repr=False)
     url: str
     health: str  # the URL that answers 200 when the component is healthy
-
-
-# ----------------------------------------------------------------------------- secrets
-
-
-def _generate(name: str) -> str:
-    if name == "airflow_fernet_key":
-        from cryptography.fernet import Fernet
-
-        return Fernet.generate_key().decode()
-    return secrets.token_urlsafe(32)
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by the owner only (created 0600, never wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(path, 0o600)
-
-
-def airflow_users(settings: Settings) -> dict[str, str]:
-    """The simple auth manager's users and their roles (``name:role,...``)."""
-    users = {}
-    for item in settings.airflow_users.split(","):
-        name, _, role = item.strip().partition(":")
-        if name:
-            users[name] = role.split(":")[0] or "viewer"
-    return users
-
-
-def ensure_secrets(settings: Settings) -> dict[str, str]:
-    """Generate every secret that is set nowhere into ``settings.secrets_dir`` (0600).
-
-    Returns:
-        Where each secret comes from ("environment" or a file path): for printing, no values.
-    """
-    sources: dict[str, str] = {}
-    for name, variable in SECRETS.items():
-        if os.environ.get(variable) or _config_has(settings, variable):
-            sources[name] = f"${variable}"
-            continue
-        path = settings.secrets_dir / name
-        if not path.exists() or not path.read_text().strip():
-            _write_private(path, _generate(name) + "\n")
-        sources[name] = str(path)
-    # The simple auth manager reads passwords from a JSON file; add any user it lacks, so
-    # Airflow never generates (and prints) one itself.
-    passwords_file = settings.airflow_passwords_file or settings.secrets_dir / "airflow_passwords.json"
-    passwords = json.loads(passwords_file.read_text() or "{}") if passwords_file.exists() else {}
-    missing = [u for u in airflow_users(settings) if u not in passwords]
-    if missing or not passwords_file.exists():
-        passwords.update({u: secrets.token_urlsafe(18) for u in missing})
-        _write_private(passwords_file, json.dumps(passwords, indent=1) + "\n")
-    sources["airflow_passwords"] = str(passwords_file)
-    return sources
-
-
-def _config_has(settings: Settings, variable: str) -> bool:
-    if not settings.config_file:
-        return False
-    from core.settings import read_config_file
-
-    return bool(read_config_file(settings.config_file).get(variable))
-
-
-def airflow_password(settings: Settings, user: str | None = None) -> str:
-    """The Airflow password of ``user`` (default: the CLI's ``settings.airflow_user``):
-    ``SHOPREC_AIRFLOW_PASSWORD`` for the CLI's user, else the simple auth manager's file."""
-    user = user or settings.airflow_user
-    if user == settings.airflow_user and os.environ.get("SHOPREC_AIRFLOW_PASSWORD"):
-        return os.environ["SHOPREC_AIRFLOW_PASSWORD"]
-    path = settings.airflow_passwords_file or settings.secrets_dir / "airflow_passwords.json"
-    try:
-        return json.loads(path.read_text())[user]
-    except (OSError, KeyError, ValueError) as exc:
-        raise RuntimeError(f"no Airflow password for {user!r} in {path} "
-                           f"(run `shoprec up` or set SHOPREC_AIRFLOW_PASSWORD)") from exc
-
-
-def airflow_token(settings: Settings, user: str | None = None, *, timeout: float = 10.0) -> str:
-    """A bearer token for Airflow's REST API, as the UI gets one (``POST /auth/token``).
-
-    Args:
-        settings: where the api-server runs (``airflow_api_url`` or ``airflow_url``).
-        user: the user to log in as (default ``settings.airflow_user``, role op).
-
-    Returns:
-        The access token.
-    """
-    import httpx
-
-    user = user or settings.airflow_user
-    base = settings.airflow_api_url or settings.airflow_url
-    response = httpx.post(f"{base}/auth/token", timeout=timeout,
-                          json={"username": user, "password": airflow_password(settings, user)})
-    response.raise_for_status()
-    return response.json()["access_token"]
 
 
 # ----------------------------------------------------------------------- PostgreSQL
@@ -196,90 +94,7 @@ def ensure_databases(urls: Iterable[str]) -> list[str]:
     return created
 
 
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for printing)."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
-
-
-# ---------------------------------------------------------------------- processes
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _stat(pid: int) -> tuple[int, int, int] | None:
-    """(ppid, pgid, start time in clock ticks since boot) of a live process, or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
-    if fields[0] == "Z":  # a zombie has exited; only its parent's wait is missing
-        return None
-    return int(fields[1]), int(fields[2]), int(fields[19])
-
-
-def _all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _same_process(pid: int, start: int) -> bool:
-    info = _stat(pid)
-    return info is not None and info[2] == start
-
-
-def _members(record: dict[str, Any]) -> list[tuple[int, int]]:
-    """The live processes of one recorded component, as (pid, start time) pairs.
-
-    A process counts when it is the recorded leader (same PID *and* start time), or lives in
-    the recorded process group or descends from the leader and started no earlier than it.
-    Nothing else is ever returned, so ``down`` cannot hit a process it did not start.
-    """
-    if record.get("boot_id") != _boot_id():
-        return []  # the machine rebooted: every recorded process is gone
-    pid, pgid, start = record["pid"], record["pgid"], record["start"]
-    leader = _stat(pid)
-    if leader is not None and leader[2] != start:
-        # The PID was reused: the recorded group ended (Linux never hands out a PID that is
-        # still some group's id), so nothing of ours is left under these numbers.
-        return []
-    table = {p: info for p in _all_pids() if (info := _stat(p)) is not None}
-    ours = {pid} if leader is not None else set()
-    ours |= {p for p, (_, group, began) in table.items() if group == pgid and began >= start}
-    changed = True
-    while changed:  # children that left the group (setsid) but descend from one of ours
-        grown = {p for p, (ppid, _, began) in table.items()
-                 if ppid in ours and began >= start} - ours
-        ours |= grown
-        changed = bool(grown)
-    ours.discard(os.getpid())
-    return sorted((p, table[p][2]) for p in ours if p in table)
-
-
-def _signal(members: Iterable[tuple[int, int]], sig: int) -> None:
-    for pid, start in members:
-        if _same_process(pid, start):  # re-check right before signalling
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+# ---------------------------------------------------------------------- records
 
 
 def run_dir(settings: Settings) -> Path:
@@ -313,26 +128,8 @@ def _write_records(settings: Settings, records: dict[str, dict[str, Any]]) -> No
 # ---------------------------------------------------------------------- components
 
 
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.exists() else name
-
-
 def _secret_env(settings: Settings, names: Iterable[str]) -> dict[str, str]:
     return {SECRETS[n]: value for n in names if (value := settings.secret(n))}
-
-
-def mlflow_auth_config(settings: Settings) -> Path:
-    """Write MLflow's basic-auth config (no password in it: the admin's comes through
-    MLFLOW_AUTH_ADMIN_PASSWORD) beside the secrets, 0600 (its DB URL may carry one)."""
-    path = settings.secrets_dir / "mlflow_basic_auth.ini"
-    text = ("[mlflow]\n"
-            "default_permission = READ\n"
-            f"database_uri = {settings.mlflow_auth_db_url}\n"
-            f"admin_username = {settings.mlflow_admin_user}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    _write_private(path, text)
-    return path
 
 
 def components(settings: Settings) -> list[Component]:
@@ -354,7 +151,7 @@ def components(settings: Settings) -> list[Component]:
     airflow_env = {**base, **client,
                    **(_secret_env(settings, _AIRFLOW_SECRETS) if prod else
                       {"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"})}
-    airflow = _bin("airflow")
+    airflow = supervisor.executable("airflow")
     out = [
         Component("airflow-api-server",
                   [airflow, "api-server", "--host", settings.airflow_host,
@@ -365,7 +162,7 @@ def components(settings: Settings) -> list[Component]:
         Component("airflow-dag-processor", [airflow, "dag-processor"], airflow_env, "", ""),
         Component("airflow-triggerer", [airflow, "triggerer"], airflow_env, "", ""),
     ]
-    mlflow_cmd = [_bin("mlflow"), "server", "--host", settings.mlflow_host,
+    mlflow_cmd = [supervisor.executable("mlflow"), "server", "--host", settings.mlflow_host,
                   "--port", str(settings.mlflow_port), "--workers", "1"]
     mlflow_env = dict(base)
     # URLs that carry a password go through the environment, never the command line (ps).
@@ -380,7 +177,7 @@ def components(settings: Settings) -> list[Component]:
     if prod:
         mlflow_cmd += ["--app-name", "basic-auth"]
         mlflow_env.update({
-            "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config(settings)),
+            "MLFLOW_AUTH_CONFIG_PATH": str(credentials.mlflow_auth_config(settings)),
             "MLFLOW_AUTH_ADMIN_USERNAME": settings.mlflow_admin_user,
             **_secret_env(settings, ["mlflow_admin_password", "mlflow_flask_secret_key"]),
         })
@@ -394,39 +191,28 @@ def components(settings: Settings) -> list[Component]:
     serving_url = f"http://{settings.serving_host}:{settings.serving_port}"
     out.append(Component(
         "serving",
-        [_bin("uvicorn"), "--factory", "serving.app:create_app", "--host", settings.serving_host,
-         "--port", str(settings.serving_port), "--workers", str(settings.serving_workers)],
+        [supervisor.executable("uvicorn"), "--factory", "serving.app:create_app",
+         "--host", settings.serving_host, "--port", str(settings.serving_port), "--workers", str(settings.serving_workers)],
         serving_env, serving_url, f"{serving_url}/healthz"))
     return out
 
 
 def _start(component: Component, settings: Settings) -> dict[str, Any]:
-    log_path = log_dir(settings) / f"{component.name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} shoprec up: "
-                  f"{shlex.join(component.cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(component.cmd, env=component.env, cwd=PROJECT_ROOT,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own process group and session
-    info = _stat(proc.pid)
-    return {"pid": proc.pid, "pgid": proc.pid, "start": info[2] if info else 0,
-            "boot_id": _boot_id(), "cmd": component.cmd, "url": component.url,
-            "health": component.health, "log": str(log_path), "started_at": time.time()}
+    """Start one component (its own process group); its record, with its URLs."""
+    record = supervisor.start(component.cmd, component.env,
+                              log_dir(settings) / f"{component.name}.log", by="shoprec up",
+                              cwd=PROJECT_ROOT)
+    return {**record, "url": component.url, "health": component.health}
 
 
 def _healthy(record: dict[str, Any], name: str, airflow_health: dict | None) -> bool:
-    import httpx
-
+    """Airflow's scheduler, dag-processor and triggerer: as the api-server's health endpoint
+    reports them; the others: their own health URL answers 200."""
     if name.startswith("airflow-") and name != "airflow-api-server":
         key = name.removeprefix("airflow-").replace("-", "_")
         status = (airflow_health or {}).get(key, {}).get("status")
         return status == "healthy"
-    try:
-        return httpx.get(record["health"], timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return supervisor.http_ok(record["health"])
 
 
 def _airflow_health(settings: Settings) -> dict | None:
@@ -444,46 +230,15 @@ def wait_healthy(settings: Settings, names: Iterable[str], records: dict[str, di
     """Wait until every named component answers healthy.
 
     Raises:
-        RuntimeError: one exited or is not healthy within ``timeout`` (names its log).
+        supervisor.ProcessFailed: one exited or is not healthy within ``timeout`` (names
+            its log).
     """
-    pending = list(names)
-    deadline = time.monotonic() + timeout
-    while pending:
+    def healthy_now(pending: list[str]) -> list[str]:
         health = _airflow_health(settings) if any(n.startswith("airflow") for n in pending) \
             else None
-        for name in list(pending):
-            record = records[name]
-            if not _same_process(record["pid"], record["start"]):
-                raise RuntimeError(f"{name} exited during start-up; see {record['log']}")
-            if _healthy(record, name, health):
-                echo(f"  {name:<22} healthy  (pid {record['pid']})")
-                pending.remove(name)
-        if pending and time.monotonic() > deadline:
-            raise RuntimeError(f"not healthy after {timeout:.0f} s: {', '.join(pending)}; "
-                               f"see {log_dir(settings)}")
-        if pending:
-            time.sleep(1.0)
+        return [n for n in pending if _healthy(records[n], n, health)]
 
-
-def ensure_mlflow_user(settings: Settings) -> bool:
-    """Create the service account the pipeline and serving use on MLflow's basic-auth app.
-
-    It creates the experiment and the registered model, so it owns them; everyone else
-    gets the default READ permission. Returns True when the user was created now.
-    """
-    import httpx
-
-    admin = (settings.mlflow_admin_user, settings.secret("mlflow_admin_password"))
-    response = httpx.post(f"{settings.mlflow_server_url}/api/2.0/mlflow/users/create",
-                          auth=admin, timeout=30,
-                          json={"username": settings.mlflow_user,
-                                "password": settings.secret("mlflow_password")})
-    if response.status_code == 200:
-        return True
-    if "RESOURCE_ALREADY_EXISTS" in response.text:
-        return False
-    raise RuntimeError(f"could not create the MLflow user {settings.mlflow_user!r}: "
-                       f"HTTP {response.status_code}")
+    supervisor.wait_healthy({n: records[n] for n in names}, healthy_now, timeout, echo)
 
 
 def env_lines(settings: Settings) -> list[str]:
@@ -511,7 +266,7 @@ def login_lines(settings: Settings) -> list[str]:
     if settings.profile != "prod":
         return ["Airflow: no login (local profile: everyone is admin); MLflow: no auth"]
     passwords = settings.airflow_passwords_file or settings.secrets_dir / "airflow_passwords.json"
-    users = ", ".join(f"{u} ({r})" for u, r in airflow_users(settings).items())
+    users = ", ".join(f"{u} ({r})" for u, r in credentials.airflow_users(settings).items())
     where = (f"${SECRETS['mlflow_admin_password']}"
              if os.environ.get(SECRETS["mlflow_admin_password"])
              else settings.secrets_dir / "mlflow_admin_password")
@@ -547,10 +302,10 @@ def up(settings: Settings | None = None, components_to_start: Iterable[str] | No
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
     # Secrets first: prepare() exports the MLflow client's password once its file exists.
-    sources = ensure_secrets(settings) if settings.profile == "prod" else {}
+    sources = credentials.ensure_secrets(settings) if settings.profile == "prod" else {}
     settings.prepare()
     records = _read_records(settings)
-    running = {n for n, r in records.items() if _members(r)}
+    running = {n for n, r in records.items() if supervisor.members(r)}
     for name in set(records) - running:
         records.pop(name)
     todo = [n for n in COMPONENTS if n in wanted and n not in running]
@@ -571,7 +326,7 @@ def up(settings: Settings | None = None, components_to_start: Iterable[str] | No
              "mlflow": (settings.mlflow_host, settings.mlflow_port),
              "serving": (settings.serving_host, settings.serving_port)}
     for name in plan:
-        if name in ports and not _port_free(*ports[name]):
+        if name in ports and not supervisor.port_free(*ports[name]):
             host, port = ports[name]
             raise RuntimeError(f"{name}: {host}:{port} is taken by another process; choose "
                                f"another port (SHOPREC_AIRFLOW_PORT / SHOPREC_MLFLOW_PORT / "
@@ -583,9 +338,9 @@ def up(settings: Settings | None = None, components_to_start: Iterable[str] | No
             migrate_log = log_dir(settings) / "airflow-db-migrate.log"
             migrate_log.parent.mkdir(parents=True, exist_ok=True)
             with open(migrate_log, "ab") as log:
-                done = subprocess.run([_bin("airflow"), "db", "migrate"], cwd=PROJECT_ROOT,
-                                      env=plan[next(n for n in AIRFLOW_COMPONENTS if n in plan)].env,
-                                      stdout=log, stderr=subprocess.STDOUT)
+                done = subprocess.run([supervisor.executable("airflow"), "db", "migrate"],
+                                      cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      env=plan[next(n for n in AIRFLOW_COMPONENTS if n in plan)].env)
             if done.returncode != 0:
                 raise RuntimeError(f"airflow db migrate failed; see {migrate_log}")
         first = [n for n in plan if n != "serving"]
@@ -595,7 +350,7 @@ def up(settings: Settings | None = None, components_to_start: Iterable[str] | No
             _write_records(settings, records)
         wait_healthy(settings, first, records, timeout, echo)
         if "mlflow" in plan and settings.profile == "prod":
-            if ensure_mlflow_user(settings):
+            if credentials.ensure_mlflow_user(settings):
                 echo(f"  MLflow user {settings.mlflow_user!r} created")
         if "serving" in plan:
             records["serving"] = _start(plan["serving"], settings)
@@ -604,7 +359,7 @@ def up(settings: Settings | None = None, components_to_start: Iterable[str] | No
             wait_healthy(settings, ["serving"], records, timeout, echo)
     except BaseException:
         echo("  start-up failed: stopping what this call started")
-        _stop(settings, {n: records[n] for n in started if n in records})
+        _stop({n: records[n] for n in started if n in records})
         for name in started:
             records.pop(name, None)
         if records:
@@ -636,31 +391,12 @@ def up(settings: Settings | None = None, components_to_start: Iterable[str] | No
             "env_file": str(env_file), "started": started}
 
 
-def _stop(settings: Settings, records: dict[str, dict[str, Any]],
+def _stop(records: dict[str, dict[str, Any]],
           timeout: float = STOP_TIMEOUT_S) -> list[dict[str, Any]]:
-    """SIGTERM every recorded component's processes, SIGKILL what is left after ``timeout``."""
+    """Stop the recorded components, in the reverse order of their start."""
     order = [n for n in reversed(COMPONENTS) if n in records] + \
             [n for n in records if n not in COMPONENTS]
-    members = {n: _members(records[n]) for n in order}
-    for name in order:
-        _signal(members[name], signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(
-            _same_process(p, s) for m in members.values() for p, s in m):
-        time.sleep(0.2)
-    report = []
-    for name in order:
-        left = [(p, s) for p, s in members[name] if _same_process(p, s)]
-        _signal(left, signal.SIGKILL)
-        how = ("not running" if not members[name]
-               else f"SIGKILL after {timeout:.0f} s" if left else "SIGTERM")
-        report.append({"component": name, "pid": records[name]["pid"],
-                       "processes": len(members[name]), "stopped": how})
-    end = time.monotonic() + 5
-    while time.monotonic() < end and any(
-            _same_process(p, s) for m in members.values() for p, s in m):
-        time.sleep(0.1)
-    return report
+    return supervisor.stop({n: records[n] for n in order}, grace=timeout)
 
 
 def down(settings: Settings | None = None, components_to_stop: Iterable[str] | None = None,
@@ -684,7 +420,7 @@ def down(settings: Settings | None = None, components_to_stop: Iterable[str] | N
     if not chosen:
         echo(f"nothing to stop: no such component recorded in {pid_file(settings)}")
         return []
-    report = _stop(settings, chosen, timeout)
+    report = _stop(chosen, timeout)
     rest = {n: r for n, r in records.items() if n not in chosen}
     if rest:
         _write_records(settings, rest)
@@ -705,7 +441,7 @@ def status(settings: Settings | None = None) -> list[dict[str, Any]]:
     health = _airflow_health(settings) if any(n.startswith("airflow") for n in records) else None
     rows = []
     for name, record in records.items():
-        alive = bool(_members(record))
+        alive = bool(supervisor.members(record))
         rows.append({"component": name, "pid": record["pid"], "running": alive,
                      "healthy": alive and _healthy(record, name, health),
                      "url": record.get("url", ""), "log": record["log"]})

@@ -78,9 +78,9 @@ def prod_stack(root: Path, tag: str, redis_db: int, components: list[str] | None
         "SHOPREC_PROMOTION_BEAT_BASELINE": "0",
         **(extra_env or {}),
     })
+    from core.settings import Settings
     from features.synth import generate_shop
     from shoprec import services
-    from core.settings import Settings
 
     output: list[str] = []
     try:
@@ -104,7 +104,7 @@ def api(settings, user: str = "ops"):
     """An httpx client on Airflow's REST API, logged in as ``user`` like the UI."""
     import httpx
 
-    from shoprec.services import airflow_token
+    from shoprec.credentials import airflow_token
 
     return httpx.Client(base_url=f"{settings.airflow_url}/api/v2", timeout=30,
                         headers={"Authorization": f"Bearer {airflow_token(settings, user)}"})

@@ -80,8 +80,8 @@ def test_up_starts_every_component_healthy_and_secured(stack) -> None:
     # Serving admin calls need the token.
     assert httpx.post(f"{settings.serving_url}/admin/reload").status_code == 401
     # No secret value in what was printed, the logs or the PID file.
-    from shoprec.services import log_dir, pid_file
     from core.settings import SECRETS
+    from shoprec.services import log_dir, pid_file
 
     values = [settings.secret(n) for n in SECRETS]
     values += json.loads(settings.airflow_passwords_file.read_text()).values()
@@ -258,11 +258,11 @@ def test_mlflow_down_serving_keeps_its_bundle_and_the_poll_retries(stack) -> Non
 
 
 def test_down_stops_every_recorded_process(stack) -> None:
-    from shoprec import services
+    from shoprec import services, supervisor
 
     settings, result, output = stack
     report = services.down(settings, echo=output.append)
     assert {r["component"] for r in report} == set(result["components"])
     assert not services.pid_file(settings).exists()
     for record in result["components"].values():
-        assert not services._members(record), record
+        assert not supervisor.members(record), record

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from shoprec import services
 from core.settings import SECRETS, Settings
+from shoprec import credentials, services, supervisor
 
 pytestmark = pytest.mark.fast
 
@@ -44,7 +44,7 @@ def _secret_values(settings: Settings) -> list[str]:
 
 def test_secrets_are_generated_once_private_and_outside_the_repo(prod_home: Path) -> None:
     settings = Settings.from_env()
-    sources = services.ensure_secrets(settings)
+    sources = credentials.ensure_secrets(settings)
     assert settings.secrets_dir == prod_home / "secrets"
     assert stat.S_IMODE(settings.secrets_dir.stat().st_mode) == 0o700
     for name in SECRETS:
@@ -55,7 +55,7 @@ def test_secrets_are_generated_once_private_and_outside_the_repo(prod_home: Path
     users = json.loads(settings.airflow_passwords_file.read_text())
     assert set(users) == {"admin", "ops", "viewer"}
     first = _secret_values(settings)
-    services.ensure_secrets(settings)  # a second up keeps them
+    credentials.ensure_secrets(settings)  # a second up keeps them
     assert _secret_values(settings) == first
     assert Settings.from_env().admin_token == settings.secret("serving_admin_token")
     assert "admin_token" not in repr(Settings.from_env())
@@ -65,7 +65,7 @@ def test_a_secret_from_the_environment_is_not_written(prod_home: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHOPREC_ADMIN_TOKEN", "from-the-operator-0123456789")
     settings = Settings.from_env()
-    sources = services.ensure_secrets(settings)
+    sources = credentials.ensure_secrets(settings)
     assert sources["serving_admin_token"] == "$SHOPREC_ADMIN_TOKEN"
     assert not (settings.secrets_dir / "serving_admin_token").exists()
     assert settings.secret("serving_admin_token") == "from-the-operator-0123456789"
@@ -131,7 +131,7 @@ def test_up_and_down_leak_no_secret_and_stop_what_they_started(
     monkeypatch.setenv("SHOPREC_MLFLOW_PORT", str(ports["mlflow"]))
     monkeypatch.setenv("SHOPREC_SERVING_PORT", str(ports["serving"]))
     monkeypatch.setattr(services, "ensure_databases", lambda urls: [])
-    monkeypatch.setattr(services, "ensure_mlflow_user", lambda settings: True)
+    monkeypatch.setattr(credentials, "ensure_mlflow_user", lambda settings: True)
     monkeypatch.setattr(services, "components",
                         lambda settings: _fake_components(settings, ports))
     printed: list[str] = []
@@ -141,7 +141,7 @@ def test_up_and_down_leak_no_secret_and_stop_what_they_started(
     try:
         assert set(result["components"]) == {"mlflow", "serving"}
         record = json.loads(services.pid_file(settings).read_text())["components"]["serving"]
-        assert services._same_process(record["pid"], record["start"])
+        assert supervisor.same_process(record["pid"], record["start"])
         assert "bearer token in" in "\n".join(printed)
         assert str(settings.airflow_passwords_file) in "\n".join(printed)
     finally:
@@ -150,7 +150,7 @@ def test_up_and_down_leak_no_secret_and_stop_what_they_started(
                                                               "mlflow": "SIGTERM"}
     assert not services.pid_file(settings).exists()
     for rec in result["components"].values():
-        assert not services._same_process(rec["pid"], rec["start"])
+        assert not supervisor.same_process(rec["pid"], rec["start"])
     # No secret value anywhere: printed lines, logs, the PID file, env.sh, the result.
     texts = ["\n".join(printed), json.dumps(result), Path(result["env_file"]).read_text()]
     texts += [p.read_text() for p in services.log_dir(settings).glob("*.log")]
@@ -163,8 +163,8 @@ def test_up_and_down_leak_no_secret_and_stop_what_they_started(
 
 
 def _record_of(proc: subprocess.Popen) -> dict:
-    info = services._stat(proc.pid)
-    return {"pid": proc.pid, "pgid": proc.pid, "start": info[2], "boot_id": services._boot_id(),
+    info = supervisor.proc_stat(proc.pid)
+    return {"pid": proc.pid, "pgid": proc.pid, "start": info[2], "boot_id": supervisor.boot_id(),
             "cmd": proc.args, "url": "", "health": "", "log": "/dev/null"}
 
 
