@@ -5,16 +5,15 @@ on rerun). Every row built for day D is a snapshot timestamped at the interval e
 midnight, exclusive), so every event of day D lies strictly before day D's snapshot: a
 point-in-time join for an event of day D sees the snapshots of day D-1 and never the event.
 
-- ``user_recent_products``: for each user with a product event that day, the last
-  ``HISTORY_LEN`` products they touched (oldest first), the event type and the time (epoch
-  seconds) of each, and the all-time count of product events. It rolls forward from each
-  user's previous snapshot. An extra column ``last_purchase_ts`` (not a Feast feature) carries
-  the user's last purchase for ``user_profile``.
+- ``user_recent_products``: for each user with a history event that day, the user's history
+  (``features.user_state``: the last ``HISTORY_LEN`` product events, oldest first, with the
+  event type and the time in epoch seconds of each) and the all-time count of history events.
+  It rolls forward from each user's previous snapshot. An extra column ``last_purchase_ts``
+  (not a Feast feature) carries the user's last purchase for ``user_profile``.
 - ``user_profile``: for each user with any event in the last ``PROFILE_LOOKBACK_DAYS`` days,
-  event counts by type over 7 and 30 days, days since the last purchase (-1 when never),
-  distinct categories touched and mean basket value over 30 days, and country. The lookback is
-  one day longer than the widest window so that a user who stops acting gets one last
-  snapshot with all windowed values back at zero (the latest snapshot stays valid forever).
+  the profile of ``features.user_state`` (``PROFILE_COLUMNS``: event counts by type over 7
+  and 30 days, days since the last purchase, distinct categories touched and mean basket
+  value over 30 days, country), computed by its ``profiles_as_of``.
 - ``product_stats``: for every catalogue product, views and purchases over 7 and 30 days, the
   30-day conversion rate, price, category, brand and days since first seen.
 - ``product_text``: "title | category | brand | description" of products added or changed
@@ -36,8 +35,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from core.settings import Settings
 from features.contract import (
-    EVENT_TYPES,
     Interval,
     parse_day,
     product_text,
@@ -45,21 +44,27 @@ from features.contract import (
     read_range,
     read_upto,
 )
-from core.settings import Settings
+from features.user_state import (
+    COUNT_COLUMNS,
+    COUNTRY,
+    DAYS_SINCE_PURCHASE,
+    DISTINCT_CATEGORIES,
+    HISTORY_LEN,
+    MEAN_BASKET,
+    PROFILE_LOOKBACK_DAYS,
+    WINDOWS_DAYS,
+    epoch_seconds,
+    history_events,
+    keep_last,
+    profiles_as_of,
+)
 
 log = logging.getLogger(__name__)
 
-HISTORY_LEN = 200
-HISTORY_EVENT_TYPES = ("view", "add_to_cart", "purchase")
-WINDOWS_DAYS = (7, 30)
-# Events read per build: the widest window plus one day (see the module docstring).
-PROFILE_LOOKBACK_DAYS = max(WINDOWS_DAYS) + 1
 PRODUCT_STAT_EVENT_TYPES = ("view", "purchase")
-NEVER = -1  # days_since_last_purchase of a user who never purchased
 
 TS = pa.timestamp("us", tz="UTC")
 _DAY = pd.Timedelta(days=1)
-_EPOCH = pd.Timestamp(0, tz="UTC")
 
 USER_RECENT_SCHEMA = pa.schema([
     ("user_id", pa.string()),
@@ -72,32 +77,20 @@ USER_RECENT_SCHEMA = pa.schema([
 ])
 
 
-def user_count_columns() -> list[str]:
-    """``user_profile``'s counter columns: ``<event_type>_count_<w>d`` for each window."""
-    return [f"{t}_count_{w}d" for w in WINDOWS_DAYS for t in EVENT_TYPES]
-
-
 def product_count_columns() -> list[str]:
     """``product_stats``' counter columns: ``product_<event_type>_count_<w>d``."""
     return [f"product_{t}_count_{w}d" for w in WINDOWS_DAYS for t in PRODUCT_STAT_EVENT_TYPES]
 
 
-USER_PROFILE_SCHEMA = pa.schema([
+USER_PROFILE_SCHEMA = pa.schema([  # the key, features.user_state.PROFILE_COLUMNS, the time
     ("user_id", pa.string()),
-    *[(c, pa.int64()) for c in user_count_columns()],
-    ("days_since_last_purchase", pa.int64()),
-    ("distinct_categories_30d", pa.int64()),
-    ("mean_basket_value_30d", pa.float64()),
-    ("country", pa.string()),
+    *[(c, pa.int64()) for c in COUNT_COLUMNS],
+    (DAYS_SINCE_PURCHASE, pa.int64()),
+    (DISTINCT_CATEGORIES, pa.int64()),
+    (MEAN_BASKET, pa.float64()),
+    (COUNTRY, pa.string()),
     ("event_timestamp", TS),
 ])
-
-
-def user_profile_columns() -> list[str]:
-    """``user_profile``'s feature columns: every column but the key and the timestamp."""
-    return [name for name in USER_PROFILE_SCHEMA.names
-            if name not in ("user_id", "event_timestamp")]
-
 
 PRODUCT_STATS_SCHEMA = pa.schema([
     ("product_id", pa.string()),
@@ -147,11 +140,6 @@ def _write(offline_root: Path, table: str, day: dt.date, table_data: pa.Table) -
     return str(target)
 
 
-def _epoch_seconds(ts: pd.Series) -> np.ndarray:
-    """UTC timestamps -> int64 seconds since the epoch (floored), whatever the time unit."""
-    return ((ts - _EPOCH) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
-
-
 def _list_array(values: pd.Series, sizes: np.ndarray, value_type: pa.DataType) -> pa.Array:
     """Flat values grouped into consecutive lists of the given sizes."""
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
@@ -179,20 +167,21 @@ def previous_user_state(offline_root: Path, day: dt.date) -> pd.DataFrame:
 
 def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame,
                                interval: Interval, history_len: int = HISTORY_LEN) -> pa.Table:
-    """Roll each active user's history forward by one day of events (vectorised).
+    """Roll each active user's history forward by one day of events (vectorised): the
+    previous entries, then the day's history events (``features.user_state``), the last
+    ``history_len`` kept.
 
     Args:
         events: the day's events (contract columns).
         previous: each user's latest snapshot before the day (``previous_user_state``).
         interval: the day.
-        history_len: products kept per user.
+        history_len: entries kept per user.
 
     Returns:
-        One row per user with a product event that day, sorted by user_id
+        One row per user with a history event that day, sorted by user_id
         (``USER_RECENT_SCHEMA``).
     """
-    touched = events[events["event_type"].isin(HISTORY_EVENT_TYPES) & events["product_id"].notna()]
-    touched = touched.sort_values(["user_id", "ts", "event_id"], kind="stable")
+    touched = history_events(events)  # each user's oldest first
     active = pd.Index(touched["user_id"].unique()).sort_values()
     snapshot_ts = pd.Timestamp(interval.end)
     if active.empty:
@@ -218,11 +207,11 @@ def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame,
         "user_id": touched["user_id"].to_numpy(),
         "product_id": touched["product_id"].to_numpy(),
         "event_type": touched["event_type"].to_numpy(),
-        "epoch": _epoch_seconds(touched["ts"]),
+        "epoch": epoch_seconds(touched["ts"]),
     })
     # A stable sort by user keeps each user's entries oldest first.
     long = pd.concat([earlier, today], ignore_index=True).sort_values("user_id", kind="stable")
-    long = long[long.groupby("user_id", sort=False).cumcount(ascending=False) < history_len]
+    long = keep_last(long, history_len)
     kept = long.groupby("user_id", sort=True).size().reindex(active).to_numpy()
 
     prev_by_user = prev.set_index("user_id")
@@ -260,7 +249,8 @@ def _counts(events: pd.DataFrame, key: str, types: tuple[str, ...], since: pd.Ti
 def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
                        users: pd.DataFrame, state: pd.DataFrame,
                        interval: Interval) -> pa.Table:
-    """Windowed user features as of the interval end.
+    """The day's ``user_profile`` snapshots: ``features.user_state.profiles_as_of`` at the
+    interval end, for every user with an event in the lookback.
 
     Args:
         window_events: events of the last ``PROFILE_LOOKBACK_DAYS`` days up to the interval
@@ -268,7 +258,7 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
         catalog: each product's latest row (``category``, ``price``).
         users: user rows of every users partition so far, oldest partition first.
         state: each user's latest ``user_recent_products`` row as of the interval end
-            (``last_purchase_ts``).
+            (``last_purchase_ts``: purchases older than the lookback count too).
         interval: the day.
 
     Returns:
@@ -276,36 +266,12 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
     """
     end = pd.Timestamp(interval.end)
     index = pd.Index(window_events["user_id"].unique(), name="user_id").sort_values()
-    out = pd.concat([
-        _counts(window_events, "user_id", EVENT_TYPES, end - w * _DAY, index, "", w)
-        for w in WINDOWS_DAYS], axis=1)[user_count_columns()]
-
     last_buy = state.set_index("user_id")["last_purchase_ts"].reindex(index)
-    last_buy = pd.to_datetime(last_buy, utc=True)
-    days = ((end - last_buy) // _DAY).fillna(NEVER)
-    out["days_since_last_purchase"] = days.astype("int64")
-
-    month = window_events[window_events["ts"] >= end - 30 * _DAY]
-    category = catalog.set_index("product_id")["category"]
-    touched = month[month["event_type"].isin(HISTORY_EVENT_TYPES) & month["product_id"].notna()]
-    cats = touched["product_id"].map(category)
-    out["distinct_categories_30d"] = (
-        cats.groupby(touched["user_id"]).nunique().reindex(index).fillna(0).astype("int64"))
-
-    buys = month[month["event_type"] == "purchase"]
-    catalog_price = catalog.set_index("product_id")["price"]
-    price = buys["price"].astype(float).fillna(buys["product_id"].map(catalog_price)).fillna(0.0)
-    # A basket: one user's purchases on one (UTC) day; value = sum of quantity * price.
-    baskets = (buys["quantity"].astype(float) * price).groupby(
-        [buys["user_id"], buys["ts"].dt.floor("D")]).sum()
-    mean_basket = baskets.groupby(level=0).mean() if len(baskets) else pd.Series(dtype=float)
-    out["mean_basket_value_30d"] = mean_basket.reindex(index).fillna(0.0).astype(float)
-
-    known = users.dropna(subset=["country"]).drop_duplicates("user_id", keep="last")
-    out["country"] = known.set_index("user_id")["country"].reindex(index)
+    out = profiles_as_of(window_events, catalog, users, index, [end] * len(index),
+                         last_purchase=last_buy)  # (U, len(PROFILE_COLUMNS))
+    out.insert(0, "user_id", index.to_numpy(dtype=object))
     out["event_timestamp"] = end
-    return pa.Table.from_pandas(out.reset_index(), schema=USER_PROFILE_SCHEMA,
-                                preserve_index=False)
+    return pa.Table.from_pandas(out, schema=USER_PROFILE_SCHEMA, preserve_index=False)
 
 
 def catalog_with_first_seen(products: pd.DataFrame) -> pd.DataFrame:

@@ -4,12 +4,14 @@ The serving layer calls ``ingest_events`` on each incoming event (or a small bat
 event is checked against the landing-zone contract plus the rules an online event must meet;
 a bad event raises ``InvalidEvent`` (a ``ValueError`` naming the field; the server answers
 422) and, for a batch, nothing at all is written. Good events are folded into each user's
-current online rows:
+current online rows, by the rule of ``features.user_state``:
 
-- ``user_recent_products``: the product is appended (event type and time alongside, the last
-  ``HISTORY_LEN`` kept) and ``n_events_total`` grows; searches leave it alone.
-- ``user_profile``: the 7- and 30-day counter of the event's type grows by one, and a purchase
-  sets ``days_since_last_purchase`` to 0. Windows do not decay here, and
+- ``user_recent_products``: the history events (product events of ``HISTORY_EVENT_TYPES``)
+  are appended in (ts, event_id) order (event type and time alongside, the last
+  ``HISTORY_LEN`` kept) and ``n_events_total`` grows by as many; searches leave it alone.
+- ``user_profile``: each event adds one to its type's counter of every window
+  (``WINDOWS_DAYS``), and a purchase sets ``days_since_last_purchase`` to 0. Windows do not
+  decay here, and
   ``distinct_categories_30d``/``mean_basket_value_30d`` are not touched: the nightly build
   recomputes every value from the landing events and its materialization replaces these rows.
 
@@ -31,8 +33,21 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import pyarrow as pa
 
-from features.build import HISTORY_EVENT_TYPES, HISTORY_LEN, NEVER, user_count_columns
 from features.contract import EVENT_TYPES, ContractError, conform
+from features.user_state import (
+    COUNT_COLUMNS,
+    COUNTRY,
+    DAYS_SINCE_PURCHASE,
+    DISTINCT_CATEGORIES,
+    HISTORY_LEN,
+    MEAN_BASKET,
+    NEVER,
+    PROFILE_COLUMNS,
+    WINDOWS_DAYS,
+    count_column,
+    epoch_seconds,
+    history_events,
+)
 from features.validation import MAX_PRICE, MAX_QUANTITY
 
 if TYPE_CHECKING:
@@ -43,10 +58,8 @@ PROFILE_VIEW = "user_profile"
 PUSH_SOURCES = {RECENT_VIEW: "user_recent_products_push", PROFILE_VIEW: "user_profile_push"}
 RECENT_FIELDS = ("recent_product_ids", "recent_event_types", "recent_timestamps",
                  "n_events_total")
-PROFILE_FIELDS = (*user_count_columns(), "days_since_last_purchase", "distinct_categories_30d",
-                  "mean_basket_value_30d", "country")
 VIEW_FIELDS: dict[str, tuple[str, ...]] = {RECENT_VIEW: RECENT_FIELDS,
-                                           PROFILE_VIEW: PROFILE_FIELDS}
+                                           PROFILE_VIEW: PROFILE_COLUMNS}
 # Client and server clocks differ a little; an event further ahead than this is refused.
 CLOCK_SKEW = dt.timedelta(seconds=5)
 # Earlier than this is a unit mistake (e.g. epoch seconds read as nanoseconds).
@@ -213,10 +226,6 @@ def read_user_rows(store: FeatureStore, user_ids: list[str]
     return out
 
 
-def _epoch_seconds(ts: pd.Timestamp) -> int:
-    return int((ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1))
-
-
 def _row_time(last_event: pd.Timestamp, current: pd.Timestamp | None) -> pd.Timestamp:
     """The pushed row's timestamp: one microsecond after the row it extends.
 
@@ -235,13 +244,13 @@ def fold_events(user_id: str, events: pd.DataFrame,
 
     Args:
         user_id: the user.
-        events: the user's validated events, oldest first.
+        events: the user's validated events (any order).
         current: the user's current rows (``read_user_rows(...)[user_id]``).
-        history_len: products kept in the recent history.
+        history_len: entries kept in the recent history.
 
     Returns:
         view -> the full row to push (``user_id``, every field, ``event_timestamp``);
-        ``user_recent_products`` only when a product event was among the events.
+        ``user_recent_products`` only when a history event was among the events.
     """
     recent, recent_ts = current[RECENT_VIEW]
     profile, profile_ts = current[PROFILE_VIEW]
@@ -251,41 +260,34 @@ def fold_events(user_id: str, events: pd.DataFrame,
     types = list(recent.get("recent_event_types") or [])
     stamps = list(recent.get("recent_timestamps") or [])
     if len(stamps) != len(ids):  # a row from before the timestamps existed
-        stamps = [_epoch_seconds(recent_ts)] * len(ids) if recent_ts is not None else [0] * len(
-            ids)
-    n_total = int(recent.get("n_events_total") or 0)
-    counters = {c: int(profile.get(c) or 0) for c in user_count_columns()}
-    days_since = profile.get("days_since_last_purchase")
+        stamp = int(epoch_seconds([recent_ts])[0]) if recent_ts is not None else 0
+        stamps = [stamp] * len(ids)
+    counters = {c: int(profile.get(c) or 0) for c in COUNT_COLUMNS}
+    for event_type, n in events["event_type"].value_counts(sort=False).items():
+        for window in WINDOWS_DAYS:
+            counters[count_column(event_type, window)] += int(n)
+    days_since = profile.get(DAYS_SINCE_PURCHASE)
     days_since = NEVER if days_since is None else int(days_since)
+    if (events["event_type"] == "purchase").any():
+        days_since = 0
 
-    touched = False
-    for event in events.itertuples(index=False):
-        for window in (7, 30):
-            counters[f"{event.event_type}_count_{window}d"] += 1
-        if event.event_type == "purchase":
-            days_since = 0
-        if event.event_type in HISTORY_EVENT_TYPES:
-            ids.append(event.product_id)
-            types.append(event.event_type)
-            stamps.append(_epoch_seconds(pd.Timestamp(event.ts)))
-            n_total += 1
-            touched = True
     last = pd.Timestamp(events["ts"].max())
     rows: dict[str, dict[str, Any]] = {PROFILE_VIEW: {
         "user_id": user_id, **counters,
-        "days_since_last_purchase": days_since,
-        "distinct_categories_30d": int(profile.get("distinct_categories_30d") or 0),
-        "mean_basket_value_30d": float(profile.get("mean_basket_value_30d") or 0.0),
-        "country": profile.get("country"),
+        DAYS_SINCE_PURCHASE: days_since,
+        DISTINCT_CATEGORIES: int(profile.get(DISTINCT_CATEGORIES) or 0),
+        MEAN_BASKET: float(profile.get(MEAN_BASKET) or 0.0),
+        COUNTRY: profile.get(COUNTRY),
         "event_timestamp": _row_time(last, profile_ts),
     }}
-    if touched:
+    entries = history_events(events)  # (H, contract columns), oldest first
+    if len(entries):
         rows[RECENT_VIEW] = {
             "user_id": user_id,
-            "recent_product_ids": ids[-history_len:],
-            "recent_event_types": types[-history_len:],
-            "recent_timestamps": stamps[-history_len:],
-            "n_events_total": n_total,
+            "recent_product_ids": (ids + entries["product_id"].tolist())[-history_len:],
+            "recent_event_types": (types + entries["event_type"].tolist())[-history_len:],
+            "recent_timestamps": (stamps + epoch_seconds(entries["ts"]).tolist())[-history_len:],
+            "n_events_total": int(recent.get("n_events_total") or 0) + len(entries),
             "event_timestamp": _row_time(last, recent_ts),
         }
     return rows
@@ -300,7 +302,7 @@ def ingest_events(store: FeatureStore, events: Sequence[Mapping[str, Any]] | pd.
         store: an open feature store (``features.store.feature_store``) with the repo applied.
         events: one or more events as dicts (or a frame), contract columns.
         now: the current time (UTC) for the no-future rule; defaults to the wall clock.
-        history_len: products kept in the recent history.
+        history_len: entries kept in the recent history.
 
     Returns:
         What was pushed, and how long the online read and the pushes took.

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from features.build import user_profile_columns
-from features.contract import Interval, parse_day
 from core.settings import FEATURE_REPO, Settings
+from features.contract import Interval, parse_day
+from features.user_state import PROFILE_COLUMNS
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -32,8 +32,6 @@ TRAINING_SERVICE = "two_tower_training_v1"
 # The user-tower inputs: the history (user_recent_products) and the profile (user_profile),
 # read point in time for training and evaluation, online per request for serving.
 SERVING_SERVICE = "two_tower_serving_v1"
-# The user_profile columns, returned under these plain names.
-PROFILE_COLUMNS = tuple(user_profile_columns())
 
 
 def feature_store(settings: Settings) -> FeatureStore:
@@ -158,7 +156,8 @@ def historical_user_history(settings: Settings, entity_df: pd.DataFrame) -> pd.D
     Returns:
         ``entity_df`` joined with ``recent_product_ids``, ``recent_event_types``
         (lists, empty without history), ``n_events_total`` (0 without history),
-        ``recent_timestamps``, and the ``user_profile`` columns (``PROFILE_COLUMNS``, e.g.
+        ``recent_timestamps``, and the ``user_profile`` columns
+        (``features.user_state.PROFILE_COLUMNS``, under their plain names, e.g.
         ``purchase_count_30d``, ``country``; null where the user had no profile yet), as
         they stood at each row's timestamp (``SERVING_SERVICE``). Rows are sorted by the
         entity frame's original order (Feast returns them in its own order).

@@ -1,0 +1,347 @@
+"""The rule of what the feature store knows about a user: their history and their profile.
+
+One definition, called by everything that computes either: the offline build
+(``features.build``: the ``user_recent_products`` and ``user_profile`` tables), the real-time
+fold of pushed events (``features.realtime.fold_events``), the point-in-time profiles of
+training examples and evaluation (``profiles_as_of``), and the served ranking's view of a
+user's history (``recent_histories``). Training, evaluation and serving therefore read what
+Feast holds, by construction rather than by a test comparing copies.
+
+History (``user_recent_products``): the user's events of ``HISTORY_EVENT_TYPES`` that name a
+product (``history_events``), ordered by (ts, event_id), the last ``HISTORY_LEN`` kept
+(``keep_last``), each as (product id, event type, epoch seconds), most recent last; plus the
+count of all such events so far.
+
+Profile (``user_profile``, ``PROFILE_COLUMNS``), as of the end of a day D (a daily snapshot,
+timestamped at the next midnight):
+
+- ``<event_type>_count_<w>d`` (``COUNT_COLUMNS``): the user's events of that type (any of
+  ``EVENT_TYPES``, with or without a product) on days D-w+1 .. D, for w in ``WINDOWS_DAYS``;
+- ``days_since_last_purchase``: whole days from the last purchase history event to the
+  snapshot time, ``NEVER`` when the user never bought;
+- ``distinct_categories_30d``: catalogue categories of the history events of days
+  D-29 .. D (``MONTH_DAYS``; products without a category do not count);
+- ``mean_basket_value_30d``: the mean over the baskets of those days (a basket: one user's
+  purchases on one UTC day, worth the sum of quantity x price, the event's price, else the
+  catalogue's, else 0), 0 without a basket;
+- ``country``: the user's last non-null country in the users table.
+
+A user gets a snapshot each day with an event in the ``PROFILE_LOOKBACK_DAYS`` up to it: one
+day more than the widest window, so that a user who stops acting gets one last snapshot with
+every windowed value back at zero, which stays valid from then on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from features.contract import EVENT_TYPES
+
+# History
+HISTORY_LEN = 200  # events kept per user
+HISTORY_EVENT_TYPES = ("view", "add_to_cart", "purchase")  # with a product: history events
+# Events that say "this user wants this product": training targets, interaction matrices.
+TARGET_EVENT_TYPES = ("purchase", "add_to_cart")
+
+# Profile
+WINDOWS_DAYS = (7, 30)  # the counters' windows
+MONTH_DAYS = 30  # the window of the distinct categories and the basket value
+PROFILE_LOOKBACK_DAYS = max(WINDOWS_DAYS) + 1  # see the module docstring
+NEVER = -1  # days_since_last_purchase of a user who never purchased
+COUNT_COLUMNS: tuple[str, ...] = tuple(f"{t}_count_{w}d" for w in WINDOWS_DAYS
+                                       for t in EVENT_TYPES)
+DAYS_SINCE_PURCHASE = "days_since_last_purchase"
+DISTINCT_CATEGORIES = f"distinct_categories_{MONTH_DAYS}d"
+MEAN_BASKET = f"mean_basket_value_{MONTH_DAYS}d"
+COUNTRY = "country"
+# The user_profile columns, in table order.
+PROFILE_COLUMNS: tuple[str, ...] = (*COUNT_COLUMNS, DAYS_SINCE_PURCHASE, DISTINCT_CATEGORIES,
+                                    MEAN_BASKET, COUNTRY)
+
+_EPOCH = pd.Timestamp(0, tz="UTC")
+_DAY_NS = 86_400 * 10**9
+
+
+def count_column(event_type: str, days: int) -> str:
+    """The counter column of an event type over a window, e.g. ``view_count_7d``."""
+    return f"{event_type}_count_{days}d"
+
+
+def epoch_seconds(times: Any) -> np.ndarray:
+    """UTC times (a series or a sequence) -> (n,) int64 seconds since the epoch, floored,
+    whatever the time unit: the history's timestamps."""
+    return ((pd.Series(pd.to_datetime(times, utc=True)) - _EPOCH) // pd.Timedelta(seconds=1)
+            ).to_numpy(dtype=np.int64)
+
+
+def history_events(events: pd.DataFrame) -> pd.DataFrame:
+    """The events that enter users' histories, in history order.
+
+    Args:
+        events: contract events (any order).
+
+    Returns:
+        The rows of ``events`` of ``HISTORY_EVENT_TYPES`` with a product, sorted by
+        (user_id, ts, event_id): each user's oldest first.
+    """
+    mine = events[events["event_type"].isin(HISTORY_EVENT_TYPES) & events["product_id"].notna()]
+    return mine.sort_values(["user_id", "ts", "event_id"], kind="stable")
+
+
+def keep_last(entries: pd.DataFrame, limit: int = HISTORY_LEN) -> pd.DataFrame:
+    """Each user's last ``limit`` rows of a frame holding every user's entries oldest first."""
+    return entries[entries.groupby("user_id", sort=False).cumcount(ascending=False) < limit]
+
+
+def recent_histories(events: pd.DataFrame, users: Sequence[str],
+                     limit: int = HISTORY_LEN) -> pd.DataFrame:
+    """The ``user_recent_products`` rows Feast holds for ``users`` once it has seen ``events``.
+
+    Args:
+        events: contract events (any order), e.g. everything before a cut.
+        users: (U,) the users, in output order; repeats allowed.
+        limit: entries kept per user (``HISTORY_LEN``).
+
+    Returns:
+        (U, 5) frame in ``users`` order: ``user_id``; ``recent_product_ids``,
+        ``recent_event_types`` (lists of str) and ``recent_timestamps`` (list of int epoch
+        seconds), the last ``limit`` history events, most recent last; ``n_events_total``
+        (int64): all the user's history events. A user without one gets empty lists and 0.
+    """
+    wanted = list(users)
+    mine = history_events(events[events["user_id"].isin(set(wanted))])
+    total = mine.groupby("user_id").size()
+    kept = keep_last(mine, limit)
+    user = kept["user_id"].to_numpy(dtype=object)  # (K,) sorted
+    bounds = np.flatnonzero(user[1:] != user[:-1]) + 1  # (G - 1,) where each user starts
+    firsts = user[np.concatenate([[0], bounds])] if len(user) else user  # (G,)
+    columns = {
+        "recent_product_ids": kept["product_id"].to_numpy(dtype=object),
+        "recent_event_types": kept["event_type"].to_numpy(dtype=object),
+        "recent_timestamps": epoch_seconds(kept["ts"]),
+    }
+    lists = {name: dict(zip(firsts, (part.tolist() for part in np.split(values, bounds)),
+                            strict=True)) if len(user) else {}
+             for name, values in columns.items()}
+    return pd.DataFrame({
+        "user_id": pd.Series(wanted, dtype=object),
+        **{name: pd.Series([by_user.get(u, []) for u in wanted], dtype=object)
+           for name, by_user in lists.items()},
+        "n_events_total": total.reindex(wanted, fill_value=0).to_numpy(dtype=np.int64),
+    })
+
+
+def latest_countries(users: pd.DataFrame | None) -> pd.Series:
+    """user_id -> the user's last non-null country (empty without a users table)."""
+    if users is None or COUNTRY not in users.columns:
+        return pd.Series(dtype=object)
+    known = users.dropna(subset=[COUNTRY]).drop_duplicates("user_id", keep="last")
+    return known.set_index("user_id")[COUNTRY]
+
+
+def _epoch_ns(values: Any) -> np.ndarray:
+    """Timestamps (naive = UTC) -> int64 nanoseconds since the epoch."""
+    return pd.DatetimeIndex(pd.to_datetime(values, utc=True)).as_unit("ns").asi8
+
+
+def profiles_as_of(
+    events: pd.DataFrame,
+    catalog: pd.DataFrame,
+    users: pd.DataFrame | None,
+    user_ids: Sequence[str],
+    times: Sequence[Any] | pd.Series,
+    *,
+    last_purchase: Sequence[Any] | pd.Series | None = None,
+) -> pd.DataFrame:
+    """The ``user_profile`` each user had at each time: the latest daily snapshot before it.
+
+    At time t a user has the snapshot of day D = floor(t) - 1 day or, when they had no event
+    in the ``PROFILE_LOOKBACK_DAYS`` up to D, their last snapshot before that (the one whose
+    windows had just emptied); without any event up to D, none. The offline build calls this
+    for one day's snapshots (``features.build.build_user_profile``); training and evaluation
+    for their examples, over all events. Vectorised: sorted (user, day) keys, cumulative sums
+    and searches, instead of one computation per day.
+
+    Args:
+        events: contract events (any order); those on or after a query's day are ignored.
+        catalog: product rows (``category``, ``price``; the last row of a product wins), for
+            the distinct categories and the price of purchases without one.
+        users: user rows (``user_id``, ``country``; the last non-null country wins), or None
+            (country unknown).
+        user_ids: (Q,) the users.
+        times: (Q,) UTC times, aligned with ``user_ids``.
+        last_purchase: (Q,) each query's last purchase (NaT: none), instead of the last one
+            in ``events``: the offline build reads a month of events and carries the last
+            purchase in its rolled state.
+
+    Returns:
+        (Q, len(PROFILE_COLUMNS)) frame in query order: ``PROFILE_COLUMNS``, integers as
+        nullable Int64; every column null where the user had no snapshot yet.
+    """
+    user_ids = np.asarray(list(user_ids), dtype=object)
+    query_day = _epoch_ns(times) // _DAY_NS - 1  # (Q,) the day whose snapshot is visible
+    ev_ns = _epoch_ns(events["ts"])  # (E,)
+    ev_day = ev_ns // _DAY_NS  # (E,)
+    codes = pd.Index(pd.unique(np.concatenate([events["user_id"].to_numpy(dtype=object),
+                                               user_ids])))
+    ev_user = codes.get_indexer(events["user_id"].to_numpy(dtype=object))  # (E,)
+    q_user = codes.get_indexer(user_ids)  # (Q,)
+    # Days shifted so that a window never reaches below 0; keys user-major: user * span + day.
+    every_day = np.concatenate([ev_day, query_day])
+    origin = (int(every_day.min()) if len(every_day) else 0) - PROFILE_LOOKBACK_DAYS - 1
+    ev_day = ev_day - origin
+    query_day = query_day - origin
+    span = int(max(ev_day.max(initial=0), query_day.max(initial=0))) + PROFILE_LOOKBACK_DAYS + 2
+
+    def keys(user: np.ndarray, day: np.ndarray) -> np.ndarray:
+        return user.astype(np.int64) * span + day
+
+    # The latest snapshot at or before the query day: the day itself while the user had an
+    # event in its lookback, else the last day of the lookback after their last event.
+    active = np.sort(keys(ev_user, ev_day))  # (E,)
+    last, known = _latest(active, keys(q_user, query_day), q_user, span)  # (Q,), (Q,)
+    last_day = np.zeros(len(user_ids), dtype=np.int64)  # (Q,)
+    last_day[known] = active[last[known]] % span
+    snapshot_day = np.minimum(query_day, last_day + PROFILE_LOOKBACK_DAYS - 1)  # (Q,)
+    at = keys(q_user, snapshot_day)  # (Q,)
+
+    out: dict[str, np.ndarray] = {}
+    kind = events["event_type"].to_numpy(dtype=object)
+    for event_type in EVENT_TYPES:
+        mine = np.sort(keys(ev_user[kind == event_type], ev_day[kind == event_type]))
+        cumulative = np.arange(len(mine) + 1)
+        for w in WINDOWS_DAYS:
+            out[count_column(event_type, w)] = _window_sum(mine, cumulative, at, w)
+
+    has_product = events["product_id"].notna().to_numpy()
+    touched = has_product & np.isin(kind, HISTORY_EVENT_TYPES)  # (E,) history events
+    end_ns = (snapshot_day + origin + 1) * _DAY_NS  # (Q,) the snapshot's timestamp
+    if last_purchase is None:
+        is_buy = touched & (kind == "purchase")  # (E,)
+        order = np.lexsort((ev_ns[is_buy], ev_user[is_buy]))  # by user, then time
+        last_buy, bought = _latest(keys(ev_user[is_buy], ev_day[is_buy])[order], at, q_user,
+                                   span)  # (Q,), (Q,)
+        buy_ns = ev_ns[is_buy][order][last_buy] if len(order) else np.zeros_like(end_ns)
+    else:
+        stamps = pd.DatetimeIndex(pd.to_datetime(pd.Series(list(last_purchase), dtype=object),
+                                                 utc=True))  # (Q,)
+        bought, buy_ns = ~stamps.isna(), stamps.as_unit("ns").asi8  # (Q,), (Q,)
+    days = np.full(len(user_ids), NEVER, dtype=np.int64)  # (Q,)
+    days[bought] = (end_ns[bought] - buy_ns[bought]) // _DAY_NS
+    out[DAYS_SINCE_PURCHASE] = days
+
+    products = catalog.drop_duplicates("product_id", keep="last").set_index("product_id")
+    category = events["product_id"].map(products["category"]).to_numpy(dtype=object)
+    out[DISTINCT_CATEGORIES] = _distinct_in_window(
+        ev_user[touched], pd.factorize(category[touched])[0], ev_day[touched], span, at)
+
+    buys = events[kind == "purchase"]
+    price = (buys["price"].astype(float).fillna(buys["product_id"].map(products["price"]))
+             .fillna(0.0).to_numpy(dtype=np.float64))
+    baskets = pd.DataFrame({
+        "key": keys(ev_user[kind == "purchase"], ev_day[kind == "purchase"]),
+        "value": buys["quantity"].to_numpy(dtype=np.float64) * price,
+    }).groupby("key", sort=True)["value"].sum()  # one basket per user and day
+    out[MEAN_BASKET] = _window_mean(baskets.index.to_numpy(dtype=np.int64),
+                                    baskets.to_numpy(dtype=np.float64), at, MONTH_DAYS)
+
+    frame = pd.DataFrame({c: out[c] for c in PROFILE_COLUMNS if c != COUNTRY})
+    frame = frame.astype({c: "Int64" for c in frame.columns if c != MEAN_BASKET})
+    frame.loc[~known] = np.nan  # no snapshot yet: every column null
+    country = pd.Series(user_ids).map(latest_countries(users))
+    frame[COUNTRY] = country.where(pd.Series(known) & country.notna(), None).astype(object)
+    return frame
+
+
+def _window_sum(keys: np.ndarray, cumulative: np.ndarray, at: np.ndarray,
+                days: int) -> np.ndarray:
+    """Per query, the sum of the weights of entries with key in (at - days, at].
+
+    Args:
+        keys: (E,) sorted (user, day) keys.
+        cumulative: (E + 1,) cumulative weights, starting at 0.
+        at: (Q,) query keys.
+        days: window length.
+    """
+    return (cumulative[np.searchsorted(keys, at, side="right")]
+            - cumulative[np.searchsorted(keys, at - days, side="right")])
+
+
+def _window_mean(keys: np.ndarray, values: np.ndarray, at: np.ndarray,
+                 days: int) -> np.ndarray:
+    """Per query, the mean of the values of entries with key in (at - days, at], 0 without.
+
+    Averaged by pandas' grouped mean over the entries in key order, as a per-user mean of
+    one day's baskets is, so that a snapshot's value does not depend on the days around it
+    (a running sum's differences would, in the last bits).
+
+    Args:
+        keys: (E,) sorted (user, day) keys.
+        values: (E,) float64.
+        at: (Q,) query keys.
+        days: window length.
+
+    Returns:
+        (Q,) float64.
+    """
+    distinct, inverse = np.unique(at, return_inverse=True)  # (A,), (Q,)
+    lo = np.searchsorted(keys, distinct - days, side="right")  # (A,)
+    n = np.searchsorted(keys, distinct, side="right") - lo  # (A,) entries per window
+    group = np.repeat(np.arange(len(distinct)), n)  # (sum n,)
+    position = np.arange(len(group)) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
+    means = pd.Series(values[position]).groupby(group).mean()
+    return means.reindex(range(len(distinct)), fill_value=0.0).to_numpy(np.float64)[inverse]
+
+
+def _latest(keys: np.ndarray, at: np.ndarray, user: np.ndarray,
+            span: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the position of the user's last entry with key <= the query key.
+
+    Args:
+        keys: (E,) sorted (user, day) keys.
+        at: (Q,) query keys.
+        user: (Q,) the queries' user codes.
+        span: the key's day range per user.
+
+    Returns:
+        (Q,) positions in ``keys`` (0 where there is none) and (Q,) whether there is one.
+    """
+    last = np.searchsorted(keys, at, side="right") - 1  # (Q,)
+    found = last >= 0
+    found[found] = keys[last[found]] // span == user[found]
+    return np.where(found, last, 0), found
+
+
+def _distinct_in_window(user: np.ndarray, category: np.ndarray, day: np.ndarray, span: int,
+                        at: np.ndarray) -> np.ndarray:
+    """Per query key, the distinct categories the user touched in the ``MONTH_DAYS`` up to it.
+
+    Each (user, category) counts from a touch until the next touch or ``MONTH_DAYS`` later,
+    whichever comes first: disjoint intervals, so a running sum of +1 at each start and -1
+    at each end counts each category once.
+
+    Args:
+        user, category, day: (T,) codes and shifted days of touches; category -1 = none.
+        span: the key's day range per user.
+        at: (Q,) query keys.
+
+    Returns:
+        (Q,) int64.
+    """
+    keep = category >= 0
+    touches = pd.DataFrame({"user": user[keep], "category": category[keep], "day": day[keep]})
+    touches = touches.drop_duplicates().sort_values(["user", "category", "day"])
+    u, c, d = (touches[k].to_numpy(dtype=np.int64) for k in ("user", "category", "day"))
+    same_next = np.append((u[1:] == u[:-1]) & (c[1:] == c[:-1]), False)  # (T',)
+    next_day = np.append(d[1:], 0)
+    end = np.where(same_next, np.minimum(d + MONTH_DAYS, next_day), d + MONTH_DAYS)
+    starts, ends = u * span + d, u * span + end
+    delta_keys = np.concatenate([starts, ends])
+    order = np.argsort(delta_keys, kind="stable")
+    deltas = np.concatenate([np.ones(len(starts)), -np.ones(len(ends))]).astype(np.int64)[order]
+    running = np.concatenate([[0], np.cumsum(deltas)])
+    return running[np.searchsorted(delta_keys[order], at, side="right")]
