@@ -3,9 +3,9 @@ and online == offline at the interval end for every online view.
 
 A small synthetic shop is built and materialized day by day, as the DAG does, once per
 profile for the module; the tests read it, and the two that materialize again do so on a
-private copy. Expected histories and profiles are recomputed from the raw landing data
-(profiles with ``training.user_features.profiles_as_of``), not from the feature tables under
-test.
+private copy. Expected histories and profiles are computed from the raw landing data by the
+rule (``features.user_state``: ``recent_histories``, ``profiles_as_of``), not from the feature
+tables under test.
 """
 
 from __future__ import annotations
@@ -22,19 +22,22 @@ import pyarrow.parquet as pq
 import pytest
 from shops import FeastProfile, feast_copy, materialized_shop, shop_environment
 
-from features.build import HISTORY_EVENT_TYPES, HISTORY_LEN
+from core.settings import Settings
 from features.contract import Interval, read_range, read_upto
 from features.store import (
     MATERIALIZED_VIEWS,
-    PROFILE_COLUMNS,
     OnlineUserReader,
     feature_store,
     historical_user_history,
     materialize_day,
     online_user_history,
 )
-from core.settings import Settings
-from training.user_features import profiles_as_of
+from features.user_state import (
+    PROFILE_COLUMNS,
+    history_events,
+    profiles_as_of,
+    recent_histories,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -71,13 +74,12 @@ def _events(settings: Settings) -> pd.DataFrame:
 
 
 def _expected(events: pd.DataFrame, user_id: str, before: pd.Timestamp) -> dict:
-    """The user's history from raw events strictly before ``before`` (oldest first)."""
-    mine = events[(events["user_id"] == user_id) & events["product_id"].notna()
-                  & events["event_type"].isin(HISTORY_EVENT_TYPES) & (events["ts"] < before)]
-    mine = mine.sort_values(["ts", "event_id"], kind="stable")
-    return {"recent_product_ids": list(mine["product_id"])[-HISTORY_LEN:],
-            "recent_event_types": list(mine["event_type"])[-HISTORY_LEN:],
-            "n_events_total": len(mine)}
+    """The user's history by the rule (``features.user_state``) over the raw events strictly
+    before ``before`` (oldest first)."""
+    row = recent_histories(events[events["ts"] < before], [user_id]).iloc[0]
+    return {"recent_product_ids": row["recent_product_ids"],
+            "recent_event_types": row["recent_event_types"],
+            "n_events_total": int(row["n_events_total"])}
 
 
 def _got(row: pd.Series) -> dict:
@@ -157,8 +159,7 @@ def test_point_in_time_history_is_the_end_of_the_previous_day(settings: Settings
 
 def test_snapshot_becomes_visible_at_its_own_timestamp(settings: Settings) -> None:
     events = _events(settings)
-    product_events = events[events["event_type"].isin(HISTORY_EVENT_TYPES)]
-    first = product_events.sort_values("ts").drop_duplicates("user_id").iloc[0]
+    first = history_events(events).sort_values("ts").drop_duplicates("user_id").iloc[0]
     end = pd.Timestamp(Interval.for_day(first["ts"].date()).end)
     stamps = [pd.Timestamp(START, tz="UTC") - pd.Timedelta(days=30),  # before any data
               first["ts"],  # the user's very first event
@@ -201,7 +202,7 @@ def test_rows_keep_the_entity_frame_order(settings: Settings) -> None:
 
 def test_online_store_holds_each_users_latest_snapshot(settings: Settings) -> None:
     events = _events(settings)
-    users = sorted(events.loc[events["event_type"].isin(HISTORY_EVENT_TYPES), "user_id"].unique())
+    users = sorted(history_events(events)["user_id"].unique())
     online = _online_everyone(settings, [*users, UNKNOWN])
     assert _history(online[UNKNOWN]) == {"recent_product_ids": [], "recent_event_types": []}
     after_all = pd.Timestamp(Interval.for_day(LAST).end)

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from shops import FeastProfile, feast_copy, materialized_shop
 
-from features.build import HISTORY_LEN, user_count_columns
+from core.settings import Settings
 from features.contract import Interval
 from features.realtime import (
     InvalidEvent,
@@ -27,7 +27,7 @@ from features.realtime import (
     validate_events,
 )
 from features.store import feature_store, online_user_history
-from core.settings import Settings
+from features.user_state import COUNT_COLUMNS, HISTORY_LEN
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +90,7 @@ def test_a_purchase_is_online_at_once_as_the_most_recent_product(settings: Setti
     assert got_recent["recent_timestamps"] == (recent["recent_timestamps"]
                                                + [int(ts.timestamp())])[-HISTORY_LEN:]
     assert got_recent["n_events_total"] == recent["n_events_total"] + 1
-    for column in user_count_columns():
+    for column in COUNT_COLUMNS:
         bump = 1 if column.startswith("purchase_") else 0
         assert got_profile[column] == profile[column] + bump, column
     assert got_profile["days_since_last_purchase"] == 0
@@ -170,7 +170,7 @@ def test_a_brand_new_user_gets_rows_and_a_search_only_counts(settings: Settings)
                       "recent_timestamps": [int(ts.timestamp())], "n_events_total": 1}
     profile = rows["user_profile"][0]
     assert profile["view_count_7d"] == profile["view_count_30d"] == 1
-    assert sum(profile[c] for c in user_count_columns()) == 2
+    assert sum(profile[c] for c in COUNT_COLUMNS) == 2
     assert profile["days_since_last_purchase"] == -1  # never purchased
     assert profile["country"] is None and profile["mean_basket_value_30d"] == 0.0
 

@@ -1,0 +1,85 @@
+"""The real-time fold of pushed events into a user's online rows (``fold_events``), against
+hand-computed rows; the pushes themselves: tests/integration/test_realtime_push.py."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from features.realtime import PROFILE_VIEW, RECENT_VIEW, fold_events
+from features.user_state import COUNT_COLUMNS, NEVER
+
+pytestmark = pytest.mark.fast
+
+NOW = pd.Timestamp("2026-02-01 12:00", tz="UTC")
+SNAPSHOT = pd.Timestamp("2026-02-01", tz="UTC")
+ONE_US = pd.Timedelta(microseconds=1)
+
+
+def _events(rows: list[tuple[str, str | None, str, pd.Timestamp]]) -> pd.DataFrame:
+    """Validated-event columns from (event_id, product_id, event_type, ts) of user "u"."""
+    return pd.DataFrame({
+        "event_id": [r[0] for r in rows], "user_id": "u",
+        "product_id": [r[1] for r in rows], "event_type": [r[2] for r in rows],
+        "quantity": 1, "price": 2.0, "ts": pd.to_datetime([r[3] for r in rows], utc=True),
+    })
+
+
+def _epoch(ts: pd.Timestamp) -> int:
+    return int(ts.timestamp())
+
+
+def test_events_extend_the_rows_they_fold_into() -> None:
+    recent = {"recent_product_ids": ["A", "B"], "recent_event_types": ["view", "view"],
+              "recent_timestamps": [100, 200], "n_events_total": 7}
+    profile = {**dict.fromkeys(COUNT_COLUMNS, 1), "days_since_last_purchase": 4,
+               "distinct_categories_30d": 3, "mean_basket_value_30d": 12.5, "country": "FR"}
+    t1, t2 = NOW + pd.Timedelta(seconds=1.5), NOW + pd.Timedelta(seconds=2)
+    events = _events([  # out of order; x2 and x3 at the same time: x2 first
+        ("x3", "P9", "purchase", t2),
+        ("x4", None, "search", t2),
+        ("x1", "P8", "view", t1),
+        ("x2", "P7", "add_to_cart", t2),
+    ])
+    rows = fold_events("u", events, {RECENT_VIEW: (recent, SNAPSHOT),
+                                     PROFILE_VIEW: (profile, SNAPSHOT)}, history_len=4)
+    assert rows[RECENT_VIEW] == {
+        "user_id": "u",
+        "recent_product_ids": ["B", "P8", "P7", "P9"],  # A falls out
+        "recent_event_types": ["view", "view", "add_to_cart", "purchase"],
+        "recent_timestamps": [200, _epoch(NOW) + 1, _epoch(t2), _epoch(t2)],
+        "n_events_total": 10,
+        "event_timestamp": SNAPSHOT + ONE_US,
+    }
+    assert rows[PROFILE_VIEW] == {
+        "user_id": "u",
+        "view_count_7d": 2, "add_to_cart_count_7d": 2, "purchase_count_7d": 2,
+        "search_count_7d": 2, "view_count_30d": 2, "add_to_cart_count_30d": 2,
+        "purchase_count_30d": 2, "search_count_30d": 2,
+        "days_since_last_purchase": 0, "distinct_categories_30d": 3,
+        "mean_basket_value_30d": 12.5, "country": "FR",
+        "event_timestamp": SNAPSHOT + ONE_US,
+    }
+    assert all(type(s) is int for s in rows[RECENT_VIEW]["recent_timestamps"])
+
+
+def test_a_new_user_who_only_searches_gets_a_profile_row_alone() -> None:
+    rows = fold_events("u", _events([("s1", None, "search", NOW)]),
+                       {RECENT_VIEW: (None, None), PROFILE_VIEW: (None, None)})
+    assert list(rows) == [PROFILE_VIEW]
+    assert rows[PROFILE_VIEW] == {
+        "user_id": "u", **dict.fromkeys(COUNT_COLUMNS, 0), "search_count_7d": 1,
+        "search_count_30d": 1, "days_since_last_purchase": NEVER,
+        "distinct_categories_30d": 0, "mean_basket_value_30d": 0.0, "country": None,
+        "event_timestamp": NOW,
+    }
+
+
+def test_a_row_without_timestamps_gets_its_own_time_for_the_old_entries() -> None:
+    recent = {"recent_product_ids": ["A", "B"], "recent_event_types": ["view", "purchase"],
+              "recent_timestamps": None, "n_events_total": 2}
+    rows = fold_events("u", _events([("v1", "C", "view", NOW)]),
+                       {RECENT_VIEW: (recent, SNAPSHOT), PROFILE_VIEW: (None, None)})
+    assert rows[RECENT_VIEW]["recent_timestamps"] == [_epoch(SNAPSHOT)] * 2 + [_epoch(NOW)]
+    assert rows[RECENT_VIEW]["n_events_total"] == 3
+    assert rows[PROFILE_VIEW]["days_since_last_purchase"] == NEVER  # a view buys nothing
