@@ -13,14 +13,6 @@ from feature_views import (
     user_recent_products,
 )
 
-# The user history the training pipeline and the serving API read (features.store).
-two_tower_v1 = FeatureService(
-    name="two_tower_v1",
-    features=[user_recent_products[["recent_product_ids", "recent_event_types",
-                                    "n_events_total"]]],
-    description="User-tower history of the two-tower model, version 1.",
-)
-
 two_tower_training_v1 = FeatureService(
     name="two_tower_training_v1",
     features=[user_recent_products, user_profile, product_stats, product_text],
