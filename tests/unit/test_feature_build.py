@@ -12,16 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.build import (
-    HISTORY_LEN,
     TABLE_SCHEMAS,
     USER_RECENT_SCHEMA,
     build_features,
     build_product_catalog,
     build_user_recent_products,
     previous_user_state,
-    product_text,
 )
-from features.contract import Interval, write_partition
+from features.contract import Interval, product_text, write_partition
+from features.user_state import HISTORY_LEN
 
 pytestmark = pytest.mark.fast
 
