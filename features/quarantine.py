@@ -17,6 +17,9 @@ place; a file that would overwrite a different file of the same name gets a new 
 quarantining twice loses nothing. ``release_day`` moves the files (as the operator left
 them, fixed or replaced) back into the landing zone and records when and why in the
 day's history; the next run validates them like any new partition.
+
+It sits below ``features.validation`` (which calls ``quarantine_day``): it takes the failed
+``ValidationReport`` (``features.validation_report``) and never runs a check itself.
 """
 
 from __future__ import annotations
@@ -28,14 +31,12 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import fsspec
 
 from features.contract import TABLES, partition_dir
-
-if TYPE_CHECKING:
-    from features.validation import ValidationReport
+from features.validation_report import ValidationReport
 
 log = logging.getLogger(__name__)
 

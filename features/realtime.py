@@ -48,7 +48,7 @@ from features.user_state import (
     epoch_seconds,
     history_events,
 )
-from features.validation import MAX_PRICE, MAX_QUANTITY
+from features.validation_suites import MAX_PRICE, MAX_QUANTITY
 
 if TYPE_CHECKING:
     from feast import FeatureStore

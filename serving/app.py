@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
-from features.validation import MAX_PRICE, MAX_QUANTITY
+from features.validation_suites import MAX_PRICE, MAX_QUANTITY
 from serving.bundle import Bundle
 from serving.search import MAX_QUERY_CHARS
 from core import __version__

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from core.settings import Settings
 from features.contract import TABLES
 from features.quarantine import (
     QuarantineError,
@@ -24,12 +25,11 @@ from features.synth import generate_shop
 from features.validation import (
     PartitionInvalid,
     PartitionQuarantined,
-    ValidationReport,
     check_partition,
     validate_day,
 )
+from features.validation_report import ValidationReport
 from shoprec.cli import app
-from core.settings import Settings
 
 pytestmark = pytest.mark.fast
 
