@@ -95,7 +95,7 @@ PARAMS = {
 
 def _on_failure(context) -> None:
     """Task failure callback: one log line and, if configured, a webhook POST."""
-    from shoprec.orchestration import report_task_failure
+    from shoprec.alerts import report_task_failure
 
     report_task_failure(context)
 
@@ -148,7 +148,7 @@ def shoprec_daily():
         from airflow.sdk.exceptions import AirflowFailException
 
         from features.validation import PartitionInvalid, check_partition
-        from shoprec.orchestration import check_run_params
+        from shoprec.params import check_run_params
 
         context = get_current_context()
         problem = check_run_params(context["params"])
@@ -180,7 +180,7 @@ def shoprec_daily():
     def train(materialized: dict) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from shoprec.orchestration import training_decision
+        from shoprec.params import training_decision
 
         context = get_current_context()
         dag_run = context["dag_run"]

@@ -191,7 +191,7 @@ def run(
     = "auto",
 ) -> None:
     """Run shoprec_daily through Airflow (dag.test) for each day, in date order."""
-    from shoprec.orchestration import run_days
+    from shoprec.runs import run_days
 
     if train not in ("auto", "each", "last", "none"):
         raise typer.BadParameter("--train must be one of auto, each, last, none")
@@ -221,7 +221,8 @@ def backfill(
     interval and a summary. Uses the running scheduler, or starts one for the duration.
     Exits 1 when an interval failed or was quarantined.
     """
-    from shoprec.orchestration import REPROCESS_CHOICES, TRAIN_CHOICES, BackfillError, run_backfill
+    from shoprec.backfill import REPROCESS_CHOICES, BackfillError, run_backfill
+    from shoprec.params import TRAIN_CHOICES
 
     if reprocess not in REPROCESS_CHOICES:
         raise typer.BadParameter(f"--reprocess must be one of {', '.join(REPROCESS_CHOICES)}")

@@ -118,7 +118,7 @@ def run_demo(settings: Settings, *, days: int, users: int, products: int, port: 
              keep_serving: bool, echo: Callable[[str], None] = print) -> bool:
     """Run the demo end to end; True when recommendations were served."""
     from features.synth import generate_shop
-    from shoprec.orchestration import run_days
+    from shoprec.runs import run_days
 
     started = time.monotonic()
     last_day = DEMO_START + dt.timedelta(days=days - 1)

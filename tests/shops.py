@@ -331,7 +331,7 @@ class TrainedShop:
 
     home: Path
     days: list[dt.date]
-    results: list  # shoprec.orchestration.DayResult, one per day, in date order
+    results: list  # shoprec.runs.DayResult, one per day, in date order
     versions: list[str]  # registered model versions, oldest first
     twin: pd.Series  # the catalogue row NEW_ID is a near twin of
 
@@ -364,7 +364,7 @@ def build_trained_shop(home: Path) -> dict:
     """Synthetic shop -> a new product on the last day -> shoprec_daily for every day."""
     from features.synth import generate_shop
     from serving.publish import load_version_bundle
-    from shoprec.orchestration import load_dag, migrate_metadata_db, run_day
+    from shoprec.runs import load_dag, migrate_metadata_db, run_day
     from training.registry import TAG_INTERVAL, mlflow_client
 
     days = [START + dt.timedelta(days=i) for i in range(DAYS)]
@@ -389,7 +389,7 @@ def build_trained_shop(home: Path) -> dict:
 
 
 def load_trained_shop(home: Path, manifest: dict) -> TrainedShop:
-    from shoprec.orchestration import DayResult
+    from shoprec.runs import DayResult
 
     results = [DayResult(**{**r, "day": dt.date.fromisoformat(r["day"])})
                for r in manifest["results"]]

@@ -16,12 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from shoprec.orchestration import (
-    check_run_params,
-    report_task_failure,
-    train_policy,
-    training_decision,
-)
+from shoprec.alerts import report_task_failure
+from shoprec.params import check_run_params, train_policy, training_decision
 from core.settings import DAGS_FOLDER
 
 pytestmark = pytest.mark.fast

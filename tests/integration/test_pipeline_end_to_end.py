@@ -74,7 +74,7 @@ def test_registry_has_one_version_per_trained_day_and_a_champion(shop) -> None:
 
 
 def test_rerunning_a_day_duplicates_nothing(shop_copy) -> None:
-    from shoprec.orchestration import load_dag, run_day
+    from shoprec.runs import load_dag, run_day
 
     settings, built = shop_copy
     dag, results = load_dag(settings), built.results
@@ -160,7 +160,7 @@ def test_served_recommendations_come_from_the_champion(shop) -> None:
 
 
 def test_bad_partition_fails_validation_and_nothing_downstream_runs(shop_copy) -> None:
-    from shoprec.orchestration import load_dag, run_day
+    from shoprec.runs import load_dag, run_day
 
     settings, built = shop_copy
     dag, results = load_dag(settings), built.results

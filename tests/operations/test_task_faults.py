@@ -152,7 +152,7 @@ def test_dag_run_killed_in_build_features_then_rerun_through_airflow(small_shop:
     code = f"""
     import datetime as dt
     from core.settings import Settings
-    from shoprec.orchestration import run_days
+    from shoprec.runs import run_days
     settings = Settings.from_env().prepare()
     day = dt.date.fromisoformat({first.isoformat()!r})
     run_days(settings, day, day, train="none")
