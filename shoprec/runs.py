@@ -3,7 +3,8 @@
 ``run_days`` executes one real DagRun per day with ``dag.test()``: Airflow creates the run in
 its metadata DB, resolves dependencies, runs every task in this process and records each
 task instance, so the runs show up in the Airflow UI like scheduled ones: the same logical
-date and data interval as the scheduler's run of that day.
+date and data interval as the scheduler's run of that day, and the real moments the run
+started and ended.
 
 Airflow reads its configuration when it is first imported: call ``Settings.prepare()``
 (which exports AIRFLOW_HOME and friends) before anything here imports airflow.
@@ -103,7 +104,8 @@ def _output_to(path: Path):
 
 @contextlib.contextmanager
 def _scheduler_identity(start: dt.datetime, end: dt.datetime):
-    """Make ``dag.test`` create the run the scheduler would: logical date = interval start.
+    """Make ``dag.test`` create the run the scheduler would: logical date = interval start,
+    start date = the moment it starts.
 
     ``dag.test`` infers a manual run's interval as the period *ending* at its logical date,
     so day D's run would carry logical date D + 1, while scheduled and backfill runs of
@@ -111,6 +113,13 @@ def _scheduler_identity(start: dt.datetime, end: dt.datetime):
     runs by logical date; with two identities a backfill would skip or clear the wrong
     interval. Here the run keeps dag.test's loop but gets logical date D and interval
     [D, D + 1), so ``shoprec run``, the scheduler and ``shoprec backfill`` agree.
+
+    ``dag.test`` also creates the run with start date = its logical date (Airflow 3.3's
+    ``get_or_create_dagrun(start_date=logical_date or run_after)``), so a run of a day
+    months ago showed that many months as its duration in the UI. The scheduler sets a run's
+    start date when it starts running it; here it is the wall-clock moment the run is
+    created, just before dag.test runs its tasks. Its end date is already real: Airflow sets
+    it when the run reaches a final state.
     """
     import airflow.models.dagrun as dagrun_module
     from airflow.timetables.base import DataInterval
@@ -119,6 +128,7 @@ def _scheduler_identity(start: dt.datetime, end: dt.datetime):
 
     def create(**kwargs):
         kwargs["data_interval"] = DataInterval(start, end)
+        kwargs["start_date"] = dt.datetime.now(dt.UTC)
         return original(**kwargs)
 
     with mock.patch.object(dagrun_module, "get_or_create_dagrun", create):
@@ -130,7 +140,8 @@ def run_day(dag, day: dt.date, log_dir: Path | None = None,
     """One DagRun for the data interval [day, day + 1), in this process (``dag.test``).
 
     The run gets the scheduler's identity (logical date = day, run after day + 1 00:00 UTC),
-    so a later backfill of the same range sees it as done.
+    so a later backfill of the same range sees it as done; its start and end dates are the
+    real moments it ran.
 
     Args:
         dag: the parsed shoprec_daily.
