@@ -95,7 +95,7 @@ def recommend_pieces(bundle: Any, store: Any, users: list[str]
     import pandas as pd
 
     from features.store import OnlineUserReader, online_user_history
-    from training.scorer import Histories
+    from training.ranking.histories import Histories
 
     try:
         from serving.app import RecommendedItem

@@ -65,7 +65,7 @@ class ShopSpec:
 def default_tune_users(products: int) -> int:
     """Validation users for tuning the pair scorers, capped so the (users, candidates, F)
     float32 feature tensor fits in memory (``ScorerConfig.max_users`` default otherwise)."""
-    from training.scorer import ScorerConfig
+    from training.ranking.config import ScorerConfig
 
     config = ScorerConfig()
     candidates = min(products, 3 * config.candidates + config.neighbour_candidates
@@ -253,14 +253,14 @@ def setup(spec: ShopSpec, home: Path, minilm_sample: int, *, data_only: bool = F
         return {"apply_s": round(apply_s, 2)}
 
     def train() -> dict[str, Any]:
-        from training.pipeline import train_interval
-        from training.scorer import ScorerConfig
+        from shoprec.pipeline import train_interval
+        from training.ranking.config import ScorerConfig
 
         return train_interval(settings, spec.last_day,
                               scorer_config=ScorerConfig(max_users=spec.tune_users))
 
     def evaluate(run_id: str) -> dict[str, Any]:
-        from training.pipeline import evaluate_interval
+        from shoprec.pipeline import evaluate_interval
 
         out = evaluate_interval(settings, run_id, spec.last_day)
         keep = ("recall_at_10", "recall_at_50", "best_baseline_recall_at_50", "holdout_users")
@@ -333,7 +333,7 @@ def forget_stale_model(settings: Any, steps: StepLog, spec: ShopSpec) -> None:
     code), and evaluate_interval loads the champion to compare with: so a stale training run
     is deleted and the model steps forgotten, and a stale champion loses its alias.
     """
-    from training.pipeline import load_scorer
+    from shoprec.pipeline import load_scorer
     from training.registry import CHAMPION, alias_version, mlflow_client
 
     if steps.done("train", spec.model_signature):

@@ -52,7 +52,7 @@ def _header(metric: str) -> str:
 
 def quality_table(result) -> str:
     """One markdown table: setting × method rows, ours then the issue's figures."""
-    from training.protocol import SETTING_TITLES, SETTINGS
+    from training.data import SETTING_TITLES, SETTINGS
 
     head = ["setting", "method", *map(_header, COLUMNS),
             *(f"issue {_header(m)}" for m in ISSUE_COLUMNS), "s"]
@@ -71,7 +71,7 @@ def quality_table(result) -> str:
 
 def target_report(result, model: str = "blend") -> list[str]:
     """Whether ``model`` beats the best baseline by 10% in R@50 and matches its NDCG@10."""
-    from training.protocol import SETTING_TITLES, SETTINGS
+    from training.data import SETTING_TITLES, SETTINGS
 
     lines = []
     for setting in SETTINGS:
@@ -107,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
               f"(pass --data PATH to online_retail.parquet)")
         return 0
 
+    from core.settings import Settings
     from features.contract import list_days, read_upto
     from features.importers.online_retail import import_online_retail
-    from core.settings import Settings
-    from training.blend import standard_recommenders
     from training.config import TrainConfig
-    from training.protocol import run_protocol
+    from training.evaluation.blends import standard_recommenders
+    from training.evaluation.protocol import run_protocol
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     cache = args.cache or Settings.from_env().cache_dir / "text"

@@ -191,7 +191,7 @@ def shoprec_daily():
                                                            states=["queued"]))
         if reason:  # the run's policy: skipped, not failed (downstream skips too)
             raise AirflowSkipException(reason)
-        from training.pipeline import NotEnoughHistory, train_interval  # torch: only if training
+        from shoprec.pipeline import NotEnoughHistory, train_interval  # torch: only if training
 
         try:
             return train_interval(_settings(), day)
@@ -200,7 +200,7 @@ def shoprec_daily():
 
     @task
     def evaluate(trained: dict) -> dict:
-        from training.pipeline import evaluate_interval
+        from shoprec.pipeline import evaluate_interval
 
         return evaluate_interval(_settings(), trained["mlflow_run_id"], _interval_day())
 

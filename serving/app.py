@@ -28,13 +28,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
+from core import __version__
+from core.settings import Settings
 from features.validation_suites import MAX_PRICE, MAX_QUANTITY
 from serving.bundle import Bundle
 from serving.search import MAX_QUERY_CHARS
-from core import __version__
-from core.settings import Settings
+from training.ranking.histories import Histories
 from training.registry import CHAMPION
-from training.scorer import Histories
 
 log = logging.getLogger("shoprec.serving")
 MAX_EVENTS = 1000
@@ -118,6 +118,15 @@ class Readiness(BaseModel):
     detail: str
 
 
+class IndexInfo(BaseModel):
+    kind: str = Field(description="exact (up to exact_max products) or hnsw")
+    size: int
+    dim: int
+    recall_at_50: float | None = Field(description="against exact search, measured at build")
+    exact_max: int
+    searches: int = Field(description="queries this index answered since the bundle loaded")
+
+
 class VersionInfo(BaseModel):
     app_version: str
     model_name: str | None
@@ -126,8 +135,12 @@ class VersionInfo(BaseModel):
     run_id: str | None
     interval: str | None = Field(description="the data interval the model was trained on")
     cuts: dict[str, str] | None = Field(description="validation cut, test cut, end")
-    index_kind: str | None
+    index_kind: str | None = Field(description="the two-tower index's kind (what /similar "
+                                   "searches): exact or hnsw")
     index_size: int | None
+    indexes: dict[str, IndexInfo] | None = Field(
+        description="every index the served model retrieves from, by vector space "
+                    "(two_tower, text, als): kind, size, dim and recall@50 measured at build")
     loaded_at: float | None
 
 
@@ -171,8 +184,8 @@ class BundleSlot:
                           f"v{self.bundle.version}" if self.bundle else "nothing")
                 raise
             self.bundle, self.loaded_at, self.last_error = bundle, time.time(), ""
-            log.info("serving %s v%s (%d products, %s index)", bundle.name, bundle.version,
-                     bundle.size, bundle.index_meta.get("kind"))
+            log.info("serving %s v%s (%d products; indexes %s)", bundle.name, bundle.version,
+                     bundle.size, ", ".join(f"{n} {i.kind}" for n, i in bundle.indexes.items()))
             return bundle
 
     async def poll(self, settings: Settings) -> None:
@@ -467,7 +480,7 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
 
     @app.get("/version", response_model=VersionInfo, tags=["ops"])
     def version() -> VersionInfo:
-        """Which model version answers, what it was trained on, and its index."""
+        """Which model version answers, what it was trained on, and its indexes."""
         b = slot.bundle
         cuts = ({k: str(b.manifest[k]) for k in ("validation_cut", "test_cut", "end")
                  if k in b.manifest} if b else None)
@@ -476,8 +489,10 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
             model_name=b.name if b else None, model_version=b.version if b else None,
             alias=CHAMPION, run_id=b.run_id if b else None,
             interval=b.manifest.get("interval") if b else None, cuts=cuts,
-            index_kind=b.index_meta.get("kind") if b else None,
-            index_size=b.index_meta.get("size") if b else None,
+            index_kind=b.indexes["two_tower"].kind if b else None,
+            index_size=b.indexes["two_tower"].size if b else None,
+            indexes=({name: IndexInfo(**index.info(), searches=index.searches)
+                      for name, index in b.indexes.items()} if b else None),
             loaded_at=slot.loaded_at,
         )
 

@@ -4,13 +4,14 @@ Written by the training step into the MLflow model's artifacts::
 
     manifest.json          name/interval/metrics and the sha256 of every file below
     model/                 two-tower weights, config, vocabularies (training.checkpoint)
-    scorer/                the served ranking's pair scorers and item side (training.scorer)
+    scorer/                the served ranking's pair scorers and item side (training.ranking)
     item_embeddings.npy    (N, D) float32, unit rows, in ``products.parquet`` order
     products.parquet       product_id, title, category, brand, price, popularity
 
-and completed by the index step (run artifacts ``index/``)::
+and completed by the DAG's build_index step (run artifacts ``index/``, ``training.index``)::
 
-    index.faiss, index.json
+    two_tower.faiss, text.faiss, als.faiss   one retrieval index per vector space
+    indexes.json                             each one's kind, size, recall@50, sha256
 
 A ``Bundle`` is immutable once loaded; the server swaps whole bundles, never edits one.
 """
@@ -36,8 +37,6 @@ PRODUCTS = "products.parquet"
 EMBEDDINGS = "item_embeddings.npy"
 MODEL_DIR = "model"
 SCORER_DIR = "scorer"
-INDEX_FILE = "index.faiss"
-INDEX_META = "index.json"
 PERSONAL_TOP = 500  # /search with a user: the user's top products that get a boost
 
 
@@ -134,8 +133,7 @@ class Bundle:
     scorer: Any  # training.scorer.Scorer
     products: pd.DataFrame  # indexed by row, aligned with item_embeddings
     item_embeddings: np.ndarray  # (N, D)
-    index: Any
-    index_meta: dict[str, Any]
+    indexes: dict[str, Any]  # space -> training.index.VectorIndex (the scorer's)
     search_index: Any  # serving.search.SearchIndex
     query_encoder: Any  # QueryEncoder, or None (no text encoder: lexical search only)
     item_row: dict[str, int] = field(repr=False)
@@ -189,7 +187,7 @@ class Bundle:
         Returns:
             (recommendations best first, cold_start: no known product in the history).
         """
-        from training.protocol import top_k
+        from training.metrics import top_k
 
         products = history.products[0]
         known = [self.item_row[p] for p in products if p in self.item_row]
@@ -213,14 +211,14 @@ class Bundle:
                 for r, s, reason in zip(rows, scores, reasons, strict=True)], not known
 
     def similar(self, product_id: str, k: int) -> list[Recommendation]:
-        """The ``k`` products whose item embeddings are nearest (the FAISS index).
+        """The ``k`` products whose item embeddings are nearest (the two-tower index).
 
         Raises:
             KeyError: the product is not in this bundle's catalogue.
         """
         row = self.item_row[product_id]
         query = self.item_embeddings[row : row + 1].astype(np.float32)  # (1, D)
-        scores, rows = self.index.search(query, min(k + 1, self.size))  # (1, k + 1)
+        scores, rows = self.indexes["two_tower"].search(query, k + 1)  # (1, k + 1)
         title = self.products.title.iat[row]
         return [self._result(int(r), float(sc), f"similar to {title}")
                 for sc, r in zip(scores[0], rows[0], strict=True) if r >= 0 and r != row][:k]
@@ -337,41 +335,39 @@ class QueryEncoder:
 
 def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
                 run_id: str) -> Bundle:
-    """Verify and load a bundle from its two artifact folders.
+    """Verify and load a bundle from its two artifact folders (the model, and the indexes
+    the DAG's build_index step stored).
 
     Raises:
-        BundleError: checksum mismatch, missing index, or index/embeddings disagreement.
+        BundleError: checksum mismatch, missing index, or an index that does not match the
+            version's vectors.
     """
-    from serving.index import load_index, to_device
     from serving.search import SearchIndex
     from training.checkpoint import load_model
-    from training.scorer import Scorer
+    from training.index import IndexLoadError, load_indexes
+    from training.ranking.scorer import Scorer
 
     manifest = verify(model_dir)
-    index_path = index_dir / INDEX_FILE
-    meta_path = index_dir / INDEX_META
-    if not index_path.exists() or not meta_path.exists():
-        raise BundleError(f"version {version} has no FAISS index in {index_dir}")
-    index_meta = json.loads(meta_path.read_text())
-    if index_meta.get("sha256") != _sha256(index_path):
-        raise BundleError(f"version {version}: index checksum mismatch; refusing to load")
     model, config = load_model(model_dir / MODEL_DIR)
     model.eval()
     scorer = Scorer.load(model_dir / SCORER_DIR, model, config)
+    try:
+        indexes = load_indexes(index_dir, scorer.state.matrices())
+    except IndexLoadError as exc:
+        raise BundleError(f"version {version}: {exc}") from exc
+    scorer.state.use_indexes(indexes)
     products = pd.read_parquet(model_dir / PRODUCTS)
     embeddings = np.load(model_dir / EMBEDDINGS)
-    index = load_index(index_path)
-    if index.ntotal != len(products):
-        raise BundleError(f"version {version}: index holds {index.ntotal} vectors for "
-                          f"{len(products)} products")
+    if len(products) != len(scorer.state.product_ids):
+        raise BundleError(f"version {version}: {len(products)} products for an item side of "
+                          f"{len(scorer.state.product_ids)}")
     text_vectors = scorer.state.text_vectors
     return Bundle(
         name=name, version=version, run_id=run_id, manifest=manifest, model=model,
         scorer=scorer, products=products,
-        search_index=SearchIndex(products, text_vectors,
-                                 scorer.state.retrieval(scorer.config.exact_max).get("text")),
+        search_index=SearchIndex(products, text_vectors, indexes.get("text")),
         query_encoder=QueryEncoder(config) if text_vectors is not None else None,
         categories=frozenset(products["category"].astype(str)),
-        item_embeddings=embeddings, index=to_device(index), index_meta=index_meta,
+        item_embeddings=embeddings, indexes=indexes,
         item_row={p: i for i, p in enumerate(products["product_id"])},
     )

@@ -1,4 +1,4 @@
-"""Publishing a model version for serving: its FAISS index, and fetching bundles back.
+"""Publishing a model version for serving: its retrieval indexes, and fetching bundles back.
 
 ``build_index_for_version`` is the pipeline's index step; ``load_version_bundle`` is what the
 server calls to load the champion (or any version).
@@ -6,23 +6,18 @@ server calls to load the champion (or any version).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from serving.bundle import EMBEDDINGS, INDEX_FILE, INDEX_META, MANIFEST, Bundle, BundleError
 from core.settings import Settings
+from serving.bundle import MANIFEST, SCORER_DIR, Bundle, BundleError
+from training.index import INDEX_META
+from training.ranking.scorer import Scorer
 from training.registry import alias_version, mlflow_client
 
 log = logging.getLogger(__name__)
-
-RECALL_SAMPLE = 500
-RECALL_K = 50
 
 
 def _find_bundle(folder: Path) -> Path:
@@ -49,47 +44,50 @@ def download_model_bundle(settings: Settings, *, run_id: str) -> Path:
 
 
 def build_index_for_version(settings: Settings, version: str) -> dict[str, Any]:
-    """Build the catalogue's FAISS index for a model version and store it with the version.
+    """Build the retrieval index of every vector space of a model version (two-tower, text,
+    ALS: ``training.index``), check each against exact search and store them with the
+    version (run artifacts ``index/``).
 
-    The index is checked against exact search (recall@50 on a sample of catalogue vectors)
-    and refused below ``settings.index_min_recall``.
+    Exact below ``settings.index_exact_max`` products, HNSW above; an index whose
+    recall@50 (a seeded sample of catalogue vectors as queries) is under
+    ``settings.index_min_recall`` is refused, and nothing is stored.
 
     Returns:
-        {"version", "index_kind", "size", "recall_at_50"} for XCom.
+        {"version", "index_kind", "size", "recall_at_50", "indexes"} for XCom: the two-tower
+        index's kind, size and recall (what ``/similar`` reads), and every index's info.
     """
     import mlflow
 
-    from serving.index import build_index, measure_recall, save_index
+    from training.index import RECALL_K, build_indexes, save_indexes
 
     client = mlflow_client(settings)
     mv = client.get_model_version(settings.model_name, version)
     folder = download_model_bundle(settings, run_id=mv.run_id)
-    embeddings = np.load(folder / EMBEDDINGS)  # (N, D)
-    index, kind = build_index(embeddings, ann_threshold=settings.index_exact_max)
-    rng = np.random.default_rng(0)
-    sample = embeddings[rng.choice(len(embeddings), min(RECALL_SAMPLE, len(embeddings)),
-                                   replace=False)]
-    recall = measure_recall(index, embeddings, sample, k=RECALL_K)
-    if recall < settings.index_min_recall:
-        raise RuntimeError(f"{kind} index recall@{RECALL_K} {recall:.3f} < "
-                           f"{settings.index_min_recall} (SHOPREC_INDEX_MIN_RECALL); "
-                           "not stored, the version cannot serve")
+    scorer = Scorer.load(folder / SCORER_DIR)
+    indexes = build_indexes(scorer.state.matrices(), settings.index_exact_max)
+    for name, index in indexes.items():
+        recall = index.measure_recall()
+        log.info("index %s: %s over %d products for v%s, recall@%d %.3f", name, index.kind,
+                 index.size, version, RECALL_K, recall)
+        if recall < settings.index_min_recall:
+            raise RuntimeError(f"{name} {index.kind} index recall@{RECALL_K} {recall:.3f} < "
+                               f"{settings.index_min_recall} (SHOPREC_INDEX_MIN_RECALL); "
+                               "not stored, the version cannot serve")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / INDEX_FILE
-        save_index(index, path)
-        meta = {"kind": kind, "size": int(index.ntotal), "dim": int(embeddings.shape[1]),
-                f"recall_at_{RECALL_K}": recall, "version": str(version),
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-        (Path(tmp) / INDEX_META).write_text(json.dumps(meta, indent=2))
+        meta = save_indexes(indexes, Path(tmp))
         client.log_artifacts(mv.run_id, tmp, artifact_path="index")
+    main = indexes.get("two_tower") or next(iter(indexes.values()))
     with mlflow.start_run(run_id=mv.run_id):
-        mlflow.log_metrics({f"index_recall_at_{RECALL_K}": recall, "index_size": index.ntotal})
-    for key, value in (("shoprec.index_kind", kind), ("shoprec.index_size", index.ntotal)):
+        mlflow.log_metrics({f"index_recall_at_{RECALL_K}_{name}": index.recall
+                            for name, index in indexes.items()} | {"index_size": main.size})
+    for key, value in (("shoprec.index_kind", main.kind), ("shoprec.index_size", main.size),
+                       ("shoprec.indexes", ", ".join(f"{n}={i.kind}" for n, i in
+                                                     indexes.items()))):
         client.set_model_version_tag(settings.model_name, version, key, str(value))
-    log.info("index %s over %d products for v%s, recall@%d %.3f", kind, index.ntotal, version,
-             RECALL_K, recall)
-    return {"version": str(version), "index_kind": kind, "size": int(index.ntotal),
-            f"recall_at_{RECALL_K}": recall}
+    return {"version": str(version), "index_kind": main.kind, "size": main.size,
+            f"recall_at_{RECALL_K}": main.recall,
+            "indexes": {name: {k: v for k, v in info.items() if k != "sha256"}
+                        for name, info in meta.items()}}
 
 
 def champion_version(settings: Settings, alias: str = "champion") -> str | None:

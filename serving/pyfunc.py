@@ -25,7 +25,7 @@ class TwoTowerRecommender(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from serving.bundle import MODEL_DIR, PRODUCTS, SCORER_DIR, verify
         from training.checkpoint import load_model
-        from training.scorer import Scorer
+        from training.ranking.scorer import Scorer
 
         folder = Path(context.artifacts["bundle"])
         verify(folder)
@@ -35,8 +35,8 @@ class TwoTowerRecommender(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from training.protocol import top_k
-        from training.scorer import Histories
+        from training.metrics import top_k
+        from training.ranking.histories import Histories
 
         params = params or {}
         k = int(params.get("k", DEFAULT_K))

@@ -45,8 +45,8 @@ class SearchIndex:
     Args:
         products: product_id, title, category, brand (rows in bundle order).
         text_vectors: (N, H) unit rows from the shared text encoder, or None (lexical only).
-        retrieval: a ``training.retrieval.Retrieval`` over ``text_vectors`` for the semantic
-            candidates (None: exact search over every row).
+        retrieval: the text space's ``training.index.VectorIndex`` (over ``text_vectors``)
+            for the semantic candidates (None: an exact one is built here).
         k1, b: BM25 parameters.
     """
 
@@ -75,9 +75,9 @@ class SearchIndex:
         self.ids = {str(p).lower(): i for i, p in enumerate(products["product_id"])}
         self.text_vectors = text_vectors
         if text_vectors is not None and retrieval is None:
-            from training.retrieval import Retrieval
+            from training.index import VectorIndex
 
-            retrieval = Retrieval(text_vectors, exact_max=len(text_vectors))
+            retrieval = VectorIndex(text_vectors, exact_max=len(text_vectors))
         self.retrieval = retrieval
 
     def lexical(self, query_tokens: Sequence[str]) -> tuple[np.ndarray, list[str]]:

@@ -16,8 +16,8 @@ from typing import Annotated
 
 import typer
 
-from shoprec import services
 from core.settings import Settings
+from shoprec import services
 
 app = typer.Typer(help="shoprec: keeps a shop's recommendation models fresh.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -157,7 +157,7 @@ def model_evaluate(
     two_tower: Annotated[bool, typer.Option(help="train the two-tower model")] = True,
 ) -> None:
     """Temporal-split evaluation: baselines, two-tower and blends in both settings."""
-    from training.protocol import evaluate_root
+    from training.evaluation.protocol import evaluate_root
 
     settings = _settings(root)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")

@@ -10,7 +10,7 @@ Every ``TrainConfig`` field is an option (``--text-trainable-layers 1``,
 ``--logq-correction false``, ...). Each process joins the process group torchrun describes
 (NCCL on CUDA, one GPU per process by LOCAL_RANK; gloo on the CPU), and ``train`` wraps the
 model in DistributedDataParallel: every epoch's shuffled examples are cut into disjoint,
-equal shards, one per rank (``training.train.epoch_batches``); gradients are averaged; all
+equal shards, one per rank (``training.batches.epoch_batches``); gradients are averaged; all
 ranks are seeded alike. Rank 0 writes::
 
     <out>/model/               the checkpoint (training.checkpoint)

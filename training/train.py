@@ -5,9 +5,10 @@ the frozen encoder (cached), then the towers train with AdamW on the in-batch sa
 softmax (``training.loss``).
 
 Fine-tuned text (``text_trainable_layers=N``): the catalogue is tokenized once per version
-(Rust backend, ids cached on disk), the frozen embedding layer and lower layers run once
-per catalogue (their hidden states are kept when they fit ``FROZEN_STATES_MAX_BYTES``,
-else recomputed per step without gradients), and per step only the top N layers run, with
+(Rust backend, ids cached on disk: ``training.text_cache``), the frozen embedding layer and
+lower layers run once per catalogue (their hidden states are kept when they fit
+``training.catalog_text.FROZEN_STATES_MAX_BYTES``, else recomputed per step without
+gradients), and per step only the top N layers run, with
 gradients, for the batch's targets and hard negatives. History products read the text
 vectors of the encoder as it was at the start of the epoch (refreshed every epoch), which
 keeps a step's encoder work to B (1 + K) texts instead of every product of every history.
@@ -18,14 +19,19 @@ fine-tuned encoder. CPU cost, measured with MiniLM on one core (batch 256, 32 to
 two ~250, plus a one-off pass of the frozen layers over the catalogue; fine-tune on a GPU.
 
 User features: when the examples carry Feast's ``user_profile`` columns (as
-``features.store.historical_user_history`` and ``training.blend.examples_from_events`` give
-them), each example's profile, as it stood at its time, is fed to the user tower; without
-them every profile is "unknown" (``training.user_features``).
+``features.store.historical_user_history`` and
+``training.event_examples.examples_from_events`` give them), each example's profile, as it
+stood at its time, is fed to the user tower; without them every profile is "unknown"
+(``training.user_features``).
 
 Options: K same-category hard negatives per example (``hard_negatives``), early stopping
 on a validation set's Recall@K (``validation``), warm start from a checkpoint
 (``warm_start``), and DistributedDataParallel when a process group is initialised (see
 ``training.distributed``): each rank trains on a disjoint shard of every epoch's batches.
+
+This module is the run and its loop; the examples' preparation is ``training.examples``',
+the batches' (hard negatives included) ``training.batches``', the fine-tuned catalogue
+text's ``training.catalog_text``'.
 
 Everything is seeded, and on the CPU deterministic algorithms are enforced, so the same
 inputs give bit-identical weights. On CUDA the run uses mixed precision (bf16 where
@@ -50,34 +56,21 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from features.contract import product_text
+from training.batches import CategoryNegatives, epoch_batches, make_batch
+from training.catalog_text import CatalogText
 from training.checkpoint import warm_start as init_from_checkpoint
 from training.config import TINY, TrainConfig, autocast_dtype, resolve_device, step_batch_size
+from training.embeddings import ItemFeatures, encode_items
+from training.examples import prepare_examples, unique_products
 from training.loss import mixed_sampling_log_q, sampled_softmax_loss, sampling_log_q
-from training.text import (
-    TrainableTextEncoder,
-    embed_texts,
-    length_batches,
-    product_text,
-    token_ids,
-    token_lengths,
-)
-from training.towers import (
-    ItemFeatures,
-    TwoTowerBatch,
-    TwoTowerModel,
-    encode_items,
-    history_matrix,
-)
-from training.user_features import PROFILE_COLUMNS, country_vocabulary, has_profile
+from training.text import TrainableTextEncoder
+from training.text_cache import embed_texts, token_ids
+from training.towers import TwoTowerModel
+from training.user_features import country_vocabulary
 
 log = logging.getLogger(__name__)
 
-EXAMPLE_COLUMNS = (
-    "user_id", "product_id", "event_timestamp", "recent_product_ids", "recent_event_types",
-)
-# Keep the frozen layers' hidden states of the whole catalogue (N x T x H) up to this size;
-# above it the frozen layers run again, without gradients, for each batch's texts.
-FROZEN_STATES_MAX_BYTES = 2 * 2**30
 
 
 class NotEnoughData(ValueError):
@@ -265,178 +258,6 @@ def train(
     )
 
 
-def unique_products(catalog: pd.DataFrame) -> pd.DataFrame:
-    """One row per product_id (the latest ``updated_at`` when present, else the last row)."""
-    if "updated_at" in catalog.columns:
-        catalog = catalog.sort_values("updated_at", kind="stable")
-    catalog = catalog.drop_duplicates("product_id", keep="last")
-    return catalog.sort_values("product_id", kind="stable").reset_index(drop=True)
-
-
-def prepare_examples(
-    examples: pd.DataFrame, item_index: dict[str, int], history_len: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame | None]:
-    """Turn example rows into index arrays, dropping targets outside the catalogue.
-
-    Rows are put in a canonical order (timestamp, user, product) first, so the result does
-    not depend on the order a feature store returned them in.
-
-    Returns:
-        targets (E,) int64 catalogue rows; history (E, L) int64 rows, -1 = padding, most
-        recent first; events (E, L) int64 event type ids; the kept rows' ``user_profile``
-        columns (E rows, in that order), or None when the examples carry none.
-    """
-    missing = {"product_id"} - set(examples.columns)
-    if missing:
-        raise ValueError(f"examples lack columns {sorted(missing)}")
-    order = [c for c in ("event_timestamp", "user_id", "product_id") if c in examples.columns]
-    examples = examples.sort_values(order, kind="stable") if order else examples
-    rows = examples["product_id"].astype(str).map(item_index)
-    keep = rows.notna().to_numpy()
-    examples = examples[keep]
-    targets = rows[keep].to_numpy(dtype=np.int64)
-    n = len(examples)
-    histories = (
-        examples["recent_product_ids"].tolist()
-        if "recent_product_ids" in examples.columns else [None] * n
-    )
-    types = (
-        examples["recent_event_types"].tolist()
-        if "recent_event_types" in examples.columns else None
-    )
-    history, events = history_matrix(histories, types, item_index, history_len)
-    profiles = None
-    if has_profile(examples):
-        columns = [c for c in PROFILE_COLUMNS if c in examples.columns]
-        profiles = examples[columns].reset_index(drop=True)
-    return targets, history, events, profiles
-
-
-class CatalogText:
-    """The catalogue's text inputs while the text encoder is fine-tuned.
-
-    Holds the token ids (N, T), the frozen layers' hidden states (N, T', H) when they fit
-    ``FROZEN_STATES_MAX_BYTES`` (T' the longest text's tokens), and the current text
-    vectors (N, H), recomputed lazily after the encoder changed (``mark_stale``). Batches
-    are cut to their longest text (``token_lengths``).
-
-    Args:
-        encoder: the model's trainable text encoder (on ``device``).
-        tokens: ids and attention mask, (N, T) int32 each.
-        device: where everything lives.
-        amp: autocast dtype (CUDA), or None.
-        batch_size: texts per encoder forward pass.
-    """
-
-    def __init__(
-        self,
-        encoder: TrainableTextEncoder,
-        tokens: tuple[np.ndarray, np.ndarray],
-        device: torch.device,
-        amp: torch.dtype | None,
-        batch_size: int,
-    ):
-        self.lengths = token_lengths(torch.from_numpy(tokens[1]))  # (N,) on the CPU
-        length = int(self.lengths.max()) if len(self.lengths) else 1
-        self.ids = torch.from_numpy(tokens[0][:, :length]).to(device)  # (N, T') int32
-        self.mask = torch.from_numpy(tokens[1][:, :length]).to(device)  # (N, T') int32
-        self.device = device
-        self.amp = amp
-        self.batch_size = batch_size
-        n = len(self.ids)
-        dtype = amp or torch.float32
-        size = n * length * encoder.dim * torch.finfo(dtype).bits // 8
-        self.states: torch.Tensor | None = None
-        if size <= FROZEN_STATES_MAX_BYTES:
-            # Zeros past each text's end: padding, never attended to nor pooled.
-            states = torch.zeros(n, length, encoder.dim, dtype=dtype, device=device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                for part, cut in length_batches(self.lengths, batch_size):
-                    on = part.to(device)
-                    states[on, :cut] = encoder.frozen_states(self.ids[on, :cut],
-                                                             self.mask[on, :cut]).to(dtype)
-            self.states = states  # (N, T', H)
-        else:
-            log.info("frozen text states of %d products would take %.1f GiB: recomputing "
-                     "them per batch instead", n, size / 2**30)
-        self._vectors: torch.Tensor | None = None
-
-    def mark_stale(self) -> None:
-        """The encoder changed: recompute the vectors when next asked."""
-        self._vectors = None
-
-    def vectors(self, encoder: TrainableTextEncoder) -> torch.Tensor:
-        """Every product's text vector under the encoder as it is now: (N, H) float32."""
-        if self._vectors is None:
-            self._vectors = encoder.encode(self.ids, self.mask, states=self.states,
-                                           batch_size=self.batch_size, autocast=self.amp)
-        return self._vectors
-
-    def inputs(self, rows: torch.Tensor, *, pin: bool = False) -> dict[str, torch.Tensor]:
-        """The encoder inputs of catalogue ``rows`` (F,) on the CPU: mask and states (or
-        ids), cut to the longest of these texts."""
-        cut = int(self.lengths[rows].max())
-        on = rows.pin_memory().to(self.device, non_blocking=True) if pin else rows.to(self.device)
-        out = {"fresh_mask": self.mask[on, :cut]}  # (F, T'')
-        if self.states is not None:
-            out["fresh_states"] = self.states[on, :cut]  # (F, T'', H)
-        else:
-            out["fresh_ids"] = self.ids[on, :cut]  # (F, T'')
-        return out
-
-
-class CategoryNegatives:
-    """Hard negatives: products drawn uniformly, with replacement, among the OTHER products
-    of the target's category (products without a category form one group).
-
-    Chosen over "the top-scored wrong products of the previous epoch" because it needs no
-    extra scoring pass over the catalogue, is exact under sharding, and its sampling
-    probability is known in closed form, which the logQ correction needs.
-
-    Args:
-        category_ids: (N,) category vocabulary id of every catalogue row.
-    """
-
-    def __init__(self, category_ids: np.ndarray):
-        category_ids = np.asarray(category_ids, dtype=np.int64)
-        order = np.argsort(category_ids, kind="stable")  # (N,) rows grouped by category
-        grouped = category_ids[order]
-        first = np.searchsorted(grouped, grouped, side="left")  # (N,) group start, by slot
-        last = np.searchsorted(grouped, grouped, side="right")
-        slot = np.empty_like(order)
-        slot[order] = np.arange(len(order))  # row -> its position in ``order``
-        self.order = torch.from_numpy(order)
-        self.start = torch.from_numpy(first[slot])  # (N,) per row
-        self.size = torch.from_numpy((last - first)[slot])  # (N,) its category's size
-        self.offset = torch.from_numpy(slot - first[slot])  # (N,) its place in the group
-        self.category = torch.from_numpy(category_ids)  # (N,)
-
-    def sample(
-        self, rows: torch.Tensor, k: int, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K negatives per target row.
-
-        Args:
-            rows: (B,) catalogue rows of the targets.
-            k: negatives per target.
-            generator: the (seeded) random source.
-
-        Returns:
-            (B, K) catalogue rows (a target alone in its category gets itself, which the
-            loss masks as an accidental hit), and (B,) float32 expected draws of any one
-            other product of the category, K / (n_c - 1) (0 when alone).
-        """
-        size, offset = self.size[rows], self.offset[rows]  # (B,)
-        others = (size - 1).clamp(min=1).unsqueeze(1)  # (B, 1)
-        draw = (torch.rand(len(rows), k, generator=generator) * others).long()  # (B, K)
-        draw = torch.minimum(draw, others - 1)
-        draw = draw + (draw >= offset.unsqueeze(1)).long()  # skip the target itself
-        draw = torch.where(size.unsqueeze(1) > 1, draw, offset.unsqueeze(1))  # (B, K)
-        hard = self.order[self.start[rows].unsqueeze(1) + draw]  # (B, K)
-        rate = torch.where(size > 1, k / (size - 1).clamp(min=1).float(), 0.0)  # (B,)
-        return hard, rate
-
-
 def _fit(
     model: TwoTowerModel,
     config: TrainConfig,
@@ -513,9 +334,9 @@ def _fit(
                         disable=not progress, leave=False):
             hard, rate = (negatives.sample(targets_t[idx], config.hard_negatives, sampler)
                           if negatives is not None else (None, None))
-            batch, rows, hard_rows = _make_batch(idx, targets_t, history_t, events_t, items,
-                                                 device, profiles=profiles_t, hard=hard,
-                                                 text=text, table=table, pin=pin)
+            batch, rows, hard_rows = make_batch(idx, targets_t, history_t, events_t, items,
+                                                device, profiles=profiles_t, hard=hard,
+                                                text=text, table=table, pin=pin)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 users, candidates = net(batch)  # (B, D), (B, D) or (B, 1 + K, D)
             users = users.float()
@@ -582,31 +403,6 @@ def _fit(
     return metrics, best[1] if best is not None else None
 
 
-def epoch_batches(order: torch.Tensor, step: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
-    """This rank's batches of one epoch.
-
-    The shuffled examples are cut into global batches of ``step * world``; rank r takes
-    the r-th of ``world`` near-equal parts of each. So the ranks' shards are disjoint,
-    cover every example, and have the same number of batches (DDP steps in lockstep).
-    A last global batch too small to give every rank two examples joins the previous one.
-
-    Args:
-        order: (E,) shuffled example indices, the same on every rank.
-        step: examples per batch and rank.
-        rank, world: this process and the number of processes.
-
-    Returns:
-        Index tensors, each of at least 2 examples when E >= 2 * world.
-    """
-    batches = list(order.split(step * world))
-    if len(batches) > 1 and len(batches[-1]) < 2 * world:  # a batch of one has no negatives
-        batches[-2] = torch.cat(batches[-2:])
-        batches.pop()
-    if world == 1:
-        return batches
-    return [batch.tensor_split(world)[rank] for batch in batches]
-
-
 def _validation_recall(
     model: TwoTowerModel,
     features: ItemFeatures,
@@ -617,7 +413,7 @@ def _validation_recall(
     world: int,
 ) -> float:
     """Recall@k of the model as it is now on the validation users (computed on rank 0)."""
-    from training.evaluate import evaluate_model
+    from training.metrics import evaluate_model
 
     recall = [0.0]
     if rank == 0:
@@ -634,81 +430,6 @@ def _validation_recall(
     if world > 1:  # one decision for every rank, or they would step out of lockstep
         dist.broadcast_object_list(recall, src=0)
     return recall[0]
-
-
-def _make_batch(
-    idx: torch.Tensor,
-    targets: torch.Tensor,
-    history: torch.Tensor,
-    events: torch.Tensor,
-    items: dict[str, torch.Tensor],
-    device: torch.device,
-    *,
-    profiles: tuple[torch.Tensor, torch.Tensor] | None = None,
-    hard: torch.Tensor | None = None,
-    text: CatalogText | None = None,
-    table: torch.Tensor | None = None,
-    pin: bool = False,
-) -> tuple[TwoTowerBatch, torch.Tensor, torch.Tensor | None]:
-    """A batch whose distinct products (targets, hard negatives, histories) go through the
-    item tower once.
-
-    Args:
-        idx: (B,) example indices.
-        targets, history, events: every example's target (E,), history and event types
-            (E, L), on the CPU.
-        items: the catalogue's item-tower inputs on ``device``.
-        device: the training device.
-        profiles: every example's profile inputs, (E, P) numeric and (E,) country ids, on
-            the CPU; None: no user features.
-        hard: (B, K) catalogue rows of hard negatives, or None.
-        text: with a fine-tuned encoder, the catalogue's text inputs; its ``table`` (N, H)
-            gives the history products' text vectors.
-        table: (N, H) current text vectors, with ``text``.
-        pin: copy through page-locked memory, asynchronously (CUDA).
-
-    Returns:
-        The batch, the (B,) catalogue rows of its targets and the (B, K) rows of its hard
-        negatives (or None), on ``device``.
-    """
-    rows = targets[idx]  # (B,)
-    hist = history[idx]  # (B, L)
-    mask = hist >= 0  # (B, L); histories are left-aligned (most recent first)
-    longest = int(mask.sum(dim=1).max()) if len(idx) else 0
-    hist, mask = hist[:, :longest], mask[:, :longest]  # (B, L')
-    ev = events[idx][:, :longest]  # (B, L')
-    n, k = len(rows), (hard.shape[1] if hard is not None else 0)
-    parts = [rows] + ([hard.reshape(-1)] if hard is not None else []) + [hist[mask]]
-    distinct, inverse = torch.unique(torch.cat(parts), return_inverse=True)  # (M,)
-    local_history = torch.full_like(hist, -1)  # (B, L')
-    local_history[mask] = inverse[n + n * k :]
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
-
-    on = move(distinct)
-    batch: TwoTowerBatch = {
-        "item_text": (table if table is not None else items["text"])[on],  # (M, H)
-        "item_category": items["category"][on],  # (M,)
-        "item_brand": items["brand"][on],  # (M,)
-        "item_price": items["price"][on],  # (M,)
-        "target": move(inverse[:n]),  # (B,)
-        "history": move(local_history),  # (B, L')
-        "history_mask": move(mask),  # (B, L')
-        "history_event": move(ev),  # (B, L')
-    }
-    if profiles is not None:
-        batch["user_numeric"] = move(profiles[0][idx])  # (B, P)
-        batch["user_country"] = move(profiles[1][idx])  # (B,)
-    hard_rows = None
-    if hard is not None:
-        batch["hard"] = move(inverse[n : n + n * k].view(n, k))  # (B, K)
-        hard_rows = move(hard)  # (B, K)
-    if text is not None:
-        fresh = torch.unique(inverse[: n + n * k])  # (F,) targets and hard negatives
-        batch["fresh"] = move(fresh)
-        batch.update(text.inputs(distinct[fresh], pin=pin))  # type: ignore[typeddict-item]
-    return batch, move(rows), hard_rows
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -110,7 +110,7 @@ def test_the_registered_pyfunc_ranks_like_the_server(shop) -> None:
     import mlflow
 
     from serving.publish import load_version_bundle
-    from training.scorer import Histories
+    from training.ranking.histories import Histories
 
     settings, _ = shop
     bundle = load_version_bundle(settings)

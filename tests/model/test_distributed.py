@@ -16,10 +16,10 @@ import torch
 # The toy task of the behaviour test next door (pytest puts this folder on sys.path).
 from test_two_tower_learns import _catalog, _examples, _new_users
 
+from training.batches import epoch_batches
 from training.checkpoint import load_model
 from training.distributed import config_from_args, parser
-from training.evaluate import evaluate_model
-from training.train import epoch_batches
+from training.metrics import evaluate_model
 
 pytestmark = pytest.mark.fast
 

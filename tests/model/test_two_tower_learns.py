@@ -12,12 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
+from features.contract import product_text
 from training.checkpoint import load_model, save_model
 from training.config import TrainConfig
-from training.evaluate import evaluate_model
-from training.text import embed_texts, product_text
-from training.towers import ItemFeatures, encode_items, encode_users
-from training.train import NotEnoughData, TrainResult, ValidationSet, train, unique_products
+from training.embeddings import ItemFeatures, encode_items, encode_users
+from training.examples import unique_products
+from training.metrics import evaluate_model
+from training.text_cache import embed_texts
+from training.train import NotEnoughData, TrainResult, ValidationSet, train
 
 pytestmark = pytest.mark.fast
 
@@ -242,7 +244,7 @@ def test_fine_tuning_without_room_for_frozen_states_gives_the_same_model(
 ) -> None:
     """Too big a catalogue to keep the frozen layers' states: they are recomputed per batch,
     which changes the cost, not the result."""
-    from training import train as train_module
+    from training import catalog_text
     from training.text import TrainableTextEncoder
 
     calls = []
@@ -252,7 +254,7 @@ def test_fine_tuning_without_room_for_frozen_states_gives_the_same_model(
     config = CONFIG.replace(epochs=2, text_trainable_layers=1)
     kept = train(config, _catalog(), _examples(), progress=False)
     assert calls == [40]  # once, for the whole catalogue
-    monkeypatch.setattr(train_module, "FROZEN_STATES_MAX_BYTES", 0)
+    monkeypatch.setattr(catalog_text, "FROZEN_STATES_MAX_BYTES", 0)
     recomputed = train(config, _catalog(), _examples(), progress=False)
     assert len(calls) > 10  # for every batch and every refresh
     np.testing.assert_allclose(recomputed.losses, kept.losses, rtol=1e-4)

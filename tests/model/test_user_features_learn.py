@@ -18,8 +18,8 @@ import pytest
 # The toy catalogue of the behaviour test next door (pytest puts this folder on sys.path).
 from test_two_tower_learns import CATEGORIES, CONFIG, PER_CATEGORY, _catalog
 
-from training.evaluate import evaluate_model
-from training.towers import encode_users
+from training.embeddings import encode_users
+from training.metrics import evaluate_model
 from training.train import TrainResult, ValidationSet, train
 
 pytestmark = pytest.mark.fast

@@ -8,17 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.baselines import (
-    ALS,
-    ItemKNN,
-    Popularity,
-    Repeat,
-    TextCosine,
-    cosine_similarity,
-    popularity_scores,
-)
 from training.config import TrainConfig
-from training.protocol import TrainData, temporal_split
+from training.data import TrainData, popularity_scores, temporal_split
+from training.evaluation.baselines import ItemKNN, Popularity, Repeat, TextCosine, cosine_similarity
+from training.ranking.als import ALS
 
 pytestmark = pytest.mark.fast
 

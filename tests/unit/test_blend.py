@@ -8,20 +8,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.baselines import Popularity, Repeat
-from training.blend import (
+from training.config import TrainConfig
+from training.data import TrainData, temporal_split
+from training.evaluation.baselines import Popularity, Repeat
+from training.evaluation.blends import (
     Blend,
     PurchaseContext,
-    TwoTowerRecommender,
-    examples_from_events,
     normalise_scores,
     search_weights,
-    tuning_metrics,
     validation_fits,
 )
-from training.config import TrainConfig
-from training.evaluate import ndcg_at_k, recall_at_k
-from training.protocol import ScoredRecommender, TrainData, run_protocol, temporal_split
+from training.evaluation.models import TwoTowerRecommender
+from training.evaluation.protocol import run_protocol
+from training.event_examples import examples_from_events
+from training.metrics import ndcg_at_k, recall_at_k, tuning_metrics
+from training.recommender import ScoredRecommender
 
 pytestmark = pytest.mark.fast
 
@@ -64,7 +65,7 @@ def test_examples_take_strictly_earlier_products_most_recent_last() -> None:
 
 
 def test_examples_carry_the_profile_of_the_end_of_the_day_before() -> None:
-    from training.user_features import PROFILE_COLUMNS, profiles_as_of
+    from features.user_state import PROFILE_COLUMNS, profiles_as_of
 
     events = events_frame([
         ("u", "a", 0, "view"), ("u", "b", 1), ("u", "c", 1, "add_to_cart"), ("u", "d", 3),
@@ -319,8 +320,8 @@ def test_two_tower_without_enough_data_ranks_by_popularity(synthetic_split, tmp_
 def test_two_tower_recommender_scores_with_the_profile_at_the_cut(
     synthetic_split, synthetic_users, tmp_path
 ) -> None:
-    from training.towers import encode_users
-    from training.user_features import profiles_as_of
+    from features.user_state import profiles_as_of
+    from training.embeddings import encode_users
 
     train = synthetic_split.train
     config = TrainConfig(text_encoder="tiny", epochs=1, device="cpu", min_examples=10)

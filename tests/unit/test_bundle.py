@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -13,8 +12,6 @@ import pytest
 
 from serving.bundle import (
     EMBEDDINGS,
-    INDEX_FILE,
-    INDEX_META,
     MANIFEST,
     PRODUCTS,
     Bundle,
@@ -23,10 +20,12 @@ from serving.bundle import (
     verify,
     write_bundle,
 )
-from serving.index import build_index, save_index
 from training.config import TrainConfig
-from training.protocol import train_data
-from training.scorer import Histories, Scorer, ScorerConfig
+from training.data import train_data
+from training.index import build_indexes, save_indexes
+from training.ranking.config import ScorerConfig
+from training.ranking.histories import Histories
+from training.ranking.scorer import Scorer
 from training.train import TrainResult, train
 
 pytestmark = pytest.mark.fast
@@ -104,19 +103,18 @@ def bundle_dir(trained: TrainResult, scorer: Scorer,
                         meta={"interval": "2026-01-02", "model_name": "test"})
 
 
-def _write_index(folder: Path, embeddings: np.ndarray) -> Path:
+def _write_index(folder: Path, scorer: Scorer, exact_max: int = 50_000) -> Path:
     """An index folder as serving.publish.build_index_for_version writes it."""
-    index, kind = build_index(embeddings, use_gpu=False)
-    save_index(index, folder / INDEX_FILE)
-    meta = {"kind": kind, "size": int(index.ntotal), "dim": int(embeddings.shape[1]),
-            "sha256": hashlib.sha256((folder / INDEX_FILE).read_bytes()).hexdigest()}
-    (folder / INDEX_META).write_text(json.dumps(meta))
+    indexes = build_indexes(scorer.state.matrices(), exact_max)
+    for index in indexes.values():
+        index.measure_recall()
+    save_indexes(indexes, folder)
     return folder
 
 
 @pytest.fixture(scope="module")
-def index_dir(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_index(tmp_path_factory.mktemp("index"), np.load(bundle_dir / EMBEDDINGS))
+def index_dir(scorer: Scorer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_index(tmp_path_factory.mktemp("index"), scorer)
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +188,11 @@ def test_products_and_embeddings_must_align(trained: TrainResult, scorer: Scorer
 
 def test_load_bundle_reads_what_was_written(bundle: Bundle, trained: TrainResult) -> None:
     assert (bundle.name, bundle.version, bundle.run_id) == ("test", "3", "r1")
-    assert bundle.size == 12 and bundle.index.ntotal == 12
-    assert bundle.index_meta["kind"] == "flat_ip"
+    assert bundle.size == 12
+    assert {n: (i.kind, i.size, i.recall) for n, i in bundle.indexes.items()} == {
+        n: ("exact", 12, 1.0) for n in ("two_tower", "text", "als")}
+    assert bundle.scorer.state.indexes() is not None
+    assert all(bundle.scorer.state.indexes()[n] is i for n, i in bundle.indexes.items())
     assert list(bundle.products["product_id"]) == trained.product_ids
     assert bundle.item_row == trained.item_index
     assert bundle.scorer.state.product_ids == trained.product_ids
@@ -210,26 +211,40 @@ def test_load_bundle_refuses_a_tampered_model_folder(bundle_dir: Path, index_dir
 
 
 def test_index_not_matching_its_checksum_is_refused(bundle_dir: Path, index_dir: Path,
-                                                    tmp_path: Path) -> None:
+                                                    scorer: Scorer, tmp_path: Path) -> None:
     folder = Path(shutil.copytree(index_dir, tmp_path / "index"))
-    # Swap in another index over the same number of vectors; index.json still has the old hash.
-    other, _ = build_index(np.eye(12, CONFIG.embedding_dim, dtype=np.float32), use_gpu=False)
-    save_index(other, folder / INDEX_FILE)
-    with pytest.raises(BundleError, match="index checksum mismatch"):
+    # Swap in another index over the same number of vectors; indexes.json has the old hash.
+    other = tmp_path / "other"
+    save_indexes(build_indexes({"text": np.eye(12, 8, dtype=np.float32)}), other)
+    shutil.copy(other / "text.faiss", folder / "text.faiss")
+    with pytest.raises(BundleError, match="text.faiss is missing or its checksum differs"):
         load_bundle(bundle_dir, folder, name="test", version="3", run_id="r1")
 
 
-def test_index_of_the_wrong_size_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "index"
-    folder.mkdir()
-    _write_index(folder, np.load(bundle_dir / EMBEDDINGS)[:10])  # checksum fine, size not
-    with pytest.raises(BundleError, match="holds 10 vectors for 12 products"):
-        load_bundle(bundle_dir, folder, name="test", version="3", run_id="r1")
+def test_index_of_the_wrong_size_is_refused(bundle_dir: Path, scorer: Scorer,
+                                            tmp_path: Path) -> None:
+    matrices = scorer.state.matrices()
+    indexes = build_indexes({**matrices, "als": matrices["als"][:10]})
+    save_indexes(indexes, tmp_path / "index")  # checksums fine, size not
+    with pytest.raises(BundleError, match="the als index holds 10 vectors for 12 products"):
+        load_bundle(bundle_dir, tmp_path / "index", name="test", version="3", run_id="r1")
 
 
 def test_missing_index_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="has no FAISS index"):
+    with pytest.raises(BundleError, match="no indexes.json"):
         load_bundle(bundle_dir, tmp_path, name="test", version="3", run_id="r1")
+
+
+def test_hnsw_indexes_serve_similar_and_recommend(bundle_dir: Path, bundle: Bundle,
+                                                  scorer: Scorer, tmp_path: Path) -> None:
+    ann = load_bundle(bundle_dir, _write_index(tmp_path / "ann", scorer, exact_max=4),
+                      name="test", version="3", run_id="r1")
+    assert {i.kind for i in ann.indexes.values()} == {"hnsw"}
+    searches = {n: i.searches for n, i in ann.indexes.items()}
+    assert [r.product_id for r in ann.similar("mugs-1", 5)] == \
+        [r.product_id for r in bundle.similar("mugs-1", 5)]
+    ann.recommend(_history(["mugs-1", "mugs-2"], ["purchase", "add_to_cart"]), 5)
+    assert all(ann.indexes[n].searches > searches[n] for n in ann.indexes)
 
 
 # --- recommending ----------------------------------------------------------------------

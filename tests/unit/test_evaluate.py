@@ -8,15 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training import evaluate as evaluate_module
-from training.evaluate import (
-    coverage_at_k,
-    evaluate_model,
-    hit_rate_at_k,
-    ndcg_at_k,
-    popularity_baseline,
-    recall_at_k,
-)
+from training import metrics as evaluate_module
+from training.metrics import coverage_at_k, evaluate_model, hit_rate_at_k, ndcg_at_k, recall_at_k
 
 pytestmark = pytest.mark.fast
 
@@ -65,18 +58,6 @@ def test_coverage() -> None:
 def test_length_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError):
         recall_at_k([["a"]], [{"a"}, {"b"}], [1])
-
-
-def test_popularity_baseline() -> None:
-    counts = pd.Series({"a": 5, "b": 9, "c": 5, "d": 1})
-    truth = {"u1": {"b"}, "u2": {"a", "d"}, "u3": set()}
-    out = popularity_baseline(counts, truth, ks=(1, 3), n_products=8)
-    # ranking: b (9), a (5, before c by id), c (5), d
-    assert out["recall_at_1"] == pytest.approx(0.5)  # u1: 1, u2: 0
-    assert out["recall_at_3"] == pytest.approx((1 + 0.5) / 2)
-    assert out["hit_rate_at_3"] == pytest.approx(1.0)
-    assert out["coverage_at_3"] == pytest.approx(3 / 8)
-    assert out["n_users"] == 2
 
 
 def test_evaluate_model_ranks_by_dot_product(monkeypatch: pytest.MonkeyPatch) -> None:

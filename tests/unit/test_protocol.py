@@ -10,20 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.protocol import (
-    ProtocolResult,
-    Recommender,
-    ScoredRecommender,
-    TrainData,
-    catalog_at,
-    default_cut,
-    exposure_gini_at_k,
-    gini,
-    run_protocol,
-    temporal_split,
-    top_k,
-    validation_split,
-)
+from training.data import TrainData, catalog_at, default_cut, temporal_split, validation_split
+from training.evaluation.metrics import exposure_gini_at_k, gini
+from training.evaluation.protocol import run_protocol
+from training.evaluation.report import ProtocolResult
+from training.metrics import top_k
+from training.recommender import Recommender, ScoredRecommender
 
 pytestmark = pytest.mark.fast
 

@@ -12,16 +12,14 @@ from unit.test_blend import T0, catalog_frame, events_frame
 
 from features.build import USER_RECENT_SCHEMA, build_user_recent_products
 from features.contract import Interval
-from training.baselines import Popularity, cosine_similarity
-from training.protocol import run_protocol, temporal_split, train_data, validation_split
-from training.scorer import (
-    FEATURE_NAMES,
-    Histories,
-    Scorer,
-    ScorerConfig,
-    ServedRecommender,
-    cosine_neighbours,
-)
+from training.data import temporal_split, train_data, validation_split
+from training.evaluation.baselines import Popularity, cosine_similarity
+from training.evaluation.models import ServedRecommender
+from training.evaluation.protocol import run_protocol
+from training.ranking.config import FEATURE_NAMES, ScorerConfig
+from training.ranking.histories import Histories
+from training.ranking.items import cosine_neighbours
+from training.ranking.scorer import Scorer
 
 pytestmark = pytest.mark.fast
 
@@ -166,25 +164,25 @@ def test_served_ranking_beats_popularity_under_the_protocol() -> None:
     assert dt.datetime.fromisoformat(result.cut) < dt.datetime.fromisoformat(result.end)
 
 
-def test_retrieval_hnsw_finds_what_exact_search_finds_and_pickles() -> None:
-    import pickle
+def test_candidates_come_from_the_index_factory_exact_or_hnsw_alike() -> None:
+    import copy
 
-    from training.retrieval import Retrieval
-
-    rng = np.random.default_rng(3)
-    matrix = rng.normal(size=(3000, 16)).astype(np.float32)
-    queries = rng.normal(size=(40, 16)).astype(np.float32)
-    exact, approx = Retrieval(matrix, exact_max=10_000), Retrieval(matrix, exact_max=100)
-    assert (exact.kind, approx.kind) == ("exact", "hnsw")
-    truth = exact.top(queries, 50)
-    for row, top in enumerate(truth):  # exact really is the top 50
-        scores = matrix @ queries[row]
-        assert scores[top].min() >= np.sort(scores)[-50] - 1e-5
-    found = approx.top(queries, 50)
-    recall = np.mean([len(set(t) & set(f)) / 50 for t, f in zip(truth, found, strict=True)])
-    assert recall >= 0.95
-    again = pickle.loads(pickle.dumps(approx))
-    assert [set(r) for r in again.top(queries, 50)] == [set(r) for r in found]
+    scorer, cut = _fitted()
+    users = [f"u{u}" for u in range(12)]
+    data = train_data(loyal_shop(), catalog_frame(PRODUCTS), cut)
+    hist = Histories.from_events(data.events, users)
+    exact = scorer.state.indexes()
+    assert {n: i.kind for n, i in exact.items()} == {"als": "exact"}  # no two-tower model
+    approx = copy.copy(scorer)
+    approx.state = copy.copy(scorer.state)
+    approx.state.__dict__.pop("_indexes", None)  # a copy is made without them
+    approx.index_exact_max = 4  # 12 products: above the threshold
+    before = approx.state.indexes(4)["als"].searches
+    ranked = approx.rank(hist, cut.timestamp(), 5)
+    assert approx.state.indexes()["als"].kind == "hnsw"
+    assert approx.state.indexes()["als"].searches > before  # HNSW served the candidates
+    expected = scorer.rank(hist, cut.timestamp(), 5)
+    assert [r.tolist() for r, _ in ranked] == [r.tolist() for r, _ in expected]
 
 
 def test_candidates_hold_the_history_respect_filters_and_rank_within_them() -> None:
@@ -218,7 +216,7 @@ def test_candidates_hold_the_history_respect_filters_and_rank_within_them() -> N
 
 
 def test_one_online_row_reads_as_its_one_row_frame() -> None:
-    from training.user_features import PROFILE_COLUMNS
+    from features.user_state import PROFILE_COLUMNS
 
     profile = {c: (3 if c != "country" else "France") for c in PROFILE_COLUMNS}
     rows = [{"recent_product_ids": ["a", "b"], "recent_event_types": ["purchase", "view"],

@@ -1,15 +1,7 @@
-"""Offline retrieval metrics on a temporal holdout, for the model and for baselines.
+"""Ranking metrics: Recall, binary NDCG, HitRate and coverage at K, top-k selection.
 
-Binary relevance: a user's truth is the set of products they bought (or carted) in the
-holdout window. Per user, over the top K of a ranking:
-
-- Recall@K   = |top K ∩ truth| / |truth|
-- HitRate@K  = 1 if top K ∩ truth is non-empty else 0
-- NDCG@K     = DCG / IDCG, DCG = sum over hits at rank r (from 1) of 1 / log2(r + 1),
-  IDCG = the same with min(K, |truth|) hits at the top
-
-each averaged over users with a non-empty truth. Coverage@K is the share of the catalogue
-that appears in at least one user's top K. Keys read like ``recall_at_10``.
+Used by training (the two-tower model's validation recall, the pair scorers' in-sample
+validation) and by the evaluation protocol (``training.evaluation``), so both measure alike.
 """
 
 from __future__ import annotations
@@ -20,8 +12,56 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from training.towers import TwoTowerModel, encode_users
+from training.embeddings import encode_users
+from training.towers import TwoTowerModel
 from training.user_features import align_to_users
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's ``k`` highest scores, best first (ties by column).
+
+    Args:
+        scores: (U, N).
+        k: how many (capped at N).
+
+    Returns:
+        (U, min(k, N)) int64.
+    """
+    k = min(k, scores.shape[1])
+    if k <= 0:
+        return np.zeros((scores.shape[0], 0), dtype=np.int64)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (U, k) unordered
+    part_scores = np.take_along_axis(scores, part, axis=1)  # (U, k)
+    order = np.lexsort((part, -part_scores), axis=1)  # score desc, then column
+    return np.take_along_axis(part, order, axis=1)  # (U, k)
+
+
+def tuning_metrics(
+    scores: np.ndarray, truth: np.ndarray, truth_sizes: np.ndarray, ks: Sequence[int] = (10, 50)
+) -> dict[str, float]:
+    """Mean Recall@K and binary NDCG@K of score matrices, vectorised for weight search.
+
+    Args:
+        scores: (U, N) blended scores (-inf = excluded).
+        truth: (U, N) bool, relevant candidates.
+        truth_sizes: (U,) |truth| including products outside the candidates.
+        ks: cut-offs.
+
+    Returns:
+        ``recall_at_<k>`` and ``ndcg_at_<k>`` means over users.
+    """
+    top = top_k(scores, max(ks))  # (U, K)
+    hits = np.take_along_axis(truth, top, axis=1)  # (U, K)
+    hits &= np.isfinite(np.take_along_axis(scores, top, axis=1))
+    discount = 1.0 / np.log2(np.arange(2, hits.shape[1] + 2))  # (K,)
+    out = {}
+    for k in ks:
+        out[f"recall_at_{k}"] = float((hits[:, :k].sum(axis=1) / truth_sizes).mean())
+        dcg = (hits[:, :k] * discount[:k]).sum(axis=1)  # (U,)
+        ideal = np.cumsum(discount[:k])[np.minimum(truth_sizes, k) - 1]  # (U,)
+        out[f"ndcg_at_{k}"] = float((dcg / ideal).mean())
+    return out
+
 
 DEFAULT_KS = (10, 50)
 
@@ -217,38 +257,6 @@ def recall_curve(ranked: Sequence[Sequence[str]], truth: Sequence[set[str]],
             if product in t:
                 hits[u, pos] = 1.0 / len(t)
     return hits.cumsum(axis=1).mean(axis=0)
-
-
-def popular_ranking(purchase_counts: pd.Series, top: int) -> list[str]:
-    """The ``top`` most purchased products (ties by product id)."""
-    counts = purchase_counts.rename("count").rename_axis("product_id").reset_index()
-    counts["product_id"] = counts["product_id"].astype(str)
-    counts = counts.sort_values(["count", "product_id"], ascending=[False, True], kind="stable")
-    return counts["product_id"].head(top).tolist()
-
-
-def popularity_baseline(
-    purchase_counts: pd.Series,
-    truth: Mapping[str, set[str]],
-    ks: Iterable[int] = DEFAULT_KS,
-    *,
-    n_products: int | None = None,
-) -> dict[str, float]:
-    """Everyone gets the most purchased products (ties by product id).
-
-    Args:
-        purchase_counts: product_id (index) -> purchases before the holdout.
-        truth: user -> products bought in the holdout.
-        ks: cut-offs.
-        n_products: catalogue size, to report coverage.
-
-    Returns:
-        ``ranking_metrics`` of the popularity ranking.
-    """
-    ks = tuple(ks)
-    popular = popular_ranking(purchase_counts, max(ks))
-    users = sorted(u for u, t in truth.items() if t)
-    return ranking_metrics([popular] * len(users), [truth[u] for u in users], ks, n_products)
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -12,7 +12,7 @@ facts blended by a small network) on the validation window, refits its item side
 everything up to the interval's end, and logs the bundle as a pyfunc model.
 
 ``evaluate_interval`` measures, on the test window with the evaluation protocol
-(``training.protocol``, both settings), the run's served ranking and its two-tower model
+(``training.evaluation.protocol``, both settings), the run's served ranking and its two-tower model
 alone, the champion's ranking (its learned parts, item side refitted at the same cut) and
 every baseline; logs the whole table, a Recall@K plot and the headline metrics the
 promotion gate reads.
@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.contract import Interval, catalog_as_of, parse_day, read_upto
 from core.settings import Settings
+from features.contract import Interval, catalog_as_of, parse_day, read_upto
 from training.config import TrainConfig
+from training.ranking.config import ScorerConfig
 from training.registry import (
     CHAMPION,
     TAG_FINGERPRINT,
@@ -48,7 +49,6 @@ from training.registry import (
     find_run,
     mlflow_client,
 )
-from training.scorer import ScorerConfig
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +259,8 @@ def train_interval(settings: Settings, day: str | dt.date,
 
     from serving.bundle import write_bundle
     from serving.pyfunc import log_pyfunc
-    from training.protocol import temporal_split, train_data, validation_split
-    from training.scorer import Scorer
+    from training.data import temporal_split, train_data, validation_split
+    from training.ranking.scorer import Scorer
     from training.train import NotEnoughData, train
 
     day = parse_day(day)
@@ -310,7 +310,8 @@ def train_interval(settings: Settings, day: str | dt.date,
         # The served ranking: tuned on the validation window, item side at the interval end.
         split = temporal_split(data.events, data.products, data.test_cut, data.test_days)
         tuning = validation_split(split.train, data.validation_days)
-        scorer = Scorer(scorer_config, result.model, config)
+        scorer = Scorer(scorer_config, result.model, config,
+                        index_exact_max=settings.index_exact_max)
         validation = scorer.fit_items(tuning.train, cache).tune(tuning, data.users)
         scorer.fit_items(train_data(data.events, data.products, data.end), cache, data.users)
         state = scorer.state
@@ -354,11 +355,12 @@ def load_scorer(settings: Settings, run_id: str) -> Any:
     from serving.bundle import MODEL_DIR, SCORER_DIR
     from serving.publish import download_model_bundle
     from training.checkpoint import load_model
-    from training.scorer import Scorer
+    from training.ranking.scorer import Scorer
 
     folder = download_model_bundle(settings, run_id=run_id)
     model, config = load_model(folder / MODEL_DIR)
-    return Scorer.load(folder / SCORER_DIR, model, config)
+    return Scorer.load(folder / SCORER_DIR, model, config,
+                       index_exact_max=settings.index_exact_max)
 
 
 def metric_name(method: str, setting: str, segment: str, metric: str) -> str:
@@ -387,10 +389,12 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
     """
     import mlflow
 
-    from training.baselines import ALS, ItemKNN, Popularity, Repeat, TextCosine
-    from training.protocol import SETTING_TITLES, SETTINGS, evaluate_split, temporal_split
-    from training.report import recall_at_k_plot
-    from training.scorer import ServedRecommender, TwoTowerRanker
+    from training.data import SETTING_TITLES, SETTINGS, temporal_split
+    from training.evaluation.baselines import ItemKNN, Popularity, Repeat, TextCosine
+    from training.evaluation.models import ServedRecommender, TwoTowerRanker
+    from training.evaluation.protocol import evaluate_split
+    from training.evaluation.report import recall_at_k_plot
+    from training.ranking.als import ALS
 
     day = parse_day(day)
     client = mlflow_client(settings)

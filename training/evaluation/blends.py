@@ -1,23 +1,15 @@
-"""The two-tower model as a protocol method, and the blend of candidate sources.
-
-``TwoTowerRecommender`` trains ``training.train.train`` on examples built straight from the
-training events (no Feast): each purchase or add-to-cart of a catalogue product is a target,
-with the user's products of strictly earlier events as its history, and scores every
-candidate by user · item.
+"""Research blends: candidate sources combined into one score per (user, product).
 
 ``Blend`` combines sources (the two-tower model, repeat, item co-occurrence, ALS, popularity,
-...) into one score per (user, product), tuned on the validation split only
-(``training.protocol.validation_split``: the last days before the test cut, built from the
-training data alone), separately for the two settings: with ``exclude`` (new products only)
-repeat buying is worthless, without it it dominates. Two learners:
+...) tuned on the validation split only (``training.data.validation_split``), separately
+for the two settings. Two learners:
 
 - ``weights``: a weighted sum of per-user normalised scores, weights by coordinate search;
-- ``mlp``: a small network over the normalised scores plus purchase facts (how often and how
-  lately the user bought the product, whether its buyers come back, whether it is selling
-  now), trained with a listwise softmax on the validation window's purchases.
+- ``mlp``: the pair scorer (``training.ranking.pair``) over the normalised scores plus
+  purchase facts, trained with a listwise softmax on the validation window's purchases.
 
-After tuning, the sources are refitted on the whole training period (or reused when they
-already were, e.g. when also measured alone in the same run).
+The served ranking (``training.ranking``) grew out of the mlp blend; these stay as the
+experiments it is compared with.
 """
 
 from __future__ import annotations
@@ -26,197 +18,30 @@ import copy
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy import sparse
-from torch import nn
 
 from training.config import TrainConfig
-from training.protocol import (
-    VALIDATION_DAYS,
-    Recommender,
-    ScoredRecommender,
-    Split,
-    TrainData,
-    mask_excluded,
-    ranked_ids,
-    top_k,
-    validation_split,
-)
+from training.data import VALIDATION_DAYS, Split, TrainData, popularity_scores, validation_split
+from training.evaluation.baselines import ItemKNN, Popularity, Repeat, TextCosine
+from training.evaluation.models import ServedRecommender, TwoTowerRecommender
+from training.metrics import top_k, tuning_metrics
+from training.ranking.als import ALS
+from training.ranking.pair import PairScorer, train_scorer
+from training.recommender import Recommender, ScoredRecommender, mask_excluded, ranked_ids
 
 log = logging.getLogger(__name__)
 
-TARGET_EVENT_TYPES = ("purchase", "add_to_cart")
+
 DEFAULT_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
 # What the weight search maximises on validation: the sum of these metrics.
 DEFAULT_OBJECTIVE = ("recall_at_50", "ndcg_at_10")
-
-
-# ---------------------------------------------------------------------------------------
-# The two-tower model
-# ---------------------------------------------------------------------------------------
-
-
-def examples_from_events(
-    events: pd.DataFrame,
-    products: set[str] | None = None,
-    *,
-    history_len: int = 50,
-    target_event_types: Sequence[str] = TARGET_EVENT_TYPES,
-    min_history: int = 1,
-    catalog: pd.DataFrame | None = None,
-    users: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """Training examples straight from events: each target with the user's prior products
-    and, given a catalogue, the user's profile.
-
-    Args:
-        events: contract events (any order).
-        products: products that may be targets or history (None: all).
-        history_len: keep the most recent ``history_len`` history entries.
-        target_event_types: event types that make a target.
-        min_history: drop targets with fewer history entries (the pipeline's rule: 1).
-        catalog: product rows (``category``, ``price``); given, each example also carries
-            the ``user_profile`` columns as of the end of the day before it, the rule of
-            Feast's daily snapshots (``training.user_features.profiles_as_of``, over all of
-            ``events``); None: no profile columns.
-        users: user rows (``user_id``, ``country``) for the profile's country; None:
-            country unknown.
-
-    Returns:
-        user_id, product_id, event_timestamp, recent_product_ids (most recent LAST: products
-        of the user's events strictly before the target's time), recent_event_types, and
-        with ``catalog`` the ``user_profile`` columns (``PROFILE_COLUMNS``; null where the
-        user had no profile yet).
-    """
-    ev = events[events["product_id"].notna()]
-    if products is not None:
-        ev = ev[ev["product_id"].isin(products)]
-    ev = ev.sort_values(["user_id", "ts", "event_id"], kind="stable").reset_index(drop=True)
-    user = ev["user_id"].to_numpy(dtype=object)  # (E,)
-    product = ev["product_id"].tolist()
-    kind = ev["event_type"].tolist()
-    ts = ev["ts"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy()  # (E,) datetime64
-    is_target = ev["event_type"].isin(list(target_event_types)).to_numpy()  # (E,)
-    bounds = np.flatnonzero(user[1:] != user[:-1]) + 1  # user boundaries
-    starts = np.concatenate([[0], bounds]).astype(np.int64)
-    ends = np.concatenate([bounds, [len(user)]]).astype(np.int64)
-    rows: list[int] = []
-    hist: list[list[str]] = []
-    types: list[list[str]] = []
-    for a, b in zip(starts, ends, strict=True) if len(user) else ():
-        # per event, the user's first event at the same time: history ends before it
-        first = a + np.searchsorted(ts[a:b], ts[a:b], side="left")  # (n,)
-        for i in np.flatnonzero(is_target[a:b]) + a:
-            stop = int(first[i - a])
-            if stop - a < min_history:
-                continue
-            lo = max(int(a), stop - history_len)
-            rows.append(int(i))
-            hist.append(product[lo:stop])
-            types.append(kind[lo:stop])
-    picked = ev.iloc[rows]
-    examples = pd.DataFrame({
-        "user_id": picked["user_id"].to_numpy(dtype=object),
-        "product_id": picked["product_id"].to_numpy(dtype=object),
-        "event_timestamp": picked["ts"].to_numpy(),
-        "recent_product_ids": pd.Series(hist, dtype=object).to_numpy(),
-        "recent_event_types": pd.Series(types, dtype=object).to_numpy(),
-    })
-    if catalog is None:
-        return examples
-    from training.user_features import profiles_as_of
-
-    profiles = profiles_as_of(events, catalog, users, examples["user_id"],
-                              examples["event_timestamp"])  # (E, len(PROFILE_COLUMNS))
-    return pd.concat([examples, profiles], axis=1)
-
-
-class TwoTowerRecommender(ScoredRecommender):
-    """The two-tower model trained on the training period, scoring by user · item.
-
-    With ``config.user_features`` (the default) the examples carry each user's profile as
-    of the end of the day before the example, and scoring uses the profile at the cut by
-    the same rule (``training.user_features.profiles_as_of``): what Feast's daily
-    ``user_profile`` snapshots would have held.
-
-    Args:
-        config: hyper-parameters (``text_encoder``: "minilm" for real runs, "tiny" in tests).
-        cache_dir: text-embedding cache folder.
-        progress: training progress bars.
-        name: method name.
-        users: user rows (``user_id``, ``country``, e.g. the landing ``users`` table) for
-            the profile's country; None: country unknown (``TrainData`` has no users table).
-    """
-
-    def __init__(self, config: TrainConfig | None = None,
-                 cache_dir: str | os.PathLike[str] | None = None, *, progress: bool = False,
-                 name: str = "two_tower", users: pd.DataFrame | None = None):
-        self.config = config or TrainConfig()
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.progress = progress
-        self.name = name
-        self.users = users
-
-    def _fit(self, data: TrainData) -> None:
-        from training.baselines import popularity_scores
-        from training.train import NotEnoughData, train
-        from training.user_features import profiles_as_of
-
-        profiled = self.config.user_features
-        examples = examples_from_events(data.events, set(data.product_ids),
-                                        history_len=self.config.history_len,
-                                        catalog=data.catalog if profiled else None,
-                                        users=self.users)
-        # Each user's profile at the cut, keyed by user_id, for scoring.
-        self.profiles = (profiles_as_of(data.events, data.catalog, self.users, data.users,
-                                        [data.cut] * len(data.users)).set_axis(data.users)
-                         if profiled else None)
-        self.n_examples = len(examples)
-        self.skipped: str | None = None
-        self.result = None
-        self.popularity = popularity_scores(data).astype(np.float32)  # (N,)
-        try:
-            self.result = train(self.config, data.catalog, examples, cache_dir=self.cache_dir,
-                                progress=self.progress)
-        except NotEnoughData as exc:  # a tiny shop: say so, rank by popularity
-            self.skipped = str(exc)
-            log.warning("%s not trained (%s); it ranks by popularity", self.name, exc)
-            return
-        index = self.result.item_index
-        columns = np.array([index[p] for p in data.product_ids], dtype=np.int64)  # (N,)
-        self.item_embeddings = np.asarray(self.result.item_embeddings,
-                                          dtype=np.float32)[columns]  # (N, D)
-
-    def scores(self, user_ids: Sequence[str]) -> np.ndarray:
-        from training.towers import encode_users
-        from training.user_features import align_to_users
-
-        data = self.fitted
-        if self.result is None:
-            return np.tile(self.popularity, (len(user_ids), 1))  # (b, N)
-        histories, types = data.histories(user_ids)
-        profiles = (align_to_users(self.profiles, user_ids)
-                    if self.profiles is not None else None)  # (b, len(PROFILE_COLUMNS))
-        users = encode_users(self.result.model, histories, types, data.item_index,
-                             self.item_embeddings, user_features=profiles)  # (b, D)
-        return users @ self.item_embeddings.T  # (b, N)
-
-    def params(self) -> dict[str, Any]:
-        out: dict[str, Any] = {**self.config.to_params(), "examples": self.n_examples}
-        if self.result is None:
-            return {**out, "skipped": self.skipped}
-        return {**out, "train_seconds": round(self.result.seconds, 1),
-                "losses": [round(v, 4) for v in self.result.losses]}
-
-
-# ---------------------------------------------------------------------------------------
-# The blend
-# ---------------------------------------------------------------------------------------
 
 
 def normalise_scores(scores: np.ndarray, method: str = "minmax") -> np.ndarray:
@@ -245,33 +70,6 @@ def normalise_scores(scores: np.ndarray, method: str = "minmax") -> np.ndarray:
     else:
         raise ValueError(f"normalisation {method!r} not in minmax/rank")
     return np.where(finite, out, -np.inf).astype(np.float32)
-
-
-def tuning_metrics(
-    scores: np.ndarray, truth: np.ndarray, truth_sizes: np.ndarray, ks: Sequence[int] = (10, 50)
-) -> dict[str, float]:
-    """Mean Recall@K and binary NDCG@K of score matrices, vectorised for weight search.
-
-    Args:
-        scores: (U, N) blended scores (-inf = excluded).
-        truth: (U, N) bool, relevant candidates.
-        truth_sizes: (U,) |truth| including products outside the candidates.
-        ks: cut-offs.
-
-    Returns:
-        ``recall_at_<k>`` and ``ndcg_at_<k>`` means over users.
-    """
-    top = top_k(scores, max(ks))  # (U, K)
-    hits = np.take_along_axis(truth, top, axis=1)  # (U, K)
-    hits &= np.isfinite(np.take_along_axis(scores, top, axis=1))
-    discount = 1.0 / np.log2(np.arange(2, hits.shape[1] + 2))  # (K,)
-    out = {}
-    for k in ks:
-        out[f"recall_at_{k}"] = float((hits[:, :k].sum(axis=1) / truth_sizes).mean())
-        dcg = (hits[:, :k] * discount[:k]).sum(axis=1)  # (U,)
-        ideal = np.cumsum(discount[:k])[np.minimum(truth_sizes, k) - 1]  # (U,)
-        out[f"ndcg_at_{k}"] = float((dcg / ideal).mean())
-    return out
 
 
 def search_weights(
@@ -359,8 +157,6 @@ class PurchaseContext:
 
     def fit(self, data: TrainData) -> PurchaseContext:
         """Compute the product and user facts of ``data``; returns self."""
-        from training.baselines import popularity_scores
-
         self.data = data
         self.count = data.interactions(event_types=("purchase",), weight="count")  # (U, N)
         self.count_30d = data.interactions(event_types=("purchase",), weight="count",
@@ -420,66 +216,6 @@ class PurchaseContext:
             np.broadcast_to(users, shape), own * users,
         ]
         return np.stack(columns, axis=-1).astype(np.float32)  # (U, N, C)
-
-
-class PairScorer(nn.Module):
-    """Score of one (user, product) from its features: linear + a one-hidden-layer MLP."""
-
-    def __init__(self, n_features: int, hidden: int = 32):
-        super().__init__()
-        self.linear = nn.Linear(n_features, 1)
-        self.mlp = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., F) -> (...)."""
-        return (self.linear(x) + self.mlp(x)).squeeze(-1)
-
-
-def train_scorer(
-    features: np.ndarray,
-    excluded: np.ndarray,
-    truth: np.ndarray,
-    *,
-    hidden: int = 32,
-    epochs: int = 10,
-    lr: float = 1e-2,
-    batch_users: int = 64,
-    seed: int = 0,
-) -> PairScorer:
-    """Fit a ``PairScorer`` with a listwise softmax: each user's truth against all candidates.
-
-    Args:
-        features: (U, N, F) float32.
-        excluded: (U, N) bool, products that may not be recommended (left out of the softmax).
-        truth: (U, N) bool, what the user bought in the window.
-        hidden: MLP width.
-        epochs: passes over the users.
-        lr: Adam learning rate.
-        batch_users: users per step.
-        seed: initialisation and shuffling seed.
-
-    Returns:
-        The scorer (eval mode).
-    """
-    torch.manual_seed(seed)
-    model = PairScorer(features.shape[-1], hidden)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    order_rng = torch.Generator().manual_seed(seed)
-    x_all = torch.from_numpy(features)  # (U, N, F)
-    off = torch.from_numpy(excluded)  # (U, N)
-    target = torch.from_numpy(truth).float()  # (U, N)
-    keep = target.sum(dim=1) > 0  # users with a hit among the candidates
-    rows = torch.nonzero(keep).squeeze(1)
-    model.train()
-    for _ in range(epochs):
-        for idx in rows[torch.randperm(len(rows), generator=order_rng)].split(batch_users):
-            logits = model(x_all[idx]).masked_fill(off[idx], -1e9)  # (b, N)
-            t = target[idx]  # (b, N)
-            loss = -(torch.log_softmax(logits, dim=1) * t).sum(dim=1) / t.sum(dim=1)  # (b,)
-            optimizer.zero_grad(set_to_none=True)
-            loss.mean().backward()
-            optimizer.step()
-    return model.eval()
 
 
 class Blend(ScoredRecommender):
@@ -750,11 +486,6 @@ def validation_fits(
     return split, fitted
 
 
-# ---------------------------------------------------------------------------------------
-# The standard line-up
-# ---------------------------------------------------------------------------------------
-
-
 def standard_recommenders(
     config: TrainConfig | None = None,
     *,
@@ -782,9 +513,6 @@ def standard_recommenders(
         popularity, repeat, item_knn, als, text_cosine, [two_tower,] blend_weights, blend,
         served (``training.scorer.ServedRecommender``: what the pipeline trains and serves).
     """
-    from training.baselines import ALS, ItemKNN, Popularity, Repeat, TextCosine
-    from training.scorer import ServedRecommender
-
     config = config or TrainConfig()
     methods: list[ScoredRecommender] = [
         Popularity(), Repeat(), ItemKNN(), ALS(), TextCosine(config, cache_dir),

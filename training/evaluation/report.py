@@ -1,0 +1,175 @@
+"""The protocol's result table (``ProtocolResult``: markdown, JSON) and the plots logged to
+MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from training.data import SEGMENTS, SETTING_TITLES, SETTINGS
+
+COLUMNS = ("recall", "ndcg", "hit_rate", "coverage", "gini")
+
+
+SHORT = {"recall": "R", "ndcg": "NDCG", "hit_rate": "HR", "coverage": "Cov", "gini": "Gini"}
+
+
+@dataclass
+class ProtocolResult:
+    """Method × setting × segment × metric, with the split's facts.
+
+    Attributes:
+        cut: the test cut (ISO, UTC).
+        end: end of the test window (ISO, UTC, inclusive).
+        test_days: window length.
+        ks: cut-offs.
+        n_products: candidates (the catalogue as of the cut).
+        n_train_events: events before the cut.
+        n_users: setting -> test users.
+        metrics: method -> setting -> segment ("all", "cold_users", "new_products") ->
+            metric (``recall_at_10``, ..., ``n_users``) -> value.
+        seconds: method -> wall time to fit and recommend.
+        params: method -> what it chose (e.g. blend weights); JSON-able.
+        curves: method -> setting -> Recall@K for K = 1.. (when asked for).
+    """
+
+    cut: str
+    end: str
+    test_days: int
+    ks: tuple[int, ...]
+    n_products: int
+    n_train_events: int
+    n_users: dict[str, int]
+    metrics: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.metrics)
+
+    def value(self, method: str, setting: str, metric: str, segment: str = "all") -> float:
+        """One figure, e.g. ``value("als", "new", "recall_at_50")``."""
+        return self.metrics[method][setting][segment][metric]
+
+    def table(self, setting: str, segment: str = "all") -> pd.DataFrame:
+        """Methods (rows) × metrics (columns) of a setting and segment."""
+        return pd.DataFrame({m: self.metrics[m][setting][segment] for m in self.metrics}).T
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ks"] = list(self.ks)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProtocolResult:
+        return cls(**{**data, "ks": tuple(data["ks"])})
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The result as JSON text, also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def to_markdown(self, reference: Mapping[str, Mapping[str, Mapping[str, float]]]
+                    | None = None) -> str:
+        """Markdown tables: per setting, all metrics; then the segments' R/NDCG/HR.
+
+        Args:
+            reference: optional figures to show beside ours, as
+                ``{setting: {method: {metric: value}}}`` (e.g. an issue's measurements).
+
+        Returns:
+            The markdown text.
+        """
+        lines = [
+            f"Temporal split at {self.cut} (test window {self.test_days} days, to "
+            f"{self.end}); {self.n_train_events:,} training events, {self.n_products:,} "
+            f"candidate products; test users: "
+            + ", ".join(f"{SETTING_TITLES[s]} {n:,}" for s, n in self.n_users.items()),
+            "",
+        ]
+        overall = [f"{c}_at_{k}" for c in COLUMNS for k in self.ks]
+        seg_cols = [f"{c}_at_{k}" for c in ("recall", "ndcg", "hit_rate") for k in self.ks]
+        for setting in SETTINGS:
+            lines += [f"### {SETTING_TITLES[setting]}", ""]
+            rows = [(m, self.metrics[m][setting]["all"], self.seconds.get(m)) for m in self.methods]
+            lines += _markdown_table(overall, rows, with_seconds=True)
+            ref = (reference or {}).get(setting)
+            if ref:
+                lines += ["", "Reference figures:", ""]
+                lines += _markdown_table(overall, [(m, v, None) for m, v in ref.items()])
+            lines.append("")
+            for segment in SEGMENTS:
+                n = {m: int(self.metrics[m][setting][segment]["n_users"]) for m in self.methods}
+                count = next(iter(n.values()), 0)
+                lines += [f"#### {SETTING_TITLES[setting]}, segment {segment} "
+                          f"({count:,} users)", ""]
+                rows = [(m, self.metrics[m][setting][segment], None) for m in self.methods]
+                lines += _markdown_table(seg_cols, rows)
+                lines.append("")
+        return "\n".join(lines).rstrip() + "\n"
+
+
+def _header(metric: str) -> str:
+    name, k = metric.rsplit("_at_", 1)
+    return f"{SHORT[name]}@{k}"
+
+
+def _markdown_table(
+    metrics: Sequence[str],
+    rows: Sequence[tuple[str, Mapping[str, float], float | None]],
+    *,
+    with_seconds: bool = False,
+) -> list[str]:
+    head = ["method", *(_header(m) for m in metrics)] + (["s"] if with_seconds else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for name, values, seconds in rows:
+        cells = [name] + [
+            f"{values[m]:.3f}" if m in values and not math.isnan(values[m]) else "–"
+            for m in metrics
+        ]
+        if with_seconds:
+            cells.append(f"{seconds:.0f}" if seconds is not None else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# Columns of the comparison table, in reading order.
+TABLE_METRICS = ("recall_at_10", "recall_at_50", "ndcg_at_10", "ndcg_at_50",
+                 "hit_rate_at_10", "hit_rate_at_50", "coverage_at_50")
+
+
+def recall_at_k_plot(curves: Mapping[str, np.ndarray], path: Path, *, title: str) -> Path:
+    """Recall@K for K = 1..len(curve), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ks = np.arange(1, len(curve) + 1)
+        ax.plot(ks, curve, label=name, linewidth=2.2 if name == "model" else 1.4)
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K")
+    ax.set_title(title)
+    ax.set_xlim(1, max((len(c) for c in curves.values()), default=1))
+    ax.set_ylim(0, None)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

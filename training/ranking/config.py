@@ -1,0 +1,58 @@
+"""The served ranking's hyper-parameters and the names of the features it reads."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from features.user_state import HISTORY_LEN
+
+SOURCE_NAMES = ("two_tower", "text_cosine", "co_occurrence", "als")
+
+
+FACT_NAMES = ("own", "log_count", "log_count_30d", "recency_30d", "recency_180d",
+              "repurchase_rate", "own_x_repurchase_rate", "popularity_7d", "popularity_30d",
+              "trend", "newness", "user_occasions", "own_x_user_occasions")
+
+
+FEATURE_NAMES = (*SOURCE_NAMES, *FACT_NAMES)
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """Hyper-parameters of the served ranking (logged with the run's params).
+
+    Attributes:
+        history_len: events per user the scorer reads (Feast's ``HISTORY_LEN``).
+        neighbours: co-occurrence neighbours kept per product.
+        als_factors, als_regularization, als_alpha, als_iterations: the ALS item side.
+        repurchase_prior: smoothing (pseudo-buyers) of the repurchase rate.
+        hidden: width of the pair scorer's hidden layer.
+        epochs: pair-scorer passes over the validation users.
+        max_users: at most this many validation users (a seeded sample) per setting.
+        seed: sampling and initialisation seed.
+        candidates: candidates per dense source (two-tower, text, ALS) and user.
+        neighbour_candidates: co-occurrence candidates per user (the strongest).
+        popular_candidates: the most popular products over 30 and over 7 days, each.
+        min_candidates: candidate lists shorter than this (a narrow category, an unknown
+            user) are topped up by popularity.
+    """
+
+    history_len: int = HISTORY_LEN
+    neighbours: int = 100
+    als_factors: int = 64
+    als_regularization: float = 0.05
+    als_alpha: float = 5.0
+    als_iterations: int = 15
+    repurchase_prior: float = 5.0
+    hidden: int = 32
+    epochs: int = 20
+    max_users: int = 2000
+    seed: int = 0
+    candidates: int = 200
+    neighbour_candidates: int = 300
+    popular_candidates: int = 100
+    min_candidates: int = 100
+
+    def to_params(self) -> dict[str, Any]:
+        return {f"scorer.{k}": v for k, v in asdict(self).items()}

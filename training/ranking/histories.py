@@ -1,0 +1,174 @@
+"""What the served ranking reads about users: their recent product events and profiles.
+
+``Histories`` holds what Feast serves for a user (``user_recent_products`` and
+``user_profile``), from the online store (``from_row``, ``from_feast``) or recomputed from
+events at a moment by the same rule the feature build uses (``from_events``); ``UserView``
+is one history in catalogue columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from features.user_state import HISTORY_EVENT_TYPES, HISTORY_LEN
+from training.ranking.items import DAY_SECONDS
+
+
+@dataclass
+class Histories:
+    """Users' recent product events, most recent LAST, one entry per user.
+
+    Attributes:
+        products: product ids.
+        event_types: event type of each entry.
+        timestamps: epoch seconds of each entry, (L,) float64 arrays (NaN: unknown, taken
+            as the moment of scoring).
+        profiles: the users' ``user_profile`` features (``training.user_features``), one row
+            per user in the same order, or None (unknown).
+    """
+
+    products: list[list[str]]
+    event_types: list[list[str]]
+    timestamps: list[np.ndarray]
+    profiles: pd.DataFrame | None = None
+
+    def __len__(self) -> int:
+        return len(self.products)
+
+    @classmethod
+    def empty(cls, n: int) -> Histories:
+        return cls([[] for _ in range(n)], [[] for _ in range(n)],
+                   [np.zeros(0) for _ in range(n)])
+
+    @classmethod
+    def from_events(cls, events: pd.DataFrame, users: Sequence[str],
+                    limit: int = HISTORY_LEN, *, catalog: pd.DataFrame | None = None,
+                    user_table: pd.DataFrame | None = None,
+                    at: pd.Timestamp | None = None) -> Histories:
+        """The histories (and profiles) Feast would hold for ``users`` after ``events``: the
+        rule of ``features.build.build_user_recent_products`` (product events of
+        ``HISTORY_EVENT_TYPES`` in (ts, event_id) order, the last ``limit`` kept) and, with
+        ``catalog`` and ``at``, of the daily ``user_profile`` snapshots
+        (``training.user_features.profiles_as_of``).
+
+        Args:
+            events: contract events before the moment of interest.
+            users: users, in output order (unknown users get empty histories).
+            limit: entries kept per user.
+            catalog: product rows, for the profiles (None: profiles unknown).
+            user_table: user rows (country), for the profiles.
+            at: the moment of interest, for the profiles.
+        """
+        profiles = None
+        if catalog is not None and at is not None:
+            from features.user_state import profiles_as_of
+
+            profiles = profiles_as_of(events, catalog, user_table, list(users),
+                                      [at] * len(users)).reset_index(drop=True)
+        ev = events[events["event_type"].isin(HISTORY_EVENT_TYPES) & events["product_id"].notna()]
+        ev = ev[ev["user_id"].isin(set(users))]
+        ev = ev.sort_values(["user_id", "ts", "event_id"], kind="stable")
+        ev = ev[ev.groupby("user_id", sort=False).cumcount(ascending=False) < limit]
+        epoch = (ev["ts"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy()
+                 .astype("datetime64[s]").astype(np.int64).astype(np.float64))  # (E,)
+        frame = pd.DataFrame({"user_id": ev["user_id"].to_numpy(),
+                              "product_id": ev["product_id"].to_numpy(),
+                              "event_type": ev["event_type"].to_numpy(), "epoch": epoch})
+        groups = frame.groupby("user_id", sort=False)
+        products = groups["product_id"].agg(list).to_dict()
+        types = groups["event_type"].agg(list).to_dict()
+        stamps = groups["epoch"].agg(list).to_dict()
+        return cls([products.get(u, []) for u in users], [types.get(u, []) for u in users],
+                   [np.asarray(stamps.get(u, []), dtype=np.float64) for u in users], profiles)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Histories:
+        """One user's history from an online-store row (``features.store.OnlineUserReader``
+        / ``online_user_history``): ``from_feast`` of a one-row frame, without building it
+        (a request's hot path)."""
+        from features.user_state import PROFILE_COLUMNS
+
+        products = [str(p) for p in row.get("recent_product_ids") or []]
+        types = [str(t) for t in row.get("recent_event_types") or []]
+        stamps = np.asarray(row.get("recent_timestamps") or [], dtype=np.float64)
+        if len(types) != len(products):
+            types = ["view"] * len(products)
+        if len(stamps) != len(products):
+            stamps = np.full(len(products), np.nan)  # unknown: "now"
+        profiles = None
+        if all(c in row for c in PROFILE_COLUMNS):
+            profiles = pd.DataFrame({c: [row[c]] for c in PROFILE_COLUMNS})
+        return cls([products], [types], [stamps], profiles)
+
+    @classmethod
+    def from_feast(cls, frame: pd.DataFrame) -> Histories:
+        """Histories from rows of ``user_recent_products`` (missing rows: empty), with the
+        ``user_profile`` columns when the frame has them."""
+        from features.user_state import PROFILE_COLUMNS
+
+        def listed(value: Any) -> list:
+            return [] if value is None or (isinstance(value, float) and np.isnan(value)) \
+                else list(value)
+
+        products = [listed(v) for v in frame["recent_product_ids"]]
+        types = [listed(v) for v in frame["recent_event_types"]]
+        stamps = [np.asarray(listed(v), dtype=np.float64)
+                  for v in frame.get("recent_timestamps", [None] * len(frame))]
+        types = [t if len(t) == len(p) else ["view"] * len(p)
+                 for t, p in zip(types, products, strict=True)]
+        stamps = [s if len(s) == len(p) else np.full(len(p), np.nan)  # unknown: "now"
+                  for s, p in zip(stamps, products, strict=True)]
+        profiles = (frame[list(PROFILE_COLUMNS)].reset_index(drop=True)
+                    if set(PROFILE_COLUMNS) <= set(frame.columns) else None)
+        return cls(products, types, stamps, profiles)
+
+
+@dataclass
+class UserView:
+    """One user's history as the scorer reads it, in catalogue columns.
+
+    Attributes:
+        known: columns of the history's catalogue products, oldest first.
+        interactions: columns of its purchase/add-to-cart entries.
+        buy_cols, buy_times: columns and epoch seconds (NaN: unknown) of its purchases.
+        together_cols, together_vals: the co-occurrence source, sparse (sorted columns).
+        user_vector: (D,) two-tower user embedding (None: no model or no known product).
+        text_vector: (H,) unit mean text vector of the history's products.
+        als_vector: (F,) ALS user factors solved from the history.
+    """
+
+    known: np.ndarray
+    interactions: np.ndarray
+    buy_cols: np.ndarray
+    buy_times: np.ndarray
+    together_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    together_vals: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    user_vector: np.ndarray | None = None
+    text_vector: np.ndarray | None = None
+    als_vector: np.ndarray | None = None
+
+    def buy_times_or(self, now: float) -> np.ndarray:
+        """Purchase times, unknown ones taken as ``now``."""
+        return np.where(np.isnan(self.buy_times), now, self.buy_times)
+
+    def purchase_facts(self, cols: np.ndarray, now: float
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For ``cols`` (sorted): purchases in the history, purchases in the 30 days before
+        ``now``, and days since the last purchase (inf: never), each (C,) float32."""
+        count = np.zeros(len(cols), np.float32)
+        recent = np.zeros(len(cols), np.float32)
+        age = np.full(len(cols), np.inf, np.float32)
+        if len(self.buy_cols):
+            days = ((now - self.buy_times_or(now)) / DAY_SECONDS).clip(min=1e-3)  # (P,)
+            at = np.searchsorted(cols, self.buy_cols).clip(max=len(cols) - 1)  # cols sorted
+            hit = cols[at] == self.buy_cols  # (P,) purchases among the candidates
+            at, days = at[hit], days[hit].astype(np.float32)
+            np.add.at(count, at, 1.0)
+            np.add.at(recent, at, (days <= 30.0).astype(np.float32))
+            np.minimum.at(age, at, days)
+        return count, recent, age

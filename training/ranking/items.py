@@ -1,0 +1,234 @@
+"""The item side of the served ranking, fitted at a cut: everything except the user.
+
+Item co-occurrence neighbours, ALS item factors, per-product purchase facts (repurchase
+rate, popularity, trend, newness), per-country popularity and, with a two-tower model, the
+item embeddings and text vectors; and the retrieval index of each vector space
+(``training.index``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from training.config import TrainConfig
+from training.data import INTERACTION_EVENTS, TrainData, popularity_scores
+from training.index import EXACT_MAX, VectorIndex, build_indexes
+from training.ranking.als import ALS
+from training.ranking.config import ScorerConfig
+
+DAY_SECONDS = 86_400.0
+
+
+def cosine_neighbours(matrix: sparse.csr_matrix, neighbours: int,
+                      chunk: int = 1024) -> sparse.csr_matrix:
+    """Each product's top ``neighbours`` by cosine of its user column (itself excluded).
+
+    Computed in row chunks so memory stays O(chunk · N) for large catalogues.
+
+    Args:
+        matrix: (U, N) non-negative user × product matrix.
+        neighbours: entries kept per row.
+        chunk: rows computed at once.
+
+    Returns:
+        (N, N) CSR float32.
+    """
+    items = sparse.csc_matrix(matrix, dtype=np.float32)  # (U, N)
+    norms = np.sqrt(np.asarray(items.multiply(items).sum(axis=0)).ravel())  # (N,)
+    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)  # (N,)
+    unit = sparse.csr_matrix(items @ sparse.diags(inv.astype(np.float32)))  # (U, N)
+    unit_t = sparse.csr_matrix(unit.T)  # (N, U)
+    n = matrix.shape[1]
+    keep = min(neighbours, max(n - 1, 0))
+    rows, cols, vals = [], [], []
+    for start in range(0, n, chunk):
+        block = (unit_t[start : start + chunk] @ unit).toarray()  # (c, N)
+        block[np.arange(len(block)), np.arange(start, start + len(block))] = 0.0
+        if keep == 0:
+            continue
+        top = np.argpartition(-block, keep - 1, axis=1)[:, :keep]  # (c, keep)
+        values = np.take_along_axis(block, top, axis=1)  # (c, keep)
+        r, c = np.nonzero(values > 0)
+        rows.append(r + start)
+        cols.append(top[r, c])
+        vals.append(values[r, c])
+    if not rows:
+        return sparse.csr_matrix((n, n), dtype=np.float32)
+    return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                             shape=(n, n), dtype=np.float32)
+
+
+def item_facts(data: TrainData, prior: float) -> dict[str, np.ndarray]:
+    """Per-product purchase facts before the cut, each (N,) float32 in ``data.product_ids``
+    order: repurchase_rate (share of buyers who bought on 2+ occasions, smoothed towards the
+    overall share with ``prior`` pseudo-buyers), popularity_7d / popularity_30d (log purchases,
+    scaled to [0, 1]), trend (log of the 7-day over the 30-day rate, / 3), newness
+    (1 / (1 + days since first sale / 30)) and popularity (raw 30-day purchases)."""
+    buys = data.purchases
+    occasions = buys.drop_duplicates(["user_id", "product_id", "ts"])
+    per_pair = occasions.groupby(["user_id", "product_id"]).size()
+    buyers = per_pair.groupby(level="product_id").size()
+    repeaters = (per_pair > 1).groupby(level="product_id").sum()
+    overall = float((per_pair > 1).mean()) if len(per_pair) else 0.0
+    rate = (repeaters + prior * overall) / (buyers + prior)
+    raw7 = popularity_scores(data, 7)  # (N,)
+    raw30 = popularity_scores(data, 30)  # (N,)
+    pop7, pop30 = np.log1p(raw7), np.log1p(raw30)
+    first = buys.groupby("product_id")["ts"].min()
+    first_age = ((data.cut - first).dt.total_seconds() / DAY_SECONDS).reindex(data.product_ids)
+    return {
+        "repurchase_rate": rate.reindex(data.product_ids).fillna(overall).to_numpy(np.float32),
+        "popularity_7d": (pop7 / max(pop7.max(initial=0.0), 1e-9)).astype(np.float32),
+        "popularity_30d": (pop30 / max(pop30.max(initial=0.0), 1e-9)).astype(np.float32),
+        "trend": (np.log((raw7 + 1.0) / (raw30 * 7.0 / 30.0 + 1.0)) / 3.0).astype(np.float32),
+        "newness": (1.0 / (1.0 + first_age.fillna(1e4).to_numpy() / 30.0)).astype(np.float32),
+        "popularity": raw30.astype(np.float32),
+    }
+
+
+@dataclass
+class ItemState:
+    """The item side of the scorer at a cut: everything except the user's history.
+
+    Attributes:
+        cut: the cut it was fitted at.
+        product_ids: candidates (the catalogue at the cut), the columns of every score.
+        embeddings: (N, D) two-tower item embeddings (None: no two-tower model).
+        neighbours: (N, N) sparse co-occurrence cosine.
+        als_items: (N, F) ALS item factors; als_gram: (F, F) their Gram matrix.
+        facts: per-product facts of ``item_facts``.
+        text_vectors: (N, H) unit vectors of the products' text under the shared (frozen)
+            text encoder, for search (None: no two-tower model).
+        country_popularity: country -> (N,) purchases in the last 30 days by its users.
+    """
+
+    cut: pd.Timestamp
+    product_ids: list[str]
+    embeddings: np.ndarray | None
+    neighbours: sparse.csr_matrix
+    als_items: np.ndarray
+    als_gram: np.ndarray
+    facts: dict[str, np.ndarray]
+    text_vectors: np.ndarray | None = None
+    country_popularity: dict[str, np.ndarray] = field(default_factory=dict)
+    item_index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.item_index = {p: i for i, p in enumerate(self.product_ids)}
+
+    def matrices(self) -> dict[str, np.ndarray | None]:
+        """The vector spaces the ranking retrieves from (``training.index.SPACES``); None
+        where a space is absent (no two-tower model)."""
+        return {"two_tower": self.embeddings, "text": self.text_vectors, "als": self.als_items}
+
+    def indexes(self, exact_max: int = EXACT_MAX) -> dict[str, VectorIndex]:
+        """The retrieval index of each space: those given to ``use_indexes`` (a served
+        version's, built and checked by the DAG's build_index step), else built here on
+        first use through the same factory (evaluation)."""
+        built = self.__dict__.get("_indexes")
+        if built is None:
+            built = build_indexes(self.matrices(), exact_max)
+            self.__dict__["_indexes"] = built
+        return built
+
+    def use_indexes(self, indexes: dict[str, VectorIndex]) -> None:
+        """Retrieve from ``indexes`` (one per present space, over this state's matrices)."""
+        for name, matrix in self.matrices().items():
+            if matrix is not None and (name not in indexes or indexes[name].size != len(matrix)):
+                raise ValueError(f"no index of {len(matrix)} rows for the {name} space")
+        self.__dict__["_indexes"] = dict(indexes)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the indexes (stored apart, by the build_index step) and caches."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def popularity_order(self) -> np.ndarray:
+        """(N,) every column, most purchased in the last 30 days (then 7 days) first."""
+        order = self.__dict__.get("_popularity_order")
+        if order is None:
+            n = len(self.product_ids)
+            order = np.lexsort((np.arange(n), -self.facts["popularity_7d"],
+                                -self.facts["popularity_30d"])).astype(np.int64)
+            self.__dict__["_popularity_order"] = order
+        return order
+
+    def popular_rows(self, k: int) -> np.ndarray:
+        """The ``k`` most popular columns over 30 days and the ``k`` over 7 days (sorted)."""
+        cached = self.__dict__.setdefault("_popular_rows", {})
+        if k not in cached:
+            n = len(self.product_ids)
+            k_ = min(k, n)
+            if k_ == 0:
+                cached[k] = np.zeros(0, np.int64)
+            else:
+                week = np.argpartition(-self.facts["popularity_7d"], k_ - 1)[:k_]
+                cached[k] = np.unique(np.concatenate([self.popularity_order()[:k_], week])
+                                      ).astype(np.int64)
+        return cached[k]
+
+    @classmethod
+    def fit(cls, data: TrainData, config: ScorerConfig, model: Any = None,
+            model_config: TrainConfig | None = None,
+            cache_dir: str | os.PathLike[str] | None = None,
+            users: pd.DataFrame | None = None) -> ItemState:
+        """Fit the item side on ``data`` (and embed its catalogue with ``model``); ``users``
+        (user rows with country) gives the per-country popularity."""
+        matrix = data.interactions(event_types=INTERACTION_EVENTS, weight="binary")  # (U, N)
+        als = ALS(factors=config.als_factors, regularization=config.als_regularization,
+                  alpha=config.als_alpha, iterations=config.als_iterations, seed=config.seed)
+        als.fit(data)
+        embeddings = text_vectors = None
+        if model is not None:
+            embeddings, text_vectors = embed_catalog(model, model_config, data.catalog,
+                                                     data.product_ids, cache_dir)
+        items = als.item_factors.astype(np.float64)  # (N, F)
+        return cls(cut=data.cut, product_ids=list(data.product_ids), embeddings=embeddings,
+                   neighbours=cosine_neighbours(matrix, config.neighbours),
+                   als_items=als.item_factors, als_gram=items.T @ items,
+                   facts=item_facts(data, config.repurchase_prior), text_vectors=text_vectors,
+                   country_popularity=country_popularity(data, users))
+
+
+def country_popularity(data: TrainData, users: pd.DataFrame | None,
+                       days: int = 30) -> dict[str, np.ndarray]:
+    """Country -> (N,) float32 purchases in the ``days`` before the cut by users of that
+    country (each user's latest known country)."""
+    if users is None or users.empty or "country" not in users:
+        return {}
+    known = users.dropna(subset=["country"]).drop_duplicates("user_id", keep="last")
+    country = known.set_index("user_id")["country"]
+    buys = data.purchases[data.purchases["ts"] >= data.cut - pd.Timedelta(days=days)]
+    buys = buys.assign(country=buys["user_id"].map(country)).dropna(subset=["country"])
+    out = {}
+    for name, group in buys.groupby("country"):
+        counts = group["product_id"].map(data.item_index).value_counts()
+        vector = np.zeros(len(data.product_ids), np.float32)
+        vector[counts.index.to_numpy(dtype=np.int64)] = counts.to_numpy(dtype=np.float32)
+        out[str(name)] = vector
+    return out
+
+
+def embed_catalog(model: Any, config: TrainConfig | None, catalog: pd.DataFrame,
+                  product_ids: Sequence[str], cache_dir: str | os.PathLike[str] | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) item embeddings of ``product_ids`` (rows of ``catalog``) under ``model``, and
+    (N, H) the frozen text encoder's vectors of their text."""
+    from features.contract import product_text
+    from training.embeddings import ItemFeatures, encode_items
+    from training.examples import unique_products
+    from training.text_cache import embed_texts
+
+    rows = unique_products(catalog).set_index("product_id").loc[list(product_ids)].reset_index()
+    text = embed_texts(product_text(rows), config, cache_dir, progress=False)
+    return encode_items(model, ItemFeatures.from_catalog(rows, text)).astype(np.float32), text
+
+
+
+
