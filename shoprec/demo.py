@@ -7,9 +7,8 @@ synthetic landing data -> shoprec_daily through Airflow, one run per day -> MLfl
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,66 +17,54 @@ from pathlib import Path
 import httpx
 
 from core.settings import Settings
+from shoprec import supervisor
 
 DEMO_START = dt.date(2026, 1, 1)
 DEMO_SEED = 7
 
 
-def _pid_file(settings: Settings) -> Path:
-    return settings.home / "run" / "serving.pid"
+def _record_file(settings: Settings) -> Path:
+    """Where the demo keeps its server's process record (shoprec.supervisor's)."""
+    return settings.home / "run" / "demo-serving.json"
 
 
 def stop_server(settings: Settings) -> bool:
-    """Stop the server a previous demo left running (its PID file says which)."""
-    pid_file = _pid_file(settings)
-    if not pid_file.exists():
+    """Stop the server a previous demo left running (its record says which); True when one
+    was still running."""
+    path = _record_file(settings)
+    if not path.exists():
         return False
-    pid = int(pid_file.read_text().strip())
-    pid_file.unlink()
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    for _ in range(50):
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    os.killpg(pid, signal.SIGKILL)
-    return True
+    record = json.loads(path.read_text())
+    path.unlink()
+    report = supervisor.stop({"serving": record}, grace=5.0)
+    return report[0]["processes"] > 0
 
 
 def start_server(settings: Settings, port: int, timeout: float = 120.0) -> tuple[int, str]:
-    """Start `uvicorn serving.app` in its own session and wait until /readyz says ready.
+    """Start `uvicorn serving.app` in its own process group and wait until /readyz says
+    ready.
 
     Returns:
         (pid, base url)
     """
-    log_dir = settings.home / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    _pid_file(settings).parent.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
-    with (log_dir / "serving.log").open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "serving.app:create_app",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, **settings.service_env()}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    _pid_file(settings).write_text(str(proc.pid))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log_dir / 'serving.log'}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc.pid, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(settings)  # do not leave a server that never became ready
-    raise RuntimeError(f"server not ready after {timeout:.0f}s; see {log_dir / 'serving.log'}")
+    record = supervisor.start(
+        [sys.executable, "-m", "uvicorn", "--factory", "serving.app:create_app",
+         "--host", "127.0.0.1", "--port", str(port)],
+        {**os.environ, **settings.service_env()}, settings.home / "logs" / "serving.log",
+        by="shoprec demo")
+    path = _record_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    try:
+        supervisor.wait_healthy(
+            {"serving": record},
+            lambda pending: pending if supervisor.http_ok(f"{url}/readyz", timeout=2) else [],
+            timeout)
+    except supervisor.ProcessFailed:
+        stop_server(settings)  # do not leave a server that never became ready
+        raise
+    return record["pid"], url
 
 
 def demo_users(settings: Settings, last_day: dt.date, n: int = 3) -> list[str]:
@@ -93,8 +80,6 @@ def demo_users(settings: Settings, last_day: dt.date, n: int = 3) -> list[str]:
 def _ensure_champion(settings: Settings, echo: Callable[[str], None]) -> None:
     """If no version passed the gate, say why and promote the latest one by hand, as a
     reviewer would with `shoprec model promote` (recorded on the version as such)."""
-    import json
-
     from training.registry import CHAMPION, TAG_GATE, alias_version, mlflow_client, set_champion
 
     client = mlflow_client(settings)
@@ -157,7 +142,7 @@ def run_demo(settings: Settings, *, days: int, users: int, products: int, port: 
     echo("Look around:")
     if keep_serving:
         echo(f"  API docs     {url}/docs    (try: curl {url}/recommend/{demo_users(settings, last_day, 1)[0]})")
-        echo(f"  stop server  kill -TERM -$(cat {_pid_file(settings)})")
+        echo(f"  stop server  kill -TERM -{pid}   (its process group)")
     echo('  environment  eval "$(.venv/bin/shoprec env)"   # then airflow/mlflow see this state')
     echo("  Airflow UI   AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True "
          ".venv/bin/airflow api-server --port 8080   -> http://127.0.0.1:8080")
