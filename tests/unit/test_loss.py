@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from training.batches import CategoryNegatives
 from training.loss import (
     hard_negative_logits,
     in_batch_logits,
@@ -15,7 +16,6 @@ from training.loss import (
     sampled_softmax_loss,
     sampling_log_q,
 )
-from training.train import CategoryNegatives
 
 pytestmark = pytest.mark.fast
 

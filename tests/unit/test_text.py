@@ -12,18 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from training import text as text_module
+from features.contract import product_text
+from training import text_cache
 from training.config import TrainConfig
-from training.text import (
-    TextEncoder,
-    embed_texts,
-    encode_tokens,
-    encoder_dim,
-    encoder_path,
-    load_tokenizer,
-    product_text,
-    token_ids,
-)
+from training.text import TextEncoder, encode_tokens, encoder_dim, encoder_path, load_tokenizer
+from training.text_cache import embed_texts, token_ids
 
 pytestmark = pytest.mark.fast
 
@@ -96,7 +89,7 @@ class CountingEncoder(TextEncoder):
 @pytest.fixture
 def counting(monkeypatch: pytest.MonkeyPatch) -> type[CountingEncoder]:
     CountingEncoder.calls = CountingEncoder.texts = 0
-    monkeypatch.setattr(text_module, "TextEncoder", CountingEncoder)
+    monkeypatch.setattr(text_cache, "TextEncoder", CountingEncoder)
     return CountingEncoder
 
 
@@ -125,7 +118,7 @@ def test_cache_is_keyed_on_encoder_and_token_budget(
 
 
 def test_cache_shards_are_merged(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(text_module, "MAX_CACHE_SHARDS", 2)
+    monkeypatch.setattr(text_cache, "MAX_CACHE_SHARDS", 2)
     vectors = [embed_texts([f"text {i}"], TINY, tmp_path, progress=False) for i in range(4)]
     shards = list(tmp_path.rglob("shard-*.npz"))
     assert len(shards) <= 2
@@ -173,7 +166,7 @@ def test_backend_tokenization_matches_the_transformers_call() -> None:
 
 
 def test_token_ids_are_cached_per_catalogue_version(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(text_module, "TOKENIZE_CHUNK", 2)  # several chunks, tokenized ahead
+    monkeypatch.setattr(text_cache, "TOKENIZE_CHUNK", 2)  # several chunks, tokenized ahead
     tokenizer = CountingTokenizer(load_tokenizer(TINY))
     ids, mask = token_ids(TEXTS, tokenizer, tmp_path)
     assert tokenizer.calls == 3  # 5 texts in chunks of 2

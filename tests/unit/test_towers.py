@@ -12,15 +12,9 @@ import torch
 
 from training.checkpoint import load_model, save_model, warm_start
 from training.config import TrainConfig, step_batch_size
+from training.embeddings import ItemFeatures, encode_items, encode_users, history_matrix
 from training.text import TextEncoder, TrainableTextEncoder
-from training.towers import (
-    EVENT_TYPE_IDS,
-    ItemFeatures,
-    TwoTowerModel,
-    encode_items,
-    encode_users,
-    history_matrix,
-)
+from training.towers import EVENT_TYPE_IDS, TwoTowerModel
 from training.user_features import N_NUMERIC, unknown_numeric
 
 pytestmark = pytest.mark.fast
