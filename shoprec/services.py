@@ -388,7 +388,7 @@ def up(settings: Settings | None = None, components_to_start: Iterable[str] | No
     if settings.profile == "prod":
         client_env["MLFLOW_TRACKING_USERNAME"] = settings.mlflow_user
     return {"components": records, "urls": urls, "login": login, "env": client_env,
-            "env_file": str(env_file), "started": started}
+            "env_file": str(env_file)}
 
 
 def _stop(records: dict[str, dict[str, Any]],
