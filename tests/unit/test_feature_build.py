@@ -432,9 +432,13 @@ def test_product_text_rows_are_the_days_changes(month: dict) -> None:
 )
 def test_product_text_is_the_item_towers_rule(catalog: pd.DataFrame) -> None:
     pytest.importorskip("torch")
-    from training.text import product_text as tower_text
+    import numpy as np
 
-    assert product_text(catalog) == tower_text(catalog)
+    from training.embeddings import ItemFeatures
+
+    rows = catalog.assign(product_id=[str(i) for i in range(len(catalog))], price=0.0)
+    tower = ItemFeatures.from_catalog(rows, np.zeros((len(rows), 1), np.float32))
+    assert product_text(catalog) == tower.texts
     if len(catalog) == 5:
         assert product_text(catalog)[:2] == ["Mug | Kitchen | Acme | Blue", "Mug | Acme"]
 
