@@ -98,7 +98,7 @@ def recommend_pieces(bundle: Any, store: Any, users: list[str]
     from training.ranking.histories import Histories
 
     try:
-        from serving.app import RecommendedItem
+        from serving.schemas import RecommendedItem
     except ImportError:
         RecommendedItem = None  # noqa: N806
     reader = OnlineUserReader(store)
