@@ -1,9 +1,9 @@
 """Recommendation quality on UCI Online Retail: the evaluation protocol, every method.
 
 Imports the Online Retail file into a temporary landing root, runs
-``training.protocol.run_protocol`` (test = the last 30 days; settings (a) all products and
+``training.evaluation.protocol.run_protocol`` (test = the last 30 days; settings (a) all products and
 (b) new products only) over every baseline, the two-tower model alone, the blends and the
-served ranking (``training.scorer``: what the daily pipeline trains and the API serves), and
+served ranking (``training.ranking``: what the daily pipeline trains and the API serves), and
 prints one table beside the figures measured in the issue, then whether the served ranking
 (and, for reference, the blends) reach the target: +10% Recall@50 over the best baseline in
 both settings, NDCG@10 not worse.

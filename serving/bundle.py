@@ -65,7 +65,7 @@ def write_bundle(folder: Path, *, model: Any, config: Any, scorer: Any,
     Args:
         folder: target folder (created).
         model: the trained ``TwoTowerModel``; config: its ``TrainConfig``.
-        scorer: the served ranking (``training.scorer.Scorer``), its item side fitted on
+        scorer: the served ranking (``training.ranking.scorer.Scorer``), its item side fitted on
             the same catalogue as ``products`` (same order).
         products: one row per embedding, in embedding order, with product_id, title,
             category, brand, price and popularity.
@@ -130,7 +130,7 @@ class Bundle:
     run_id: str
     manifest: dict[str, Any]
     model: Any
-    scorer: Any  # training.scorer.Scorer
+    scorer: Any  # training.ranking.scorer.Scorer
     products: pd.DataFrame  # indexed by row, aligned with item_embeddings
     item_embeddings: np.ndarray  # (N, D)
     indexes: dict[str, Any]  # space -> training.index.VectorIndex (the scorer's)
@@ -176,7 +176,7 @@ class Bundle:
         """Top-k products for one user with the served ranking.
 
         Args:
-            history: the user's ``training.scorer.Histories`` (one entry).
+            history: the user's ``training.ranking.histories.Histories`` (one entry).
             k: how many.
             exclude_purchased: leave out what the history purchased.
             exclude: more products to leave out.

@@ -7,6 +7,7 @@ server calls to load the champion (or any version).
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,11 @@ def download_model_bundle(settings: Settings, *, run_id: str) -> Path:
     return _find_bundle(target)
 
 
+def index_cache(settings: Settings, run_id: str) -> Path:
+    """Where this machine keeps its copy of a run's ``index/`` artifacts."""
+    return settings.cache_dir / "bundles" / run_id / "index"
+
+
 def build_index_for_version(settings: Settings, version: str) -> dict[str, Any]:
     """Build the retrieval index of every vector space of a model version (two-tower, text,
     ALS: ``training.index``), check each against exact search and store them with the
@@ -76,6 +82,8 @@ def build_index_for_version(settings: Settings, version: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         meta = save_indexes(indexes, Path(tmp))
         client.log_artifacts(mv.run_id, tmp, artifact_path="index")
+    # A rebuilt version must not be served from this machine's copy of its old indexes.
+    shutil.rmtree(index_cache(settings, mv.run_id), ignore_errors=True)
     main = indexes.get("two_tower") or next(iter(indexes.values()))
     with mlflow.start_run(run_id=mv.run_id):
         mlflow.log_metrics({f"index_recall_at_{RECALL_K}_{name}": index.recall
@@ -114,7 +122,7 @@ def load_version_bundle(settings: Settings, version: str | None = None,
     if mv is None:
         raise BundleError(f"model {name} has no version with alias {alias!r} yet")
     model_dir = download_model_bundle(settings, run_id=mv.run_id)
-    index_dir = settings.cache_dir / "bundles" / mv.run_id / "index"
+    index_dir = index_cache(settings, mv.run_id)
     if not (index_dir / INDEX_META).exists():
         try:
             mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="index",

@@ -7,7 +7,7 @@ The windows, counted back from the interval's end (``HoldoutConfig``)::
 
 ``train_interval`` trains the two-tower model on Feast's point-in-time examples before the
 validation cut (early stopping on the validation window, warm start from the champion),
-tunes the served ranking (``training.scorer``: two-tower, co-occurrence, ALS and purchase
+tunes the served ranking (``training.ranking``: two-tower, co-occurrence, ALS and purchase
 facts blended by a small network) on the validation window, refits its item side on
 everything up to the interval's end, and logs the bundle as a pyfunc model.
 

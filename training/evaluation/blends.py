@@ -511,7 +511,7 @@ def standard_recommenders(
 
     Returns:
         popularity, repeat, item_knn, als, text_cosine, [two_tower,] blend_weights, blend,
-        served (``training.scorer.ServedRecommender``: what the pipeline trains and serves).
+        served (``training.evaluation.models.ServedRecommender``: what the pipeline trains and serves).
     """
     config = config or TrainConfig()
     methods: list[ScoredRecommender] = [

@@ -142,7 +142,7 @@ class Scorer:
     def _als_factors(self, cols: np.ndarray) -> np.ndarray:
         """(F,) a user's ALS factors solved from the history's counts: the implicit-feedback
         normal equations (Hu, Koren and Volinsky 2008), confidence 1 + alpha · log1p(count),
-        as ``training.baselines.ALS`` fits them."""
+        as ``training.ranking.als.ALS`` fits them."""
         state, config = self.state, self.config
         unique, counts = np.unique(cols, return_counts=True)
         items = state.als_items[unique].astype(np.float64)  # (n, F)
