@@ -36,6 +36,7 @@ import pandas as pd
 
 from core.settings import Settings
 from features.contract import Interval, catalog_as_of, parse_day, read_upto
+from features.user_state import TARGET_EVENT_TYPES
 from training.config import TrainConfig
 from training.ranking.config import ScorerConfig
 from training.registry import (
@@ -52,7 +53,6 @@ from training.registry import (
 
 log = logging.getLogger(__name__)
 
-TARGET_EVENT_TYPES = ("purchase", "add_to_cart")
 CURVE_MAX_K = 100
 BASELINES = ("popularity", "repeat", "item_knn", "als", "text_cosine")
 MODEL = "model"

@@ -24,23 +24,15 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from features.user_state import TARGET_EVENT_TYPES
+
 TEST_DAYS = 30
-
-
 VALIDATION_DAYS = 30
-
-
 COLD_USER_EVENTS = 3
-
-
 NEW_PRODUCT_DAYS = 30
-
-
 SETTINGS = ("all", "new")
-
-
-# Events that say "this user wants this product", for interaction matrices.
-INTERACTION_EVENTS = ("purchase", "add_to_cart")
+SETTING_TITLES = {"all": "(a) all products", "new": "(b) new products only"}
+SEGMENTS = ("cold_users", "new_products")
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,7 +80,7 @@ class TrainData:
     def interactions(
         self,
         *,
-        event_types: Sequence[str] = INTERACTION_EVENTS,
+        event_types: Sequence[str] = TARGET_EVENT_TYPES,
         weight: str = "count",
         since: pd.Timestamp | None = None,
         half_life_days: float | None = None,
@@ -308,12 +300,6 @@ def validation_split(train: TrainData, days: int = VALIDATION_DAYS) -> Split:
     """
     return temporal_split(train.events, train.catalog, train.cut - pd.Timedelta(days=days),
                           test_days=days)
-
-
-SETTING_TITLES = {"all": "(a) all products", "new": "(b) new products only"}
-
-
-SEGMENTS = ("cold_users", "new_products")
 
 
 POPULARITY_DAYS = 30

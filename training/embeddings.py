@@ -220,7 +220,7 @@ def encode_users(
         event_types: per user, the event type of each entry, or None.
         item_index: product id -> row of ``item_embeddings``; unknown products are skipped.
         item_embeddings: (N, D) from ``encode_items``.
-        user_features: ``user_profile`` columns (``training.user_features.PROFILE_COLUMNS``;
+        user_features: ``user_profile`` columns (``features.user_state.PROFILE_COLUMNS``;
             other columns ignored), row-aligned with ``histories`` (by position, not index);
             absent columns and null values are unknown; None: every profile unknown. A model
             without user features ignores it.

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-TARGET_EVENT_TYPES = ("purchase", "add_to_cart")
+from features.user_state import TARGET_EVENT_TYPES
 
 
 def examples_from_events(
@@ -37,7 +37,7 @@ def examples_from_events(
         min_history: drop targets with fewer history entries (the pipeline's rule: 1).
         catalog: product rows (``category``, ``price``); given, each example also carries
             the ``user_profile`` columns as of the end of the day before it, the rule of
-            Feast's daily snapshots (``training.user_features.profiles_as_of``, over all of
+            Feast's daily snapshots (``features.user_state.profiles_as_of``, over all of
             ``events``); None: no profile columns.
         users: user rows (``user_id``, ``country``) for the profile's country; None:
             country unknown.

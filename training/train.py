@@ -163,7 +163,7 @@ def train(
         examples: user_id, product_id (the target), event_timestamp, recent_product_ids
             (the user's previous products, most recent LAST; may be empty or None),
             recent_event_types (aligned with recent_product_ids, or None), and optionally
-            the ``user_profile`` columns (``training.user_features.PROFILE_COLUMNS``, as of
+            the ``user_profile`` columns (``features.user_state.PROFILE_COLUMNS``, as of
             the example's time; absent or null = unknown), whose countries make the
             model's country vocabulary. Targets and history products missing from the
             catalogue are dropped.

@@ -409,7 +409,7 @@ def test_every_shoprec_variable_exists_in_the_code() -> None:
     """A SHOPREC_* name in a deployment file that no code reads is a typo or a stale setting."""
     known = _shoprec_names_in_code()
     assert "SHOPREC_ADMIN_TOKEN" in known  # the scan itself works
-    settings_text = (REPO / "shoprec" / "settings.py").read_text()
+    settings_text = (REPO / "core" / "settings.py").read_text()
     documented = set(_env_example())
     for path in YAML_FILES + [DOCKERFILE, ENV_EXAMPLE]:
         for name in set(re.findall(r"SHOPREC_[A-Z0-9_]+", path.read_text())):
@@ -420,8 +420,8 @@ def test_every_shoprec_variable_exists_in_the_code() -> None:
 
 
 def test_probe_paths_are_routes_of_the_serving_app() -> None:
-    from serving.app import create_app
     from core.settings import Settings
+    from serving.app import create_app
 
     routes = {getattr(r, "path", None) for r in
               create_app(Settings(serving_poll_seconds=0), load_on_start=False).routes}

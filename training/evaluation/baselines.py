@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
+from features.user_state import TARGET_EVENT_TYPES
 from training.config import TrainConfig
-from training.data import INTERACTION_EVENTS, POPULARITY_DAYS, TrainData, popularity_scores
+from training.data import POPULARITY_DAYS, TrainData, popularity_scores
 from training.recommender import ScoredRecommender, history_rows, unit_fill, with_fallback
 
 
@@ -90,7 +91,7 @@ class ItemKNN(ScoredRecommender):
 
     def __init__(self, neighbours: int | None = None, weight: str = "binary",
                  self_similarity: bool = False,
-                 event_types: Sequence[str] = INTERACTION_EVENTS, name: str = "item_knn"):
+                 event_types: Sequence[str] = TARGET_EVENT_TYPES, name: str = "item_knn"):
         self.neighbours = neighbours
         self.weight = weight
         self.self_similarity = self_similarity
@@ -159,7 +160,7 @@ class TextCosine(ScoredRecommender):
 
     def __init__(self, config: TrainConfig | None = None,
                  cache_dir: str | os.PathLike[str] | None = None,
-                 event_types: Sequence[str] = INTERACTION_EVENTS, weight: str = "count",
+                 event_types: Sequence[str] = TARGET_EVENT_TYPES, weight: str = "count",
                  progress: bool = False, name: str = "text_cosine"):
         self.config = config or TrainConfig()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None

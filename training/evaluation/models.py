@@ -32,7 +32,7 @@ class TwoTowerRecommender(ScoredRecommender):
 
     With ``config.user_features`` (the default) the examples carry each user's profile as
     of the end of the day before the example, and scoring uses the profile at the cut by
-    the same rule (``training.user_features.profiles_as_of``): what Feast's daily
+    the same rule (``features.user_state.profiles_as_of``): what Feast's daily
     ``user_profile`` snapshots would have held.
 
     Args:

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import sparse
 
-from training.data import INTERACTION_EVENTS, TrainData, popularity_scores
+from features.user_state import TARGET_EVENT_TYPES
+from training.data import TrainData, popularity_scores
 from training.recommender import ScoredRecommender, unit_fill, with_fallback
 
 
@@ -33,7 +34,7 @@ class ALS(ScoredRecommender):
     def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 5.0,
                  iterations: int = 15, weighting: str = "log1p", bm25_k1: float = 100.0,
                  bm25_b: float = 0.8, seed: int = 42,
-                 event_types: Sequence[str] = INTERACTION_EVENTS, name: str = "als"):
+                 event_types: Sequence[str] = TARGET_EVENT_TYPES, name: str = "als"):
         self.factors = factors
         self.regularization = regularization
         self.alpha = alpha

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.user_state import HISTORY_EVENT_TYPES, HISTORY_LEN
+from features.user_state import HISTORY_LEN, PROFILE_COLUMNS, profiles_as_of, recent_histories
 from training.ranking.items import DAY_SECONDS
 
 
@@ -28,7 +28,7 @@ class Histories:
         event_types: event type of each entry.
         timestamps: epoch seconds of each entry, (L,) float64 arrays (NaN: unknown, taken
             as the moment of scoring).
-        profiles: the users' ``user_profile`` features (``training.user_features``), one row
+        profiles: the users' ``user_profile`` features (``features.user_state``), one row
             per user in the same order, or None (unknown).
     """
 
@@ -50,11 +50,10 @@ class Histories:
                     limit: int = HISTORY_LEN, *, catalog: pd.DataFrame | None = None,
                     user_table: pd.DataFrame | None = None,
                     at: pd.Timestamp | None = None) -> Histories:
-        """The histories (and profiles) Feast would hold for ``users`` after ``events``: the
-        rule of ``features.build.build_user_recent_products`` (product events of
-        ``HISTORY_EVENT_TYPES`` in (ts, event_id) order, the last ``limit`` kept) and, with
-        ``catalog`` and ``at``, of the daily ``user_profile`` snapshots
-        (``training.user_features.profiles_as_of``).
+        """The histories (and profiles) Feast would hold for ``users`` after ``events``, by
+        the one rule of ``features.user_state``: ``recent_histories`` (what the offline build
+        writes to ``user_recent_products``) and, with ``catalog`` and ``at``,
+        ``profiles_as_of`` (the daily ``user_profile`` snapshots).
 
         Args:
             events: contract events before the moment of interest.
@@ -64,35 +63,18 @@ class Histories:
             user_table: user rows (country), for the profiles.
             at: the moment of interest, for the profiles.
         """
-        profiles = None
+        frame = recent_histories(events, list(users), limit)
         if catalog is not None and at is not None:
-            from features.user_state import profiles_as_of
-
             profiles = profiles_as_of(events, catalog, user_table, list(users),
                                       [at] * len(users)).reset_index(drop=True)
-        ev = events[events["event_type"].isin(HISTORY_EVENT_TYPES) & events["product_id"].notna()]
-        ev = ev[ev["user_id"].isin(set(users))]
-        ev = ev.sort_values(["user_id", "ts", "event_id"], kind="stable")
-        ev = ev[ev.groupby("user_id", sort=False).cumcount(ascending=False) < limit]
-        epoch = (ev["ts"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy()
-                 .astype("datetime64[s]").astype(np.int64).astype(np.float64))  # (E,)
-        frame = pd.DataFrame({"user_id": ev["user_id"].to_numpy(),
-                              "product_id": ev["product_id"].to_numpy(),
-                              "event_type": ev["event_type"].to_numpy(), "epoch": epoch})
-        groups = frame.groupby("user_id", sort=False)
-        products = groups["product_id"].agg(list).to_dict()
-        types = groups["event_type"].agg(list).to_dict()
-        stamps = groups["epoch"].agg(list).to_dict()
-        return cls([products.get(u, []) for u in users], [types.get(u, []) for u in users],
-                   [np.asarray(stamps.get(u, []), dtype=np.float64) for u in users], profiles)
+            frame = pd.concat([frame.reset_index(drop=True), profiles], axis=1)
+        return cls.from_feast(frame)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Histories:
         """One user's history from an online-store row (``features.store.OnlineUserReader``
         / ``online_user_history``): ``from_feast`` of a one-row frame, without building it
         (a request's hot path)."""
-        from features.user_state import PROFILE_COLUMNS
-
         products = [str(p) for p in row.get("recent_product_ids") or []]
         types = [str(t) for t in row.get("recent_event_types") or []]
         stamps = np.asarray(row.get("recent_timestamps") or [], dtype=np.float64)
@@ -109,8 +91,6 @@ class Histories:
     def from_feast(cls, frame: pd.DataFrame) -> Histories:
         """Histories from rows of ``user_recent_products`` (missing rows: empty), with the
         ``user_profile`` columns when the frame has them."""
-        from features.user_state import PROFILE_COLUMNS
-
         def listed(value: Any) -> list:
             return [] if value is None or (isinstance(value, float) and np.isnan(value)) \
                 else list(value)

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from features.user_state import TARGET_EVENT_TYPES
 from training.config import TrainConfig
-from training.data import INTERACTION_EVENTS, TrainData, popularity_scores
+from training.data import TrainData, popularity_scores
 from training.index import EXACT_MAX, VectorIndex, build_indexes
 from training.ranking.als import ALS
 from training.ranking.config import ScorerConfig
@@ -180,7 +181,7 @@ class ItemState:
             users: pd.DataFrame | None = None) -> ItemState:
         """Fit the item side on ``data`` (and embed its catalogue with ``model``); ``users``
         (user rows with country) gives the per-country popularity."""
-        matrix = data.interactions(event_types=INTERACTION_EVENTS, weight="binary")  # (U, N)
+        matrix = data.interactions(event_types=TARGET_EVENT_TYPES, weight="binary")  # (U, N)
         als = ALS(factors=config.als_factors, regularization=config.als_regularization,
                   alpha=config.als_alpha, iterations=config.als_iterations, seed=config.seed)
         als.fit(data)

@@ -38,8 +38,9 @@ import pandas as pd
 import torch
 from scipy import sparse
 
+from features.user_state import TARGET_EVENT_TYPES
 from training.config import TrainConfig
-from training.data import INTERACTION_EVENTS, SETTINGS, Split, TrainData
+from training.data import SETTINGS, Split, TrainData
 from training.index import EXACT_MAX
 from training.metrics import tuning_metrics
 from training.ranking.config import FEATURE_NAMES, SOURCE_NAMES, ScorerConfig
@@ -104,7 +105,7 @@ class Scorer:
             cols = [index.get(p, -1) for p in products]
             known = np.asarray([c for c in cols if c >= 0], dtype=np.int64)
             interaction = [c for c, t in zip(cols, types, strict=True)
-                           if c >= 0 and t in INTERACTION_EVENTS]
+                           if c >= 0 and t in TARGET_EVENT_TYPES]
             buys = [(c, ts) for c, t, ts in zip(cols, types, stamps, strict=True)
                     if c >= 0 and t == "purchase"]
             inter_r.extend([row] * len(interaction))
