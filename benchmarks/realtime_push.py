@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
                 "SHOPREC_FEAST_REGISTRY_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
             "SHOPREC_REDIS_URL": f"127.0.0.1:6379,db={REDIS_DB}",
             "SHOPREC_FEAST_PROJECT": f"bench_push_{os.getpid()}"})
+    from core.settings import Settings
     from features.build import build_interval
     from features.contract import Interval
     from features.realtime import ingest_events, read_user_rows
     from features.store import feature_store, materialize_day
     from features.synth import generate_shop
-    from core.settings import Settings
 
     settings = Settings.from_env().prepare()
     generate_shop(settings.landing_root, days=DAYS, users=30, products=20, seed=11, start=START)

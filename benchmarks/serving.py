@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--products", type=int, default=100_000)
     parser.add_argument("--users", type=int, default=50_000)
     parser.add_argument("--days", type=int, default=14,
-                        help="days of shop history (training.pipeline.HoldoutConfig shrinks "
+                        help="days of shop history (shoprec.pipeline.HoldoutConfig shrinks "
                              "the windows for short histories)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--encoder", choices=("tiny", "minilm"), default="tiny",

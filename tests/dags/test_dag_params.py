@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from core.settings import DAGS_FOLDER
 from shoprec.alerts import report_task_failure
 from shoprec.params import check_run_params, train_policy, training_decision
-from core.settings import DAGS_FOLDER
 
 pytestmark = pytest.mark.fast
 

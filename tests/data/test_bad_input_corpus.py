@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.settings import Settings
 from features.contract import TABLES, Interval, read_partition
 from features.quarantine import (
     is_quarantined,
@@ -30,7 +31,6 @@ from features.quarantine import (
 )
 from features.synth import generate_shop
 from features.validation import PartitionInvalid, PartitionQuarantined, check_partition
-from core.settings import Settings
 
 pytestmark = pytest.mark.fast
 

@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 from shops import FeastProfile, shop_environment
 
+from core.settings import Settings
 from features.build import build_interval
 from features.contract import Interval, write_partition
 from features.store import TRAINING_SERVICE, apply_repo, historical_features
-from core.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from shoprec.cli import app
 from core.settings import Settings
+from shoprec.cli import app
 from training.registry import (
     CHALLENGER,
     CHAMPION,
