@@ -207,7 +207,7 @@ def rank_with_model(
             for row, history in enumerate(user_histories[start : start + batch_size]):
                 seen = [item_index[p] for p in (history or []) if p in item_index]
                 scores[row, seen] = -np.inf
-        ranked.extend(ids[_top_k(scores, top)].tolist() if top > 0 else [[]] * len(scores))
+        ranked.extend(ids[top_k(scores, top)].tolist() if top > 0 else [[]] * len(scores))
     return ranked, int(candidates.sum())
 
 
@@ -257,14 +257,6 @@ def recall_curve(ranked: Sequence[Sequence[str]], truth: Sequence[set[str]],
             if product in t:
                 hits[u, pos] = 1.0 / len(t)
     return hits.cumsum(axis=1).mean(axis=0)
-
-
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of each row's k highest scores, best first (ties inside by index)."""
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (b, k) unordered
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -part_scores), axis=1)  # by score desc, then index
-    return np.take_along_axis(part, order, axis=1)
 
 
 def _mean(values: Iterable[float]) -> float:
