@@ -81,6 +81,7 @@ def shop_environment(home: Path, **extra: str) -> Iterator:
     """
     from core.settings import Settings
 
+    forget_artifact_locations()
     saved = dict(os.environ)
     for key in [k for k in os.environ if k.startswith(_STATE_VARIABLES)]:
         del os.environ[key]
@@ -93,6 +94,17 @@ def shop_environment(home: Path, **extra: str) -> Iterator:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        forget_artifact_locations()
+
+
+def forget_artifact_locations() -> None:
+    """Drop MLflow's process-wide cache of where each run's artifacts live. It is keyed by
+    run id alone, and a copied shop has the same run ids as its original: without this, a
+    test on a copy logs artifacts into the original (found when an index rebuilt on a copy
+    landed in the session's shared trained shop)."""
+    from mlflow.tracking._tracking_service import utils
+
+    utils._artifact_repos_cache.clear()
 
 
 def point_airflow_at(settings) -> None:
