@@ -75,11 +75,9 @@ def breakdown(settings: Any, targets: Targets, n: int,
     bundle = load_version_bundle(settings)
     load_s = time.perf_counter() - started
     store = feature_store(settings)
-    scorer = bundle.scorer
     out: dict[str, Any] = {"bundle_load_s": load_s, "catalogue": bundle.size,
-                           "index": bundle.index_meta.get("kind"),
-                           "retrieval": {name: r.kind for name, r in
-                                         scorer.state.retrieval(scorer.config.exact_max).items()},
+                           "indexes": {name: index.info() for name, index in
+                                       bundle.indexes.items()},
                            "torch_threads": torch.get_num_threads()}
     out["recommend_known"], out["recommend_cold"] = recommend_pieces(bundle, store,
                                                                      targets.users[:n])
@@ -173,8 +171,8 @@ def similar_pieces(bundle: Any, products: list[str]) -> list[dict[str, Any]]:
         if row is None:
             continue
         query = bundle.item_embeddings[row : row + 1].astype(np.float32)
-        watch.time("index search (faiss, k+1)",
-                   lambda q=query: bundle.index.search(q, min(K + 1, bundle.size)))
+        watch.time("two-tower index search (k+1)",
+                   lambda q=query: bundle.indexes["two_tower"].search(q, K + 1))
         watch.time(TOTALS["similar"], lambda p=product: bundle.similar(p, K))
     return watch.rows()
 
@@ -194,7 +192,7 @@ def search_pieces(bundle: Any, queries: list[str]) -> list[dict[str, Any]]:
             watch.time("lexical (BM25 over the catalogue)",
                        lambda q=query: index.lexical(tokens(q)))
             if vector is not None and index.retrieval is not None:
-                watch.time(f"semantic candidates ({index.retrieval.kind} retrieval)",
+                watch.time(f"semantic candidates ({index.retrieval.kind} text index)",
                            lambda v=vector: index.retrieval.top(v[None, :], 200))
             watch.time("search index total (lexical + semantic + top-k)",
                        lambda q=query, v=vector: index.search(q, K, query_vector=v))
