@@ -82,7 +82,9 @@ def print_load(name: str, result: dict[str, Any]) -> None:
 def print_breakdown(parts: dict[str, Any]) -> None:
     """The in-process breakdown: the bundle's figures, then one table per endpoint."""
     print(f"  bundle load {parts['bundle_load_s']:.1f} s, {parts['catalogue']:,} products, "
-          f"{parts['index']} index, {parts['torch_threads']} torch threads")
+          "indexes " + ", ".join(f"{name} {info['kind']}" for name, info in
+                                 parts["indexes"].items())
+          + f", {parts['torch_threads']} torch threads")
     for key, title in BREAKDOWN_SECTIONS.items():
         print(f"\n  {title}")
         print(f"    {'piece':<52}{'n':>5}{'mean ms':>10}{'p50 ms':>10}{'p99 ms':>10}")
