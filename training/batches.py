@@ -70,7 +70,6 @@ class CategoryNegatives:
         return hard, rate
 
 
-
 def epoch_batches(order: torch.Tensor, step: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
     """This rank's batches of one epoch.
 
@@ -94,7 +93,6 @@ def epoch_batches(order: torch.Tensor, step: int, rank: int = 0, world: int = 1)
     if world == 1:
         return batches
     return [batch.tensor_split(world)[rank] for batch in batches]
-
 
 
 def make_batch(

@@ -72,7 +72,6 @@ from training.user_features import country_vocabulary
 log = logging.getLogger(__name__)
 
 
-
 class NotEnoughData(ValueError):
     """Too few usable training examples (or products) to train a model."""
 

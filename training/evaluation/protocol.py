@@ -38,10 +38,6 @@ from training.recommender import Recommender
 log = logging.getLogger(__name__)
 
 
-
-
-
-
 def evaluate_recommender(
     recommender: Recommender, split: Split, ks: Iterable[int] = DEFAULT_KS,
     curves: dict[str, list[float]] | None = None, curve_k: int = 100,

@@ -17,8 +17,6 @@ import pandas as pd
 from training.data import SEGMENTS, SETTING_TITLES, SETTINGS
 
 COLUMNS = ("recall", "ndcg", "hit_rate", "coverage", "gini")
-
-
 SHORT = {"recall": "R", "ndcg": "NDCG", "hit_rate": "HR", "coverage": "Cov", "gini": "Gini"}
 
 

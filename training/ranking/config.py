@@ -8,8 +8,6 @@ from typing import Any
 from features.user_state import HISTORY_LEN
 
 SOURCE_NAMES = ("two_tower", "text_cosine", "co_occurrence", "als")
-
-
 FACT_NAMES = ("own", "log_count", "log_count_30d", "recency_30d", "recency_180d",
               "repurchase_rate", "own_x_repurchase_rate", "popularity_7d", "popularity_30d",
               "trend", "newness", "user_occasions", "own_x_user_occasions")

@@ -229,7 +229,3 @@ def embed_catalog(model: Any, config: TrainConfig | None, catalog: pd.DataFrame,
     rows = unique_products(catalog).set_index("product_id").loc[list(product_ids)].reset_index()
     text = embed_texts(product_text(rows), config, cache_dir, progress=False)
     return encode_items(model, ItemFeatures.from_catalog(rows, text)).astype(np.float32), text
-
-
-
-

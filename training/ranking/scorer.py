@@ -51,14 +51,6 @@ from training.ranking.pair import PairScorer, train_scorer
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
 class Scorer:
     """Two-tower model + pair scorers (the model) over an ``ItemState`` (fitted at a cut).
 
