@@ -14,7 +14,8 @@ One run per day of shop data (one data interval = one landing partition):
    history is too short to train on, or when the run's training policy says so);
 5. **evaluate** Recall@10/50 on the temporal holdout, for the challenger and the champion;
 6. **register** the model version in MLflow with alias `challenger`;
-7. **build_index**: FAISS over the whole catalogue, checked against exact search;
+7. **build_index**: a FAISS index per vector space the model retrieves from (two-tower,
+   text, ALS), each checked against exact search;
 8. **promote** to `champion` when the gate passes (or when the run forces it);
 9. **reload_serving**: tell a running server to load the new champion.
 
