@@ -7,6 +7,8 @@ the ALS item factors (``/recommend`` candidates). Each gets its index from ``Vec
 
 - exact inner-product search (``faiss.IndexFlatIP``) for catalogues up to ``exact_max``
   products (``SHOPREC_INDEX_EXACT_MAX``, default ``core.settings.Settings.index_exact_max``);
+  On a machine where faiss sees a GPU (the ``gpu`` extra), exact search runs on a copy of
+  the index on the GPU;
 - above, an HNSW graph (``faiss.IndexHNSWFlat``) with ``HNSW_M``, ``HNSW_EF_CONSTRUCTION``
   and ``HNSW_EF_SEARCH``, because reading the whole matrix per request would cost more than
   a request's budget (100,000 products x 384 floats is 150 MB).
@@ -74,7 +76,8 @@ class VectorIndex:
                 log.info("index: HNSW over %d x %d", n, d)
         if index.ntotal != len(self.matrix):
             raise ValueError(f"index holds {index.ntotal} vectors for {len(self.matrix)} rows")
-        self.index = index
+        self.index = index  # on the CPU: what is saved and pickled
+        self._searcher = _on_gpu(index) if self.kind == "exact" else index
 
     @property
     def kind(self) -> str:
@@ -93,7 +96,7 @@ class VectorIndex:
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
         self.searches += len(q)
-        scores, rows = self.index.search(q, k)
+        scores, rows = self._searcher.search(q, k)
         return scores, rows.astype(np.int64)
 
     def top(self, queries: np.ndarray, k: int) -> list[np.ndarray]:
@@ -132,7 +135,7 @@ class VectorIndex:
     def __getstate__(self) -> dict[str, Any]:
         import faiss
 
-        state = dict(self.__dict__)
+        state = {k: v for k, v in self.__dict__.items() if k != "_searcher"}
         state["index"] = faiss.serialize_index(self.index)
         return state
 
@@ -141,6 +144,17 @@ class VectorIndex:
 
         state["index"] = faiss.deserialize_index(state["index"])
         self.__dict__.update(state)
+        self._searcher = _on_gpu(self.index) if self.kind == "exact" else self.index
+
+
+def _on_gpu(index: Any) -> Any:
+    """A GPU copy of an exact index when faiss sees a GPU (the ``gpu`` extra, faiss-gpu),
+    else the index itself. HNSW has no GPU implementation in faiss."""
+    import faiss
+
+    if getattr(faiss, "get_num_gpus", lambda: 0)() == 0:
+        return index
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
 
 
 def build_indexes(matrices: Mapping[str, np.ndarray | None],
