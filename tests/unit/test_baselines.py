@@ -81,6 +81,32 @@ def test_repeat_with_decay_prefers_recent_purchases() -> None:
     assert Repeat(half_life_days=7).fit(data).recommend(["u1"], 2) == [["y", "x"]]
 
 
+def test_cosine_similarity_of_a_large_catalogue_never_builds_n_by_n() -> None:
+    import tracemalloc
+
+    from scipy import sparse
+
+    n = 30_000  # dense N x N float32 would be 3.6 GB
+    matrix = sparse.random(3_000, n, density=2e-4, random_state=0, format="csr",
+                           dtype=np.float32)
+    matrix.data[:] = 1.0
+    tracemalloc.start()
+    try:
+        sim = cosine_similarity(matrix, neighbours=20, self_similarity=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sim.shape == (n, n) and sim.getnnz(axis=1).max() <= 20
+    assert peak < 400 * 2**20  # a block is 64 MB (559 rows here), N x N would be 3.6 GB
+    small = matrix[:, :500]  # and the blocks give what one dense product gives
+    dense = (small.T @ small).toarray()
+    norms = np.sqrt(np.diag(dense))
+    outer = np.outer(norms, norms)
+    expected = np.divide(dense, outer, out=np.zeros_like(dense), where=outer > 0)
+    np.testing.assert_allclose(cosine_similarity(small, chunk=64).toarray(), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_cosine_similarity_by_hand() -> None:
     from scipy import sparse
 

@@ -14,6 +14,7 @@ from scipy import sparse
 from features.user_state import TARGET_EVENT_TYPES
 from training.config import TrainConfig
 from training.data import POPULARITY_DAYS, TrainData, popularity_scores
+from training.ranking.items import cosine_blocks
 from training.recommender import ScoredRecommender, history_rows, unit_fill, with_fallback
 
 
@@ -119,29 +120,34 @@ class ItemKNN(ScoredRecommender):
 
 
 def cosine_similarity(
-    matrix: sparse.csr_matrix, neighbours: int | None = None, *, self_similarity: bool = True
+    matrix: sparse.csr_matrix, neighbours: int | None = None, *, self_similarity: bool = True,
+    chunk: int = 1024,
 ) -> sparse.csr_matrix:
-    """Product × product cosine similarity of the columns of a user × product matrix.
+    """Product × product cosine similarity of the columns of a user × product matrix,
+    computed a block of rows at a time (``training.ranking.items.cosine_blocks``): memory
+    O(chunk · N) plus the entries kept, never a dense N × N.
 
     Args:
         matrix: (U, N) non-negative.
         neighbours: keep each row's top ``neighbours`` entries (None: all).
         self_similarity: keep the diagonal.
+        chunk: rows computed at once.
 
     Returns:
         (N, N) CSR float32.
     """
-    items = sparse.csc_matrix(matrix, dtype=np.float32)  # (U, N)
-    norms = np.sqrt(np.asarray(items.multiply(items).sum(axis=0)).ravel())  # (N,)
-    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)  # (N,)
-    unit = items @ sparse.diags(inv.astype(np.float32))  # (U, N)
-    sim = (unit.T @ unit).toarray()  # (N, N)
-    if not self_similarity:
-        np.fill_diagonal(sim, 0.0)
-    if neighbours is not None and neighbours < sim.shape[1]:
-        drop = np.argpartition(-sim, neighbours, axis=1)[:, neighbours:]  # (N, N - n)
-        np.put_along_axis(sim, drop, 0.0, axis=1)
-    return sparse.csr_matrix(sim)
+    n = matrix.shape[1]
+    blocks = []
+    for start, block in cosine_blocks(matrix, chunk):
+        if not self_similarity:
+            block[np.arange(len(block)), np.arange(start, start + len(block))] = 0.0
+        if neighbours is not None and neighbours < n:
+            drop = np.argpartition(-block, neighbours, axis=1)[:, neighbours:]  # (c, N - n)
+            np.put_along_axis(block, drop, 0.0, axis=1)
+        blocks.append(sparse.csr_matrix(block))
+    if not blocks:
+        return sparse.csr_matrix((n, n), dtype=np.float32)
+    return sparse.vstack(blocks, format="csr")
 
 
 class TextCosine(ScoredRecommender):

@@ -9,7 +9,7 @@ item embeddings and text vectors; and the retrieval index of each vector space
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,21 +25,19 @@ from training.ranking.als import ALS
 from training.ranking.config import ScorerConfig
 
 DAY_SECONDS = 86_400.0
+BLOCK_CELLS = 2**24  # float32 cells of one cosine block (64 MB)
 
 
-def cosine_neighbours(matrix: sparse.csr_matrix, neighbours: int,
-                      chunk: int = 1024) -> sparse.csr_matrix:
-    """Each product's top ``neighbours`` by cosine of its user column (itself excluded).
-
-    Computed in row chunks so memory stays O(chunk · N) for large catalogues.
+def cosine_blocks(matrix: sparse.csr_matrix, chunk: int = 1024
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+    """Product × product cosine of the columns of a user × product matrix, a block of rows
+    at a time: (first row, (c, N) float32 dense block). A block holds at most ``chunk`` rows
+    and ``BLOCK_CELLS`` cells, so memory stays bounded (64 MB a block), never N × N,
+    whatever the catalogue size.
 
     Args:
         matrix: (U, N) non-negative user × product matrix.
-        neighbours: entries kept per row.
-        chunk: rows computed at once.
-
-    Returns:
-        (N, N) CSR float32.
+        chunk: rows per block, at most.
     """
     items = sparse.csc_matrix(matrix, dtype=np.float32)  # (U, N)
     norms = np.sqrt(np.asarray(items.multiply(items).sum(axis=0)).ravel())  # (N,)
@@ -47,10 +45,27 @@ def cosine_neighbours(matrix: sparse.csr_matrix, neighbours: int,
     unit = sparse.csr_matrix(items @ sparse.diags(inv.astype(np.float32)))  # (U, N)
     unit_t = sparse.csr_matrix(unit.T)  # (N, U)
     n = matrix.shape[1]
+    rows = max(1, min(chunk, BLOCK_CELLS // max(n, 1)))
+    for start in range(0, n, rows):
+        yield start, (unit_t[start : start + rows] @ unit).toarray()  # (c, N)
+
+
+def cosine_neighbours(matrix: sparse.csr_matrix, neighbours: int,
+                      chunk: int = 1024) -> sparse.csr_matrix:
+    """Each product's top ``neighbours`` by cosine of its user column (itself excluded).
+
+    Args:
+        matrix: (U, N) non-negative user × product matrix.
+        neighbours: entries kept per row.
+        chunk: rows computed at once (``cosine_blocks``).
+
+    Returns:
+        (N, N) CSR float32.
+    """
+    n = matrix.shape[1]
     keep = min(neighbours, max(n - 1, 0))
     rows, cols, vals = [], [], []
-    for start in range(0, n, chunk):
-        block = (unit_t[start : start + chunk] @ unit).toarray()  # (c, N)
+    for start, block in cosine_blocks(matrix, chunk):
         block[np.arange(len(block)), np.arange(start, start + len(block))] = 0.0
         if keep == 0:
             continue
