@@ -380,9 +380,11 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
     the test window with the evaluation protocol (both settings).
 
     Logs to the training run: every figure (``metric_name``), ``best_baseline_*`` (per
-    metric, the best baseline's value) and ``champion_version``; the protocol's markdown and
-    JSON tables (``evaluation/``) and Recall@K plots for K = 1..100 (``plots/``). An
-    already-evaluated run (a rerun) returns its logged metrics unchanged.
+    metric, the best baseline's value) and ``champion_version`` (0: none); the protocol's
+    markdown and JSON tables (``evaluation/``) and Recall@K plots for K = 1..100 (``plots/``). A run
+    already evaluated against the current champion (a rerun) returns its logged metrics
+    unchanged; one evaluated against another champion (or none) is evaluated again, so the
+    gate compares with the champion it would replace.
 
     Returns:
         {"mlflow_run_id", "metrics": {...}} for XCom.
@@ -398,8 +400,12 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
 
     day = parse_day(day)
     client = mlflow_client(settings)
+    champion = alias_version(client, settings.model_name, CHAMPION)
+    if champion is not None and champion.run_id == mlflow_run_id:
+        champion = None  # the run is the champion: nothing to compare with
     logged = client.get_run(mlflow_run_id).data.metrics
-    if "recall_at_50" in logged:
+    against = 0.0 if champion is None else float(champion.version)  # 0: no champion
+    if "recall_at_50" in logged and logged.get("champion_version") == against:
         return {"mlflow_run_id": mlflow_run_id,
                 "metrics": {k: v for k, v in logged.items() if not k.startswith("epoch_")}}
     data = load_interval(settings, day, holdout)
@@ -413,8 +419,7 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
         TwoTowerRanker(scorer.model, scorer.model_config, cache, users=data.users,
                        name=TWO_TOWER),
     ]
-    champion = alias_version(client, settings.model_name, CHAMPION)
-    if champion is not None and champion.run_id != mlflow_run_id:
+    if champion is not None:
         methods.append(ServedRecommender(scorer=load_scorer(settings, champion.run_id),
                                          cache_dir=cache, users=data.users, name="champion"))
     methods += [Popularity(), Repeat(), ItemKNN(), ALS(), TextCosine(scorer.model_config, cache)]
@@ -434,8 +439,7 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
                 metrics[f"best_baseline_{prefix}{key}"] = max(
                     result.value(b, setting, key) for b in BASELINES)
         metrics[f"{prefix}holdout_users"] = float(result.n_users[setting])
-    if champion is not None and champion.run_id != mlflow_run_id:
-        metrics["champion_version"] = float(champion.version)
+    metrics["champion_version"] = against
 
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=mlflow_run_id):
         mlflow.log_metrics(metrics)

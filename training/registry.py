@@ -222,8 +222,9 @@ def gate_decision(policy: PromotionPolicy, metrics: dict[str, float], interval: 
         champion_score = metrics.get(f"champion_{m}")
         if champion_score is None or evaluated_against is None \
                 or int(evaluated_against) != int(champion[0]):
-            return False, (f"evaluated against v{evaluated_against and int(evaluated_against)}, "
-                           f"but the champion is now v{champion[0]}: rerun evaluate to compare")
+            against = (f"v{int(evaluated_against)}" if evaluated_against else "no champion")
+            return False, (f"evaluated against {against}, but the champion is now "
+                           f"v{champion[0]}: rerun evaluate to compare")
         needed = champion_score * (1 + policy.margin)
         if score < needed:
             return False, (f"{m} {score:.4f} < champion v{champion[0]} {champion_score:.4f} "
