@@ -19,7 +19,6 @@ A ``Bundle`` is immutable once loaded; the server swaps whole bundles, never edi
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from core.checksums import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,8 @@ class BundleError(RuntimeError):
     """A bundle that is incomplete or whose files do not match their checksums."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _checksums(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): _sha256(p)
+    return {str(p.relative_to(folder)): sha256_file(p)
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
@@ -106,7 +99,7 @@ def verify(folder: Path) -> dict[str, Any]:
         file = folder / name
         if not file.exists():
             raise BundleError(f"bundle {folder}: {name} is missing")
-        actual = _sha256(file)
+        actual = sha256_file(file)
         if actual != expected:
             raise BundleError(f"bundle {folder}: checksum mismatch for {name} "
                               f"(manifest {expected[:12]}, file {actual[:12]}); refusing to load")

@@ -23,7 +23,6 @@ factory with the same threshold, so what is measured retrieves as what is served
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from core.checksums import sha256_file
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -164,14 +164,6 @@ def build_indexes(matrices: Mapping[str, np.ndarray | None],
     return {name: VectorIndex(m, exact_max) for name, m in matrices.items() if m is not None}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_indexes(indexes: Mapping[str, VectorIndex], folder: Path) -> dict[str, Any]:
     """Write each index (``<space>.faiss``) and ``indexes.json`` (each one's ``info()`` and
     checksum) into ``folder``; returns the metadata written."""
@@ -182,7 +174,7 @@ def save_indexes(indexes: Mapping[str, VectorIndex], folder: Path) -> dict[str, 
     for name, index in indexes.items():
         path = folder / f"{name}.faiss"
         faiss.write_index(index.index, str(path))
-        meta[name] = {**index.info(), "file": path.name, "sha256": _sha256(path)}
+        meta[name] = {**index.info(), "file": path.name, "sha256": sha256_file(path)}
     (folder / INDEX_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return meta
 
@@ -213,7 +205,7 @@ def load_indexes(folder: Path, matrices: Mapping[str, np.ndarray | None]
         if info is None:
             raise IndexLoadError(f"{folder}: no index for the {name} space")
         path = folder / info["file"]
-        if not path.exists() or _sha256(path) != info["sha256"]:
+        if not path.exists() or sha256_file(path) != info["sha256"]:
             raise IndexLoadError(f"{folder}: {info['file']} is missing or its checksum differs")
         index = faiss.read_index(str(path))
         if index.ntotal != len(matrix):
