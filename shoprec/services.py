@@ -2,7 +2,9 @@
 
 ``up`` starts Airflow's api-server, scheduler, dag-processor and triggerer (each its own
 process, after ``airflow db migrate``; never ``airflow standalone``, whose children outlive
-a SIGTERM), the MLflow tracking server and the serving API, each in its own process group.
+a SIGTERM), the MLflow tracking server and the serving API, each in its own process group under
+shoprec.keeper, which starts a component again when it exits after start-up (a PostgreSQL
+restart makes Airflow's scheduler, dag-processor and triggerer exit).
 It records every PID, process-group id and start time in ``$SHOPREC_HOME/run/services.json``,
 waits until each component reports healthy and prints the URLs and the login. ``down`` stops
 exactly the recorded processes: SIGTERM to each group, SIGKILL after a timeout (Airflow's
@@ -26,6 +28,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -198,8 +201,12 @@ def components(settings: Settings) -> list[Component]:
 
 
 def _start(component: Component, settings: Settings) -> dict[str, Any]:
-    """Start one component (its own process group); its record, with its URLs."""
-    record = supervisor.start(component.cmd, component.env,
+    """Start one component (its own process group) under ``shoprec.keeper``, which starts
+    it again whenever it exits after start-up (Airflow's scheduler exits when its database
+    connection dies); its record, with its URLs."""
+    kept = [sys.executable, "-m", "shoprec.keeper", "--name", component.name, "--",
+            *component.cmd]
+    record = supervisor.start(kept, component.env,
                               log_dir(settings) / f"{component.name}.log", by="shoprec up",
                               cwd=PROJECT_ROOT)
     return {**record, "url": component.url, "health": component.health}
@@ -444,8 +451,21 @@ def status(settings: Settings | None = None) -> list[dict[str, Any]]:
         alive = bool(supervisor.members(record))
         rows.append({"component": name, "pid": record["pid"], "running": alive,
                      "healthy": alive and _healthy(record, name, health),
+                     "restarts": restarts(Path(record["log"])),
                      "url": record.get("url", ""), "log": record["log"]})
     return rows
+
+
+def restarts(log: Path) -> int:
+    """How often shoprec.keeper started the component again since ``up`` last started it
+    (the restart lines after the log's last start header)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return 0
+    since_start = text[text.rfind("\n=== "):]
+    return sum(1 for line in since_start.splitlines()
+               if line.startswith("shoprec.keeper:") and "; restart #" in line)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -480,5 +500,6 @@ def status_command() -> None:
         typer.echo("nothing running (no PID file)")
     for row in rows:
         state = "healthy" if row["healthy"] else "running" if row["running"] else "stopped"
-        typer.echo(f"{row['component']:<22} pid {row['pid']:<7} {state:<8} {row['url']}  "
-                   f"{row['log']}")
+        again = f"restarted {row['restarts']}x" if row["restarts"] else ""
+        typer.echo(f"{row['component']:<22} pid {row['pid']:<7} {state:<8} {again:<13} "
+                   f"{row['url']}  {row['log']}")
