@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="text-embedding cache (default: $SHOPREC_HOME/cache/text)")
     parser.add_argument("--no-two-tower", action="store_true", help="skip the two-tower model")
     parser.add_argument("--out", type=Path, default=None, help="also write FILE.json, FILE.md")
+    parser.add_argument("--max-users", type=int, default=20_000,
+                        help="test-user budget: a seeded uniform sample (0: every test user)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples for the 95%% intervals (0: none)")
     args = parser.parse_args(argv)
 
     if not args.data.is_file():
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(text_encoder=args.encoder, epochs=args.epochs, device="cpu")
     methods = standard_recommenders(config, cache_dir=cache, progress=True,
                                     two_tower=not args.no_two_tower, users=users)
-    result = run_protocol(events, catalog, methods, progress=True)
+    result = run_protocol(events, catalog, methods, progress=True,
+                          max_users=args.max_users or None, bootstrap=args.bootstrap)
     seconds = time.perf_counter() - started
 
     print()
@@ -138,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(quality_table(result))
     print()
+    if result.intervals:
+        for setting in ("all", "new"):
+            print(f"setting ({'a' if setting == 'all' else 'b'}):", *result.interval_lines(setting),
+                  sep="\n")
     for line in (target_report(result, "served") + target_report(result, "blend")
                  + target_report(result, "blend_weights")):
         print(line)

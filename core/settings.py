@@ -97,6 +97,8 @@ class Settings:
     serving_poll_seconds: float = 60.0
     index_exact_max: int = 50_000
     index_min_recall: float = 0.95
+    eval_max_users: int = 20_000
+    eval_bootstrap: int = 1000
     text_encoder: str = "minilm"
     allowed_lateness_hours: int = 1
     feast_project: str = "shoprec"
@@ -159,6 +161,8 @@ class Settings:
             index_exact_max=int(env.get("SHOPREC_INDEX_EXACT_MAX", cls.index_exact_max)),
             index_min_recall=float(env.get("SHOPREC_INDEX_MIN_RECALL",
                                            cls.index_min_recall)),
+            eval_max_users=int(env.get("SHOPREC_EVAL_MAX_USERS", cls.eval_max_users)),
+            eval_bootstrap=int(env.get("SHOPREC_EVAL_BOOTSTRAP", cls.eval_bootstrap)),
             text_encoder=env.get("SHOPREC_TEXT_ENCODER", cls.text_encoder),
             allowed_lateness_hours=int(
                 env.get("SHOPREC_ALLOWED_LATENESS_HOURS", cls.allowed_lateness_hours)

@@ -43,6 +43,7 @@ from training.registry import (
     CHAMPION,
     TAG_FINGERPRINT,
     TAG_INTERVAL,
+    PromotionPolicy,
     alias_version,
     code_version,
     delete_unfinished_runs,
@@ -374,6 +375,77 @@ def metric_name(method: str, setting: str, segment: str, metric: str) -> str:
     return "_".join([*parts, metric])
 
 
+def interval_metrics(result: Any, against: float, gate_metric: str,
+                     baselines: tuple[str, ...] = BASELINES) -> dict[str, float]:
+    """What an evaluation logs to the training run and the promotion gate reads.
+
+    Args:
+        result: the protocol's result, with methods ``model``, ``two_tower`` (optional),
+            ``champion`` (when there is one) and the baselines.
+        against: the champion's version (0.0: none).
+        gate_metric: the gate's metric.
+        baselines: the baselines' method names (those present are used).
+
+    Returns:
+        Every figure (``metric_name``), ``best_baseline_*``, the test-user counts, the
+        bootstrap figures (``uncertainty_metrics``) and ``champion_version``.
+    """
+    from training.data import SETTINGS
+
+    present = tuple(b for b in baselines if b in result.metrics)
+    metrics: dict[str, float] = {}
+    for method, settings_ in result.metrics.items():
+        for setting, segments in settings_.items():
+            for segment, values in segments.items():
+                metrics.update({metric_name(method, setting, segment, k): v
+                                for k, v in values.items() if k != "n_users"})
+    for setting in SETTINGS:
+        prefix = "" if setting == "all" else "new_"
+        for key in result.metrics[MODEL][setting]["all"]:
+            if key != "n_users":
+                metrics[f"best_baseline_{prefix}{key}"] = max(
+                    result.value(b, setting, key) for b in present)
+        metrics[f"{prefix}holdout_users"] = float(result.n_users[setting])
+        metrics[f"{prefix}holdout_users_total"] = float(
+            result.sampled_from.get(setting, result.n_users[setting]))
+    metrics.update(uncertainty_metrics(result, gate_metric,
+                                       "champion" if "champion" in result.metrics else None,
+                                       present))
+    metrics["champion_version"] = against
+    return metrics
+
+
+def uncertainty_metrics(result: Any, gate_metric: str, champion: str | None,
+                        baselines: tuple[str, ...] = BASELINES) -> dict[str, float]:
+    """The evaluation's bootstrap figures, as MLflow metrics.
+
+    ``<figure>_ci_low`` / ``_ci_high`` beside every overall Recall and NDCG figure, and what
+    the promotion gate reads: ``gate_vs_baseline_{diff,low,high}`` (the served ranking minus
+    the best baseline on the gate metric, paired over the same test users) and, when there is
+    a champion, ``gate_vs_champion_{diff,low,high}``; ``gate_confidence`` their level. Empty
+    without bootstrap resamples.
+    """
+    if not result.bootstrap:
+        return {}
+    out: dict[str, float] = {}
+    for method, by_setting in result.intervals.items():
+        for setting, by_metric in by_setting.items():
+            for metric, (low, high) in by_metric.items():
+                name = metric_name(method, setting, "all", metric)
+                out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
+    if gate_metric not in result.per_user[MODEL]["all"]:
+        return out
+    best = max(baselines, key=lambda b: result.value(b, "all", gate_metric))
+    pairs = {"baseline": best, "champion": champion}
+    for key, other in pairs.items():
+        if other is not None:
+            paired = result.paired(MODEL, other, gate_metric)
+            out.update({f"gate_vs_{key}_diff": paired.diff, f"gate_vs_{key}_low": paired.low,
+                        f"gate_vs_{key}_high": paired.high})
+    out["gate_confidence"] = result.confidence
+    return out
+
+
 def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date,
                       holdout: HoldoutConfig = HoldoutConfig()) -> dict[str, Any]:
     """Measure the run's ranking, its two-tower model, the champion and every baseline on
@@ -423,23 +495,13 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
         methods.append(ServedRecommender(scorer=load_scorer(settings, champion.run_id),
                                          cache_dir=cache, users=data.users, name="champion"))
     methods += [Popularity(), Repeat(), ItemKNN(), ALS(), TextCosine(scorer.model_config, cache)]
+    policy = PromotionPolicy.from_env()
     result = evaluate_split(split, methods, holdout.ks, test_days=data.test_days,
-                            curve_k=CURVE_MAX_K)
+                            curve_k=CURVE_MAX_K, max_users=settings.eval_max_users,
+                            bootstrap=settings.eval_bootstrap,
+                            confidence=policy.confidence or 0.95)
 
-    metrics: dict[str, float] = {}
-    for method, settings_ in result.metrics.items():
-        for setting, segments in settings_.items():
-            for segment, values in segments.items():
-                metrics.update({metric_name(method, setting, segment, k): v
-                                for k, v in values.items() if k != "n_users"})
-    for setting in SETTINGS:
-        prefix = "" if setting == "all" else "new_"
-        for key in result.metrics[MODEL][setting]["all"]:
-            if key != "n_users":
-                metrics[f"best_baseline_{prefix}{key}"] = max(
-                    result.value(b, setting, key) for b in BASELINES)
-        metrics[f"{prefix}holdout_users"] = float(result.n_users[setting])
-    metrics["champion_version"] = against
+    metrics = interval_metrics(result, against, policy.metric)
 
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=mlflow_run_id):
         mlflow.log_metrics(metrics)

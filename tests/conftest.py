@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from shops import TEST_SHOP_GATE
 
 # The tiers (fast, integration, operations): markers, and a collection check that every test
 # is in exactly one (tests/tiers.py); pytester, to test that check.
@@ -34,6 +35,8 @@ def shop_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SHOPREC_HOME", str(home))
     monkeypatch.setenv("SHOPREC_LANDING_ROOT", str(home / "landing"))
     monkeypatch.setenv("SHOPREC_TEXT_ENCODER", "tiny")
+    for key, value in TEST_SHOP_GATE.items():
+        monkeypatch.setenv(key, value)
     for key in ("SHOPREC_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(key, raising=False)
     return home

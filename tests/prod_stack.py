@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from shops import TEST_SHOP_GATE
+
 START = dt.date(2026, 1, 1)
 # Days 1-2 run through the REST API, 3-5 through a backfill (training needs 5 days of
 # history: 3 to train, 1 to validate, 1 to test), 6-7 around the PostgreSQL restart.
@@ -76,6 +78,7 @@ def prod_stack(root: Path, tag: str, redis_db: int, components: list[str] | None
         # (on this small shop it may): the served champion is what these tests need, the
         # gate's rules are tested in tests/integration/test_promotion_gate.py.
         "SHOPREC_PROMOTION_BEAT_BASELINE": "0",
+        **TEST_SHOP_GATE,
         **(extra_env or {}),
     })
     from core.settings import Settings

@@ -16,7 +16,7 @@ one purchase in the window; a user's truth is the distinct products purchased in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -173,6 +173,26 @@ class Split:
     def exclusions(self, setting: str) -> dict[str, set[str]] | None:
         """What ``recommend`` must leave out in a setting (None for "all")."""
         return self.exclude if setting == "new" else None
+
+    def sample(self, max_users: int | None, seed: int = 0) -> Split:
+        """This split with at most ``max_users`` test users, drawn uniformly (seeded) from
+        the users of setting "all"; both settings keep only the drawn users, so every method
+        and both settings are measured on one sample. ``self`` when it is small enough.
+
+        Args:
+            max_users: the budget (None or 0: no sampling).
+            seed: the draw's seed (a rerun draws the same users).
+        """
+        users = self.users("all")
+        if not max_users or len(users) <= max_users:
+            return self
+        rng = np.random.default_rng(seed)
+        keep = {users[i] for i in rng.choice(len(users), size=max_users, replace=False)}
+        truth = {s: {u: t for u, t in by_user.items() if u in keep}
+                 for s, by_user in self.truth.items()}
+        return replace(self, truth=truth,
+                       exclude={u: v for u, v in self.exclude.items() if u in keep},
+                       past_events={u: v for u, v in self.past_events.items() if u in keep})
 
     def segment_truth(self, setting: str, segment: str) -> dict[str, set[str]]:
         """The truth of a segment's users (restricted to new products for that segment)."""

@@ -169,12 +169,18 @@ class PromotionPolicy:
             (0.01 = 1 %). SHOPREC_PROMOTION_MARGIN.
         beat_baseline: the challenger must also beat the best baseline measured on the same
             holdout. SHOPREC_PROMOTION_BEAT_BASELINE (1/0).
+        confidence: the challenger's advantage over the champion and over the best baseline
+            must hold at this confidence: the two-sided bootstrap interval of the paired
+            difference (the same test users) lies above zero, so noise (a retraining with
+            another seed) cannot move the champion. 0 compares point estimates only.
+            SHOPREC_PROMOTION_CONFIDENCE.
         metric: the gate metric.
     """
 
     mode: str = "auto"
     margin: float = 0.01
     beat_baseline: bool = True
+    confidence: float = 0.95
     metric: str = GATE_METRIC
 
     @classmethod
@@ -183,10 +189,36 @@ class PromotionPolicy:
         mode = env.get("SHOPREC_PROMOTION_MODE", cls.mode)
         if mode not in ("auto", "manual"):
             raise ValueError(f"SHOPREC_PROMOTION_MODE={mode!r}: expected auto or manual")
-        return cls(mode=mode,
+        confidence = float(env.get("SHOPREC_PROMOTION_CONFIDENCE", cls.confidence))
+        if not 0 <= confidence < 1:
+            raise ValueError(f"SHOPREC_PROMOTION_CONFIDENCE={confidence}: expected 0 (point "
+                             f"estimates) or a level in (0, 1), e.g. 0.95")
+        return cls(mode=mode, confidence=confidence,
                    margin=float(env.get("SHOPREC_PROMOTION_MARGIN", cls.margin)),
                    beat_baseline=env.get("SHOPREC_PROMOTION_BEAT_BASELINE", "1").lower()
                    not in ("0", "false", "no"))
+
+
+def _paired(metrics: dict[str, float], against: str) -> str:
+    """`` (paired +0.0123, 95% CI [+0.0040, +0.0210])`` when the evaluation logged it."""
+    keys = [f"gate_vs_{against}_{part}" for part in ("diff", "low", "high")]
+    if not all(k in metrics for k in keys):
+        return ""
+    diff, low, high = (metrics[k] for k in keys)
+    level = metrics.get("gate_confidence", 0.95)
+    return f" (paired {diff:+.4f}, {level:.0%} CI [{low:+.4f}, {high:+.4f}])"
+
+
+def _within_noise(policy: PromotionPolicy, metrics: dict[str, float], against: str) -> str:
+    """Why the advantage over ``against`` ("champion" or "baseline") is not sure at the
+    policy's confidence, or "" (sure, or no interval logged, or the policy compares point
+    estimates)."""
+    low = metrics.get(f"gate_vs_{against}_low")
+    if policy.confidence <= 0 or low is None or low > 0:
+        return ""
+    return ("the interval of the paired difference reaches zero"
+            + _paired(metrics, against)
+            + "; set SHOPREC_PROMOTION_CONFIDENCE=0 to compare point estimates")
 
 
 def gate_decision(policy: PromotionPolicy, metrics: dict[str, float], interval: str,
@@ -197,7 +229,9 @@ def gate_decision(policy: PromotionPolicy, metrics: dict[str, float], interval: 
         policy: the promotion policy.
         metrics: the challenger run's metrics, measured on one holdout: the model's
             (``recall_at_50``), the champion's (``champion_*``, ``champion_version``) and the
-            best baseline's (``best_baseline_*``).
+            best baseline's (``best_baseline_*``); when the evaluation bootstrapped, the
+            paired differences ``gate_vs_{champion,baseline}_{diff,low,high}`` at
+            ``gate_confidence``.
         interval: the challenger's data interval.
         champion: (version, interval) of the current champion, or None.
         candidate_version: the challenger's version.
@@ -217,6 +251,10 @@ def gate_decision(policy: PromotionPolicy, metrics: dict[str, float], interval: 
     baseline = metrics.get(f"best_baseline_{m}")
     if policy.beat_baseline and baseline is not None and score <= baseline:
         return False, f"{m} {score:.4f} does not beat the best baseline {baseline:.4f}"
+    noise = _within_noise(policy, metrics, "baseline")
+    if policy.beat_baseline and noise:
+        return False, (f"{m} {score:.4f} beats the best baseline {baseline:.4f} only within "
+                       f"noise: {noise}")
     if champion is not None:
         evaluated_against = metrics.get("champion_version")
         champion_score = metrics.get(f"champion_{m}")
@@ -229,12 +267,16 @@ def gate_decision(policy: PromotionPolicy, metrics: dict[str, float], interval: 
         if score < needed:
             return False, (f"{m} {score:.4f} < champion v{champion[0]} {champion_score:.4f} "
                            f"x (1 + margin {policy.margin:g})")
+        noise = _within_noise(policy, metrics, "champion")
+        if noise:
+            return False, (f"{m} {score:.4f} vs champion v{champion[0]} "
+                           f"{champion_score:.4f}: the advantage is within noise: {noise}")
         reason = (f"{m} {score:.4f} >= champion v{champion[0]} {champion_score:.4f} "
-                  f"x (1 + margin {policy.margin:g})")
+                  f"x (1 + margin {policy.margin:g})" + _paired(metrics, "champion"))
     else:
         reason = "no champion yet"
     if baseline is not None:
-        reason += f"; beats the best baseline {baseline:.4f}"
+        reason += f"; beats the best baseline {baseline:.4f}" + _paired(metrics, "baseline")
     if policy.mode == "manual":
         return False, (f"gate passed ({reason}) but promotion is manual: move the champion "
                        f"alias in the MLflow UI or run `shoprec model promote {candidate_version}`")

@@ -45,5 +45,12 @@ def test_reevaluation_against_a_newer_champion_recomputes(shop_copy) -> None:
     assert history() == [*before, float(middle)]  # measured again, against v2
     assert 0 <= result["champion_recall_at_50"] <= 1
     assert result["recall_at_50"] == again["recall_at_50"]  # the challenger measures alike
+    # the bootstrap figures the gate reads, paired against the new champion
+    assert result["recall_at_50_ci_low"] <= result["recall_at_50"] <= result["recall_at_50_ci_high"]
+    assert result["gate_vs_champion_low"] <= result["gate_vs_champion_diff"] \
+        <= result["gate_vs_champion_high"]
+    assert result["gate_vs_champion_diff"] == pytest.approx(
+        result["recall_at_50"] - result["champion_recall_at_50"])
+    assert result["holdout_users"] == result["holdout_users_total"]  # tiny shop: no sampling
     reason = promote_if_better(settings, last, policy)["reason"]
     assert "rerun evaluate" not in reason and f"champion v{middle}" in reason

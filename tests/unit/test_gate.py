@@ -66,3 +66,48 @@ def test_policy_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHOPREC_PROMOTION_MODE", "sometimes")
     with pytest.raises(ValueError, match="auto or manual"):
         PromotionPolicy.from_env()
+
+
+def _with_intervals(metrics: dict[str, float], **pairs: tuple[float, float, float]) -> dict:
+    out = dict(metrics, gate_confidence=0.95)
+    for against, (diff, low, high) in pairs.items():
+        out.update({f"gate_vs_{against}_diff": diff, f"gate_vs_{against}_low": low,
+                    f"gate_vs_{against}_high": high})
+    return out
+
+
+def test_an_advantage_within_noise_keeps_the_champion() -> None:
+    # 0.45 vs 0.40 passes the margin, but the paired interval reaches zero
+    metrics = _with_intervals(_metrics(0.45, champion=0.40),
+                              champion=(0.05, -0.01, 0.11), baseline=(0.15, 0.10, 0.20))
+    promote, reason = gate_decision(AUTO, metrics, "2026-01-15", ("1", "2026-01-01"), "2")
+    assert promote is False
+    assert "within noise" in reason and "95% CI [-0.0100, +0.1100]" in reason
+
+
+def test_a_sure_advantage_is_promoted_and_the_reason_says_how_sure() -> None:
+    metrics = _with_intervals(_metrics(0.45, champion=0.40),
+                              champion=(0.05, 0.02, 0.08), baseline=(0.15, 0.10, 0.20))
+    promote, reason = gate_decision(AUTO, metrics, "2026-01-15", ("1", "2026-01-01"), "2")
+    assert promote is True
+    assert "paired +0.0500, 95% CI [+0.0200, +0.0800]" in reason
+
+
+def test_the_first_champion_must_beat_the_best_baseline_beyond_noise() -> None:
+    noisy = _with_intervals(_metrics(0.35), baseline=(0.05, -0.02, 0.12))
+    promote, reason = gate_decision(AUTO, noisy, "2026-01-15", None, "1")
+    assert promote is False and "beats the best baseline 0.3000 only within noise" in reason
+    sure = _with_intervals(_metrics(0.35), baseline=(0.05, 0.01, 0.09))
+    assert gate_decision(AUTO, sure, "2026-01-15", None, "1")[0] is True
+    # without the baseline rule, or at confidence 0 (point estimates), noise is no reason
+    assert gate_decision(PromotionPolicy(beat_baseline=False), noisy, "2026-01-15", None,
+                         "1")[0] is True
+    assert gate_decision(PromotionPolicy(confidence=0), noisy, "2026-01-15", None, "1")[0]
+
+
+def test_confidence_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOPREC_PROMOTION_CONFIDENCE", "0.9")
+    assert PromotionPolicy.from_env().confidence == 0.9
+    monkeypatch.setenv("SHOPREC_PROMOTION_CONFIDENCE", "95")
+    with pytest.raises(ValueError, match="a level in"):
+        PromotionPolicy.from_env()

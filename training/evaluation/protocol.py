@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -32,15 +33,19 @@ from training.data import SETTINGS, TEST_DAYS, Split, temporal_split
 from training.evaluation.blends import standard_recommenders
 from training.evaluation.metrics import setting_metrics
 from training.evaluation.report import ProtocolResult
+from training.evaluation.uncertainty import interval, per_user_accuracy
 from training.metrics import DEFAULT_KS, recall_curve
 from training.recommender import Recommender
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_USERS = 20_000  # the test-user budget (Settings.eval_max_users in the DAG)
+
 
 def evaluate_recommender(
     recommender: Recommender, split: Split, ks: Iterable[int] = DEFAULT_KS,
     curves: dict[str, list[float]] | None = None, curve_k: int = 100,
+    per_user: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Ask a fitted recommender for both settings' users and measure it.
 
@@ -50,6 +55,8 @@ def evaluate_recommender(
         ks: cut-offs.
         curves: when given, filled with setting -> Recall@K for K = 1..``curve_k``.
         curve_k: the longest list asked for when ``curves`` is given.
+        per_user: when given, filled with setting -> metric -> (U,) Recall and NDCG of each
+            test user (``split.users(setting)`` order).
 
     Returns:
         setting -> segment -> metric -> value.
@@ -62,9 +69,11 @@ def evaluate_recommender(
         lists = recommender.recommend(users, top, exclude=split.exclusions(setting))
         ranked = dict(zip(users, lists, strict=True))
         out[setting] = setting_metrics(split, setting, ranked, ks)
+        truth = [split.truth[setting][u] for u in users]
         if curves is not None:
-            truth = [split.truth[setting][u] for u in users]
             curves[setting] = [float(v) for v in recall_curve(lists, truth, curve_k)]
+        if per_user is not None:
+            per_user[setting] = per_user_accuracy(lists, truth, ks)
     return out
 
 
@@ -77,6 +86,9 @@ def run_protocol(
     test_days: int = TEST_DAYS,
     *,
     progress: bool = False,
+    max_users: int | None = DEFAULT_MAX_USERS,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
 ) -> ProtocolResult:
     """Fit every method on the data before the cut and measure it in both settings.
 
@@ -90,6 +102,9 @@ def run_protocol(
         ks: cut-offs.
         test_days: test window.
         progress: a progress bar over methods.
+        max_users: test-user budget (``evaluate_split``).
+        bootstrap: resamples for the intervals (0: none).
+        confidence: the intervals' level.
 
     Returns:
         The table. Raises ValueError when there is no test user.
@@ -98,7 +113,8 @@ def run_protocol(
     if not split.truth["all"]:
         raise ValueError(f"no test users: nobody with an event before {split.cut} purchased "
                          f"in the {test_days} days after it")
-    return evaluate_split(split, recommenders, ks, test_days=test_days, progress=progress)
+    return evaluate_split(split, recommenders, ks, test_days=test_days, progress=progress,
+                          max_users=max_users, bootstrap=bootstrap, confidence=confidence)
 
 
 def evaluate_split(
@@ -110,8 +126,16 @@ def evaluate_split(
     fit: bool = True,
     curve_k: int = 0,
     progress: bool = False,
+    max_users: int | None = None,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
 ) -> ProtocolResult:
     """Fit (unless ``fit`` is False: already fitted on ``split.train``) and measure methods.
+
+    With ``max_users``, every method is measured on one seeded uniform sample of the test
+    users (``Split.sample``); with ``bootstrap``, Recall and NDCG get percentile bootstrap
+    intervals (the same resamples for every method) and the per-user values are kept for
+    paired comparisons (``ProtocolResult.paired``).
 
     Args:
         split: the temporal split.
@@ -121,11 +145,16 @@ def evaluate_split(
         fit: fit each method on ``split.train`` first.
         curve_k: also record Recall@K for K = 1..curve_k per method and setting (0: no).
         progress: a progress bar over methods.
+        max_users: the test-user budget (None or 0: every test user).
+        bootstrap: resamples for the intervals (0: no intervals, no per-user values).
+        confidence: the intervals' level.
 
     Returns:
         The table.
     """
     ks = tuple(sorted(set(ks)))
+    population = {s: len(split.truth[s]) for s in SETTINGS}
+    split = split.sample(max_users)
     names = [r.name for r in recommenders]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique: {names}")
@@ -133,7 +162,11 @@ def evaluate_split(
         cut=split.cut.isoformat(), end=split.end.isoformat(), test_days=test_days, ks=ks,
         n_products=len(split.train.product_ids), n_train_events=len(split.train.events),
         n_users={s: len(split.truth[s]) for s in SETTINGS},
+        confidence=confidence, bootstrap=bootstrap,
     )
+    if any(len(split.truth[s]) < n for s, n in population.items()):
+        result.sampled_from = population
+        log.info("evaluating on a sample of %s test users (of %s)", result.n_users, population)
     bar = tqdm(recommenders, desc="methods", unit="method", disable=not progress)
     for rec in bar:
         bar.set_postfix_str(rec.name)
@@ -141,9 +174,17 @@ def evaluate_split(
         if fit:
             rec.fit(split.train)
         curves: dict[str, list[float]] | None = {} if curve_k else None
-        result.metrics[rec.name] = evaluate_recommender(rec, split, ks, curves, curve_k)
+        per_user: dict[str, dict[str, np.ndarray]] | None = {} if bootstrap else None
+        result.metrics[rec.name] = evaluate_recommender(rec, split, ks, curves, curve_k,
+                                                        per_user)
         if curves is not None:
             result.curves[rec.name] = curves
+        if per_user is not None:
+            result.per_user[rec.name] = per_user
+            result.intervals[rec.name] = {
+                setting: {metric: list(interval(values, confidence, bootstrap))
+                          for metric, values in by_metric.items()}
+                for setting, by_metric in per_user.items()}
         result.seconds[rec.name] = time.perf_counter() - started
         params = getattr(rec, "params", None)
         if callable(params):

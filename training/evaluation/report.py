@@ -4,10 +4,11 @@ MLflow.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from training.data import SEGMENTS, SETTING_TITLES, SETTINGS
+from training.evaluation.uncertainty import PairedDifference, paired_difference
 
 COLUMNS = ("recall", "ndcg", "hit_rate", "coverage", "gini")
 SHORT = {"recall": "R", "ndcg": "NDCG", "hit_rate": "HR", "coverage": "Cov", "gini": "Gini"}
@@ -37,6 +39,14 @@ class ProtocolResult:
         seconds: method -> wall time to fit and recommend.
         params: method -> what it chose (e.g. blend weights); JSON-able.
         curves: method -> setting -> Recall@K for K = 1.. (when asked for).
+        sampled_from: setting -> test users before sampling to the evaluation's budget
+            (empty when every test user was measured).
+        confidence: the level of ``intervals``.
+        bootstrap: resamples behind ``intervals`` (0: none computed).
+        intervals: method -> setting -> metric (Recall and NDCG at each K, overall) ->
+            [low, high], the percentile bootstrap over test users.
+        per_user: method -> setting -> metric -> (U,) values, the same users in the same
+            order for every method (what paired comparisons resample); not serialized.
     """
 
     cut: str
@@ -50,6 +60,20 @@ class ProtocolResult:
     seconds: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    sampled_from: dict[str, int] = field(default_factory=dict)
+    confidence: float = 0.95
+    bootstrap: int = 0
+    intervals: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    per_user: dict[str, dict[str, dict[str, np.ndarray]]] = field(
+        default_factory=dict, repr=False, compare=False)
+
+    def paired(self, method: str, other: str, metric: str,
+               setting: str = "all") -> PairedDifference:
+        """``method`` minus ``other`` on ``metric``, paired over the same test users, with
+        the bootstrap interval at this result's confidence."""
+        return paired_difference(self.per_user[method][setting][metric],
+                                 self.per_user[other][setting][metric],
+                                 self.confidence, self.bootstrap)
 
     @property
     def methods(self) -> list[str]:
@@ -64,7 +88,8 @@ class ProtocolResult:
         return pd.DataFrame({m: self.metrics[m][setting][segment] for m in self.metrics}).T
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
+               if f.name != "per_user"}
         out["ks"] = list(self.ks)
         return out
 
@@ -94,7 +119,9 @@ class ProtocolResult:
             f"Temporal split at {self.cut} (test window {self.test_days} days, to "
             f"{self.end}); {self.n_train_events:,} training events, {self.n_products:,} "
             f"candidate products; test users: "
-            + ", ".join(f"{SETTING_TITLES[s]} {n:,}" for s, n in self.n_users.items()),
+            + ", ".join(f"{SETTING_TITLES[s]} {n:,}" for s, n in self.n_users.items())
+            + (f" (a uniform sample of {self.sampled_from.get('all', 0):,} test users)"
+               if self.sampled_from else ""),
             "",
         ]
         overall = [f"{c}_at_{k}" for c in COLUMNS for k in self.ks]
@@ -108,6 +135,8 @@ class ProtocolResult:
                 lines += ["", "Reference figures:", ""]
                 lines += _markdown_table(overall, [(m, v, None) for m, v in ref.items()])
             lines.append("")
+            if self.intervals:
+                lines += self.interval_lines(setting)
             for segment in SEGMENTS:
                 n = {m: int(self.metrics[m][setting][segment]["n_users"]) for m in self.methods}
                 count = next(iter(n.values()), 0)
@@ -117,6 +146,22 @@ class ProtocolResult:
                 lines += _markdown_table(seg_cols, rows)
                 lines.append("")
         return "\n".join(lines).rstrip() + "\n"
+
+
+    def interval_lines(self, setting: str) -> list[str]:
+        """The setting's Recall and NDCG with their bootstrap intervals."""
+        cols = [f"{c}_at_{k}" for c in ("recall", "ndcg") for k in self.ks]
+        lines = [f"{self.confidence:.0%} bootstrap intervals over test users "
+                 f"({self.bootstrap:,} resamples):", "",
+                 "| method | " + " | ".join(_header(c) for c in cols) + " |",
+                 "|---|" + "---:|" * len(cols)]
+        for method in self.methods:
+            bounds = self.intervals.get(method, {}).get(setting, {})
+            cells = [f"{self.metrics[method][setting]['all'][c]:.3f} "
+                     f"[{bounds[c][0]:.3f}, {bounds[c][1]:.3f}]" if c in bounds else "–"
+                     for c in cols]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        return [*lines, ""]
 
 
 def _header(metric: str) -> str:
