@@ -74,7 +74,7 @@ class ScoredRecommender:
         k: int,
         *,
         exclude: Mapping[str, set[str]] | None = None,
-        batch_size: int = 2048,
+        batch_size: int | None = None,
     ) -> list[list[str]]:
         """Top ``k`` of ``scores`` per user, excluded products removed.
 
@@ -82,13 +82,17 @@ class ScoredRecommender:
             user_ids: users to recommend for.
             k: list length.
             exclude: user -> products never to recommend to them.
-            batch_size: users scored at once.
+            batch_size: users scored at once (default: as many as keep one (b, N) float64
+                block within ``SCORE_BLOCK_BYTES``, at most 2,048: 335 users at 100,000
+                products).
 
         Returns:
             Per user, up to ``k`` product ids, best first.
         """
         data = self.fitted
         ids = np.asarray(data.product_ids, dtype=object)
+        if batch_size is None:
+            batch_size = score_batch(len(ids))
         out: list[list[str]] = []
         for start in range(0, len(user_ids), batch_size):
             batch = list(user_ids[start : start + batch_size])
@@ -96,6 +100,15 @@ class ScoredRecommender:
             mask_excluded(scores, batch, exclude, data.item_index)
             out.extend(ranked_ids(scores, ids, k))
         return out
+
+
+SCORE_BLOCK_BYTES = 256 * 2**20
+
+
+def score_batch(n_products: int, most: int = 2048) -> int:
+    """Users to score at once so that one (b, N) float64 block stays within
+    ``SCORE_BLOCK_BYTES`` (at least 16)."""
+    return max(16, min(most, SCORE_BLOCK_BYTES // (8 * max(n_products, 1))))
 
 
 def mask_excluded(
