@@ -71,6 +71,24 @@ def _lookup() -> dict[str, str]:
     return {**(read_config_file(config) if config else {}), **os.environ}
 
 
+GPU_POD_TEMPLATE = "/opt/shoprec/pod-templates/pod-template-gpu.yaml"
+
+
+def train_executor_config() -> dict[str, str]:
+    """The ``executor_config`` of the DAG's ``train`` task (read when the DAG is parsed).
+
+    In the production profile the task asks the KubernetesExecutor for the GPU pod template
+    (``infra/helm/pod-template-gpu.yaml``, mounted at ``GPU_POD_TEMPLATE``);
+    ``SHOPREC_TRAIN_POD_TEMPLATE`` names another path, or "" for none. The LocalExecutor
+    (``shoprec up``, compose, the embedded profile) ignores it. A plain dict: no
+    ``kubernetes`` import at parse time.
+    """
+    env = _lookup()
+    default = GPU_POD_TEMPLATE if env.get("SHOPREC_PROFILE") == "prod" else ""
+    path = env.get("SHOPREC_TRAIN_POD_TEMPLATE", default).strip()
+    return {"pod_template_file": path} if path else {}
+
+
 def _env_path(name: str, default: Path, env: dict[str, str] | None = None) -> Path:
     value = (os.environ if env is None else env).get(name)
     return Path(value).expanduser().resolve() if value else default

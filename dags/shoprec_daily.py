@@ -64,6 +64,8 @@ from datetime import datetime, timedelta
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
+from core.settings import train_executor_config
+
 LANDING = Asset(name="shoprec_landing", uri="shoprec://landing/daily")
 FEATURES = Asset(name="shoprec_features", uri="shoprec://features/daily")
 MODEL = Asset(name="shoprec_model", uri="shoprec://model/daily")
@@ -177,7 +179,8 @@ def shoprec_daily():
         _emit(FEATURES, {"day": _interval_day()})
         return result
 
-    @task
+    # Production: the GPU pod template under the KubernetesExecutor (ignored elsewhere).
+    @task(executor_config=train_executor_config())
     def train(materialized: dict) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from core.settings import DAGS_FOLDER
+from core.settings import DAGS_FOLDER, GPU_POD_TEMPLATE
 from shoprec.alerts import report_task_failure
 from shoprec.params import check_run_params, train_policy, training_decision
 
@@ -251,3 +251,23 @@ def test_failure_callback_survives_an_unreachable_or_slow_webhook(
     # even a context without a task instance does not raise
     monkeypatch.delenv("SHOPREC_ALERT_WEBHOOK")
     assert report_task_failure({})["task_id"] is None
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"SHOPREC_PROFILE": "prod"}, {"pod_template_file": GPU_POD_TEMPLATE}),
+    ({"SHOPREC_PROFILE": "prod", "SHOPREC_TRAIN_POD_TEMPLATE": ""}, {}),
+    ({}, {}),
+    ({"SHOPREC_TRAIN_POD_TEMPLATE": "/etc/pods/a100.yaml"},
+     {"pod_template_file": "/etc/pods/a100.yaml"}),
+])
+def test_train_asks_for_the_gpu_pod_in_production(env: dict, expected: dict,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    for key in ("SHOPREC_PROFILE", "SHOPREC_TRAIN_POD_TEMPLATE", "SHOPREC_CONFIG"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    dag = DagBag(dag_folder=str(DAGS_FOLDER)).dags["shoprec_daily"]
+    assert dag.get_task("train").executor_config == expected
+    assert all(dag.get_task(t).executor_config == {} for t in ("validate", "evaluate"))
