@@ -115,6 +115,9 @@ class Settings:
     serving_poll_seconds: float = 60.0
     index_exact_max: int = 50_000
     index_min_recall: float = 0.95
+    text_trainable_layers: str = "auto"
+    train_max_examples: int = 500_000
+    train_max_minutes: float = 0.0
     eval_max_users: int = 20_000
     eval_bootstrap: int = 1000
     text_encoder: str = "minilm"
@@ -179,6 +182,12 @@ class Settings:
             index_exact_max=int(env.get("SHOPREC_INDEX_EXACT_MAX", cls.index_exact_max)),
             index_min_recall=float(env.get("SHOPREC_INDEX_MIN_RECALL",
                                            cls.index_min_recall)),
+            text_trainable_layers=env.get("SHOPREC_TEXT_TRAINABLE_LAYERS",
+                                          cls.text_trainable_layers).strip().lower(),
+            train_max_examples=int(env.get("SHOPREC_TRAIN_MAX_EXAMPLES",
+                                           cls.train_max_examples)),
+            train_max_minutes=float(env.get("SHOPREC_TRAIN_MAX_MINUTES",
+                                            cls.train_max_minutes)),
             eval_max_users=int(env.get("SHOPREC_EVAL_MAX_USERS", cls.eval_max_users)),
             eval_bootstrap=int(env.get("SHOPREC_EVAL_BOOTSTRAP", cls.eval_bootstrap)),
             text_encoder=env.get("SHOPREC_TEXT_ENCODER", cls.text_encoder),

@@ -128,9 +128,41 @@ class IntervalData:
                 "test_cut": self.test_cut.isoformat(), "end": self.end.isoformat()}
 
 
+FINE_TUNED_LAYERS_ON_CUDA = 2
+
+
+def text_trainable_layers(setting: str, cuda: bool | None = None) -> int:
+    """How many top layers of the text encoder the daily training fine-tunes.
+
+    Args:
+        setting: ``SHOPREC_TEXT_TRAINABLE_LAYERS``: "auto" (``FINE_TUNED_LAYERS_ON_CUDA``
+            when CUDA is present, else 0: frozen text, cached vectors), or a number.
+        cuda: whether CUDA is present (None: ask torch).
+    """
+    if setting in ("", "auto"):
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        return FINE_TUNED_LAYERS_ON_CUDA if cuda else 0
+    try:
+        layers = int(setting)
+    except ValueError:
+        raise ValueError(f"SHOPREC_TEXT_TRAINABLE_LAYERS={setting!r}: expected auto or a "
+                         f"number of layers (0: frozen)") from None
+    if layers < 0:
+        raise ValueError(f"SHOPREC_TEXT_TRAINABLE_LAYERS={layers}: must be >= 0")
+    return layers
+
+
 def train_config(settings: Settings) -> TrainConfig:
-    """The default hyper-parameters, with the text encoder the settings name."""
-    return TrainConfig(text_encoder=settings.text_encoder)
+    """The default hyper-parameters with what the settings choose: the text encoder, how
+    many of its layers are fine-tuned, and the training budget."""
+    return TrainConfig(text_encoder=settings.text_encoder,
+                       text_trainable_layers=text_trainable_layers(
+                           settings.text_trainable_layers),
+                       max_examples=settings.train_max_examples,
+                       max_minutes=settings.train_max_minutes)
 
 
 def load_interval(settings: Settings, day: dt.date, holdout: HoldoutConfig) -> IntervalData:
@@ -151,12 +183,22 @@ def load_interval(settings: Settings, day: dt.date, holdout: HoldoutConfig) -> I
                         read_upto(settings.landing_root, "users", day))
 
 
-def training_examples(settings: Settings, events: pd.DataFrame) -> pd.DataFrame:
+def training_examples(settings: Settings, events: pd.DataFrame,
+                      max_examples: int = 0) -> pd.DataFrame:
     """Purchases and add-to-carts of ``events``, each with the user's history (and profile)
-    as Feast held it at that moment (point in time: the end-of-day snapshot before it)."""
+    as Feast held it at that moment (point in time: the end-of-day snapshot before it).
+
+    Args:
+        max_examples: the training budget (``TrainConfig.max_examples``): only the most
+            recent this many targets are joined with Feast (0: all), so the join's cost
+            does not grow with the shop's age either.
+    """
     from features.store import historical_user_history
 
     targets = events[events["event_type"].isin(TARGET_EVENT_TYPES)]
+    if max_examples and len(targets) > max_examples:
+        stamps = pd.to_datetime(targets["ts"], utc=True).to_numpy()
+        targets = targets.iloc[np.sort(np.argsort(stamps, kind="stable")[-max_examples:])]
     entity = pd.DataFrame({
         "user_id": targets["user_id"].to_numpy(),
         "event_timestamp": targets["ts"].to_numpy(),
@@ -268,7 +310,8 @@ def train_interval(settings: Settings, day: str | dt.date,
     config = train_config(settings)
     scorer_config = scorer_config or ScorerConfig()
     data = load_interval(settings, day, holdout)
-    examples = training_examples(settings, data.events[data.events["ts"] < data.validation_cut])
+    examples = training_examples(settings, data.events[data.events["ts"] < data.validation_cut],
+                                 config.max_examples)
     if len(examples) < config.min_examples:
         raise NotEnoughHistory(f"{len(examples)} training examples with a user history "
                                f"before {data.validation_cut:%Y-%m-%d}; "

@@ -66,6 +66,13 @@ class TrainConfig:
             counters, recency, basket value, country; ``training.user_features``); False
             gives the history-only tower.
         country_dim: size of the country embedding of the user features.
+        max_examples: the training budget in examples: only the most recent this many
+            (by ``event_timestamp``) train, so a daily run's training does not grow with
+            the shop's age (what came before lives on through the warm start); 0: all.
+        max_minutes: the training budget in wall minutes: no epoch starts once this much
+            time has passed since training began (checked after each epoch; at least one
+            runs); 0: none. Unlike ``max_examples`` it makes the result depend on the
+            machine's speed.
     """
 
     text_encoder: str = MINILM
@@ -95,6 +102,8 @@ class TrainConfig:
     patience: int = 2
     user_features: bool = True
     country_dim: int = 8
+    max_examples: int = 500_000
+    max_minutes: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,7 +114,10 @@ class TrainConfig:
         for name in ("early_stopping_k", "patience"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
-        for name in ("epochs", "text_trainable_layers", "hard_negatives", "batch_size_cuda"):
+        if self.max_minutes < 0:
+            problems.append("max_minutes must be >= 0")
+        for name in ("epochs", "text_trainable_layers", "hard_negatives", "batch_size_cuda",
+                     "max_examples"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         if self.text_lr <= 0:

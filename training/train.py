@@ -190,6 +190,7 @@ def train(
     catalog = unique_products(catalog)
     product_ids = catalog["product_id"].astype(str).tolist()
     item_index = {p: i for i, p in enumerate(product_ids)}
+    examples = within_budget(examples, config.max_examples)
     targets, history, events, profiles = prepare_examples(examples, item_index,
                                                           config.history_len)
     if len(product_ids) < 2:
@@ -257,6 +258,17 @@ def train(
     )
 
 
+def within_budget(examples: pd.DataFrame, max_examples: int) -> pd.DataFrame:
+    """The most recent ``max_examples`` rows by ``event_timestamp`` (ties: the later row),
+    in their original order; all of them when ``max_examples`` is 0 or not exceeded."""
+    if not max_examples or len(examples) <= max_examples:
+        return examples
+    stamps = pd.to_datetime(examples["event_timestamp"], utc=True).to_numpy()
+    keep = np.sort(np.argsort(stamps, kind="stable")[-max_examples:])
+    log.info("training budget: the %d most recent of %d examples", max_examples, len(examples))
+    return examples.iloc[keep]
+
+
 def _fit(
     model: TwoTowerModel,
     config: TrainConfig,
@@ -321,6 +333,7 @@ def _fit(
     since_best = 0
     metrics: list[dict[str, float]] = []
     bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress)
+    fit_started = time.perf_counter()
     for epoch in bar:
         model.train()
         t0 = time.perf_counter()
@@ -388,6 +401,15 @@ def _fit(
                          if k == "loss" or k.startswith("val_")})
         if on_epoch is not None:
             on_epoch(epoch, dict(epoch_metrics))
+        if config.max_minutes and not stop and epoch + 1 < config.epochs:
+            over = torch.tensor(float(time.perf_counter() - fit_started
+                                      > config.max_minutes * 60))
+            if world > 1:  # every rank stops after the same epoch
+                dist.all_reduce(over, op=dist.ReduceOp.MAX)
+            if over.item():
+                log.info("training budget: %.1f min spent, stopping after epoch %d of %d",
+                         (time.perf_counter() - fit_started) / 60, epoch + 1, config.epochs)
+                break
         if stop:
             log.info("early stop after epoch %d: no better val recall@%d than %.4f (epoch "
                      "%d) for %d epochs", epoch, k_recall, best[0] if best else float("nan"),

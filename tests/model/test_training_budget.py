@@ -1,0 +1,65 @@
+"""The daily training's budget (examples, minutes) and the switch for fine-tuning the text
+encoder, as the pipeline's settings choose them."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pandas as pd
+import pytest
+
+# The toy task of the behaviour test next door (pytest puts this folder on sys.path).
+from test_two_tower_learns import CONFIG, _catalog, _examples
+
+from core.settings import Settings
+from shoprec.pipeline import FINE_TUNED_LAYERS_ON_CUDA, text_trainable_layers, train_config
+from training.config import TrainConfig
+from training.train import train, within_budget
+
+pytestmark = pytest.mark.fast
+
+
+def test_the_budget_keeps_the_most_recent_examples_in_their_order() -> None:
+    examples = pd.DataFrame({
+        "event_timestamp": pd.to_datetime(["2026-01-03", "2026-01-01", "2026-01-05",
+                                           "2026-01-02", "2026-01-04"], utc=True),
+        "product_id": list("abcde")})
+    assert within_budget(examples, 3)["product_id"].tolist() == ["a", "c", "e"]
+    assert within_budget(examples, 0) is examples and within_budget(examples, 5) is examples
+
+
+def test_train_uses_only_the_budgeted_examples() -> None:
+    examples = _examples(160)
+    result = train(CONFIG.replace(epochs=1, max_examples=120), _catalog(), examples,
+                   progress=False, cache_dir=None)
+    assert result.n_examples <= 120 < len(examples)
+
+
+def test_a_minutes_budget_stops_after_the_epoch_that_spends_it() -> None:
+    result = train(CONFIG.replace(epochs=4, max_minutes=1e-6), _catalog(), _examples(160),
+                   progress=False, cache_dir=None)
+    assert len(result.history) == 1  # one epoch always runs; none starts after the budget
+
+
+def test_fine_tuning_follows_the_setting_and_cuda() -> None:
+    assert text_trainable_layers("auto", cuda=True) == FINE_TUNED_LAYERS_ON_CUDA > 0
+    assert text_trainable_layers("auto", cuda=False) == 0
+    assert text_trainable_layers("1", cuda=False) == 1
+    with pytest.raises(ValueError, match="SHOPREC_TEXT_TRAINABLE_LAYERS"):
+        text_trainable_layers("some")
+    with pytest.raises(ValueError, match=">= 0"):
+        text_trainable_layers("-1")
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainConfig(max_minutes=-1)
+
+
+def test_the_pipeline_config_takes_the_settings(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path) -> None:
+    monkeypatch.setenv("SHOPREC_HOME", str(tmp_path))
+    monkeypatch.setenv("SHOPREC_TEXT_TRAINABLE_LAYERS", "1")
+    monkeypatch.setenv("SHOPREC_TRAIN_MAX_EXAMPLES", "1000")
+    monkeypatch.setenv("SHOPREC_TRAIN_MAX_MINUTES", "20")
+    config = train_config(Settings.from_env())
+    assert (config.text_trainable_layers, config.max_examples, config.max_minutes) == (1, 1000, 20)
