@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,8 @@ from features.contract import (
     product_text,
     read_partition,
     read_range,
-    read_upto,
 )
+from features.running import Part, partitions, running_catalog, running_fold, running_users
 from features.user_state import (
     COUNT_COLUMNS,
     COUNTRY,
@@ -147,22 +148,33 @@ def _list_array(values: pd.Series, sizes: np.ndarray, value_type: pa.DataType) -
     return pa.ListArray.from_arrays(pa.array(offsets), flat)
 
 
-def previous_user_state(offline_root: Path, day: dt.date) -> pd.DataFrame:
+def _latest_user_rows(previous: pd.DataFrame | None, rows: pd.DataFrame) -> pd.DataFrame:
+    """Each user's latest row by ``event_timestamp`` (on a tie the later row)."""
+    frame = rows if previous is None else pd.concat([previous, rows], ignore_index=True)
+    frame = frame.sort_values(["user_id", "event_timestamp"], kind="stable")
+    return frame.drop_duplicates("user_id", keep="last").reset_index(drop=True)
+
+
+def _read_user_state(parts: Sequence[Part]) -> pd.DataFrame:
+    files = [f"{p.path}/part-0.parquet" for p in parts]
+    if not files:
+        return USER_RECENT_SCHEMA.empty_table().to_pandas()
+    return pads.dataset(files, schema=USER_RECENT_SCHEMA, format="parquet").to_table() \
+        .to_pandas()
+
+
+def previous_user_state(offline_root: Path, day: dt.date,
+                        snapshot_root: Path | None = None) -> pd.DataFrame:
     """Each user's latest ``user_recent_products`` row from partitions before ``day``.
 
+    With ``snapshot_root``, from the newest usable running snapshot plus the partitions
+    after it (``features.running``), so a day's cost does not grow with the shop's age.
     Partitions written before ``recent_timestamps``/``last_purchase_ts`` existed read as
     null there; ``build_user_recent_products`` fills them.
     """
-    folder = offline_root / "user_recent_products"
-    files = sorted(
-        str(p) for p in folder.glob("date=*/part-0.parquet")
-        if dt.date.fromisoformat(p.parent.name.removeprefix("date=")) < day
-    )
-    if not files:
-        return USER_RECENT_SCHEMA.empty_table().to_pandas()
-    data = pads.dataset(files, schema=USER_RECENT_SCHEMA, format="parquet").to_table()
-    frame = data.to_pandas().sort_values(["user_id", "event_timestamp"], kind="stable")
-    return frame.drop_duplicates("user_id", keep="last").reset_index(drop=True)
+    parts = partitions(str(offline_root / "user_recent_products"), day, before=True)
+    return running_fold("user_state", snapshot_root, parts, _read_user_state,
+                        _latest_user_rows)
 
 
 def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame,
@@ -256,7 +268,7 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
         window_events: events of the last ``PROFILE_LOOKBACK_DAYS`` days up to the interval
             end (contract columns).
         catalog: each product's latest row (``category``, ``price``).
-        users: user rows of every users partition so far, oldest partition first.
+        users: one row per user seen so far (``features.running.users_merge``).
         state: each user's latest ``user_recent_products`` row as of the interval end
             (``last_purchase_ts``: purchases older than the lookback count too).
         interval: the day.
@@ -274,30 +286,13 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
     return pa.Table.from_pandas(out, schema=USER_PROFILE_SCHEMA, preserve_index=False)
 
 
-def catalog_with_first_seen(products: pd.DataFrame) -> pd.DataFrame:
-    """Each product's latest row plus ``first_seen`` (its earliest ``updated_at``).
-
-    Args:
-        products: rows of every products partition so far.
-
-    Returns:
-        One row per product, sorted by product_id.
-    """
-    if products.empty:
-        return products.assign(first_seen=pd.Series(dtype="datetime64[us, UTC]"))
-    ordered = products.sort_values(["product_id", "updated_at"], kind="stable")
-    latest = ordered.drop_duplicates("product_id", keep="last").set_index("product_id")
-    latest["first_seen"] = ordered.groupby("product_id")["updated_at"].min()
-    return latest.reset_index()
-
-
 def build_product_stats(window_events: pd.DataFrame, catalog: pd.DataFrame,
                         interval: Interval) -> pa.Table:
     """Windowed product features of every catalogue product as of the interval end.
 
     Args:
         window_events: events of the last days up to the interval end (contract columns).
-        catalog: ``catalog_with_first_seen`` as of the interval end.
+        catalog: ``features.running.catalog_merge`` as of the interval end.
         interval: the day.
 
     Returns:
@@ -353,13 +348,17 @@ def _state_after(previous: pd.DataFrame, today: pa.Table) -> pd.DataFrame:
     return frame.drop_duplicates("user_id", keep="last")
 
 
-def build_features(landing_root: str, offline_root: Path, day: dt.date) -> dict[str, Any]:
+def build_features(landing_root: str, offline_root: Path, day: dt.date,
+                   snapshot_root: Path | None = None) -> dict[str, Any]:
     """Write the day's offline feature partitions, replacing any earlier run's.
 
     Depends on the ``user_recent_products`` partitions of earlier days, so intervals are
     built in date order (a backfill does that; a rerun of one day reads the same earlier
     partitions and writes the same bytes). Reads the last ``PROFILE_LOOKBACK_DAYS`` days of
-    events once, and the users and products partitions up to the day.
+    events once; the catalogue, the users and the users' previous state come from running
+    snapshots under ``snapshot_root`` when given
+    (``features.running``: the same rows as re-reading every partition, at a cost that does
+    not grow with the shop's age).
 
     Returns:
         Paths written and row counts, for XCom and logs.
@@ -370,10 +369,10 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date) -> dict[
     window_events = window_events[window_events["ts"] < pd.Timestamp(interval.end)]
     events = window_events[window_events["ts"] >= pd.Timestamp(interval.start)]
     products_today = read_partition(landing_root, "products", day)
-    catalog = catalog_with_first_seen(read_upto(landing_root, "products", day))
-    users = read_upto(landing_root, "users", day)
+    catalog = running_catalog(landing_root, day, snapshot_root)
+    users = running_users(landing_root, day, snapshot_root)
 
-    previous = previous_user_state(offline_root, day)
+    previous = previous_user_state(offline_root, day, snapshot_root)
     recent = build_user_recent_products(events, previous, interval)
     tables = {
         "user_recent_products": recent,
@@ -400,4 +399,5 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date) -> dict[
 
 def build_interval(settings: Settings, day: str | dt.date) -> dict[str, Any]:
     """The pipeline's feature step for one interval (see ``build_features``)."""
-    return build_features(settings.landing_root, settings.offline_root, parse_day(day))
+    return build_features(settings.landing_root, settings.offline_root, parse_day(day),
+                          settings.home / "running")

@@ -34,14 +34,13 @@ from features.contract import (
     TABLES,
     ContractError,
     Interval,
-    catalog_as_of,
     list_days,
     parse_day,
     partition_dir,
     read_partition,
-    read_upto,
 )
 from features.quarantine import QuarantineRecord, quarantine_day, quarantine_status
+from features.running import running_catalog, running_users
 from features.validation_report import (
     GxRun,
     TableResult,
@@ -156,14 +155,16 @@ def _safe(read: Any, *args: Any) -> pd.DataFrame | None:
 
 
 def _day_context(root: str, day: dt.date, policy: ValidationPolicy,
-                 products_today: pd.DataFrame | None) -> tuple[DayContext, pd.DataFrame,
-                                                               dict[dt.date, pd.DataFrame]]:
-    """Catalogue as of the day and the trailing events, for reference and drift checks."""
-    catalog = _safe(catalog_as_of, root, day)
+                 products_today: pd.DataFrame | None,
+                 snapshot_root: Path | None = None) -> tuple[DayContext, pd.DataFrame,
+                                                             dict[dt.date, pd.DataFrame]]:
+    """Catalogue as of the day (a running snapshot under ``snapshot_root`` when given:
+    ``features.running``) and the trailing events, for reference and drift checks."""
+    catalog = _safe(running_catalog, root, day, snapshot_root)
     if catalog is None:
         # Today's products are broken (they fail their own suite): judge the events against
         # yesterday's catalogue plus whatever ids today's file names.
-        catalog = _safe(catalog_as_of, root, day - dt.timedelta(days=1))
+        catalog = _safe(running_catalog, root, day - dt.timedelta(days=1), snapshot_root)
         catalog = catalog if catalog is not None else SCHEMAS["products"].empty_table().to_pandas()
         if products_today is not None and "product_id" in products_today:
             extra = products_today[["product_id"]].dropna().astype(str)
@@ -183,7 +184,8 @@ def _day_context(root: str, day: dt.date, policy: ValidationPolicy,
 
 def _event_observations(df: pd.DataFrame, root: str, day: dt.date, interval: Interval,
                         policy: ValidationPolicy, catalog: pd.DataFrame,
-                        history: dict[dt.date, pd.DataFrame]) -> tuple[dict, list[dict]]:
+                        history: dict[dt.date, pd.DataFrame],
+                        snapshot_root: Path | None = None) -> tuple[dict, list[dict]]:
     """Counts the report shows for events (late rows, new users, drift) and drift findings."""
     obs: dict[str, Any] = {}
     findings: list[dict[str, Any]] = []
@@ -192,9 +194,9 @@ def _event_observations(df: pd.DataFrame, root: str, day: dt.date, interval: Int
         earliest = start - pd.Timedelta(hours=policy.allowed_lateness_hours)
         obs["late_rows_within_lateness"] = int(((df["ts"] >= earliest) & (df["ts"] < start)).sum())
     if "user_id" in df:
-        users = _safe(read_upto, root, "users", day)
+        users = _safe(running_users, root, day, snapshot_root)
         if users is None:  # today's users file is broken (it fails its own suite)
-            users = _safe(read_upto, root, "users", day - dt.timedelta(days=1))
+            users = _safe(running_users, root, day - dt.timedelta(days=1), snapshot_root)
         known = set(users["user_id"]) if users is not None else set()
         seen = set(df["user_id"].dropna().astype(str))
         obs["users_first_seen_in_events"] = len(seen - known)
@@ -253,7 +255,8 @@ def _run_suite(run: GxRun, table: str, interval: Interval, frame: pd.DataFrame,
 
 
 def validate_day(root: str, day: dt.date, report_dir: Path,
-                 policy: ValidationPolicy | None = None) -> ValidationReport:
+                 policy: ValidationPolicy | None = None,
+                 snapshot_root: Path | None = None) -> ValidationReport:
     """Validate the day's partition of every table and write one JSON result per table.
 
     A table with no partition that day is valid (a quiet day adds no products), except
@@ -264,6 +267,8 @@ def validate_day(root: str, day: dt.date, report_dir: Path,
         day: the data interval's day.
         report_dir: where ``date=YYYY-MM-DD/<table>.json`` reports are written.
         policy: tolerances (default ``ValidationPolicy()``).
+        snapshot_root: where the running catalogue's snapshots live (None: every products
+            partition is read).
 
     Returns:
         The report; it does not raise (``check_partition`` does).
@@ -274,7 +279,8 @@ def validate_day(root: str, day: dt.date, report_dir: Path,
     out = report_dir / f"date={day.isoformat()}"
     out.mkdir(parents=True, exist_ok=True)
     raw = {table: read_raw_partition(root, table, day) for table in TABLES}
-    day_ctx, catalog, history = _day_context(root, day, policy, raw["products"].frame)
+    day_ctx, catalog, history = _day_context(root, day, policy, raw["products"].frame,
+                                             snapshot_root)
     gx_run = _new_run()
     tables: dict[str, TableResult] = {}
     for table in TABLES:
@@ -302,7 +308,7 @@ def validate_day(root: str, day: dt.date, report_dir: Path,
             result.evaluated = gx_json.get("statistics", {}).get("evaluated_expectations", 0)
             if table == "events":
                 result.observations, drift = _event_observations(
-                    frame, root, day, interval, policy, catalog, history)
+                    frame, root, day, interval, policy, catalog, history, snapshot_root)
                 (result.failures if policy.strict_drift else result.warnings).extend(drift)
         result.success = not result.failures
         path.write_text(json.dumps(
@@ -343,7 +349,7 @@ def check_partition(settings: Settings, day: str | dt.date, *,
     if record is not None and record.active:
         raise PartitionQuarantined(record)
     report = validate_day(settings.landing_root, day, settings.home / "validation",
-                          ValidationPolicy.from_env(settings))
+                          ValidationPolicy.from_env(settings), settings.home / "running")
     if not report.success:
         record = None
         if quarantine and not report.only_missing_partition:
