@@ -12,7 +12,7 @@ export SHOPREC_HOME ?= $(CURDIR)/state
 export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test test-fast test-integration test-operations lint lock bench bench-push \
-	bench-serving clean
+	bench-serving bench-scale bench-scale-small clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,17 @@ bench-push: $(STAMP)
 BENCH_ARGS ?= --skip-evaluate --torch-threads 1
 bench-serving: $(STAMP)
 	$(BIN)/python benchmarks/serving.py $(BENCH_ARGS)
+
+# The pipeline at scale: generate a shop, load its history by data-only DAG runs, run one day
+# with training and print each task's wall time, CPU time and peak RSS. Full: 100,000 products,
+# 1,000,000 users, 180 days of ~200,000 events (hours); small: minutes, the README's figures.
+# SCALE_ARGS go to both (e.g. SCALE_ARGS="--days 10 --home /tmp/scale").
+SCALE_ARGS ?=
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/scale.py --preset full $(SCALE_ARGS)
+
+bench-scale-small: $(STAMP)
+	$(BIN)/python benchmarks/scale.py --preset small $(SCALE_ARGS)
 
 clean:
 	rm -rf state

@@ -1,0 +1,276 @@
+"""The pipeline at shop scale: a generated shop, its history loaded, one trained day measured.
+
+1. generates the shop's landing partitions (``features.synth.generate_shop`` at a chosen
+   daily volume, ``benchmarks/_scale_shop.py``; in a child process) and quotes its own time;
+2. loads the history by a data-only backfill: the real DAG (``dag.test``), ``train: none``,
+   once per history day, in date order. That *is* what daily runs produce (same tasks, same
+   partitions, same online state), so there is no bulk path whose equivalence would need a
+   test. Each day's per-task times are kept; day 2 is compared with the last day for
+   validate, build_features and materialize (the target: the last day within 1.5x of day 2);
+3. runs the next interval through the real DAG with training (``train: each``) and prints,
+   for every task and for the whole run, the wall time, CPU time (user + system) and peak RSS.
+
+    .venv/bin/python benchmarks/scale.py --preset small   # 2,000 products, 20,000 users, 30 days
+    .venv/bin/python benchmarks/scale.py --preset full    # 100,000 / 1,000,000 / 180 days (hours)
+    .venv/bin/python benchmarks/scale.py --preset small --days 10 --home /tmp/scale --out s.json
+
+Every run prints a table and writes all figures as JSON (``--out``, default
+``state/bench-scale-<preset>.json``). Runs other than the full preset also print what the full
+preset's history load would take, extrapolated from the measured days. Not part of the test
+suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PRESETS = {
+    "small": {"products": 2_000, "users": 20_000, "days": 30, "events_per_day": 5_000,
+              "encoder": "tiny"},
+    "full": {"products": 100_000, "users": 1_000_000, "days": 180, "events_per_day": 200_000,
+             "encoder": "minilm"},
+}
+FIRST_DAY = dt.date(2026, 1, 1)
+DATA_TASKS = ("validate", "build_features", "materialize")
+GROWTH_TARGET = 1.5  # the last history day's task time at most this times day 2's
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--products", type=int, help="products over the whole run")
+    parser.add_argument("--users", type=int, help="users over the whole run")
+    parser.add_argument("--days", type=int, help="history days (the trained day comes after)")
+    parser.add_argument("--events-per-day", type=int, help="mean events a day")
+    parser.add_argument("--encoder", choices=("tiny", "minilm"), help="text encoder")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--home", type=Path,
+                        help="state folder to build in (must be empty; kept afterwards)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary state folder")
+    parser.add_argument("--out", type=Path, help="JSON file of all figures")
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.days < 2:
+        parser.error("--days must be at least 2 (day 2 is compared with the last day)")
+    return args
+
+
+def prepare_environment(home: Path, encoder: str):
+    """Point this process (and Airflow, imported later) at the private state folder."""
+    for key in [k for k in os.environ if k.startswith(("SHOPREC_", "MLFLOW_", "AIRFLOW"))]:
+        del os.environ[key]
+    os.environ.update({"SHOPREC_HOME": str(home), "SHOPREC_LANDING_ROOT": str(home / "landing"),
+                       "SHOPREC_TEXT_ENCODER": encoder, "GX_ANALYTICS_ENABLED": "False",
+                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    from core.settings import Settings
+
+    settings = Settings.from_env().prepare()
+    os.environ.update(settings.airflow_env())
+    return settings
+
+
+def generate_landing(args: argparse.Namespace, root: str) -> dict:
+    """The shop's partitions, history days + the trained day, from a child process."""
+    import _scale_shop
+
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(1) as pool:
+        return pool.apply(_scale_shop.generate, (root,), {
+            "products": args.products, "users": args.users, "days": args.days + 1,
+            "events_per_day": args.events_per_day, "seed": args.seed, "start": FIRST_DAY})
+
+
+def measured_run(dag, day: dt.date, conf: dict, log_dir: Path, sampler) -> dict:
+    """One real DagRun for ``day`` with its per-task and whole-run figures."""
+    from _scale_probe import task_figures, task_spans
+
+    from shoprec.runs import DAG_ID, run_day
+
+    sampler.reset()
+    t0, cpu0, _ = sampler.sample()
+    result = run_day(dag, day, log_dir, conf=conf)
+    t1, cpu1, _ = sampler.sample()
+    whole = sampler.window(t0, t1)
+    whole["cpu_s"] = round(cpu1 - cpu0, 2)
+    return {"day": day.isoformat(), "state": result.state, "log": result.log_path,
+            "tasks": task_figures(sampler, task_spans(DAG_ID, day)), "run": whole,
+            "promoted": result.promoted}
+
+
+def load_history(dag, args: argparse.Namespace, log_dir: Path, sampler) -> list[dict]:
+    """The data-only backfill: one ``train: none`` run per history day, in order."""
+    runs = []
+    days = [FIRST_DAY + dt.timedelta(days=i) for i in range(args.days)]
+    for day in tqdm(days, desc="history (data-only runs)", unit="day"):
+        run = measured_run(dag, day, {"train": "none"}, log_dir, sampler)
+        runs.append(run)
+        if run["state"] != "success":
+            raise SystemExit(f"history run of {day} ended {run['state']}; log: {run['log']}")
+    return runs
+
+
+def growth(history: list[dict]) -> dict[str, dict]:
+    """Day 2 against the last history day, per data task (day 1 has no history to read);
+    also the medians of days 2-4 and of the last three days, less swayed by one slow day."""
+    out = {}
+    for task in DATA_TASKS:
+        walls = [r["tasks"][task]["wall_s"] for r in history]
+        a, b = walls[1], walls[-1]
+        early = statistics.median(walls[1:4])
+        late = statistics.median(walls[max(1, len(walls) - 3):])
+        out[task] = {"day2_s": a, "last_s": b, "ratio": round(b / a, 2) if a else None,
+                     "within_target": bool(a) and b <= GROWTH_TARGET * a,
+                     "median_ratio": round(late / early, 2) if early else None}
+    return out
+
+
+def outside_tasks(run: dict) -> float:
+    """Seconds of a run spent outside its tasks' spans (dag.test's loop, the metadata DB)."""
+    return run["run"]["wall_s"] - sum(t["wall_s"] for t in run["tasks"].values())
+
+
+def extrapolate(history: list[dict], events_per_day: float) -> dict:
+    """What the full preset's history load would take, from the days after the first (which
+    also sets up the stores): as measured here, and with the tasks' time grown in proportion
+    to the day's events while the time outside the tasks stays as it is."""
+    full = PRESETS["full"]
+    later = history[1:]
+    per_day = statistics.fmean(r["run"]["wall_s"] for r in later)
+    outside = statistics.fmean(outside_tasks(r) for r in later)
+    ratio = full["events_per_day"] / events_per_day
+    return {"measured_day_s": round(per_day, 2), "outside_tasks_s": round(outside, 2),
+            "events_ratio": round(ratio, 1), "full_days": full["days"],
+            "as_measured_h": round(per_day * full["days"] / 3600, 2),
+            "proportional_h": round((outside + (per_day - outside) * ratio)
+                                    * full["days"] / 3600, 1)}
+
+
+def print_report(report: dict) -> None:
+    shop, hist, trained = report["shop"], report["history"], report["trained_run"]
+    print(f"\nshop: {shop['products']:,} products ({shop['new_products_after_day0']:,} arriving "
+          f"after day 1), {shop['users']:,} users, {shop['days']} days, {shop['events']:,} "
+          f"events (~{shop['events_per_day']:,}/day; {shop['purchases']:,} purchases, "
+          f"{shop['searches']:,} searches); encoder {report['config']['encoder']}")
+    print(f"generator: {shop['wall_s']:.1f} s wall, {shop['cpu_s']:.1f} s CPU, "
+          f"peak RSS {shop['peak_rss_mb']:,.0f} MB (its own process)")
+    print(f"history load (data-only DAG runs): {hist['days']} days in {hist['wall_s']:.1f} s "
+          f"({hist['mean_day_s']:.1f} s/day, CPU {hist['cpu_s']:.1f} s; day 1, which sets up "
+          f"the stores, {hist['runs'][0]['run']['wall_s']:.1f} s; outside the tasks "
+          f"{hist['mean_outside_tasks_s']:.1f} s/day)")
+    print("\nday 2 vs last history day (target: last <= 1.5 x day 2; 'medians': days "
+          f"{max(2, hist['days'] - 2)}..{hist['days']} over days 2..{min(4, hist['days'])})")
+    print(f"| task | day 2 | day {hist['days']} | ratio | target | medians' ratio |")
+    print("| --- | ---: | ---: | ---: | --- | ---: |")
+    for task, g in report["growth"].items():
+        print(f"| {task} | {g['day2_s']:.2f} s | {g['last_s']:.2f} s | {g['ratio']} | "
+              f"{'met' if g['within_target'] else 'NOT met'} | {g['median_ratio']} |")
+    verdict = trained.get("promoted") or {}
+    outcome = (f"; model v{verdict['version']} "
+               f"{'promoted' if verdict.get('promoted') else 'kept as challenger'}"
+               if verdict.get("version") else "")
+    print(f"\ntrained interval {trained['day']} (train: each), {trained['state']}{outcome}")
+    if "train" not in trained["tasks"]:
+        print("  train and later tasks skipped: the history is too short to train on (more --days)")
+    print("| task | wall | CPU | CPU/wall | peak RSS |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    tasks = trained["tasks"].values()
+    outside = {"wall_s": outside_tasks(trained),
+               "cpu_s": trained["run"]["cpu_s"] - sum(t["cpu_s"] for t in tasks)}
+    rows = [*trained["tasks"].items(), ("outside the tasks (dag.test, metadata DB)", outside),
+            ("**whole run**", trained["run"])]
+    for task, f in rows:
+        share = f["cpu_s"] / f["wall_s"] if f["wall_s"] else 0.0
+        peak = f"{f['peak_rss_mb']:,.0f} MB" if "peak_rss_mb" in f else "—"
+        print(f"| {task} | {f['wall_s']:.2f} s | {f['cpu_s']:.2f} s | {share:.2f} | {peak} |")
+    print(f"process peak RSS (getrusage, whole benchmark less the generator): "
+          f"{report['process_peak_rss_mb']:,.0f} MB")
+    if "full_extrapolation" in report:
+        x = report["full_extrapolation"]
+        print(f"\nfull preset's history load ({x['full_days']} days), extrapolated from days "
+              f"2..{hist['days']} here ({x['measured_day_s']:.1f} s/day, "
+              f"{x['outside_tasks_s']:.1f} s of it outside the tasks): {x['as_measured_h']} h "
+              f"if a day took as long as here; {x['proportional_h']} h if the tasks' time grew "
+              f"in proportion to the day's events ({x['events_ratio']}x). Measure it with "
+              f"--preset full")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    keep = args.keep or args.home is not None
+    home = (args.home or Path(tempfile.mkdtemp(prefix="shoprec-scale-"))).resolve()
+    if home.exists() and any(home.iterdir()):
+        raise SystemExit(f"{home} is not empty: give an empty or new --home")
+    home.mkdir(parents=True, exist_ok=True)
+    settings = prepare_environment(home, args.encoder)
+    log_dir = home / "logs" / "dag_test"
+    started = time.perf_counter()
+
+    shop = generate_landing(args, settings.landing_root)
+    print(f"generated {shop['events']:,} events over {shop['days']} days in "
+          f"{shop['wall_s']:.1f} s -> {shop['root']}")
+
+    from _scale_probe import ResourceSampler
+
+    from shoprec.runs import _output_to, load_dag, migrate_metadata_db
+
+    migrate_metadata_db(settings)
+    with _output_to(log_dir / "parse.log"):
+        dag = load_dag(settings)
+    with ResourceSampler() as sampler:
+        t0 = time.perf_counter()
+        history = load_history(dag, args, log_dir, sampler)
+        history_s = time.perf_counter() - t0
+        trained_day = FIRST_DAY + dt.timedelta(days=args.days)
+        print(f"history loaded in {history_s:.1f} s; running {trained_day} with training")
+        trained = measured_run(dag, trained_day, {"train": "each"}, log_dir, sampler)
+
+    report = {
+        "config": {k: getattr(args, k) for k in
+                   ("preset", "products", "users", "days", "events_per_day", "encoder", "seed")},
+        "shop": shop,
+        "history": {"method": "data-only DAG runs (train: none), one per day",
+                    "days": len(history), "wall_s": round(history_s, 1),
+                    "mean_day_s": round(history_s / len(history), 2),
+                    "cpu_s": round(sum(r["run"]["cpu_s"] for r in history), 1),
+                    "mean_outside_tasks_s": round(statistics.fmean(
+                        outside_tasks(r) for r in history[1:]), 2),
+                    "runs": history},
+        "growth": growth(history),
+        "trained_run": trained,
+        "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    if args.preset != "full" or args.days != PRESETS["full"]["days"]:
+        report["full_extrapolation"] = extrapolate(history, shop["events_per_day"])
+    out = args.out or Path("state") / f"bench-scale-{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print_report(report)
+    if trained["state"] != "success":
+        keep = True
+        print(f"the trained run ended {trained['state']}; log: {trained['log']}")
+    if not keep:
+        shutil.rmtree(home, ignore_errors=True)
+    print(f"\nscale benchmark: {report['total_s']:.0f} s in all; figures -> {out}"
+          + (f"; state kept in {home}" if keep else ""))
+
+
+if __name__ == "__main__":
+    main()
