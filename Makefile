@@ -12,7 +12,7 @@ export SHOPREC_HOME ?= $(CURDIR)/state
 export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test test-fast test-integration test-operations lint lock bench bench-push \
-	bench-serving bench-scale bench-scale-small clean
+	bench-serving bench-scale bench-scale-small bench-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,12 @@ bench-scale: $(STAMP)
 
 bench-scale-small: $(STAMP)
 	$(BIN)/python benchmarks/scale.py --preset small $(SCALE_ARGS)
+
+# Accelerator throughput: catalogue encoding (tokenizer included), fine-tuning pairs/s, FAISS
+# build and search; on the GPU when there is one (GPU_ARGS="--titles 20000" for a quick run).
+GPU_ARGS ?=
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu.py $(GPU_ARGS)
 
 clean:
 	rm -rf state
