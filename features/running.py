@@ -138,6 +138,8 @@ def _store(folder: Path, through: dt.date, frame: pd.DataFrame,
     tmp.rename(target)
     for old in _snapshots(folder)[KEEP_SNAPSHOTS:]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in folder.glob(".tmp-*"):  # left by a killed writer (one run at a time)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 # --- The catalogue --------------------------------------------------------------------------
