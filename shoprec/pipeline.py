@@ -194,11 +194,10 @@ def training_examples(settings: Settings, events: pd.DataFrame,
             does not grow with the shop's age either.
     """
     from features.store import historical_user_history
+    from training.train import within_budget
 
-    targets = events[events["event_type"].isin(TARGET_EVENT_TYPES)]
-    if max_examples and len(targets) > max_examples:
-        stamps = pd.to_datetime(targets["ts"], utc=True).to_numpy()
-        targets = targets.iloc[np.sort(np.argsort(stamps, kind="stable")[-max_examples:])]
+    targets = within_budget(events[events["event_type"].isin(TARGET_EVENT_TYPES)],
+                            max_examples, column="ts")
     entity = pd.DataFrame({
         "user_id": targets["user_id"].to_numpy(),
         "event_timestamp": targets["ts"].to_numpy(),

@@ -258,12 +258,13 @@ def train(
     )
 
 
-def within_budget(examples: pd.DataFrame, max_examples: int) -> pd.DataFrame:
-    """The most recent ``max_examples`` rows by ``event_timestamp`` (ties: the later row),
-    in their original order; all of them when ``max_examples`` is 0 or not exceeded."""
+def within_budget(examples: pd.DataFrame, max_examples: int,
+                  column: str = "event_timestamp") -> pd.DataFrame:
+    """The most recent ``max_examples`` rows by ``column`` (ties: the later row), in their
+    original order; all of them when ``max_examples`` is 0 or not exceeded."""
     if not max_examples or len(examples) <= max_examples:
         return examples
-    stamps = pd.to_datetime(examples["event_timestamp"], utc=True).to_numpy()
+    stamps = pd.to_datetime(examples[column], utc=True).to_numpy()
     keep = np.sort(np.argsort(stamps, kind="stable")[-max_examples:])
     log.info("training budget: the %d most recent of %d examples", max_examples, len(examples))
     return examples.iloc[keep]
