@@ -10,10 +10,11 @@ point-in-time join for an event of day D sees the snapshots of day D-1 and never
   event type and the time in epoch seconds of each) and the all-time count of history events.
   It rolls forward from each user's previous snapshot. An extra column ``last_purchase_ts``
   (not a Feast feature) carries the user's last purchase for ``user_profile``.
-- ``user_profile``: for each user with any event in the last ``PROFILE_LOOKBACK_DAYS`` days,
-  the profile of ``features.user_state`` (``PROFILE_COLUMNS``: event counts by type over 7
-  and 30 days, days since the last purchase, distinct categories touched and mean basket
-  value over 30 days, country), computed by its ``profiles_as_of``.
+- ``user_profile``: for each user whose profile changes that day (active that day, or with
+  events of 7 or 30 days ago leaving a window: ``features.user_state.snapshot_users``), the
+  profile of ``features.user_state`` (``PROFILE_COLUMNS``: event counts by type over 7 and 30
+  days, days since the last purchase, distinct categories touched and mean basket value over
+  30 days, country), computed by its ``profiles_as_of``.
 - ``product_stats``: for every catalogue product, views and purchases over 7 and 30 days, the
   30-day conversion rate, price, category, brand and days since first seen.
 - ``product_text``: "title | category | brand | description" of products added or changed
@@ -24,9 +25,11 @@ point-in-time join for an event of day D sees the snapshots of day D-1 and never
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,7 @@ from features.user_state import (
     history_events,
     keep_last,
     profiles_as_of,
+    snapshot_users,
 )
 
 log = logging.getLogger(__name__)
@@ -262,7 +266,9 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
                        users: pd.DataFrame, state: pd.DataFrame,
                        interval: Interval) -> pa.Table:
     """The day's ``user_profile`` snapshots: ``features.user_state.profiles_as_of`` at the
-    interval end, for every user with an event in the lookback.
+    interval end, for the users whose profile changes that day
+    (``features.user_state.snapshot_users``: active that day, or with events leaving a
+    window).
 
     Args:
         window_events: events of the last ``PROFILE_LOOKBACK_DAYS`` days up to the interval
@@ -274,12 +280,13 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
         interval: the day.
 
     Returns:
-        One row per user with any event in ``window_events``, sorted (``USER_PROFILE_SCHEMA``).
+        One row per such user, sorted (``USER_PROFILE_SCHEMA``).
     """
     end = pd.Timestamp(interval.end)
-    index = pd.Index(window_events["user_id"].unique(), name="user_id").sort_values()
+    index = snapshot_users(window_events, end)
+    mine = window_events[window_events["user_id"].isin(index)]
     last_buy = state.set_index("user_id")["last_purchase_ts"].reindex(index)
-    out = profiles_as_of(window_events, catalog, users, index, [end] * len(index),
+    out = profiles_as_of(mine, catalog, users, index, [end] * len(index),
                          last_purchase=last_buy)  # (U, len(PROFILE_COLUMNS))
     out.insert(0, "user_id", index.to_numpy(dtype=object))
     out["event_timestamp"] = end
@@ -348,6 +355,24 @@ def _state_after(previous: pd.DataFrame, today: pa.Table) -> pd.DataFrame:
     return frame.drop_duplicates("user_id", keep="last")
 
 
+class _Phases:
+    """Wall seconds per named phase of a build, for its log line."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {s:.2f}" for name, s in self.seconds.items())
+
+
 def build_features(landing_root: str, offline_root: Path, day: dt.date,
                    snapshot_root: Path | None = None) -> dict[str, Any]:
     """Write the day's offline feature partitions, replacing any earlier run's.
@@ -364,26 +389,34 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
         Paths written and row counts, for XCom and logs.
     """
     interval = Interval.for_day(day)
-    lookback = [day - dt.timedelta(days=i) for i in range(PROFILE_LOOKBACK_DAYS - 1, -1, -1)]
-    window_events = read_range(landing_root, "events", lookback)
-    window_events = window_events[window_events["ts"] < pd.Timestamp(interval.end)]
-    events = window_events[window_events["ts"] >= pd.Timestamp(interval.start)]
-    products_today = read_partition(landing_root, "products", day)
-    catalog = running_catalog(landing_root, day, snapshot_root)
-    users = running_users(landing_root, day, snapshot_root)
-
-    previous = previous_user_state(offline_root, day, snapshot_root)
-    recent = build_user_recent_products(events, previous, interval)
-    tables = {
-        "user_recent_products": recent,
-        "user_profile": build_user_profile(window_events, catalog, users,
-                                           _state_after(previous, recent), interval),
-        "product_stats": build_product_stats(window_events, catalog, interval),
-        "product_text": build_product_text(products_today, interval),
-        "product_catalog": build_product_catalog(products_today),
-    }
-    out: dict[str, Any] = {name: _write(offline_root, name, day, data)
-                           for name, data in tables.items()}
+    phases = _Phases()
+    with phases("read events"):
+        lookback = [day - dt.timedelta(days=i)
+                    for i in range(PROFILE_LOOKBACK_DAYS - 1, -1, -1)]
+        window_events = read_range(landing_root, "events", lookback)
+        window_events = window_events[window_events["ts"] < pd.Timestamp(interval.end)]
+        events = window_events[window_events["ts"] >= pd.Timestamp(interval.start)]
+    with phases("catalogue and users"):
+        products_today = read_partition(landing_root, "products", day)
+        catalog = running_catalog(landing_root, day, snapshot_root)
+        users = running_users(landing_root, day, snapshot_root)
+    with phases("user state"):
+        previous = previous_user_state(offline_root, day, snapshot_root)
+    tables: dict[str, pa.Table] = {}
+    with phases("user_recent_products"):
+        recent = tables["user_recent_products"] = build_user_recent_products(
+            events, previous, interval)
+    with phases("user_profile"):
+        tables["user_profile"] = build_user_profile(window_events, catalog, users,
+                                                    _state_after(previous, recent), interval)
+    with phases("product tables"):
+        tables["product_stats"] = build_product_stats(window_events, catalog, interval)
+        tables["product_text"] = build_product_text(products_today, interval)
+        tables["product_catalog"] = build_product_catalog(products_today)
+    with phases("write"):
+        out: dict[str, Any] = {name: _write(offline_root, name, day, data)
+                               for name, data in tables.items()}
+    log.info("feature build phases for %s (s): %s", day, phases)
     out.update({
         "users": recent.num_rows,
         "products": tables["product_catalog"].num_rows,

@@ -10,12 +10,14 @@ import datetime as dt
 import importlib
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from core.settings import FEATURE_REPO, Settings
 from features.contract import Interval, parse_day
+from features.running import partitions
 from features.user_state import PROFILE_COLUMNS
 
 if TYPE_CHECKING:
@@ -92,9 +94,9 @@ def materialize_interval(settings: Settings, day: dt.date, *,
 
     Feast's file offline store reads *every* partition of a view and filters afterwards, so
     its ``materialize`` costs in proportion to the shop's age. With ``incremental`` (the
-    default) only the partitions that can hold rows of the window are read: a validated
-    partition's rows are stamped within its day and the allowed lateness before it, and the
-    feature build keeps them there. Their rows in the window, the latest per entity (what
+    default) only the partitions this run's window has not already put online are read: the
+    interval's own (its rows are stamped within its day, the allowed lateness before it and
+    its end) and, for a rerun of an earlier interval, the later ones up to the window's end. Their rows in the window, the latest per entity (what
     Feast selects), go through ``FeatureStore.write_to_online_store`` and the window is
     recorded on the view as Feast's ``materialize`` records it. The online rows are the same
     as Feast's (tested against it).
@@ -114,8 +116,12 @@ def materialize_interval(settings: Settings, day: dt.date, *,
     if not incremental:
         store.materialize(start_date=start, end_date=end, feature_views=list(MATERIALIZED_VIEWS))
         return out
+    # The interval's own partition holds every row its build wrote, all within the window.
+    # Earlier partitions' rows within it (the day before's snapshots, stamped at this
+    # interval's start, and its late catalogue rows) were put online by their own interval's
+    # run, whose materialize follows its build; reading them again would write them twice.
     slack = dt.timedelta(days=1) + dt.timedelta(hours=settings.allowed_lateness_hours)
-    first, last = (start - slack).date(), (end + slack).date()
+    first, last = day, (end + slack).date()
     written = {}
     for name in MATERIALIZED_VIEWS:
         view = store.get_feature_view(name)
@@ -136,10 +142,8 @@ def _window_rows(settings: Settings, table: str, first: dt.date, last: dt.date, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder = settings.offline_root / table
-    files = sorted(str(p) for p in folder.glob("date=*/*.parquet")
-                   if first <= dt.date.fromisoformat(p.parent.name.removeprefix("date="))
-                   <= last)
+    files = [str(f) for part in partitions(str(settings.offline_root / table), last)
+             if part.day >= first for f in sorted(Path(part.path).glob("*.parquet"))]
     if not files:
         return pd.DataFrame()
     stamp = view.batch_source.timestamp_field
