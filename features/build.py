@@ -29,13 +29,14 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -45,10 +46,11 @@ from features.contract import (
     parse_day,
     product_text,
     read_partition,
-    read_range,
+    read_range_table,
 )
 from features.running import Part, partitions, running_catalog, running_fold, running_users
 from features.user_state import (
+    CHANGE_OFFSETS,
     COUNT_COLUMNS,
     COUNTRY,
     DAYS_SINCE_PURCHASE,
@@ -152,33 +154,49 @@ def _list_array(values: pd.Series, sizes: np.ndarray, value_type: pa.DataType) -
     return pa.ListArray.from_arrays(pa.array(offsets), flat)
 
 
-def _latest_user_rows(previous: pd.DataFrame | None, rows: pd.DataFrame) -> pd.DataFrame:
-    """Each user's latest row by ``event_timestamp`` (on a tie the later row)."""
-    frame = rows if previous is None else pd.concat([previous, rows], ignore_index=True)
-    frame = frame.sort_values(["user_id", "event_timestamp"], kind="stable")
-    return frame.drop_duplicates("user_id", keep="last").reset_index(drop=True)
+def _latest_user_rows(previous: pa.Table | None, rows: pa.Table) -> pa.Table:
+    """Each user's latest row by ``event_timestamp`` (on a tie the later row), sorted by
+    user_id; in Arrow, since the state holds every user who ever had a history."""
+    frame = rows if previous is None else pa.concat_tables([previous, rows],
+                                                           promote_options="permissive")
+    frame = frame.append_column("_row", pa.array(np.arange(frame.num_rows), pa.int64()))
+    frame = frame.take(pc.sort_indices(frame, sort_keys=[
+        ("user_id", "ascending"), ("event_timestamp", "ascending"), ("_row", "ascending")]))
+    user = frame["user_id"].to_numpy(zero_copy_only=False)  # (N,) sorted
+    last = np.append(user[1:] != user[:-1], True) if len(user) else np.zeros(0, bool)
+    return frame.filter(pa.array(last)).drop_columns(["_row"])
 
 
-def _read_user_state(parts: Sequence[Part]) -> pd.DataFrame:
+def _read_user_state(parts: Sequence[Part]) -> pa.Table:
     files = [f"{p.path}/part-0.parquet" for p in parts]
     if not files:
-        return USER_RECENT_SCHEMA.empty_table().to_pandas()
-    return pads.dataset(files, schema=USER_RECENT_SCHEMA, format="parquet").to_table() \
-        .to_pandas()
+        return USER_RECENT_SCHEMA.empty_table()
+    return pads.dataset(files, schema=USER_RECENT_SCHEMA, format="parquet").to_table()
 
 
-def previous_user_state(offline_root: Path, day: dt.date,
-                        snapshot_root: Path | None = None) -> pd.DataFrame:
+def previous_user_state(offline_root: Path, day: dt.date, snapshot_root: Path | None = None,
+                        users: Iterable[str] | None = None) -> pd.DataFrame:
     """Each user's latest ``user_recent_products`` row from partitions before ``day``.
 
     With ``snapshot_root``, from the newest usable running snapshot plus the partitions
     after it (``features.running``), so a day's cost does not grow with the shop's age.
     Partitions written before ``recent_timestamps``/``last_purchase_ts`` existed read as
     null there; ``build_user_recent_products`` fills them.
+
+    Args:
+        users: only these users' rows (the fold covers everyone; only these are converted
+            to pandas), or None: every user's.
+
+    Returns:
+        One row per user, sorted by user_id (``USER_RECENT_SCHEMA``).
     """
     parts = partitions(str(offline_root / "user_recent_products"), day, before=True)
-    return running_fold("user_state", snapshot_root, parts, _read_user_state,
-                        _latest_user_rows)
+    state = running_fold("user_state", snapshot_root, parts, _read_user_state,
+                         _latest_user_rows, arrow=True)
+    if users is not None:
+        wanted = pa.array(pd.unique(np.asarray(list(users), dtype=object)), pa.string())
+        state = state.filter(pc.is_in(state["user_id"], value_set=wanted))
+    return state.to_pandas()
 
 
 def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame,
@@ -248,20 +266,6 @@ def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame,
     ], schema=USER_RECENT_SCHEMA)
 
 
-def _counts(events: pd.DataFrame, key: str, types: tuple[str, ...], since: pd.Timestamp,
-            index: pd.Index, prefix: str, days: int) -> pd.DataFrame:
-    """Events per (key, type) at or after ``since``, one ``<prefix><type>_count_<days>d``
-    column per type, reindexed to ``index`` (missing = 0)."""
-    window = events[(events["ts"] >= since) & events["event_type"].isin(types)]
-    if window.empty:
-        counts = pd.DataFrame(0, index=index, columns=list(types))
-    else:
-        counts = window.groupby([key, "event_type"]).size().unstack(fill_value=0)
-        counts = counts.reindex(index=index, columns=list(types), fill_value=0).fillna(0)
-    counts.columns = [f"{prefix}{t}_count_{days}d" for t in types]
-    return counts.astype("int64")
-
-
 def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
                        users: pd.DataFrame, state: pd.DataFrame,
                        interval: Interval) -> pa.Table:
@@ -293,12 +297,32 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
     return pa.Table.from_pandas(out, schema=USER_PROFILE_SCHEMA, preserve_index=False)
 
 
-def build_product_stats(window_events: pd.DataFrame, catalog: pd.DataFrame,
+def _product_counts(window: pa.Table, end: pd.Timestamp, index: pd.Index) -> pd.DataFrame:
+    """Views and purchases per product over each of ``WINDOWS_DAYS`` up to ``end``, counted
+    in Arrow (the window is a month of events), one ``product_<type>_count_<w>d`` column
+    each, reindexed to ``index`` (missing = 0)."""
+    mine = window.filter(pc.and_(pc.is_valid(window["product_id"]),
+                                 pc.is_in(window["event_type"],
+                                          value_set=pa.array(PRODUCT_STAT_EVENT_TYPES))))
+    columns = {}
+    for w in WINDOWS_DAYS:
+        since = mine.filter(pc.greater_equal(mine["ts"], _scalar(end - w * _DAY, mine["ts"])))
+        counts = (since.group_by(["product_id", "event_type"])
+                  .aggregate([("product_id", "count")]).to_pandas()
+                  .pivot(index="product_id", columns="event_type", values="product_id_count"))
+        for t in PRODUCT_STAT_EVENT_TYPES:
+            column = counts[t] if t in counts.columns else pd.Series(dtype="int64")
+            columns[f"product_{t}_count_{w}d"] = column.reindex(index).fillna(0).astype("int64")
+    return pd.DataFrame(columns, index=index)
+
+
+def build_product_stats(window_events: pa.Table | pd.DataFrame, catalog: pd.DataFrame,
                         interval: Interval) -> pa.Table:
     """Windowed product features of every catalogue product as of the interval end.
 
     Args:
-        window_events: events of the last days up to the interval end (contract columns).
+        window_events: events of the last days up to the interval end (contract columns;
+            Arrow, or pandas).
         catalog: ``features.running.catalog_merge`` as of the interval end.
         interval: the day.
 
@@ -307,11 +331,10 @@ def build_product_stats(window_events: pd.DataFrame, catalog: pd.DataFrame,
     """
     end = pd.Timestamp(interval.end)
     index = pd.Index(catalog["product_id"], name="product_id").sort_values()
-    with_product = window_events[window_events["product_id"].notna()]
-    out = pd.concat([
-        _counts(with_product, "product_id", PRODUCT_STAT_EVENT_TYPES, end - w * _DAY, index,
-                "product_", w)
-        for w in WINDOWS_DAYS], axis=1)[product_count_columns()]
+    if isinstance(window_events, pd.DataFrame):
+        window_events = pa.Table.from_pandas(
+            window_events[["product_id", "event_type", "ts"]], preserve_index=False)
+    out = _product_counts(window_events, end, index)[product_count_columns()]
     views, buys = out["product_view_count_30d"], out["product_purchase_count_30d"]
     out["conversion_rate_30d"] = np.where(views > 0, buys / views.where(views > 0, 1), 0.0)
     attrs = catalog.set_index("product_id").reindex(index)
@@ -355,6 +378,30 @@ def _state_after(previous: pd.DataFrame, today: pa.Table) -> pd.DataFrame:
     return frame.drop_duplicates("user_id", keep="last")
 
 
+def _scalar(when: dt.datetime, like: pa.ChunkedArray) -> pa.Scalar:
+    """A time as an Arrow scalar of a column's type, to compare the column with."""
+    return pa.scalar(pd.Timestamp(when).to_pydatetime(), type=like.type)
+
+
+def _snapshot_user_events(window: pa.Table, interval: Interval) -> pd.DataFrame:
+    """The window's events of the users who get a ``user_profile`` snapshot on the day
+    (``features.user_state.snapshot_users``), as pandas: only those rows are converted.
+
+    Args:
+        window: the events of the ``PROFILE_LOOKBACK_DAYS`` up to the interval end (Arrow,
+            contract schema).
+        interval: the day.
+    """
+    epoch_day = pc.divide(window["ts"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()),
+                          86_400 * 10**6)  # (E,) floor: times are after the epoch
+    last = (pd.Timestamp(interval.start) - pd.Timestamp(0, tz="UTC")).days
+    change_days = pa.array([last - k for k in CHANGE_OFFSETS], pa.int64())
+    candidates = window.filter(pc.is_in(epoch_day, value_set=change_days))
+    users = snapshot_users(candidates.select(["user_id", "ts"]).to_pandas(), interval.end)
+    mine = pc.is_in(window["user_id"], value_set=pa.array(users.to_numpy(), pa.string()))
+    return window.filter(mine).to_pandas()
+
+
 class _Phases:
     """Wall seconds per named phase of a build, for its log line."""
 
@@ -393,24 +440,30 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
     with phases("read events"):
         lookback = [day - dt.timedelta(days=i)
                     for i in range(PROFILE_LOOKBACK_DAYS - 1, -1, -1)]
-        window_events = read_range(landing_root, "events", lookback)
-        window_events = window_events[window_events["ts"] < pd.Timestamp(interval.end)]
-        events = window_events[window_events["ts"] >= pd.Timestamp(interval.start)]
+        window = read_range_table(landing_root, "events", lookback)  # Arrow, not pandas
+        window = window.filter(pc.less(window["ts"], _scalar(interval.end, window["ts"])))
+        events = window.filter(pc.greater_equal(
+            window["ts"], _scalar(interval.start, window["ts"]))).to_pandas()
     with phases("catalogue and users"):
         products_today = read_partition(landing_root, "products", day)
         catalog = running_catalog(landing_root, day, snapshot_root)
         users = running_users(landing_root, day, snapshot_root)
-    with phases("user state"):
-        previous = previous_user_state(offline_root, day, snapshot_root)
+    with phases("user_profile events"):
+        profile_events = _snapshot_user_events(window, interval)
+    with phases("user state"):  # of the users whose rows are built today
+        previous = previous_user_state(offline_root, day, snapshot_root,
+                                       users=np.concatenate([
+                                           events["user_id"].to_numpy(dtype=object),
+                                           profile_events["user_id"].to_numpy(dtype=object)]))
     tables: dict[str, pa.Table] = {}
     with phases("user_recent_products"):
         recent = tables["user_recent_products"] = build_user_recent_products(
             events, previous, interval)
     with phases("user_profile"):
-        tables["user_profile"] = build_user_profile(window_events, catalog, users,
+        tables["user_profile"] = build_user_profile(profile_events, catalog, users,
                                                     _state_after(previous, recent), interval)
     with phases("product tables"):
-        tables["product_stats"] = build_product_stats(window_events, catalog, interval)
+        tables["product_stats"] = build_product_stats(window, catalog, interval)
         tables["product_text"] = build_product_text(products_today, interval)
         tables["product_catalog"] = build_product_catalog(products_today)
     with phases("write"):

@@ -223,6 +223,29 @@ def read_range(root: str, table: str, days: Iterable[dt.date]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def read_range_table(root: str, table: str, days: Iterable[dt.date]) -> pa.Table:
+    """``read_range`` as one Arrow table in the contract's schema, without pandas.
+
+    A file already in the contract's schema (what ``write_partition`` writes) is taken as
+    it is; any other is cast by ``conform`` (raising ``ContractError`` if it cannot be). For
+    reading many days at once: several times faster than ``read_range``, and the caller
+    converts only the rows and columns it needs.
+    """
+    schema = SCHEMAS[table]
+    tables = []
+    for day in days:
+        fs, path = fsspec.core.url_to_fs(partition_dir(root, table, day))
+        if not fs.exists(path):
+            continue
+        for name in sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet")):
+            with fs.open(name, "rb") as fh:
+                data = pq.read_table(fh)
+            if not data.schema.equals(schema):
+                data = conform(data.to_pandas(), table)
+            tables.append(data)
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
 def read_upto(root: str, table: str, last_day: dt.date) -> pd.DataFrame:
     """All partitions of ``table`` up to and including ``last_day``."""
     return read_range(root, table, [d for d in list_days(root, table) if d <= last_day])

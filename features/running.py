@@ -85,13 +85,18 @@ def _snapshots(folder: Path) -> list[Path]:
                   reverse=True)
 
 
+Frame = pd.DataFrame | pa.Table
+
+
 def running_fold(
     name: str,
     snapshot_root: Path | None,
     parts: Sequence[Part],
-    read: Callable[[Sequence[Part]], pd.DataFrame],
-    merge: Callable[[pd.DataFrame | None, pd.DataFrame], pd.DataFrame],
-) -> pd.DataFrame:
+    read: Callable[[Sequence[Part]], Frame],
+    merge: Callable[[Frame | None, Frame], Frame],
+    *,
+    arrow: bool = False,
+) -> Frame:
     """``merge(None, read(parts))``, computed from the newest usable snapshot.
 
     Args:
@@ -100,6 +105,8 @@ def running_fold(
         parts: today's source partitions, oldest first.
         read: reads some partitions into one frame (rows in partition order).
         merge: folds new rows into the previous result (None: nothing before).
+        arrow: ``read`` and ``merge`` work on Arrow tables (a snapshot is loaded as one),
+            else on pandas frames.
 
     Returns:
         The fold over every partition of ``parts``; stored as the snapshot through the
@@ -113,7 +120,8 @@ def running_fold(
     for snapshot in _snapshots(folder):
         consumed = json.loads((snapshot / "manifest.json").read_text())["consumed"]
         if consumed == wanted[:len(consumed)]:
-            base = pq.read_table(snapshot / "part-0.parquet").to_pandas()
+            base = pq.read_table(snapshot / "part-0.parquet")
+            base = base if arrow else base.to_pandas()
             done, used = len(consumed), snapshot.name
             break
     rest = parts[done:]
@@ -125,14 +133,15 @@ def running_fold(
     return result
 
 
-def _store(folder: Path, through: dt.date, frame: pd.DataFrame,
-           consumed: list[list[str]]) -> None:
+def _store(folder: Path, through: dt.date, frame: Frame, consumed: list[list[str]]) -> None:
     """Write a snapshot atomically (a temporary folder renamed), keep the newest few."""
     target = folder / f"through={through.isoformat()}"
     tmp = folder / f".tmp-{through.isoformat()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp / "part-0.parquet")
+    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(
+        frame, preserve_index=False)
+    pq.write_table(table, tmp / "part-0.parquet")
     (tmp / "manifest.json").write_text(json.dumps({"consumed": consumed}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)

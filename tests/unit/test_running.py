@@ -95,3 +95,10 @@ def test_the_feature_build_writes_the_same_bytes_with_snapshots(landing: str,
     pd.testing.assert_frame_equal(
         previous_user_state(running, _days()[-1], tmp_path / "running"),
         previous_user_state(full, _days()[-1]))
+    # Only the users asked for are converted: the same rows as the whole state's.
+    everyone = previous_user_state(full, _days()[-1])
+    some = everyone["user_id"].iloc[::3].tolist() + ["nobody"]
+    pd.testing.assert_frame_equal(
+        previous_user_state(running, _days()[-1], tmp_path / "running", users=some),
+        everyone[everyone["user_id"].isin(some)].reset_index(drop=True))
+    assert everyone["user_id"].is_monotonic_increasing and everyone["user_id"].is_unique
