@@ -2,16 +2,22 @@
 
 1. generates the shop's landing partitions (``features.synth.generate_shop`` at a chosen
    daily volume, ``benchmarks/_scale_shop.py``; in a child process) and quotes its own time;
-2. loads the history by a data-only backfill: the real DAG (``dag.test``), ``train: none``,
-   once per history day, in date order. That *is* what daily runs produce (same tasks, same
-   partitions, same online state), so there is no bulk path whose equivalence would need a
-   test. Each day's per-task times are kept; day 2 is compared with the last day for
-   validate, build_features and materialize (the target: the last day within 1.5x of day 2);
+2. loads the history, either
+   - ``--history dag`` (the small preset's default): a data-only backfill, the real DAG
+     (``dag.test``), ``train: none``, once per history day, in date order; or
+   - ``--history bulk`` (the full preset's default): ``shoprec.history.load_history``, the
+     functions the DAG's data tasks call, in this process, with one materialization per
+     stretch of days; it leaves the same partitions and online rows as one DAG run per day
+     (tested in ``tests/integration/test_materialize_incremental.py``). Days 2-4 and the
+     last three still run through the DAG, to be measured. The generated shop is valid by
+     construction, so the bulk days skip validation unless ``--bulk-validate``.
+   Day 2 is compared with the last day for validate, build_features and materialize (the
+   target: the last day within 1.5x of day 2);
 3. runs the next interval through the real DAG with training (``train: each``) and prints,
    for every task and for the whole run, the wall time, CPU time (user + system) and peak RSS.
 
     .venv/bin/python benchmarks/scale.py --preset small   # 2,000 products, 20,000 users, 30 days
-    .venv/bin/python benchmarks/scale.py --preset full    # 100,000 / 1,000,000 / 180 days (hours)
+    .venv/bin/python benchmarks/scale.py --preset full    # 100,000 / 1,000,000 / 180 days
     .venv/bin/python benchmarks/scale.py --preset small --days 10 --home /tmp/scale --out s.json
 
 Every run prints a table and writes all figures as JSON (``--out``, default
@@ -63,12 +69,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="state folder to build in (must be empty; kept afterwards)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary state folder")
     parser.add_argument("--out", type=Path, help="JSON file of all figures")
+    parser.add_argument("--history", choices=("bulk", "dag"),
+                        help="load the history in bulk (shoprec.history; days 2-4 and the "
+                             "last three through the DAG) or one DAG run per day "
+                             "(default: bulk for the full preset, dag otherwise)")
+    parser.add_argument("--bulk-validate", action="store_true",
+                        help="validate each bulk day too (the generated shop is valid by "
+                             "construction; validation costs ~20 s a day at full size)")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.history is None:
+        args.history = "bulk" if args.preset == "full" else "dag"
     if args.days < 2:
         parser.error("--days must be at least 2 (day 2 is compared with the last day)")
+    if args.history == "bulk" and args.days < 7:
+        parser.error("--history bulk needs --days 7 or more (days 2-4 and the last three "
+                     "are measured through the DAG)")
     return args
 
 
@@ -126,15 +144,63 @@ def load_history(dag, args: argparse.Namespace, log_dir: Path, sampler) -> list[
     return runs
 
 
-def growth(history: list[dict]) -> dict[str, dict]:
+def load_history_bulk(dag, args: argparse.Namespace, settings, log_dir: Path,
+                      sampler) -> tuple[list[dict], dict]:
+    """The history loaded by ``shoprec.history.load_history`` (the DAG's data-task functions
+    in-process, one materialization per stretch; the same partitions and online rows as
+    daily runs, tested in tests/integration/test_materialize_incremental.py), except days
+    2-4 and the last three, which run through the DAG (``train: none``) to be measured.
+
+    Returns:
+        The measured DAG runs, in date order, and the bulk stretches' figures.
+    """
+    from shoprec.history import load_history as bulk
+
+    days = [FIRST_DAY + dt.timedelta(days=i) for i in range(args.days)]
+    measured = set(days[1:4]) | set(days[-3:])
+    runs, stretches, pending = [], [], []
+
+    def flush() -> None:
+        if pending:
+            t0, (_, cpu0, _) = time.perf_counter(), sampler.sample()
+            out = bulk(settings, pending[0], pending[-1], validate=args.bulk_validate)
+            stretches.append({"first": pending[0].isoformat(), "last": pending[-1].isoformat(),
+                              "days": len(pending), "wall_s": round(time.perf_counter() - t0, 1),
+                              "cpu_s": round(sampler.sample()[1] - cpu0, 1),
+                              "steps_s": {k: round(v, 1) for k, v in out["seconds"].items()}})
+            pending.clear()
+
+    for day in days:
+        if day not in measured:
+            pending.append(day)
+            continue
+        flush()
+        run = measured_run(dag, day, {"train": "none"}, log_dir, sampler)
+        runs.append(run)
+        if run["state"] != "success":
+            raise SystemExit(f"history run of {day} ended {run['state']}; log: {run['log']}")
+        print(f"  {day} through the DAG: " + ", ".join(
+            f"{t} {run['tasks'][t]['wall_s']:.1f} s" for t in DATA_TASKS))
+    flush()
+    return runs, {"stretches": stretches,
+                  "days": sum(s["days"] for s in stretches),
+                  "wall_s": round(sum(s["wall_s"] for s in stretches), 1),
+                  "validated": args.bulk_validate}
+
+
+def growth(runs: list[dict]) -> dict[str, dict]:
     """Day 2 against the last history day, per data task (day 1 has no history to read);
-    also the medians of days 2-4 and of the last three days, less swayed by one slow day."""
+    also the medians of days 2-4 and of the last three days, less swayed by one slow day.
+
+    Args:
+        runs: measured runs from day 2 on, in date order (day 2 first, the last day last).
+    """
     out = {}
     for task in DATA_TASKS:
-        walls = [r["tasks"][task]["wall_s"] for r in history]
-        a, b = walls[1], walls[-1]
-        early = statistics.median(walls[1:4])
-        late = statistics.median(walls[max(1, len(walls) - 3):])
+        walls = [r["tasks"][task]["wall_s"] for r in runs]
+        a, b = walls[0], walls[-1]
+        early = statistics.median(walls[:3])
+        late = statistics.median(walls[-3:])
         out[task] = {"day2_s": a, "last_s": b, "ratio": round(b / a, 2) if a else None,
                      "within_target": bool(a) and b <= GROWTH_TARGET * a,
                      "median_ratio": round(late / early, 2) if early else None}
@@ -170,10 +236,22 @@ def print_report(report: dict) -> None:
           f"{shop['searches']:,} searches); encoder {report['config']['encoder']}")
     print(f"generator: {shop['wall_s']:.1f} s wall, {shop['cpu_s']:.1f} s CPU, "
           f"peak RSS {shop['peak_rss_mb']:,.0f} MB (its own process)")
-    print(f"history load (data-only DAG runs): {hist['days']} days in {hist['wall_s']:.1f} s "
-          f"({hist['mean_day_s']:.1f} s/day, CPU {hist['cpu_s']:.1f} s; day 1, which sets up "
-          f"the stores, {hist['runs'][0]['run']['wall_s']:.1f} s; outside the tasks "
-          f"{hist['mean_outside_tasks_s']:.1f} s/day)")
+    if hist["bulk"] is None:
+        print(f"history load (data-only DAG runs): {hist['days']} days in "
+              f"{hist['wall_s']:.1f} s ({hist['mean_day_s']:.1f} s/day, CPU "
+              f"{hist['cpu_s']:.1f} s; outside the tasks {hist['mean_outside_tasks_s']:.1f} "
+              "s/day)")
+    else:
+        bulk = hist["bulk"]
+        print(f"history load: {hist['days']} days in {hist['wall_s']:.1f} s "
+              f"({hist['mean_day_s']:.1f} s/day, CPU {hist['cpu_s']:.1f} s): "
+              f"{len(hist['runs'])} through the DAG, {bulk['days']} in bulk "
+              f"({'validated' if bulk['validated'] else 'not validated'}, "
+              f"{bulk['wall_s']:.1f} s)")
+        for stretch in bulk["stretches"]:
+            steps = ", ".join(f"{k} {v:.1f} s" for k, v in stretch["steps_s"].items())
+            print(f"  bulk {stretch['first']} .. {stretch['last']} ({stretch['days']} days): "
+                  f"{stretch['wall_s']:.1f} s wall, {stretch['cpu_s']:.1f} s CPU ({steps})")
     print("\nday 2 vs last history day (target: last <= 1.5 x day 2; 'medians': days "
           f"{max(2, hist['days'] - 2)}..{hist['days']} over days 2..{min(4, hist['days'])})")
     print(f"| task | day 2 | day {hist['days']} | ratio | target | medians' ratio |")
@@ -235,8 +313,15 @@ def main(argv: list[str] | None = None) -> None:
         dag = load_dag(settings)
     with ResourceSampler() as sampler:
         t0 = time.perf_counter()
-        history = load_history(dag, args, log_dir, sampler)
+        if args.history == "bulk":
+            measured, bulk_figures = load_history_bulk(dag, args, settings, log_dir, sampler)
+        else:
+            history = load_history(dag, args, log_dir, sampler)
+            measured, bulk_figures = history[1:], None
         history_s = time.perf_counter() - t0
+        print("day 2 vs the last history day, per data task (wall s): " + json.dumps(
+            {task: [g["day2_s"], g["last_s"], g["ratio"]]
+             for task, g in growth(measured).items()}), flush=True)
         trained_day = FIRST_DAY + dt.timedelta(days=args.days)
         print(f"history loaded in {history_s:.1f} s; running {trained_day} with training")
         trained = measured_run(dag, trained_day, {"train": "each"}, log_dir, sampler)
@@ -245,19 +330,24 @@ def main(argv: list[str] | None = None) -> None:
         "config": {k: getattr(args, k) for k in
                    ("preset", "products", "users", "days", "events_per_day", "encoder", "seed")},
         "shop": shop,
-        "history": {"method": "data-only DAG runs (train: none), one per day",
-                    "days": len(history), "wall_s": round(history_s, 1),
-                    "mean_day_s": round(history_s / len(history), 2),
-                    "cpu_s": round(sum(r["run"]["cpu_s"] for r in history), 1),
+        "history": {"method": ("data-only DAG runs (train: none), one per day"
+                               if bulk_figures is None else
+                               "bulk (shoprec.history.load_history), days 2-4 and the last "
+                               "three through the DAG (train: none)"),
+                    "days": args.days, "wall_s": round(history_s, 1),
+                    "mean_day_s": round(history_s / args.days, 2),
+                    "cpu_s": round(sum(r["run"]["cpu_s"] for r in measured)
+                                   + sum(s["cpu_s"] for s in (bulk_figures or {}).get(
+                                       "stretches", [])), 1),
                     "mean_outside_tasks_s": round(statistics.fmean(
-                        outside_tasks(r) for r in history[1:]), 2),
-                    "runs": history},
-        "growth": growth(history),
+                        outside_tasks(r) for r in measured), 2),
+                    "runs": measured, "bulk": bulk_figures},
+        "growth": growth(measured),
         "trained_run": trained,
         "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "total_s": round(time.perf_counter() - started, 1),
     }
-    if args.preset != "full" or args.days != PRESETS["full"]["days"]:
+    if bulk_figures is None and (args.preset != "full" or args.days != PRESETS["full"]["days"]):
         report["full_extrapolation"] = extrapolate(history, shop["events_per_day"])
     out = args.out or Path("state") / f"bench-scale-{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,8 +85,8 @@ def apply_repo(settings: Settings) -> list[str]:
     return names
 
 
-def materialize_interval(settings: Settings, day: dt.date, *,
-                         incremental: bool = True) -> dict[str, Any]:
+def materialize_interval(settings: Settings, day: dt.date, *, incremental: bool = True,
+                         since: dt.date | None = None) -> dict[str, Any]:
     """Load exactly one interval (plus the allowed lateness before it) into the online store.
 
     ``feast materialize-incremental`` would start at now - ttl on a fresh repo and skip
@@ -101,11 +101,17 @@ def materialize_interval(settings: Settings, day: dt.date, *,
     recorded on the view as Feast's ``materialize`` records it. The online rows are the same
     as Feast's (tested against it).
 
+    With ``since``, the intervals from that day through ``day`` at once (a history loaded
+    in bulk, ``shoprec.history``): each entity's newest row of those days goes online, as
+    it would after materializing them one by one.
+
     Returns:
         The window materialized, the views it covered and the rows written per view.
     """
     interval = Interval.for_day(day)
-    start = interval.start - dt.timedelta(hours=settings.allowed_lateness_hours)
+    first_day = min(since or day, day)
+    start = (Interval.for_day(first_day).start
+             - dt.timedelta(hours=settings.allowed_lateness_hours))
     store = feature_store(settings)
     # The online write keeps the last row written, not the newest: rerunning an earlier
     # interval alone would put older snapshots back online. Extending such a rerun up to
@@ -121,7 +127,7 @@ def materialize_interval(settings: Settings, day: dt.date, *,
     # interval's start, and its late catalogue rows) were put online by their own interval's
     # run, whose materialize follows its build; reading them again would write them twice.
     slack = dt.timedelta(days=1) + dt.timedelta(hours=settings.allowed_lateness_hours)
-    first, last = day, (end + slack).date()
+    first, last = first_day, (end + slack).date()
     written = {}
     for name in MATERIALIZED_VIEWS:
         view = store.get_feature_view(name)

@@ -77,3 +77,44 @@ def test_incremental_materialization_equals_feasts(tmp_path: Path) -> None:
                 assert sum(rerun["rows"].values()) > 0
     assert results[True] == results[False]
     assert any(v is not None for v in results[True]["user_recent_products"]["recent_product_ids"])
+
+
+def test_a_history_loaded_in_bulk_is_what_daily_runs_leave(tmp_path: Path) -> None:
+    """``shoprec.history.load_history`` (every day validated and built, one materialization
+    at the end) leaves the partitions and the online rows of the DAG's data tasks run day
+    by day (check_partition, build_interval, materialize_day)."""
+    from state_readers import assert_same_partitions, partitions
+
+    from features.validation import check_partition
+    from shoprec.history import load_history
+
+    days = [START + dt.timedelta(days=i) for i in range(DAYS)]
+    daily, bulk = tmp_path / "daily", tmp_path / "bulk"
+    for home in (daily, bulk):
+        with shop_environment(home) as settings:
+            generate_shop(settings.landing_root, days=DAYS, users=150, products=50, seed=9,
+                          start=START)
+    results, seen = {}, []
+    with shop_environment(daily) as settings:
+        for day in days:
+            check_partition(settings, day)
+            build_interval(settings, day)
+            materialize_day(settings, day)
+        results["daily"] = _online(settings)
+    with shop_environment(bulk) as settings:
+        out = load_history(settings, days[0], days[-1],
+                           on_day=lambda day, seconds: seen.append((day, sorted(seconds))))
+        results["bulk"] = _online(settings)
+        store = feature_store(settings)
+        assert {_materialized_until(store, v) for v in MATERIALIZED_VIEWS} == {
+            dt.datetime.combine(days[-1] + dt.timedelta(days=1), dt.time(), dt.UTC)}
+    assert seen == [(day, ["build_features", "validate"]) for day in days]
+    assert out["days"] == DAYS and sum(out["materialized"]["rows"].values()) > 0
+    assert_same_partitions(partitions(daily, days), partitions(bulk, days))
+    assert results["bulk"] == results["daily"]
+    assert any(v is not None for v in results["bulk"]["user_profile"]["view_count_30d"])
+    # the validation ran and wrote the same reports
+    reports = sorted(str(p.relative_to(bulk)) for p in (bulk / "validation").rglob("*.json"))
+    assert len(reports) >= DAYS
+    assert reports == sorted(str(p.relative_to(daily))
+                             for p in (daily / "validation").rglob("*.json"))
