@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from core.settings import Settings
-from features.contract import Interval, catalog_as_of, parse_day, read_upto
+from features.contract import Interval, parse_day, read_upto
+from features.running import running_catalog, running_users
 from features.user_state import TARGET_EVENT_TYPES
 from training.config import TrainConfig
 from training.ranking.config import ScorerConfig
@@ -113,7 +114,7 @@ class IntervalData:
     events: pd.DataFrame  # every event up to the interval's end
     products: pd.DataFrame  # every product row up to the interval's end
     catalog: pd.DataFrame  # the catalogue as of the interval's end
-    users: pd.DataFrame  # every user row (country) up to the interval's end
+    users: pd.DataFrame  # one row per user seen up to the interval's end (last country)
 
     @property
     def test_cut(self) -> pd.Timestamp:
@@ -177,10 +178,14 @@ def load_interval(settings: Settings, day: dt.date, holdout: HoldoutConfig) -> I
         raise NotEnoughHistory(f"no events up to {day}")
     history_days = (end.date() - events["ts"].min().date()).days
     test_days, validation_days = holdout.windows(history_days)
+    # The catalogue and the users from the feature build's running snapshots: one row per
+    # product (its latest) and per user (its last known country), not every row ever sent.
+    snapshots = settings.home / "running"
+    catalog = running_catalog(settings.landing_root, day, snapshots).drop(
+        columns="first_seen", errors="ignore")
     return IntervalData(day, end, test_days, validation_days, events,
-                        read_upto(settings.landing_root, "products", day),
-                        catalog_as_of(settings.landing_root, day),
-                        read_upto(settings.landing_root, "users", day))
+                        read_upto(settings.landing_root, "products", day), catalog,
+                        running_users(settings.landing_root, day, snapshots))
 
 
 def training_examples(settings: Settings, events: pd.DataFrame,
