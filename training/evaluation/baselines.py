@@ -79,6 +79,11 @@ class Repeat(ScoredRecommender):
         return {"weight": self.weight, "half_life_days": self.half_life_days}
 
 
+# Each product's similar products kept by item-kNN: the usual cap. Uncapped, a catalogue of
+# 100,000 products bought by a million users keeps billions of co-occurrences.
+ITEM_KNN_NEIGHBOURS = 200
+
+
 class ItemKNN(ScoredRecommender):
     """Item-based nearest neighbours: cosine on the user × product matrix.
 
@@ -90,7 +95,7 @@ class ItemKNN(ScoredRecommender):
         name: method name.
     """
 
-    def __init__(self, neighbours: int | None = None, weight: str = "binary",
+    def __init__(self, neighbours: int | None = ITEM_KNN_NEIGHBOURS, weight: str = "binary",
                  self_similarity: bool = False,
                  event_types: Sequence[str] = TARGET_EVENT_TYPES, name: str = "item_knn"):
         self.neighbours = neighbours
