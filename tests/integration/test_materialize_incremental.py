@@ -118,3 +118,42 @@ def test_a_history_loaded_in_bulk_is_what_daily_runs_leave(tmp_path: Path) -> No
     assert len(reports) >= DAYS
     assert reports == sorted(str(p.relative_to(daily))
                              for p in (daily / "validation").rglob("*.json"))
+
+
+def test_cli_load_history_stops_at_a_bad_day_then_loads_once_released(tmp_path: Path) -> None:
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from features.quarantine import is_quarantined, quarantine_dir
+    from shoprec.cli import app
+
+    days = [START + dt.timedelta(days=i) for i in range(3)]
+    runner = CliRunner()
+    with shop_environment(tmp_path / "shop") as settings:
+        root = settings.landing_root
+        generate_shop(root, days=3, users=60, products=30, seed=3, start=START)
+        bad = Path(root) / "events" / f"date={days[2]}" / "part-0.parquet"
+        pd.read_parquet(bad).assign(quantity=0).to_parquet(bad, index=False)
+        args = ["data", "load-history", "--from", str(days[0]), "--to", str(days[2])]
+
+        failed = runner.invoke(app, args)
+        assert failed.exit_code == 1, failed.output
+        assert "expect_column_values_to_be_between column=quantity" in failed.output
+        assert is_quarantined(settings.home, days[2])
+        built = settings.offline_root / "user_recent_products"
+        assert sorted(p.name for p in built.iterdir()) == [f"date={d}" for d in days[:2]]
+        online = settings.feast_data / "online.db"
+        assert not online.exists(), "nothing is materialized"
+
+        fixed = quarantine_dir(settings.home, "events", days[2]) / "part-0.parquet"
+        pd.read_parquet(fixed).assign(quantity=1).to_parquet(fixed, index=False)
+        assert runner.invoke(app, ["data", "release", str(days[2]),
+                                   "--reason", "fixed"]).exit_code == 0
+        loaded = runner.invoke(app, args)
+        assert loaded.exit_code == 0, loaded.output
+        assert "loaded 3 days" in loaded.output and "rows online" in loaded.output
+        assert online.stat().st_size > 0 and len(list(built.iterdir())) == 3
+
+        backwards = runner.invoke(app, ["data", "load-history", "--from", str(days[2]),
+                                        "--to", str(days[0])])
+        assert backwards.exit_code == 2 and "before the first" in backwards.output
