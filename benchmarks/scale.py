@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="load the history in bulk (shoprec.history; days 2-4 and the "
                              "last three through the DAG) or one DAG run per day "
                              "(default: bulk for the full preset, dag otherwise)")
+    parser.add_argument("--train-max-minutes", type=float,
+                        help="the training budget in minutes (SHOPREC_TRAIN_MAX_MINUTES; "
+                             "default: the setting's default, no time limit)")
+    parser.add_argument("--resume", action="store_true",
+                        help="only the trained interval, on the --home an earlier run of "
+                             "this benchmark filled (the day after its last run)")
     parser.add_argument("--bulk-validate", action="store_true",
                         help="validate each bulk day too (the generated shop is valid by "
                              "construction; validation costs ~20 s a day at full size)")
@@ -80,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.resume and args.home is None:
+        parser.error("--resume needs the --home of the earlier run")
     if args.history is None:
         args.history = "bulk" if args.preset == "full" else "dag"
     if args.days < 2:
@@ -90,13 +98,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def prepare_environment(home: Path, encoder: str):
-    """Point this process (and Airflow, imported later) at the private state folder."""
+def prepare_environment(home: Path, encoder: str, settings_env: dict[str, str] | None = None):
+    """Point this process (and Airflow, imported later) at the private state folder; any
+    other shoprec setting is dropped unless given in ``settings_env``."""
     for key in [k for k in os.environ if k.startswith(("SHOPREC_", "MLFLOW_", "AIRFLOW"))]:
         del os.environ[key]
     os.environ.update({"SHOPREC_HOME": str(home), "SHOPREC_LANDING_ROOT": str(home / "landing"),
                        "SHOPREC_TEXT_ENCODER": encoder, "GX_ANALYTICS_ENABLED": "False",
-                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       **(settings_env or {})})
     from core.settings import Settings
 
     settings = Settings.from_env().prepare()
@@ -266,17 +276,7 @@ def print_report(report: dict) -> None:
     print(f"\ntrained interval {trained['day']} (train: each), {trained['state']}{outcome}")
     if "train" not in trained["tasks"]:
         print("  train and later tasks skipped: the history is too short to train on (more --days)")
-    print("| task | wall | CPU | CPU/wall | peak RSS |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    tasks = trained["tasks"].values()
-    outside = {"wall_s": outside_tasks(trained),
-               "cpu_s": trained["run"]["cpu_s"] - sum(t["cpu_s"] for t in tasks)}
-    rows = [*trained["tasks"].items(), ("outside the tasks (dag.test, metadata DB)", outside),
-            ("**whole run**", trained["run"])]
-    for task, f in rows:
-        share = f["cpu_s"] / f["wall_s"] if f["wall_s"] else 0.0
-        peak = f"{f['peak_rss_mb']:,.0f} MB" if "peak_rss_mb" in f else "—"
-        print(f"| {task} | {f['wall_s']:.2f} s | {f['cpu_s']:.2f} s | {share:.2f} | {peak} |")
+    print_trained(trained)
     print(f"process peak RSS (getrusage, whole benchmark less the generator): "
           f"{report['process_peak_rss_mb']:,.0f} MB")
     if "full_extrapolation" in report:
@@ -289,14 +289,69 @@ def print_report(report: dict) -> None:
               f"--preset full")
 
 
+def print_trained(trained: dict) -> None:
+    """The trained run's table: every task, the time outside them, the whole run."""
+    print("| task | wall | CPU | CPU/wall | peak RSS |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    tasks = trained["tasks"].values()
+    outside = {"wall_s": outside_tasks(trained),
+               "cpu_s": trained["run"]["cpu_s"] - sum(t["cpu_s"] for t in tasks)}
+    rows = [*trained["tasks"].items(), ("outside the tasks (dag.test, metadata DB)", outside),
+            ("**whole run**", trained["run"])]
+    for task, f in rows:
+        share = f["cpu_s"] / f["wall_s"] if f["wall_s"] else 0.0
+        peak = f"{f['peak_rss_mb']:,.0f} MB" if "peak_rss_mb" in f else "—"
+        print(f"| {task} | {f['wall_s']:.2f} s | {f['cpu_s']:.2f} s | {share:.2f} | {peak} |")
+
+
+def trained_day_only(args: argparse.Namespace) -> None:
+    """``--resume``: the trained interval alone, on a state folder whose history an earlier
+    run of this benchmark loaded (the day after the last day it ran)."""
+    from _scale_probe import ResourceSampler
+
+    from features.contract import list_days
+    from shoprec.runs import _output_to, load_dag
+
+    home = args.home.resolve()
+    settings = prepare_environment(home, args.encoder, settings_env(args))
+    log_dir = home / "logs" / "dag_test"
+    ran = sorted(p.stem for p in log_dir.glob("20*.log"))
+    if not ran:
+        raise SystemExit(f"{home} has no runs of this benchmark to resume from")
+    day = dt.date.fromisoformat(ran[-1]) + dt.timedelta(days=1)
+    if day not in list_days(settings.landing_root, "events"):
+        raise SystemExit(f"{home} has no landing data for {day}")
+    with _output_to(log_dir / "parse.log"):
+        dag = load_dag(settings)
+    with ResourceSampler() as sampler:
+        trained = measured_run(dag, day, {"train": "each"}, log_dir, sampler)
+    print(f"trained interval {trained['day']} (train: each), {trained['state']}; "
+          f"settings {settings_env(args)}")
+    print_trained(trained)
+    out = args.out or Path("state") / f"bench-scale-{args.preset}-trained.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"trained_run": trained, "settings": settings_env(args)},
+                              indent=1, default=str))
+    print(f"figures -> {out}")
+
+
+def settings_env(args: argparse.Namespace) -> dict[str, str]:
+    """The shoprec settings this run sets beyond the state folder and the encoder."""
+    return ({"SHOPREC_TRAIN_MAX_MINUTES": str(args.train_max_minutes)}
+            if args.train_max_minutes is not None else {})
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.resume:
+        trained_day_only(args)
+        return
     keep = args.keep or args.home is not None
     home = (args.home or Path(tempfile.mkdtemp(prefix="shoprec-scale-"))).resolve()
     if home.exists() and any(home.iterdir()):
         raise SystemExit(f"{home} is not empty: give an empty or new --home")
     home.mkdir(parents=True, exist_ok=True)
-    settings = prepare_environment(home, args.encoder)
+    settings = prepare_environment(home, args.encoder, settings_env(args))
     log_dir = home / "logs" / "dag_test"
     started = time.perf_counter()
 
