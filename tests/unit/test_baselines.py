@@ -181,3 +181,12 @@ def test_text_cosine_ranks_the_same_text_first(tmp_path) -> None:
     scores = rec.scores(["me"])[0]
     assert scores[data.item_index["twin"]] == pytest.approx(1.0, abs=1e-5)
     assert rec.recommend(["stranger"], 2) == [["b", "c"]]  # popularity, then product id
+
+
+def test_item_knn_keeps_every_neighbour_of_a_small_catalogue_and_caps_a_large_one() -> None:
+    from training.evaluation.baselines import ITEM_KNN_MAX_ENTRIES, auto_neighbours
+
+    assert auto_neighbours(3_600) is None  # Online Retail's catalogue: all of them
+    assert auto_neighbours(100_000) == ITEM_KNN_MAX_ENTRIES // 100_000 == 500
+    assert auto_neighbours(10_000_000) == 200  # never fewer
+    assert auto_neighbours(100_000) * 100_000 <= ITEM_KNN_MAX_ENTRIES

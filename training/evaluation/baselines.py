@@ -79,23 +79,33 @@ class Repeat(ScoredRecommender):
         return {"weight": self.weight, "half_life_days": self.half_life_days}
 
 
-# Each product's similar products kept by item-kNN: the usual cap. Uncapped, a catalogue of
-# 100,000 products bought by a million users keeps billions of co-occurrences.
-ITEM_KNN_NEIGHBOURS = 200
+# Item-kNN's similarity matrix is kept within this many entries (~600 MB as float32 CSR):
+# uncapped, a catalogue of 100,000 products bought by a million users keeps billions of
+# co-occurrences. A catalogue of up to ~7,000 products keeps them all.
+ITEM_KNN_MAX_ENTRIES = 50_000_000
+ITEM_KNN_MIN_NEIGHBOURS = 200  # never fewer neighbours per product than this
+
+
+def auto_neighbours(n_products: int) -> int | None:
+    """Item-kNN's neighbours per product within ``ITEM_KNN_MAX_ENTRIES`` (None: all)."""
+    if n_products * n_products <= ITEM_KNN_MAX_ENTRIES:
+        return None
+    return max(ITEM_KNN_MIN_NEIGHBOURS, ITEM_KNN_MAX_ENTRIES // max(n_products, 1))
 
 
 class ItemKNN(ScoredRecommender):
     """Item-based nearest neighbours: cosine on the user × product matrix.
 
     Args:
-        neighbours: keep each product's top ``neighbours`` similar products (None: all).
+        neighbours: keep each product's top ``neighbours`` similar products (None: all of
+            them when the matrix fits ``ITEM_KNN_MAX_ENTRIES``, else ``auto_neighbours``).
         weight: user × product cell value: "binary", "count" or "quantity".
         self_similarity: keep a product's similarity to itself (scores repeat purchases).
         event_types: events that count as interactions.
         name: method name.
     """
 
-    def __init__(self, neighbours: int | None = ITEM_KNN_NEIGHBOURS, weight: str = "binary",
+    def __init__(self, neighbours: int | None = None, weight: str = "binary",
                  self_similarity: bool = False,
                  event_types: Sequence[str] = TARGET_EVENT_TYPES, name: str = "item_knn"):
         self.neighbours = neighbours
@@ -106,7 +116,9 @@ class ItemKNN(ScoredRecommender):
 
     def _fit(self, data: TrainData) -> None:
         self.matrix = data.interactions(event_types=self.event_types, weight=self.weight)
-        self.similarity = cosine_similarity(self.matrix, self.neighbours,
+        self.kept = (self.neighbours if self.neighbours is not None
+                     else auto_neighbours(self.matrix.shape[1]))
+        self.similarity = cosine_similarity(self.matrix, self.kept,
                                             self_similarity=self.self_similarity)  # (N, N)
         self.fill = unit_fill(popularity_scores(data))  # (N,)
 
@@ -120,7 +132,7 @@ class ItemKNN(ScoredRecommender):
         return with_fallback(scores + self.fill[None, :] * 1e-6, has, self.fill)
 
     def params(self) -> dict[str, object]:
-        return {"neighbours": self.neighbours, "weight": self.weight,
+        return {"neighbours": getattr(self, "kept", self.neighbours), "weight": self.weight,
                 "self_similarity": self.self_similarity}
 
 
