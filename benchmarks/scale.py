@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the training budget in minutes (SHOPREC_TRAIN_MAX_MINUTES; "
                              "default: the setting's default, no time limit)")
     parser.add_argument("--resume", action="store_true",
-                        help="only the trained interval, on the --home an earlier run of "
-                             "this benchmark filled (the day after its last run)")
+                        help="only the trained interval (the shop's last day), on the "
+                             "--home an earlier run of this benchmark filled")
     parser.add_argument("--bulk-validate", action="store_true",
                         help="validate each bulk day too (the generated shop is valid by "
                              "construction; validation costs ~20 s a day at full size)")
@@ -305,8 +305,8 @@ def print_trained(trained: dict) -> None:
 
 
 def trained_day_only(args: argparse.Namespace) -> None:
-    """``--resume``: the trained interval alone, on a state folder whose history an earlier
-    run of this benchmark loaded (the day after the last day it ran)."""
+    """``--resume``: the trained interval alone (the shop's last day), on a state folder
+    whose history an earlier run of this benchmark loaded."""
     from _scale_probe import ResourceSampler
 
     from features.contract import list_days
@@ -315,12 +315,10 @@ def trained_day_only(args: argparse.Namespace) -> None:
     home = args.home.resolve()
     settings = prepare_environment(home, args.encoder, settings_env(args))
     log_dir = home / "logs" / "dag_test"
-    ran = sorted(p.stem for p in log_dir.glob("20*.log"))
-    if not ran:
+    days = list_days(settings.landing_root, "events")
+    if not days or not any(log_dir.glob("20*.log")):
         raise SystemExit(f"{home} has no runs of this benchmark to resume from")
-    day = dt.date.fromisoformat(ran[-1]) + dt.timedelta(days=1)
-    if day not in list_days(settings.landing_root, "events"):
-        raise SystemExit(f"{home} has no landing data for {day}")
+    day = days[-1]  # the generator writes the history days and the trained one
     with _output_to(log_dir / "parse.log"):
         dag = load_dag(settings)
     with ResourceSampler() as sampler:
