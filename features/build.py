@@ -10,11 +10,10 @@ point-in-time join for an event of day D sees the snapshots of day D-1 and never
   event type and the time in epoch seconds of each) and the all-time count of history events.
   It rolls forward from each user's previous snapshot. An extra column ``last_purchase_ts``
   (not a Feast feature) carries the user's last purchase for ``user_profile``.
-- ``user_profile``: for each user whose profile changes that day (active that day, or with
-  events of 7 or 30 days ago leaving a window: ``features.user_state.snapshot_users``), the
-  profile of ``features.user_state`` (``PROFILE_COLUMNS``: event counts by type over 7 and 30
-  days, days since the last purchase, distinct categories touched and mean basket value over
-  30 days, country), computed by its ``profiles_as_of``.
+- ``user_profile``: for each user with any event in the last ``PROFILE_LOOKBACK_DAYS`` days,
+  the profile of ``features.user_state`` (``PROFILE_COLUMNS``: event counts by type over 7
+  and 30 days, days since the last purchase, distinct categories touched and mean basket
+  value over 30 days, country), computed by its ``profiles_as_of``.
 - ``product_stats``: for every catalogue product, views and purchases over 7 and 30 days, the
   30-day conversion rate, price, category, brand and days since first seen.
 - ``product_text``: "title | category | brand | description" of products added or changed
@@ -50,7 +49,6 @@ from features.contract import (
 )
 from features.running import Part, partitions, running_catalog, running_fold, running_users
 from features.user_state import (
-    CHANGE_OFFSETS,
     COUNT_COLUMNS,
     COUNTRY,
     DAYS_SINCE_PURCHASE,
@@ -270,9 +268,8 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
                        users: pd.DataFrame, state: pd.DataFrame,
                        interval: Interval) -> pa.Table:
     """The day's ``user_profile`` snapshots: ``features.user_state.profiles_as_of`` at the
-    interval end, for the users whose profile changes that day
-    (``features.user_state.snapshot_users``: active that day, or with events leaving a
-    window).
+    interval end, for every user with an event in the lookback
+    (``features.user_state.snapshot_users``).
 
     Args:
         window_events: events of the last ``PROFILE_LOOKBACK_DAYS`` days up to the interval
@@ -284,13 +281,12 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
         interval: the day.
 
     Returns:
-        One row per such user, sorted (``USER_PROFILE_SCHEMA``).
+        One row per user with any event in ``window_events``, sorted (``USER_PROFILE_SCHEMA``).
     """
     end = pd.Timestamp(interval.end)
-    index = snapshot_users(window_events, end)
-    mine = window_events[window_events["user_id"].isin(index)]
+    index = snapshot_users(window_events)
     last_buy = state.set_index("user_id")["last_purchase_ts"].reindex(index)
-    out = profiles_as_of(mine, catalog, users, index, [end] * len(index),
+    out = profiles_as_of(window_events, catalog, users, index, [end] * len(index),
                          last_purchase=last_buy)  # (U, len(PROFILE_COLUMNS))
     out.insert(0, "user_id", index.to_numpy(dtype=object))
     out["event_timestamp"] = end
@@ -383,25 +379,6 @@ def _scalar(when: dt.datetime, like: pa.ChunkedArray) -> pa.Scalar:
     return pa.scalar(pd.Timestamp(when).to_pydatetime(), type=like.type)
 
 
-def _snapshot_user_events(window: pa.Table, interval: Interval) -> pd.DataFrame:
-    """The window's events of the users who get a ``user_profile`` snapshot on the day
-    (``features.user_state.snapshot_users``), as pandas: only those rows are converted.
-
-    Args:
-        window: the events of the ``PROFILE_LOOKBACK_DAYS`` up to the interval end (Arrow,
-            contract schema).
-        interval: the day.
-    """
-    epoch_day = pc.divide(window["ts"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()),
-                          86_400 * 10**6)  # (E,) floor: times are after the epoch
-    last = (pd.Timestamp(interval.start) - pd.Timestamp(0, tz="UTC")).days
-    change_days = pa.array([last - k for k in CHANGE_OFFSETS], pa.int64())
-    candidates = window.filter(pc.is_in(epoch_day, value_set=change_days))
-    users = snapshot_users(candidates.select(["user_id", "ts"]).to_pandas(), interval.end)
-    mine = pc.is_in(window["user_id"], value_set=pa.array(users.to_numpy(), pa.string()))
-    return window.filter(mine).to_pandas()
-
-
 class _Phases:
     """Wall seconds per named phase of a build, for its log line."""
 
@@ -449,7 +426,7 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
         catalog = running_catalog(landing_root, day, snapshot_root)
         users = running_users(landing_root, day, snapshot_root)
     with phases("user_profile events"):
-        profile_events = _snapshot_user_events(window, interval)
+        profile_events = window.to_pandas()  # every user active in the lookback
     with phases("user state"):  # of the users whose rows are built today
         previous = previous_user_state(offline_root, day, snapshot_root,
                                        users=np.concatenate([

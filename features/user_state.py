@@ -26,17 +26,9 @@ timestamped at the next midnight):
   catalogue's, else 0), 0 without a basket;
 - ``country``: the user's last non-null country in the users table.
 
-A user gets a snapshot on the days their profile's windows change (``snapshot_days``): each
-day with an event of theirs, and each day on which such an event leaves a window (an event of
-day E leaves the 7-day window on E + 7 and the 30-day ones on E + 30). Between two such days
-no windowed value changes, so the earlier snapshot stays exact; a user who stops acting gets
-a last snapshot with every windowed value back at zero, valid from then on. The daily build
-therefore writes the day's active users and those whose events of 7 and 30 days ago leave a
-window, not everyone active in the month: its cost does not grow as the month fills.
-``days_since_last_purchase`` is counted to the snapshot's time, so it is exact on a snapshot
-day and, like the other values, kept until the next one. The events that decide a day's
-snapshot are those of the ``PROFILE_LOOKBACK_DAYS`` up to it (one day more than the widest
-window).
+A user gets a snapshot each day with an event in the ``PROFILE_LOOKBACK_DAYS`` up to it: one
+day more than the widest window, so that a user who stops acting gets one last snapshot with
+every windowed value back at zero, which stays valid from then on.
 """
 
 from __future__ import annotations
@@ -59,9 +51,6 @@ TARGET_EVENT_TYPES = ("purchase", "add_to_cart")
 WINDOWS_DAYS = (7, 30)  # the counters' windows
 MONTH_DAYS = 30  # the window of the distinct categories and the basket value
 PROFILE_LOOKBACK_DAYS = max(WINDOWS_DAYS) + 1  # see the module docstring
-# Days after an event's day on which a profile value changes: it enters every window, then
-# leaves each window when the window has passed it.
-CHANGE_OFFSETS: tuple[int, ...] = tuple(sorted({0, *WINDOWS_DAYS, MONTH_DAYS}))
 NEVER = -1  # days_since_last_purchase of a user who never purchased
 COUNT_COLUMNS: tuple[str, ...] = tuple(f"{t}_count_{w}d" for w in WINDOWS_DAYS
                                        for t in EVENT_TYPES)
@@ -170,9 +159,9 @@ def profiles_as_of(
 ) -> pd.DataFrame:
     """The ``user_profile`` each user had at each time: the latest daily snapshot before it.
 
-    At time t a user has the snapshot of the latest of their snapshot days (an event's day
-    plus one of ``CHANGE_OFFSETS``, see the module docstring) up to D = floor(t) - 1 day;
-    without any event up to D, none. The offline build calls this
+    At time t a user has the snapshot of day D = floor(t) - 1 day or, when they had no event
+    in the ``PROFILE_LOOKBACK_DAYS`` up to D, their last snapshot before that (the one whose
+    windows had just emptied); without any event up to D, none. The offline build calls this
     for one day's snapshots (``features.build.build_user_profile``); training and evaluation
     for their examples, over all events. Vectorised: sorted (user, day) keys, cumulative sums
     and searches, instead of one computation per day.
@@ -211,16 +200,13 @@ def profiles_as_of(
     def keys(user: np.ndarray, day: np.ndarray) -> np.ndarray:
         return user.astype(np.int64) * span + day
 
-    # The latest snapshot day at or before the query day: max over the offsets k of the
-    # user's last event day <= query day - k, plus k (query days sit above the lookback).
+    # The latest snapshot at or before the query day: the day itself while the user had an
+    # event in its lookback, else the last day of the lookback after their last event.
     active = np.sort(keys(ev_user, ev_day))  # (E,)
-    snapshot_day = np.full(len(user_ids), -1, dtype=np.int64)  # (Q,)
-    known = np.zeros(len(user_ids), dtype=bool)  # (Q,) any event up to the query day
-    for offset in CHANGE_OFFSETS:
-        last, found = _latest(active, keys(q_user, query_day - offset), q_user, span)
-        day = np.where(found, active[last] % span + offset, -1) if len(active) else snapshot_day
-        snapshot_day = np.maximum(snapshot_day, day)
-        known |= found
+    last, known = _latest(active, keys(q_user, query_day), q_user, span)  # (Q,), (Q,)
+    last_day = np.zeros(len(user_ids), dtype=np.int64)  # (Q,)
+    last_day[known] = active[last[known]] % span
+    snapshot_day = np.minimum(query_day, last_day + PROFILE_LOOKBACK_DAYS - 1)  # (Q,)
     at = keys(q_user, snapshot_day)  # (Q,)
 
     out: dict[str, np.ndarray] = {}
@@ -271,23 +257,18 @@ def profiles_as_of(
     return frame
 
 
-def snapshot_users(window_events: pd.DataFrame, day_end: Any) -> pd.Index:
-    """The users who get a ``user_profile`` snapshot on the day ending at ``day_end``: those
-    with an event on one of its ``CHANGE_OFFSETS`` days before (the day itself included).
+def snapshot_users(window_events: pd.DataFrame) -> pd.Index:
+    """The users who get a ``user_profile`` snapshot on a day: those with an event in the
+    ``PROFILE_LOOKBACK_DAYS`` up to it.
 
     Args:
-        window_events: contract events of (at least) the ``PROFILE_LOOKBACK_DAYS`` up to
-            the day's end.
-        day_end: the day's end (the snapshot's timestamp).
+        window_events: contract events of the ``PROFILE_LOOKBACK_DAYS`` up to the day's end.
 
     Returns:
         The users, sorted, named ``user_id``.
     """
-    end_day = _epoch_ns([day_end])[0] // _DAY_NS  # the day after the snapshot's day
-    days_before = end_day - 1 - _epoch_ns(window_events["ts"]) // _DAY_NS  # (E,)
-    changed = np.isin(days_before, CHANGE_OFFSETS)
-    users = window_events["user_id"].to_numpy(dtype=object)[changed]
-    return pd.Index(pd.unique(users), name="user_id").sort_values()
+    return pd.Index(pd.unique(window_events["user_id"].to_numpy(dtype=object)),
+                    name="user_id").sort_values()
 
 
 def _window_sum(keys: np.ndarray, cumulative: np.ndarray, at: np.ndarray,

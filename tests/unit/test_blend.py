@@ -85,11 +85,10 @@ def test_examples_carry_the_profile_of_the_end_of_the_day_before() -> None:
     assert (b["view_count_7d"], b["purchase_count_30d"], b["days_since_last_purchase"],
             b["distinct_categories_30d"], b["country"]) == (1, 0, -1, 1, "France")
     assert rows["c"] == {**b, "product_id": "c"}  # the same day: the same snapshot
-    # d (day 3): the day-1 snapshot (nothing changed on day 2), the purchase of day 1
-    # (day 1 at midnight, price 1) and the cart; days since it counted to that snapshot
+    # d (day 3): the day-2 snapshot, the purchase of day 1 (price 1) and the cart
     d = rows["d"]
     assert (d["purchase_count_30d"], d["add_to_cart_count_7d"], d["days_since_last_purchase"],
-            d["mean_basket_value_30d"]) == (1, 1, 1, 1.0)
+            d["mean_basket_value_30d"]) == (1, 1, 2, 1.0)
     # v had no event before day 2: no snapshot, every profile column null
     assert all(pd.isna(rows["v-b"][c]) for c in PROFILE_COLUMNS)
     pd.testing.assert_frame_equal(

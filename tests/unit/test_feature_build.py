@@ -351,31 +351,23 @@ def test_seven_day_counts_decay_when_the_user_stops(month: dict) -> None:
         ("view", "add_to_cart", "purchase", "search"), 0)
 
 
-def test_snapshots_only_on_the_days_a_window_changes(month: dict) -> None:
-    # Events on days 1 (u1, u2) and 5 (u1, u3): snapshots on those days, 7 days later (an
-    # event leaves the 7-day window) and 30 days later (it leaves the 30-day ones).
-    assert {n: sorted(month[n]["user_profile"]) for n in month} == {
-        1: ["u1", "u2"], 3: [], 5: ["u1", "u3"], 8: ["u1", "u2"], 12: ["u1", "u3"], 30: [],
-        31: ["u1", "u2"], 32: []}
-
-
 def test_a_lapsed_user_gets_one_all_zero_snapshot_then_none(month: dict) -> None:
-    # u2's only event is on day 1: its day-8 snapshot (7-day window emptied) holds until the
-    # 30-day window moves past day 1 on day 31.
-    assert _counts(month[8]["user_profile"]["u2"], 30)["search"] == 1
-    last = month[31]["user_profile"]["u2"]
+    # u2's only event is on day 1: inside the 30-day window through day 30.
+    assert _counts(month[30]["user_profile"]["u2"], 30)["search"] == 1
+    last = month[31]["user_profile"]["u2"]  # the window has moved past day 1
     assert _counts(last, 30) == _counts(last, 7) == dict.fromkeys(
         ("view", "add_to_cart", "purchase", "search"), 0)
     assert "u2" not in month[32]["user_profile"]  # that zero snapshot stays the latest
+    assert "u1" in month[32]["user_profile"]  # u1 acted on day 5
 
 
 def test_days_since_last_purchase(month: dict) -> None:
     assert month[1]["user_profile"]["u1"]["days_since_last_purchase"] == 0
+    assert month[3]["user_profile"]["u1"]["days_since_last_purchase"] == 2
     assert month[5]["user_profile"]["u1"]["days_since_last_purchase"] == 0
     # Last purchase day 5 09:00, snapshot day 9 00:00: 3 whole days.
     assert month[8]["user_profile"]["u1"]["days_since_last_purchase"] == 3
-    # Counted to the snapshot: day 31's (day 1 left the 30-day window), 26 days 15 hours.
-    assert month[31]["user_profile"]["u1"]["days_since_last_purchase"] == 26
+    assert month[32]["user_profile"]["u1"]["days_since_last_purchase"] == 27
     assert month[1]["user_profile"]["u2"]["days_since_last_purchase"] == -1  # never
     assert month[5]["user_profile"]["u3"]["days_since_last_purchase"] == -1
 
