@@ -61,7 +61,6 @@ from features.user_state import (
     history_events,
     keep_last,
     profiles_as_of,
-    snapshot_users,
 )
 
 log = logging.getLogger(__name__)
@@ -268,8 +267,7 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
                        users: pd.DataFrame, state: pd.DataFrame,
                        interval: Interval) -> pa.Table:
     """The day's ``user_profile`` snapshots: ``features.user_state.profiles_as_of`` at the
-    interval end, for every user with an event in the lookback
-    (``features.user_state.snapshot_users``).
+    interval end, for every user with an event in the lookback.
 
     Args:
         window_events: events of the last ``PROFILE_LOOKBACK_DAYS`` days up to the interval
@@ -284,7 +282,7 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
         One row per user with any event in ``window_events``, sorted (``USER_PROFILE_SCHEMA``).
     """
     end = pd.Timestamp(interval.end)
-    index = snapshot_users(window_events)
+    index = pd.Index(window_events["user_id"].unique(), name="user_id").sort_values()
     last_buy = state.set_index("user_id")["last_purchase_ts"].reindex(index)
     out = profiles_as_of(window_events, catalog, users, index, [end] * len(index),
                          last_purchase=last_buy)  # (U, len(PROFILE_COLUMNS))
@@ -419,25 +417,21 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
                     for i in range(PROFILE_LOOKBACK_DAYS - 1, -1, -1)]
         window = read_range_table(landing_root, "events", lookback)  # Arrow, not pandas
         window = window.filter(pc.less(window["ts"], _scalar(interval.end, window["ts"])))
-        events = window.filter(pc.greater_equal(
-            window["ts"], _scalar(interval.start, window["ts"]))).to_pandas()
+        window_events = window.to_pandas()  # the profiles read every user of the lookback
+        events = window_events[window_events["ts"] >= pd.Timestamp(interval.start)]
     with phases("catalogue and users"):
         products_today = read_partition(landing_root, "products", day)
         catalog = running_catalog(landing_root, day, snapshot_root)
         users = running_users(landing_root, day, snapshot_root)
-    with phases("user_profile events"):
-        profile_events = window.to_pandas()  # every user active in the lookback
     with phases("user state"):  # of the users whose rows are built today
         previous = previous_user_state(offline_root, day, snapshot_root,
-                                       users=np.concatenate([
-                                           events["user_id"].to_numpy(dtype=object),
-                                           profile_events["user_id"].to_numpy(dtype=object)]))
+                                       users=window_events["user_id"].to_numpy(dtype=object))
     tables: dict[str, pa.Table] = {}
     with phases("user_recent_products"):
         recent = tables["user_recent_products"] = build_user_recent_products(
             events, previous, interval)
     with phases("user_profile"):
-        tables["user_profile"] = build_user_profile(profile_events, catalog, users,
+        tables["user_profile"] = build_user_profile(window_events, catalog, users,
                                                     _state_after(previous, recent), interval)
     with phases("product tables"):
         tables["product_stats"] = build_product_stats(window, catalog, interval)

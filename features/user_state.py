@@ -257,20 +257,6 @@ def profiles_as_of(
     return frame
 
 
-def snapshot_users(window_events: pd.DataFrame) -> pd.Index:
-    """The users who get a ``user_profile`` snapshot on a day: those with an event in the
-    ``PROFILE_LOOKBACK_DAYS`` up to it.
-
-    Args:
-        window_events: contract events of the ``PROFILE_LOOKBACK_DAYS`` up to the day's end.
-
-    Returns:
-        The users, sorted, named ``user_id``.
-    """
-    return pd.Index(pd.unique(window_events["user_id"].to_numpy(dtype=object)),
-                    name="user_id").sort_values()
-
-
 def _window_sum(keys: np.ndarray, cumulative: np.ndarray, at: np.ndarray,
                 days: int) -> np.ndarray:
     """Per query, the sum of the weights of entries with key in (at - days, at].
