@@ -10,9 +10,10 @@ point-in-time join for an event of day D sees the snapshots of day D-1 and never
   event type and the time in epoch seconds of each) and the all-time count of history events.
   It rolls forward from each user's previous snapshot. An extra column ``last_purchase_ts``
   (not a Feast feature) carries the user's last purchase for ``user_profile``.
-- ``user_profile``: for each user with any event in the last ``PROFILE_LOOKBACK_DAYS`` days,
-  the profile of ``features.user_state`` (``PROFILE_COLUMNS``: event counts by type over 7
-  and 30 days, days since the last purchase, distinct categories touched and mean basket
+- ``user_profile``: for each user whose profile changes that day (active that day, or with
+  events of 7 or 30 days ago leaving a window: ``features.user_state.snapshot_users``), the
+  stored profile of ``features.user_state`` (``STORED_PROFILE_COLUMNS``: event counts by type
+  over 7 and 30 days, the last purchase's time, distinct categories touched and mean basket
   value over 30 days, country), computed by its ``profiles_as_of``.
 - ``product_stats``: for every catalogue product, views and purchases over 7 and 30 days, the
   30-day conversion rate, price, category, brand and days since first seen.
@@ -51,9 +52,9 @@ from features.running import Part, partitions, running_catalog, running_fold, ru
 from features.user_state import (
     COUNT_COLUMNS,
     COUNTRY,
-    DAYS_SINCE_PURCHASE,
     DISTINCT_CATEGORIES,
     HISTORY_LEN,
+    LAST_PURCHASE_TS,
     MEAN_BASKET,
     PROFILE_LOOKBACK_DAYS,
     WINDOWS_DAYS,
@@ -61,6 +62,7 @@ from features.user_state import (
     history_events,
     keep_last,
     profiles_as_of,
+    snapshot_users,
 )
 
 log = logging.getLogger(__name__)
@@ -86,10 +88,10 @@ def product_count_columns() -> list[str]:
     return [f"product_{t}_count_{w}d" for w in WINDOWS_DAYS for t in PRODUCT_STAT_EVENT_TYPES]
 
 
-USER_PROFILE_SCHEMA = pa.schema([  # the key, features.user_state.PROFILE_COLUMNS, the time
+USER_PROFILE_SCHEMA = pa.schema([  # the key, user_state.STORED_PROFILE_COLUMNS, the time
     ("user_id", pa.string()),
     *[(c, pa.int64()) for c in COUNT_COLUMNS],
-    (DAYS_SINCE_PURCHASE, pa.int64()),
+    (LAST_PURCHASE_TS, pa.int64()),
     (DISTINCT_CATEGORIES, pa.int64()),
     (MEAN_BASKET, pa.float64()),
     (COUNTRY, pa.string()),
@@ -267,7 +269,9 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
                        users: pd.DataFrame, state: pd.DataFrame,
                        interval: Interval) -> pa.Table:
     """The day's ``user_profile`` snapshots: ``features.user_state.profiles_as_of`` at the
-    interval end, for every user with an event in the lookback.
+    interval end (stored columns), for the users whose profile changes that day
+    (``features.user_state.snapshot_users``: active that day, or with events of 7 or 30 days
+    ago leaving a window).
 
     Args:
         window_events: events of the last ``PROFILE_LOOKBACK_DAYS`` days up to the interval
@@ -279,13 +283,14 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
         interval: the day.
 
     Returns:
-        One row per user with any event in ``window_events``, sorted (``USER_PROFILE_SCHEMA``).
+        One row per such user, sorted (``USER_PROFILE_SCHEMA``).
     """
     end = pd.Timestamp(interval.end)
-    index = pd.Index(window_events["user_id"].unique(), name="user_id").sort_values()
+    index = snapshot_users(window_events, end)
+    mine = window_events[window_events["user_id"].isin(index)]
     last_buy = state.set_index("user_id")["last_purchase_ts"].reindex(index)
-    out = profiles_as_of(window_events, catalog, users, index, [end] * len(index),
-                         last_purchase=last_buy)  # (U, len(PROFILE_COLUMNS))
+    out = profiles_as_of(mine, catalog, users, index, [end] * len(index),
+                         last_purchase=last_buy, stored=True)  # (U, len(PROFILE_COLUMNS))
     out.insert(0, "user_id", index.to_numpy(dtype=object))
     out["event_timestamp"] = end
     return pa.Table.from_pandas(out, schema=USER_PROFILE_SCHEMA, preserve_index=False)

@@ -10,8 +10,8 @@ current online rows, by the rule of ``features.user_state``:
   are appended in (ts, event_id) order (event type and time alongside, the last
   ``HISTORY_LEN`` kept) and ``n_events_total`` grows by as many; searches leave it alone.
 - ``user_profile``: each event adds one to its type's counter of every window
-  (``WINDOWS_DAYS``), and a purchase sets ``days_since_last_purchase`` to 0. Windows do not
-  decay here, and
+  (``WINDOWS_DAYS``), and a purchase sets ``last_purchase_epoch_s`` to its time (read back
+  as 0 days since the last purchase that day). Windows do not decay here, and
   ``distinct_categories_30d``/``mean_basket_value_30d`` are not touched: the nightly build
   recomputes every value from the landing events and its materialization replaces these rows.
 
@@ -37,12 +37,12 @@ from features.contract import EVENT_TYPES, ContractError, conform
 from features.user_state import (
     COUNT_COLUMNS,
     COUNTRY,
-    DAYS_SINCE_PURCHASE,
     DISTINCT_CATEGORIES,
     HISTORY_LEN,
+    LAST_PURCHASE_TS,
     MEAN_BASKET,
     NEVER,
-    PROFILE_COLUMNS,
+    STORED_PROFILE_COLUMNS,
     WINDOWS_DAYS,
     count_column,
     epoch_seconds,
@@ -59,7 +59,7 @@ PUSH_SOURCES = {RECENT_VIEW: "user_recent_products_push", PROFILE_VIEW: "user_pr
 RECENT_FIELDS = ("recent_product_ids", "recent_event_types", "recent_timestamps",
                  "n_events_total")
 VIEW_FIELDS: dict[str, tuple[str, ...]] = {RECENT_VIEW: RECENT_FIELDS,
-                                           PROFILE_VIEW: PROFILE_COLUMNS}
+                                           PROFILE_VIEW: STORED_PROFILE_COLUMNS}
 # Client and server clocks differ a little; an event further ahead than this is refused.
 CLOCK_SKEW = dt.timedelta(seconds=5)
 # Earlier than this is a unit mistake (e.g. epoch seconds read as nanoseconds).
@@ -266,15 +266,16 @@ def fold_events(user_id: str, events: pd.DataFrame,
     for event_type, n in events["event_type"].value_counts(sort=False).items():
         for window in WINDOWS_DAYS:
             counters[count_column(event_type, window)] += int(n)
-    days_since = profile.get(DAYS_SINCE_PURCHASE)
-    days_since = NEVER if days_since is None else int(days_since)
-    if (events["event_type"] == "purchase").any():
-        days_since = 0
+    last_purchase = profile.get(LAST_PURCHASE_TS)
+    last_purchase = NEVER if last_purchase is None else int(last_purchase)
+    purchases = events.loc[events["event_type"] == "purchase", "ts"]
+    if len(purchases):
+        last_purchase = max(last_purchase, int(epoch_seconds([purchases.max()])[0]))
 
     last = pd.Timestamp(events["ts"].max())
     rows: dict[str, dict[str, Any]] = {PROFILE_VIEW: {
         "user_id": user_id, **counters,
-        DAYS_SINCE_PURCHASE: days_since,
+        LAST_PURCHASE_TS: last_purchase,
         DISTINCT_CATEGORIES: int(profile.get(DISTINCT_CATEGORIES) or 0),
         MEAN_BASKET: float(profile.get(MEAN_BASKET) or 0.0),
         COUNTRY: profile.get(COUNTRY),

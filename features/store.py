@@ -18,7 +18,7 @@ import pandas as pd
 from core.settings import FEATURE_REPO, Settings
 from features.contract import Interval, parse_day
 from features.running import partitions
-from features.user_state import PROFILE_COLUMNS
+from features.user_state import STORED_PROFILE_COLUMNS, with_days_since
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -214,13 +214,15 @@ def historical_user_history(settings: Settings, entity_df: pd.DataFrame) -> pd.D
     Returns:
         ``entity_df`` joined with ``recent_product_ids``, ``recent_event_types``
         (lists, empty without history), ``n_events_total`` (0 without history),
-        ``recent_timestamps``, and the ``user_profile`` columns
-        (``features.user_state.PROFILE_COLUMNS``, under their plain names, e.g.
+        ``recent_timestamps``, and the ``user_profile`` columns as readers see them
+        (``features.user_state.PROFILE_COLUMNS``, days since the last purchase counted to
+        each row's day; under their plain names, e.g.
         ``purchase_count_30d``, ``country``; null where the user had no profile yet), as
         they stood at each row's timestamp (``SERVING_SERVICE``). Rows are sorted by the
         entity frame's original order (Feast returns them in its own order).
     """
     out = historical_features(settings, entity_df, SERVING_SERVICE)
+    out = with_days_since(out, out["event_timestamp"])
     for col in ("recent_product_ids", "recent_event_types"):
         out[col] = out[col].map(_as_list)
     out["n_events_total"] = out["n_events_total"].fillna(0).astype("int64")
@@ -233,9 +235,9 @@ def online_user_history(store: FeatureStore, user_ids: list[str]) -> dict[str, d
     Returns:
         user_id -> {"recent_product_ids": [...], "recent_event_types": [...],
         "recent_timestamps": [epoch seconds, ...], and each of
-        ``PROFILE_COLUMNS``: its value}; users the store does not know map to empty lists
-        and None values. ``pd.DataFrame([row])`` of a row is ``encode_users``'
-        ``user_features``.
+        ``STORED_PROFILE_COLUMNS``: its value}; users the store does not know map to empty
+        lists and None values. The ranking turns the stored last purchase into days since it
+        at its own time (``training.ranking.histories.Histories``).
     """
     if not user_ids:
         return {}
@@ -247,7 +249,7 @@ def online_user_history(store: FeatureStore, user_ids: list[str]) -> dict[str, d
         u: {"recent_product_ids": _as_list(data["recent_product_ids"][i]),
             "recent_event_types": _as_list(data["recent_event_types"][i]),
             "recent_timestamps": [int(t) for t in data["recent_timestamps"][i] or []],
-            **{c: data[c][i] for c in PROFILE_COLUMNS}}
+            **{c: data[c][i] for c in STORED_PROFILE_COLUMNS}}
         for i, u in enumerate(data["user_id"])
     }
 
@@ -307,7 +309,7 @@ class OnlineUserReader:
             u: {"recent_product_ids": _as_list(v.get("recent_product_ids")),
                 "recent_event_types": _as_list(v.get("recent_event_types")),
                 "recent_timestamps": [int(t) for t in v.get("recent_timestamps") or []],
-                **{c: v.get(c) for c in PROFILE_COLUMNS}}
+                **{c: v.get(c) for c in STORED_PROFILE_COLUMNS}}
             for u, v in zip(user_ids, values, strict=True)
         }
 

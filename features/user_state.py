@@ -18,7 +18,12 @@ timestamped at the next midnight):
 - ``<event_type>_count_<w>d`` (``COUNT_COLUMNS``): the user's events of that type (any of
   ``EVENT_TYPES``, with or without a product) on days D-w+1 .. D, for w in ``WINDOWS_DAYS``;
 - ``days_since_last_purchase``: whole days from the last purchase history event to the
-  snapshot time, ``NEVER`` when the user never bought;
+  start of the day the profile is read (``days_since_purchase``), ``NEVER`` when the user
+  never bought. Feast does not store it: it would change every day for every buyer. It
+  stores ``last_purchase_epoch_s`` (the purchase's epoch seconds, ``NEVER`` without one;
+  ``STORED_PROFILE_COLUMNS``), and every reader converts at the time it reads
+  (``with_days_since``: the online reads at the request's day, the point-in-time reads at
+  each row's);
 - ``distinct_categories_30d``: catalogue categories of the history events of days
   D-29 .. D (``MONTH_DAYS``; products without a category do not count);
 - ``mean_basket_value_30d``: the mean over the baskets of those days (a basket: one user's
@@ -26,9 +31,15 @@ timestamped at the next midnight):
   catalogue's, else 0), 0 without a basket;
 - ``country``: the user's last non-null country in the users table.
 
-A user gets a snapshot each day with an event in the ``PROFILE_LOOKBACK_DAYS`` up to it: one
-day more than the widest window, so that a user who stops acting gets one last snapshot with
-every windowed value back at zero, which stays valid from then on.
+A user gets a snapshot on the days their stored profile changes (``snapshot_users``): each
+day with an event of theirs, and each day on which such an event leaves a window (an event of
+day E leaves the 7-day windows on E + 7 and the 30-day ones on E + 30: ``CHANGE_OFFSETS``).
+Between two such days no stored value changes, so the earlier snapshot stays exact; a user
+who stops acting gets a last snapshot with every windowed value back at zero, valid from then
+on. The daily build therefore writes the day's active users and those whose events of 7 and
+30 days ago leave a window, not everyone active in the month: its cost and the rows
+materialized do not grow as the month fills. The events that decide a day's snapshot are
+those of the ``PROFILE_LOOKBACK_DAYS`` up to it (one day more than the widest window).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from features.contract import EVENT_TYPES
 
@@ -51,16 +63,24 @@ TARGET_EVENT_TYPES = ("purchase", "add_to_cart")
 WINDOWS_DAYS = (7, 30)  # the counters' windows
 MONTH_DAYS = 30  # the window of the distinct categories and the basket value
 PROFILE_LOOKBACK_DAYS = max(WINDOWS_DAYS) + 1  # see the module docstring
-NEVER = -1  # days_since_last_purchase of a user who never purchased
+# Days after an event's day on which a stored profile value changes: it enters every window,
+# then leaves each window when the window has passed it.
+CHANGE_OFFSETS: tuple[int, ...] = tuple(sorted({0, *WINDOWS_DAYS, MONTH_DAYS}))
+NEVER = -1  # days_since_last_purchase / last_purchase_epoch_s of a user who never bought
 COUNT_COLUMNS: tuple[str, ...] = tuple(f"{t}_count_{w}d" for w in WINDOWS_DAYS
                                        for t in EVENT_TYPES)
 DAYS_SINCE_PURCHASE = "days_since_last_purchase"
+LAST_PURCHASE_TS = "last_purchase_epoch_s"
 DISTINCT_CATEGORIES = f"distinct_categories_{MONTH_DAYS}d"
 MEAN_BASKET = f"mean_basket_value_{MONTH_DAYS}d"
 COUNTRY = "country"
-# The user_profile columns, in table order.
+# The profile as its readers (the user tower, the ranking) see it, in table order.
 PROFILE_COLUMNS: tuple[str, ...] = (*COUNT_COLUMNS, DAYS_SINCE_PURCHASE, DISTINCT_CATEGORIES,
                                     MEAN_BASKET, COUNTRY)
+# The profile as Feast's user_profile view stores it: the last purchase's time, not the days
+# since it (see the module docstring).
+STORED_PROFILE_COLUMNS: tuple[str, ...] = tuple(
+    LAST_PURCHASE_TS if c == DAYS_SINCE_PURCHASE else c for c in PROFILE_COLUMNS)
 
 _EPOCH = pd.Timestamp(0, tz="UTC")
 _DAY_NS = 86_400 * 10**9
@@ -76,6 +96,43 @@ def epoch_seconds(times: Any) -> np.ndarray:
     whatever the time unit: the history's timestamps."""
     return ((pd.Series(pd.to_datetime(times, utc=True)) - _EPOCH) // pd.Timedelta(seconds=1)
             ).to_numpy(dtype=np.int64)
+
+
+def days_since_purchase(last_purchase: Any, read_at: Any) -> np.ndarray:
+    """Whole days from each last purchase to the start of the UTC day it is read on.
+
+    Args:
+        last_purchase: (n,) epoch seconds of the last purchase (``NEVER`` or null: none).
+        read_at: (n,) the read times (UTC timestamps), or one time for every row.
+
+    Returns:
+        (n,) int64: ``(start of read day - purchase) // 1 day``, at least 0 (a purchase
+        pushed on the read day itself), ``NEVER`` without a purchase.
+    """
+    stamps = pd.to_numeric(pd.Series(np.asarray(last_purchase, dtype=object)),
+                           errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    times = np.atleast_1d(_epoch_ns(np.atleast_1d(np.asarray(read_at, dtype=object))))
+    day_start = (times // _DAY_NS) * 86_400  # (n,) or (1,) epoch seconds
+    never = np.isnan(stamps) | (stamps == NEVER)
+    safe = np.where(never, 0, stamps).astype(np.int64)
+    days = np.maximum((day_start - safe) // 86_400, 0)
+    return np.where(never, NEVER, days).astype(np.int64)
+
+
+def with_days_since(rows: pd.DataFrame, read_at: Any) -> pd.DataFrame:
+    """Stored ``user_profile`` rows (``STORED_PROFILE_COLUMNS``) as their readers see them
+    (``PROFILE_COLUMNS``): ``last_purchase_epoch_s`` replaced by ``days_since_last_purchase`` at
+    ``read_at`` (one time, or one per row); a row whose profile is unknown (every stored
+    column null) stays null. Other columns are kept."""
+    out = rows.copy()
+    if LAST_PURCHASE_TS not in out.columns:
+        return out
+    position = list(out.columns).index(LAST_PURCHASE_TS)
+    stamps = out.pop(LAST_PURCHASE_TS)
+    days = pd.array(days_since_purchase(stamps, read_at), dtype="Int64")
+    days[stamps.isna().to_numpy()] = pd.NA
+    out.insert(position, DAYS_SINCE_PURCHASE, days)
+    return out
 
 
 def history_events(events: pd.DataFrame) -> pd.DataFrame:
@@ -156,14 +213,17 @@ def profiles_as_of(
     times: Sequence[Any] | pd.Series,
     *,
     last_purchase: Sequence[Any] | pd.Series | None = None,
+    stored: bool = False,
 ) -> pd.DataFrame:
     """The ``user_profile`` each user had at each time: the latest daily snapshot before it.
 
-    At time t a user has the snapshot of day D = floor(t) - 1 day or, when they had no event
-    in the ``PROFILE_LOOKBACK_DAYS`` up to D, their last snapshot before that (the one whose
-    windows had just emptied); without any event up to D, none. The offline build calls this
-    for one day's snapshots (``features.build.build_user_profile``); training and evaluation
-    for their examples, over all events. Vectorised: sorted (user, day) keys, cumulative sums
+    At time t a user has the profile of day D = floor(t) - 1 day: the snapshot of the latest
+    of their snapshot days up to D, which holds the same windowed values as D itself (no
+    window changes in between, see the module docstring); without any event up to D, none.
+    The days since the last purchase count to floor(t) (``days_since_purchase``), as every
+    reader of the store converts them. The offline build calls this for one day's snapshots
+    (``features.build.build_user_profile``, ``stored=True``); training and evaluation for
+    their examples, over all events. Vectorised: sorted (user, day) keys, cumulative sums
     and searches, instead of one computation per day.
 
     Args:
@@ -177,10 +237,13 @@ def profiles_as_of(
         last_purchase: (Q,) each query's last purchase (NaT: none), instead of the last one
             in ``events``: the offline build reads a month of events and carries the last
             purchase in its rolled state.
+        stored: return ``STORED_PROFILE_COLUMNS`` (``last_purchase_epoch_s``, what Feast
+            stores) instead of ``PROFILE_COLUMNS``.
 
     Returns:
-        (Q, len(PROFILE_COLUMNS)) frame in query order: ``PROFILE_COLUMNS``, integers as
-        nullable Int64; every column null where the user had no snapshot yet.
+        (Q, len(PROFILE_COLUMNS)) frame in query order: ``PROFILE_COLUMNS`` (or
+        ``STORED_PROFILE_COLUMNS``), integers as nullable Int64; every column null where the
+        user had no snapshot yet.
     """
     user_ids = np.asarray(list(user_ids), dtype=object)
     query_day = _epoch_ns(times) // _DAY_NS - 1  # (Q,) the day whose snapshot is visible
@@ -219,20 +282,23 @@ def profiles_as_of(
 
     has_product = events["product_id"].notna().to_numpy()
     touched = has_product & np.isin(kind, HISTORY_EVENT_TYPES)  # (E,) history events
-    end_ns = (snapshot_day + origin + 1) * _DAY_NS  # (Q,) the snapshot's timestamp
     if last_purchase is None:
         is_buy = touched & (kind == "purchase")  # (E,)
         order = np.lexsort((ev_ns[is_buy], ev_user[is_buy]))  # by user, then time
         last_buy, bought = _latest(keys(ev_user[is_buy], ev_day[is_buy])[order], at, q_user,
                                    span)  # (Q,), (Q,)
-        buy_ns = ev_ns[is_buy][order][last_buy] if len(order) else np.zeros_like(end_ns)
+        buy_ns = (ev_ns[is_buy][order][last_buy] if len(order)
+                  else np.zeros(len(user_ids), dtype=np.int64))
     else:
         stamps = pd.DatetimeIndex(pd.to_datetime(pd.Series(list(last_purchase), dtype=object),
                                                  utc=True))  # (Q,)
         bought, buy_ns = ~stamps.isna(), stamps.as_unit("ns").asi8  # (Q,), (Q,)
-    days = np.full(len(user_ids), NEVER, dtype=np.int64)  # (Q,)
-    days[bought] = (end_ns[bought] - buy_ns[bought]) // _DAY_NS
-    out[DAYS_SINCE_PURCHASE] = days
+    buy_s = np.where(bought, buy_ns // 10**9, NEVER)  # (Q,) epoch seconds
+    if stored:
+        out[LAST_PURCHASE_TS] = buy_s
+    else:
+        read_ns = (query_day + origin + 1) * _DAY_NS  # (Q,) the start of each query's day
+        out[DAYS_SINCE_PURCHASE] = days_since_purchase(buy_s, read_ns)
 
     products = catalog.drop_duplicates("product_id", keep="last").set_index("product_id")
     category = events["product_id"].map(products["category"]).to_numpy(dtype=object)
@@ -249,12 +315,36 @@ def profiles_as_of(
     out[MEAN_BASKET] = _window_mean(baskets.index.to_numpy(dtype=np.int64),
                                     baskets.to_numpy(dtype=np.float64), at, MONTH_DAYS)
 
-    frame = pd.DataFrame({c: out[c] for c in PROFILE_COLUMNS if c != COUNTRY})
+    columns = STORED_PROFILE_COLUMNS if stored else PROFILE_COLUMNS
+    frame = pd.DataFrame({c: out[c] for c in columns if c != COUNTRY})
     frame = frame.astype({c: "Int64" for c in frame.columns if c != MEAN_BASKET})
     frame.loc[~known] = np.nan  # no snapshot yet: every column null
     country = pd.Series(user_ids).map(latest_countries(users))
     frame[COUNTRY] = country.where(pd.Series(known) & country.notna(), None).astype(object)
     return frame
+
+
+def snapshot_users(window_events: pd.DataFrame | pa.Table, day_end: Any) -> pd.Index:
+    """The users who get a ``user_profile`` snapshot on the day ending at ``day_end``: those
+    with an event ``CHANGE_OFFSETS`` days before it (the day itself included).
+
+    Args:
+        window_events: contract events (``user_id``, ``ts``; a frame or an Arrow table) of
+            at least the ``PROFILE_LOOKBACK_DAYS`` up to the day's end.
+        day_end: the day's end (the snapshot's timestamp).
+
+    Returns:
+        The users, sorted, named ``user_id``.
+    """
+    if isinstance(window_events, pa.Table):
+        ts = window_events["ts"].to_numpy()
+        users = window_events["user_id"].to_numpy(zero_copy_only=False)
+    else:
+        ts, users = window_events["ts"], window_events["user_id"].to_numpy(dtype=object)
+    snapshot_day = _epoch_ns([day_end])[0] // _DAY_NS - 1
+    days_before = snapshot_day - _epoch_ns(ts) // _DAY_NS  # (E,)
+    changed = np.isin(days_before, CHANGE_OFFSETS)
+    return pd.Index(pd.unique(users[changed]), name="user_id").sort_values()
 
 
 def _window_sum(keys: np.ndarray, cumulative: np.ndarray, at: np.ndarray,

@@ -52,8 +52,9 @@ user_profile = FeatureView(
         *[Field(name=f"{t}_count_{w}d", dtype=Int64,
                 description=f"{t} events in the last {w} days.")
           for w in WINDOWS_DAYS for t in EVENT_TYPES],
-        Field(name="days_since_last_purchase", dtype=Int64,
-              description="Whole days since the last purchase; -1 when never."),
+        Field(name="last_purchase_epoch_s", dtype=Int64,
+              description="Time of the last purchase, epoch seconds; -1 when never. Readers "
+                          "turn it into days since the last purchase at their own time."),
         Field(name="distinct_categories_30d", dtype=Int64,
               description="Categories of the products touched in the last 30 days."),
         Field(name="mean_basket_value_30d", dtype=Float64,

@@ -33,11 +33,15 @@ from features.store import (
     online_user_history,
 )
 from features.user_state import (
+    DAYS_SINCE_PURCHASE,
     PROFILE_COLUMNS,
+    STORED_PROFILE_COLUMNS,
     history_events,
     profiles_as_of,
     recent_histories,
+    with_days_since,
 )
+from training.ranking.histories import Histories
 
 pytestmark = pytest.mark.integration
 
@@ -264,17 +268,21 @@ def test_online_profile_is_the_latest_snapshot(settings: Settings) -> None:
     events = _events(settings)
     users = sorted(events["user_id"].unique())
     online = _online_everyone(settings, [*users, UNKNOWN])
-    assert all(online[UNKNOWN][c] is None for c in PROFILE_COLUMNS)
+    assert all(online[UNKNOWN][c] is None for c in STORED_PROFILE_COLUMNS)
     end = pd.Timestamp(Interval.for_day(LAST).end)
     offline = _offline_latest(settings, "user_profile", "user_id", end)
     expected = _expected_profiles(settings, users, [end] * len(users))
+    # Read at the end of the last day, the stored rows are the rule's profiles then.
+    as_read = with_days_since(pd.DataFrame([online[u] for u in users]), end)
     for i, user in enumerate(users):
-        for column in PROFILE_COLUMNS:
+        for column in STORED_PROFILE_COLUMNS:
             assert _same(online[user][column], offline[user][column]), (user, column)
-            assert _same(online[user][column], expected[column].iloc[i]), (user, column)
-    # A row is encode_users' user_features as it is.
-    frame = pd.DataFrame([online[users[0]]])
-    assert set(PROFILE_COLUMNS) <= set(frame.columns)
+        for column in PROFILE_COLUMNS:
+            assert _same(as_read[column].iloc[i], expected[column].iloc[i]), (user, column)
+    # The ranking reads a row as it is, and counts the days at its own time.
+    profiles = Histories.from_row(online[users[0]]).profiles_at(end.timestamp())
+    assert list(profiles.columns) == list(PROFILE_COLUMNS)
+    assert _same(profiles[DAYS_SINCE_PURCHASE].iloc[0], expected[DAYS_SINCE_PURCHASE].iloc[0])
 
 
 def test_materializing_a_day_twice_changes_nothing_online(own_settings: Settings) -> None:

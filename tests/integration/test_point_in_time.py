@@ -24,6 +24,7 @@ from core.settings import Settings
 from features.build import build_interval
 from features.contract import Interval, write_partition
 from features.store import TRAINING_SERVICE, apply_repo, historical_features
+from features.user_state import with_days_since
 
 pytestmark = pytest.mark.integration
 
@@ -102,6 +103,7 @@ def _features(settings: Settings, times: dict[str, pd.Timestamp],
                            "event_timestamp": list(times.values()), "name": list(times)})
     out = historical_features(settings, entity, TRAINING_SERVICE)
     assert list(out["name"]) == list(times)  # the entity frame's order
+    out = with_days_since(out, out["event_timestamp"])  # as a reader at each row's time
     return {row["name"]: row for _, row in out.iterrows()}
 
 
@@ -132,7 +134,7 @@ def test_seven_day_purchase_count_goes_0_2_0(settings: Settings) -> None:
     }
     assert got["after day 9's"]["purchase_count_30d"] == 2
     assert got["last instant of day 2"]["view_count_7d"] == 1
-    # days since the last purchase grows a day per snapshot
+    # days since the last purchase (stored as its time) counted to the day it is read
     assert got["at day 2's snapshot"]["days_since_last_purchase"] == 0
     assert got["last instant of day 2"]["days_since_last_purchase"] == -1
     assert got["day 8's snapshot"]["days_since_last_purchase"] == 6

@@ -93,7 +93,7 @@ def test_a_purchase_is_online_at_once_as_the_most_recent_product(settings: Setti
     for column in COUNT_COLUMNS:
         bump = 1 if column.startswith("purchase_") else 0
         assert got_profile[column] == profile[column] + bump, column
-    assert got_profile["days_since_last_purchase"] == 0
+    assert got_profile["last_purchase_epoch_s"] == int(ts.timestamp())  # 0 days since
     for column in ("distinct_categories_30d", "mean_basket_value_30d", "country"):
         assert got_profile[column] == profile[column], column  # the nightly build's job
     # Not older than the rows they replace (SQLite keeps whole seconds; see the next test).
@@ -171,7 +171,7 @@ def test_a_brand_new_user_gets_rows_and_a_search_only_counts(settings: Settings)
     profile = rows["user_profile"][0]
     assert profile["view_count_7d"] == profile["view_count_30d"] == 1
     assert sum(profile[c] for c in COUNT_COLUMNS) == 2
-    assert profile["days_since_last_purchase"] == -1  # never purchased
+    assert profile["last_purchase_epoch_s"] == -1  # never purchased
     assert profile["country"] is None and profile["mean_basket_value_30d"] == 0.0
 
     later = ts + pd.Timedelta(minutes=1)

@@ -20,7 +20,7 @@ from features.build import (
     previous_user_state,
 )
 from features.contract import Interval, product_text, write_partition
-from features.user_state import HISTORY_LEN
+from features.user_state import HISTORY_LEN, LAST_PURCHASE_TS, days_since_purchase
 
 pytestmark = pytest.mark.fast
 
@@ -351,25 +351,44 @@ def test_seven_day_counts_decay_when_the_user_stops(month: dict) -> None:
         ("view", "add_to_cart", "purchase", "search"), 0)
 
 
+def test_snapshots_only_on_the_days_a_window_changes(month: dict) -> None:
+    # Events on days 1 (u1, u2) and 5 (u1, u3): snapshots on those days, 7 days later (an
+    # event leaves the 7-day window) and 30 days later (it leaves the 30-day ones).
+    assert {n: sorted(month[n]["user_profile"]) for n in month} == {
+        1: ["u1", "u2"], 3: [], 5: ["u1", "u3"], 8: ["u1", "u2"], 12: ["u1", "u3"], 30: [],
+        31: ["u1", "u2"], 32: []}
+
+
 def test_a_lapsed_user_gets_one_all_zero_snapshot_then_none(month: dict) -> None:
-    # u2's only event is on day 1: inside the 30-day window through day 30.
-    assert _counts(month[30]["user_profile"]["u2"], 30)["search"] == 1
-    last = month[31]["user_profile"]["u2"]  # the window has moved past day 1
+    # u2's only event is on day 1: its day-8 snapshot (7-day window emptied) holds until the
+    # 30-day window moves past day 1 on day 31.
+    assert _counts(month[8]["user_profile"]["u2"], 30)["search"] == 1
+    last = month[31]["user_profile"]["u2"]
     assert _counts(last, 30) == _counts(last, 7) == dict.fromkeys(
         ("view", "add_to_cart", "purchase", "search"), 0)
     assert "u2" not in month[32]["user_profile"]  # that zero snapshot stays the latest
-    assert "u1" in month[32]["user_profile"]  # u1 acted on day 5
+
+
+def _days_since(row: dict, read_day: int | None = None) -> int:
+    """The days since the last purchase a reader sees in a stored snapshot, read at the
+    snapshot's own time or at the end of ``read_day``."""
+    at = row["event_timestamp"] if read_day is None else Interval.for_day(_day(read_day)).end
+    return int(days_since_purchase([row[LAST_PURCHASE_TS]], at)[0])
 
 
 def test_days_since_last_purchase(month: dict) -> None:
-    assert month[1]["user_profile"]["u1"]["days_since_last_purchase"] == 0
-    assert month[3]["user_profile"]["u1"]["days_since_last_purchase"] == 2
-    assert month[5]["user_profile"]["u1"]["days_since_last_purchase"] == 0
+    assert "days_since_last_purchase" not in month[1]["user_profile"]["u1"]  # stored: time
+    assert _days_since(month[1]["user_profile"]["u1"]) == 0
+    assert _days_since(month[5]["user_profile"]["u1"]) == 0
     # Last purchase day 5 09:00, snapshot day 9 00:00: 3 whole days.
-    assert month[8]["user_profile"]["u1"]["days_since_last_purchase"] == 3
-    assert month[32]["user_profile"]["u1"]["days_since_last_purchase"] == 27
-    assert month[1]["user_profile"]["u2"]["days_since_last_purchase"] == -1  # never
-    assert month[5]["user_profile"]["u3"]["days_since_last_purchase"] == -1
+    assert _days_since(month[8]["user_profile"]["u1"]) == 3
+    # The same snapshot read at the end of day 20 (no snapshot in between): 15 days 15 hours.
+    assert _days_since(month[8]["user_profile"]["u1"], read_day=20) == 15
+    # Day 31's snapshot (day 1 left the 30-day window): 26 days 15 hours.
+    assert _days_since(month[31]["user_profile"]["u1"]) == 26
+    assert month[1]["user_profile"]["u2"][LAST_PURCHASE_TS] == -1  # never
+    assert _days_since(month[1]["user_profile"]["u2"]) == -1
+    assert _days_since(month[5]["user_profile"]["u3"]) == -1
 
 
 def test_categories_baskets_and_country(month: dict) -> None:

@@ -32,7 +32,8 @@ def _epoch(ts: pd.Timestamp) -> int:
 def test_events_extend_the_rows_they_fold_into() -> None:
     recent = {"recent_product_ids": ["A", "B"], "recent_event_types": ["view", "view"],
               "recent_timestamps": [100, 200], "n_events_total": 7}
-    profile = {**dict.fromkeys(COUNT_COLUMNS, 1), "days_since_last_purchase": 4,
+    profile = {**dict.fromkeys(COUNT_COLUMNS, 1),
+               "last_purchase_epoch_s": _epoch(NOW - pd.Timedelta(days=4)),
                "distinct_categories_30d": 3, "mean_basket_value_30d": 12.5, "country": "FR"}
     t1, t2 = NOW + pd.Timedelta(seconds=1.5), NOW + pd.Timedelta(seconds=2)
     events = _events([  # out of order; x2 and x3 at the same time: x2 first
@@ -56,8 +57,8 @@ def test_events_extend_the_rows_they_fold_into() -> None:
         "view_count_7d": 2, "add_to_cart_count_7d": 2, "purchase_count_7d": 2,
         "search_count_7d": 2, "view_count_30d": 2, "add_to_cart_count_30d": 2,
         "purchase_count_30d": 2, "search_count_30d": 2,
-        "days_since_last_purchase": 0, "distinct_categories_30d": 3,
-        "mean_basket_value_30d": 12.5, "country": "FR",
+        "last_purchase_epoch_s": _epoch(t2),  # read back as 0 days since
+        "distinct_categories_30d": 3, "mean_basket_value_30d": 12.5, "country": "FR",
         "event_timestamp": SNAPSHOT + ONE_US,
     }
     assert all(type(s) is int for s in rows[RECENT_VIEW]["recent_timestamps"])
@@ -69,7 +70,7 @@ def test_a_new_user_who_only_searches_gets_a_profile_row_alone() -> None:
     assert list(rows) == [PROFILE_VIEW]
     assert rows[PROFILE_VIEW] == {
         "user_id": "u", **dict.fromkeys(COUNT_COLUMNS, 0), "search_count_7d": 1,
-        "search_count_30d": 1, "days_since_last_purchase": NEVER,
+        "search_count_30d": 1, "last_purchase_epoch_s": NEVER,
         "distinct_categories_30d": 0, "mean_basket_value_30d": 0.0, "country": None,
         "event_timestamp": NOW,
     }
@@ -82,4 +83,12 @@ def test_a_row_without_timestamps_gets_its_own_time_for_the_old_entries() -> Non
                        {RECENT_VIEW: (recent, SNAPSHOT), PROFILE_VIEW: (None, None)})
     assert rows[RECENT_VIEW]["recent_timestamps"] == [_epoch(SNAPSHOT)] * 2 + [_epoch(NOW)]
     assert rows[RECENT_VIEW]["n_events_total"] == 3
-    assert rows[PROFILE_VIEW]["days_since_last_purchase"] == NEVER  # a view buys nothing
+    assert rows[PROFILE_VIEW]["last_purchase_epoch_s"] == NEVER  # a view buys nothing
+
+
+def test_an_older_pushed_purchase_does_not_move_the_last_one_back() -> None:
+    later = _epoch(NOW + pd.Timedelta(hours=1))
+    profile = {**dict.fromkeys(COUNT_COLUMNS, 0), "last_purchase_epoch_s": later}
+    rows = fold_events("u", _events([("b1", "C", "purchase", NOW)]),
+                       {RECENT_VIEW: (None, None), PROFILE_VIEW: (profile, SNAPSHOT)})
+    assert rows[PROFILE_VIEW]["last_purchase_epoch_s"] == later

@@ -8,7 +8,14 @@ import pandas as pd
 import pytest
 
 from features.build import USER_PROFILE_SCHEMA
-from features.user_state import COUNT_COLUMNS, COUNTRY, DAYS_SINCE_PURCHASE, NEVER, PROFILE_COLUMNS
+from features.user_state import (
+    COUNT_COLUMNS,
+    COUNTRY,
+    DAYS_SINCE_PURCHASE,
+    NEVER,
+    PROFILE_COLUMNS,
+    STORED_PROFILE_COLUMNS,
+)
 from training.user_features import (
     N_NUMERIC,
     NO_PURCHASE_DAYS,
@@ -24,7 +31,7 @@ pytestmark = pytest.mark.fast
 
 
 def test_columns_are_the_feature_builds() -> None:
-    assert list(PROFILE_COLUMNS) == [
+    assert list(STORED_PROFILE_COLUMNS) == [
         f.name for f in USER_PROFILE_SCHEMA if f.name not in ("user_id", "event_timestamp")]
     assert NUMERIC_COLUMNS[: len(COUNT_COLUMNS)] == COUNT_COLUMNS
     assert COUNTRY in PROFILE_COLUMNS and COUNTRY not in NUMERIC_COLUMNS

@@ -15,18 +15,21 @@ from features.build import (
 )
 from features.contract import Interval
 from features.user_state import (
+    CHANGE_OFFSETS,
     COUNT_COLUMNS,
     COUNTRY,
     HISTORY_EVENT_TYPES,
     NEVER,
     PROFILE_COLUMNS,
     PROFILE_LOOKBACK_DAYS,
+    STORED_PROFILE_COLUMNS,
     TARGET_EVENT_TYPES,
     epoch_seconds,
     history_events,
     keep_last,
     profiles_as_of,
     recent_histories,
+    with_days_since,
 )
 
 pytestmark = pytest.mark.fast
@@ -59,7 +62,12 @@ def test_the_constants() -> None:
         "days_since_last_purchase", "distinct_categories_30d", "mean_basket_value_30d",
         "country"]
     assert list(COUNT_COLUMNS) == list(PROFILE_COLUMNS[:8])
-    assert USER_PROFILE_SCHEMA.names == ["user_id", *PROFILE_COLUMNS, "event_timestamp"]
+    # Feast stores the last purchase's time; readers turn it into days since it.
+    assert list(STORED_PROFILE_COLUMNS) == [
+        "last_purchase_epoch_s" if c == "days_since_last_purchase" else c
+        for c in PROFILE_COLUMNS]
+    assert USER_PROFILE_SCHEMA.names == ["user_id", *STORED_PROFILE_COLUMNS, "event_timestamp"]
+    assert CHANGE_OFFSETS == (0, 7, 30)
 
 
 # --- history ------------------------------------------------------------------------------
@@ -153,8 +161,9 @@ PROFILE_CASES = [
     ("u1", T0 + 9 * DAY, _profile((0, 1, 1, 0), (1, 1, 3, 1), 5, 2, 8.0, "FR")),
     ("u1", T0 + 33 * DAY + 12 * HOUR,  # day 32's: day 3 only
      _profile((0, 0, 0, 0), (0, 1, 1, 0), 29, 2, 6.0, "FR")),
-    ("u1", T0 + 40 * DAY,  # the last snapshot, day 33's, whose windows had just emptied
-     _profile((0, 0, 0, 0), (0, 0, 0, 0), 30, 0, 0.0, "FR")),
+    ("u1", T0 + 40 * DAY,  # the last snapshot, day 33's, whose windows had just emptied;
+     # the days since the last purchase (day 3) keep counting to the day it is read
+     _profile((0, 0, 0, 0), (0, 0, 0, 0), 36, 0, 0.0, "FR")),
     ("u2", T0 + 2 * DAY, _profile((2, 0, 1, 0), (2, 0, 1, 0), 0, 1, 0.0, "DE")),
     ("u3", T0 + 5 * DAY, None),  # never seen
 ]
@@ -185,6 +194,23 @@ def test_profiles_as_of_take_a_given_last_purchase() -> None:
                          last_purchase=[T0 - 10 * DAY + HOUR, pd.NaT])
     assert got["days_since_last_purchase"].tolist() == [11, NEVER]
     assert got["view_count_7d"].tolist() == [2, 2]  # the rest from the events
+
+
+def test_readers_turn_the_stored_last_purchase_into_days_since_it() -> None:
+    bought = int((T0 + 3 * DAY + 20 * HOUR).timestamp())  # day 3, 20:00
+    stored = pd.DataFrame({"user_id": ["a", "b", "c", "d"],
+                           "last_purchase_epoch_s": [bought, NEVER, None, bought],
+                           "view_count_7d": [1, 0, None, 2]})
+    read_at = [T0 + 4 * DAY, T0 + 4 * DAY, T0 + 4 * DAY, T0 + 3 * DAY + 21 * HOUR]
+    got = with_days_since(stored, read_at)
+    assert got.columns.tolist() == ["user_id", "days_since_last_purchase", "view_count_7d"]
+    # read on day 4: 4 hours, 0 whole days; never; unknown row; a purchase of the read day
+    # itself (pushed in real time) is 0, not negative
+    assert got["days_since_last_purchase"].tolist() == [0, NEVER, pd.NA, 0]
+    later = with_days_since(stored.iloc[:1], T0 + 40 * DAY + 5 * HOUR)  # one time for all
+    assert later["days_since_last_purchase"].tolist() == [36]
+    plain = stored.drop(columns="last_purchase_epoch_s")
+    pd.testing.assert_frame_equal(with_days_since(plain, T0), plain)  # nothing to convert
 
 
 def test_profiles_as_of_without_events_are_unknown() -> None:
@@ -252,6 +278,13 @@ def test_daily_snapshots_joined_point_in_time_are_profiles_as_of(seed: int) -> N
     days = 80
     events, catalog, users = _shop(seed, days)
     snapshots = _daily_snapshots(events, catalog, users, days + 5)
+    # Only the days a user's profile changes get a snapshot: their event days + each offset.
+    written = {(u, (t - T0).days - 1) for u, t in zip(snapshots["user_id"],
+                                                      snapshots["event_timestamp"], strict=True)}
+    event_days = {(u, (t - T0).days) for u, t in zip(events["user_id"], events["ts"],
+                                                     strict=True)}
+    assert written == {(u, d + k) for u, d in event_days for k in CHANGE_OFFSETS
+                       if d + k < days + 5}
     rng = np.random.default_rng(seed)
     queries = pd.DataFrame({
         "user_id": [f"u{u}" for u in rng.integers(0, 16, 400)],  # u15: never seen
@@ -265,6 +298,7 @@ def test_daily_snapshots_joined_point_in_time_are_profiles_as_of(seed: int) -> N
         queries.reset_index().sort_values("ts"), snapshots.sort_values("event_timestamp"),
         left_on="ts", right_on="event_timestamp", by="user_id", direction="backward",
     ).sort_values("index").reset_index(drop=True)
+    expected = with_days_since(expected, expected["ts"])  # as a reader at each query's time
 
     got = profiles_as_of(events, catalog, users, queries["user_id"], queries["ts"])
     assert list(got.columns) == list(PROFILE_COLUMNS) and len(got) == len(queries)

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.user_state import HISTORY_LEN, PROFILE_COLUMNS, profiles_as_of, recent_histories
+from features.user_state import (
+    HISTORY_LEN,
+    PROFILE_COLUMNS,
+    STORED_PROFILE_COLUMNS,
+    profiles_as_of,
+    recent_histories,
+    with_days_since,
+)
 from training.ranking.items import DAY_SECONDS
 
 
@@ -29,7 +36,10 @@ class Histories:
         timestamps: epoch seconds of each entry, (L,) float64 arrays (NaN: unknown, taken
             as the moment of scoring).
         profiles: the users' ``user_profile`` features (``features.user_state``), one row
-            per user in the same order, or None (unknown).
+            per user in the same order, or None (unknown): as readers see them
+            (``PROFILE_COLUMNS``) or as the online store holds them
+            (``STORED_PROFILE_COLUMNS``, the last purchase's time); ``profiles_at`` gives
+            the former at a moment.
     """
 
     products: list[list[str]]
@@ -39,6 +49,13 @@ class Histories:
 
     def __len__(self) -> int:
         return len(self.products)
+
+    def profiles_at(self, now: float) -> pd.DataFrame | None:
+        """``profiles`` in ``PROFILE_COLUMNS``, the days since the last purchase counted to
+        the day of ``now`` (epoch seconds) where the store's last purchase time is held."""
+        if self.profiles is None:
+            return None
+        return with_days_since(self.profiles, pd.Timestamp(now, unit="s", tz="UTC"))
 
     @classmethod
     def empty(cls, n: int) -> Histories:
@@ -83,14 +100,16 @@ class Histories:
         if len(stamps) != len(products):
             stamps = np.full(len(products), np.nan)  # unknown: "now"
         profiles = None
-        if all(c in row for c in PROFILE_COLUMNS):
-            profiles = pd.DataFrame({c: [row[c]] for c in PROFILE_COLUMNS})
+        for columns in (STORED_PROFILE_COLUMNS, PROFILE_COLUMNS):
+            if all(c in row for c in columns):
+                profiles = pd.DataFrame({c: [row[c]] for c in columns})
+                break
         return cls([products], [types], [stamps], profiles)
 
     @classmethod
     def from_feast(cls, frame: pd.DataFrame) -> Histories:
         """Histories from rows of ``user_recent_products`` (missing rows: empty), with the
-        ``user_profile`` columns when the frame has them."""
+        ``user_profile`` columns when the frame has them (stored or as read)."""
         def listed(value: Any) -> list:
             return [] if value is None or (isinstance(value, float) and np.isnan(value)) \
                 else list(value)
@@ -103,8 +122,9 @@ class Histories:
                  for t, p in zip(types, products, strict=True)]
         stamps = [s if len(s) == len(p) else np.full(len(p), np.nan)  # unknown: "now"
                   for s, p in zip(stamps, products, strict=True)]
-        profiles = (frame[list(PROFILE_COLUMNS)].reset_index(drop=True)
-                    if set(PROFILE_COLUMNS) <= set(frame.columns) else None)
+        profiles = next((frame[list(columns)].reset_index(drop=True)
+                         for columns in (STORED_PROFILE_COLUMNS, PROFILE_COLUMNS)
+                         if set(columns) <= set(frame.columns)), None)
         return cls(products, types, stamps, profiles)
 
 

@@ -83,8 +83,10 @@ class Scorer:
 
     # -- features ------------------------------------------------------------------------
 
-    def _views(self, histories: Histories) -> list[UserView]:
-        """What the candidates and features of each user are computed from."""
+    def _views(self, histories: Histories, now: float | None = None) -> list[UserView]:
+        """What the candidates and features of each user are computed from, at ``now``
+        (epoch seconds; default: the cut or the histories' latest event, whichever is later:
+        the profiles' days since the last purchase count to that day)."""
         from training.embeddings import encode_users
 
         state, config = self.state, self.config
@@ -114,8 +116,12 @@ class Scorer:
         together.sort_indices()
         users = None
         if self.model is not None and state.embeddings is not None:
+            if now is None:
+                stamps = np.concatenate([np.zeros(0), *histories.timestamps])
+                now = max(state.cut.timestamp(),
+                          float(stamps[np.isfinite(stamps)].max(initial=0.0)))
             users = encode_users(self.model, histories.products, histories.event_types,
-                                 index, state.embeddings, user_features=histories.profiles)
+                                 index, state.embeddings, user_features=histories.profiles_at(now))
         for row, view in enumerate(views):
             start, stop = together.indptr[row], together.indptr[row + 1]
             view.together_cols = together.indices[start:stop].astype(np.int64)
@@ -215,7 +221,7 @@ class Scorer:
             list; shorter lists are padded with column -1 (and zero features).
         """
         state = self.state
-        views = views if views is not None else self._views(histories)
+        views = views if views is not None else self._views(histories, now)
         if candidates is None:
             candidates = self.candidates(histories, views=views)
         width = max((len(c) for c in candidates), default=0)
@@ -365,7 +371,7 @@ class Scorer:
                 ``exclude_purchased``, else "all").
         """
         setting = setting or ("new" if exclude_purchased else "all")
-        views = self._views(histories)
+        views = self._views(histories, now)
         candidates = self.candidates(
             histories, views=views, allowed=allowed,
             exclude=self._excluded_columns(histories, exclude_purchased, exclude))
