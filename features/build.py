@@ -15,8 +15,10 @@ point-in-time join for an event of day D sees the snapshots of day D-1 and never
   stored profile of ``features.user_state`` (``STORED_PROFILE_COLUMNS``: event counts by type
   over 7 and 30 days, the last purchase's time, distinct categories touched and mean basket
   value over 30 days, country), computed by its ``profiles_as_of``.
-- ``product_stats``: for every catalogue product, views and purchases over 7 and 30 days, the
-  30-day conversion rate, price, category, brand and days since first seen.
+- ``product_stats``: for each product whose row changes that day (its attributes changed,
+  or a view or purchase enters or leaves a window: ``stats_products``), views and purchases
+  over 7 and 30 days, the 30-day conversion rate, price, category, brand and when it was
+  first seen (epoch seconds; a reader counts the days since at its own time).
 - ``product_text``: "title | category | brand | description" of products added or changed
   that day (the text the item tower reads; ``features.contract.product_text``).
 - ``product_catalog``: products added or changed that day, timestamped when they changed
@@ -50,6 +52,7 @@ from features.contract import (
 )
 from features.running import Part, partitions, running_catalog, running_fold, running_users
 from features.user_state import (
+    CHANGE_OFFSETS,
     COUNT_COLUMNS,
     COUNTRY,
     DISTINCT_CATEGORIES,
@@ -68,6 +71,9 @@ from features.user_state import (
 log = logging.getLogger(__name__)
 
 PRODUCT_STAT_EVENT_TYPES = ("view", "purchase")
+# product_stats stores when a product was first seen (epoch seconds), not the days since: a
+# row that changed every day for every product would be rewritten and materialized daily.
+FIRST_SEEN = "first_seen_epoch_s"
 
 TS = pa.timestamp("us", tz="UTC")
 _DAY = pd.Timedelta(days=1)
@@ -105,7 +111,7 @@ PRODUCT_STATS_SCHEMA = pa.schema([
     ("price", pa.float64()),
     ("category", pa.string()),
     ("brand", pa.string()),
-    ("days_since_first_seen", pa.int64()),
+    (FIRST_SEEN, pa.int64()),
     ("event_timestamp", TS),
 ])
 
@@ -316,23 +322,28 @@ def _product_counts(window: pa.Table, end: pd.Timestamp, index: pd.Index) -> pd.
 
 
 def build_product_stats(window_events: pa.Table | pd.DataFrame, catalog: pd.DataFrame,
-                        interval: Interval) -> pa.Table:
-    """Windowed product features of every catalogue product as of the interval end.
+                        interval: Interval, changed: Sequence[str] | None = None) -> pa.Table:
+    """Windowed product features as of the interval end, of the products whose row changes
+    that day (``stats_products``), or of every catalogue product (``changed`` None).
 
     Args:
         window_events: events of the last days up to the interval end (contract columns;
             Arrow, or pandas).
         catalog: ``features.running.catalog_merge`` as of the interval end.
         interval: the day.
+        changed: the products whose attributes changed or appeared that day (the day's
+            products partition); None: every catalogue product.
 
     Returns:
-        One row per catalogue product, sorted (``PRODUCT_STATS_SCHEMA``).
+        One row per such product, sorted (``PRODUCT_STATS_SCHEMA``).
     """
     end = pd.Timestamp(interval.end)
-    index = pd.Index(catalog["product_id"], name="product_id").sort_values()
     if isinstance(window_events, pd.DataFrame):
         window_events = pa.Table.from_pandas(
             window_events[["product_id", "event_type", "ts"]], preserve_index=False)
+    index = pd.Index(catalog["product_id"], name="product_id").sort_values()
+    if changed is not None:
+        index = index[index.isin(stats_products(window_events, end, changed))]
     out = _product_counts(window_events, end, index)[product_count_columns()]
     views, buys = out["product_view_count_30d"], out["product_purchase_count_30d"]
     out["conversion_rate_30d"] = np.where(views > 0, buys / views.where(views > 0, 1), 0.0)
@@ -340,11 +351,27 @@ def build_product_stats(window_events: pa.Table | pd.DataFrame, catalog: pd.Data
     out["price"] = attrs["price"].astype(float)
     out["category"] = attrs["category"]
     out["brand"] = attrs["brand"]
-    out["days_since_first_seen"] = ((end - pd.to_datetime(attrs["first_seen"], utc=True))
-                                    // _DAY).astype("int64")
+    out[FIRST_SEEN] = epoch_seconds(attrs["first_seen"])
     out["event_timestamp"] = end
     return pa.Table.from_pandas(out.reset_index(), schema=PRODUCT_STATS_SCHEMA,
                                 preserve_index=False)
+
+
+def stats_products(window: pa.Table, end: pd.Timestamp, changed: Sequence[str]) -> set[str]:
+    """The products whose ``product_stats`` row changes on the day ending at ``end``: those
+    whose attributes changed that day (``changed``), and those with a view or purchase
+    ``CHANGE_OFFSETS`` days before it (the event enters a window, or leaves the 7- or 30-day
+    ones). Every other product's last row still holds: the Feast view keeps it (long ttl)."""
+    mine = window.filter(pc.and_(pc.is_valid(window["product_id"]),
+                                 pc.is_in(window["event_type"],
+                                          value_set=pa.array(PRODUCT_STAT_EVENT_TYPES))))
+    snapshot_day = (end - _DAY).floor("D")
+    ts = mine["ts"].to_numpy()  # naive UTC
+    days_before = ((np.datetime64(snapshot_day.tz_convert(None).to_datetime64(), "D")
+                    - ts.astype("datetime64[D]")).astype(np.int64))  # (E,)
+    hit = np.isin(days_before, CHANGE_OFFSETS)
+    ids = mine["product_id"].to_numpy(zero_copy_only=False)[hit]
+    return set(pd.unique(ids).tolist()) | {str(p) for p in changed}
 
 
 def build_product_text(products: pd.DataFrame, interval: Interval) -> pa.Table:
@@ -429,8 +456,9 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
         catalog = running_catalog(landing_root, day, snapshot_root)
         users = running_users(landing_root, day, snapshot_root)
     with phases("user state"):  # of the users whose rows are built today
+        snapshot = snapshot_users(window_events, pd.Timestamp(interval.end))
         previous = previous_user_state(offline_root, day, snapshot_root,
-                                       users=window_events["user_id"].to_numpy(dtype=object))
+                                       users=snapshot.to_numpy(dtype=object))
     tables: dict[str, pa.Table] = {}
     with phases("user_recent_products"):
         recent = tables["user_recent_products"] = build_user_recent_products(
@@ -439,7 +467,8 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
         tables["user_profile"] = build_user_profile(window_events, catalog, users,
                                                     _state_after(previous, recent), interval)
     with phases("product tables"):
-        tables["product_stats"] = build_product_stats(window, catalog, interval)
+        tables["product_stats"] = build_product_stats(window, catalog, interval,
+                                                      changed=products_today["product_id"])
         tables["product_text"] = build_product_text(products_today, interval)
         tables["product_catalog"] = build_product_catalog(products_today)
     with phases("write"):

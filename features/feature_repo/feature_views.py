@@ -1,7 +1,9 @@
 """Feature views. Schemas are declared in full so that `feast apply` reads no data.
 
 Every view keeps a snapshot valid until a newer one replaces it (long ttl): the offline build
-writes a new snapshot whenever a value can have changed (see features/build.py).
+writes a new snapshot whenever a value can have changed, and only then (see features/build.py);
+values that would change every day by themselves (days since a purchase, since a product was
+first seen) are stored as the time they count from.
 """
 
 from datetime import timedelta
@@ -81,8 +83,9 @@ product_stats = FeatureView(
         Field(name="price", dtype=Float64),
         Field(name="category", dtype=String),
         Field(name="brand", dtype=String),
-        Field(name="days_since_first_seen", dtype=Int64,
-              description="Whole days since the product first appeared in the catalogue."),
+        Field(name="first_seen_epoch_s", dtype=Int64,
+              description="When the product first appeared in the catalogue, epoch seconds "
+                          "(a row changes only when a value does; readers count the days)."),
     ],
     source=product_stats_source,
     online=True,

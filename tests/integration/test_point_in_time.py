@@ -171,7 +171,8 @@ def test_a_price_change_is_seen_only_from_its_snapshot_on(settings: Settings) ->
     assert got["day 2's snapshot"]["product_purchase_count_7d"] == 2
     assert got["day 10"]["product_purchase_count_7d"] == 0  # snapshot of day 9
     assert got["day 10"]["product_purchase_count_30d"] == 2
-    assert got["day 10"]["days_since_first_seen"] == 8  # day 1 06:00 .. day 10 00:00
+    # first seen day 1 06:00, stored as that time (the row does not change daily for it)
+    assert got["day 10"]["first_seen_epoch_s"] == int(_at(1, "06:00").timestamp())
 
 
 def test_each_user_sees_only_their_own_rows(settings: Settings) -> None:

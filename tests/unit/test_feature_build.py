@@ -12,14 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.build import (
+    FIRST_SEEN,
     TABLE_SCHEMAS,
     USER_RECENT_SCHEMA,
     build_features,
     build_product_catalog,
+    build_product_stats,
     build_user_recent_products,
     previous_user_state,
 )
-from features.contract import Interval, product_text, write_partition
+from features.contract import Interval, product_text, read_range_table, write_partition
+from features.running import running_catalog
 from features.user_state import HISTORY_LEN, LAST_PURCHASE_TS, days_since_purchase
 
 pytestmark = pytest.mark.fast
@@ -405,24 +408,48 @@ def test_categories_baskets_and_country(month: dict) -> None:
     assert day1["u2"]["country"] is None
 
 
-def test_product_stats_cover_the_catalogue_every_day(month: dict) -> None:
-    assert sorted(month[1]["product_stats"]) == ["P1", "P2", "P3"]
-    assert sorted(month[32]["product_stats"]) == ["P1", "P2", "P3", "P4"]  # no events needed
+def test_product_stats_only_on_the_days_a_row_changes(month: dict) -> None:
+    # Attribute changes (P1, P2, P3 on day 1, P1 on day 3, P4 on day 5) and views or
+    # purchases entering a window (days 1 and 5) or leaving one (+7, +30 days).
+    assert {n: sorted(month[n]["product_stats"]) for n in month} == {
+        1: ["P1", "P2", "P3"], 3: ["P1"], 5: ["P1", "P2", "P4"], 8: ["P1", "P2", "P3"],
+        12: ["P1", "P2"], 30: [], 31: ["P1", "P2", "P3"], 32: []}
     p1 = month[1]["product_stats"]["P1"]
     assert (p1["product_view_count_7d"], p1["product_purchase_count_7d"]) == (0, 1)
     assert p1["conversion_rate_30d"] == 0.0  # no views
     assert p1["price"] == 5.0 and p1["category"] == "candles" and p1["brand"] == "Lumo"
-    assert p1["days_since_first_seen"] == 0  # first seen 18 h before the snapshot
+    first_seen = int(pd.Timestamp(_ts(_day(1), "06:00")).timestamp())
+    assert p1[FIRST_SEEN] == first_seen  # stored as a time: the row need not change daily
     assert month[3]["product_stats"]["P1"]["price"] == 6.0  # changed on day 3
-    assert month[3]["product_stats"]["P1"]["days_since_first_seen"] == 2
+    assert month[3]["product_stats"]["P1"][FIRST_SEEN] == first_seen
     p2 = month[5]["product_stats"]["P2"]
     assert (p2["product_view_count_7d"], p2["product_purchase_count_30d"]) == (2, 1)
     assert p2["conversion_rate_30d"] == 0.5
     assert p2["brand"] is None
-    assert month[5]["product_stats"]["P4"]["days_since_first_seen"] == 0
+    assert month[5]["product_stats"]["P4"][FIRST_SEEN] == int(
+        pd.Timestamp(_ts(_day(5), "06:00")).timestamp())
     p2 = month[12]["product_stats"]["P2"]  # day 12: 7-day counts gone, 30-day kept
     assert (p2["product_view_count_7d"], p2["product_view_count_30d"]) == (0, 2)
-    assert month[32]["product_stats"]["P2"]["product_view_count_30d"] == 2  # days 3..32
+    # ... and that row holds until day 5 leaves the 30-day window on day 35
+
+
+def test_product_stats_of_every_product_are_the_change_days_rows(month: dict,
+                                                                   tmp_path: Path) -> None:
+    """Built for the whole catalogue, any day's stats are the latest change-day rows."""
+    landing = _month_landing(tmp_path)
+    for n in (4, 9, 32):
+        day = _day(n)
+        catalog = running_catalog(landing, day)
+        window = read_range_table(landing, "events", [day - dt.timedelta(days=i)
+                                                      for i in range(31)])
+        whole = build_product_stats(window, catalog, Interval.for_day(day)).to_pylist()
+        for row in whole:
+            latest = max((m for m in month if m <= n and row["product_id"] in
+                          month[m]["product_stats"]), default=None)
+            assert latest is not None, (n, row["product_id"])
+            kept = month[latest]["product_stats"][row["product_id"]]
+            assert {k: v for k, v in kept.items() if k != "event_timestamp"} == {
+                k: v for k, v in row.items() if k != "event_timestamp"}, (n, latest)
 
 
 def test_product_text_rows_are_the_days_changes(month: dict) -> None:
