@@ -10,11 +10,12 @@ point-in-time join for an event of day D sees the snapshots of day D-1 and never
   event type and the time in epoch seconds of each) and the all-time count of history events.
   It rolls forward from each user's previous snapshot. An extra column ``last_purchase_ts``
   (not a Feast feature) carries the user's last purchase for ``user_profile``.
-- ``user_profile``: for each user whose profile changes that day (active that day, or with
-  events of 7 or 30 days ago leaving a window: ``features.user_state.snapshot_users``), the
-  stored profile of ``features.user_state`` (``STORED_PROFILE_COLUMNS``: event counts by type
-  over 7 and 30 days, the last purchase's time, distinct categories touched and mean basket
-  value over 30 days, country), computed by its ``profiles_as_of``.
+- ``user_profile``: for each user with an event that day, the stored profile of
+  ``features.user_state`` (``STORED_PROFILE_COLUMNS``, ``stored_profiles``: the days with an
+  event among the last 30 and each one's counts by event type and basket value, the
+  categories touched then, the last purchase's time, the country), from which every reader
+  computes the profile (counts over 7 and 30 days, days since the last purchase, distinct
+  categories, mean basket value, country) at its own time.
 - ``product_stats``: for each product whose row changes that day (its attributes changed,
   or a view or purchase enters or leaves a window: ``stats_products``), views and purchases
   over 7 and 30 days, the 30-day conversion rate, price, category, brand and when it was
@@ -52,25 +53,29 @@ from features.contract import (
 )
 from features.running import Part, partitions, running_catalog, running_fold, running_users
 from features.user_state import (
-    CHANGE_OFFSETS,
-    COUNT_COLUMNS,
+    ACTIVE_DAYS,
+    BASKET_BY_DAY,
+    CATEGORY_DAYS,
     COUNTRY,
-    DISTINCT_CATEGORIES,
+    DAILY_COLUMNS,
     HISTORY_LEN,
     LAST_PURCHASE_TS,
-    MEAN_BASKET,
     PROFILE_LOOKBACK_DAYS,
+    RECENT_CATEGORIES,
     WINDOWS_DAYS,
     epoch_seconds,
     history_events,
     keep_last,
-    profiles_as_of,
     snapshot_users,
+    stored_profiles,
 )
 
 log = logging.getLogger(__name__)
 
 PRODUCT_STAT_EVENT_TYPES = ("view", "purchase")
+# Days after a product's view or purchase on which its product_stats row changes: the event
+# enters every window, then leaves the 7-day and the 30-day ones.
+CHANGE_OFFSETS: tuple[int, ...] = (0, *WINDOWS_DAYS)
 # product_stats stores when a product was first seen (epoch seconds), not the days since: a
 # row that changed every day for every product would be rewritten and materialized daily.
 FIRST_SEEN = "first_seen_epoch_s"
@@ -96,10 +101,12 @@ def product_count_columns() -> list[str]:
 
 USER_PROFILE_SCHEMA = pa.schema([  # the key, user_state.STORED_PROFILE_COLUMNS, the time
     ("user_id", pa.string()),
-    *[(c, pa.int64()) for c in COUNT_COLUMNS],
+    (ACTIVE_DAYS, pa.list_(pa.int64())),
+    *[(c, pa.list_(pa.int64())) for c in DAILY_COLUMNS.values()],
+    (BASKET_BY_DAY, pa.list_(pa.float64())),
+    (RECENT_CATEGORIES, pa.list_(pa.string())),
+    (CATEGORY_DAYS, pa.list_(pa.int64())),
     (LAST_PURCHASE_TS, pa.int64()),
-    (DISTINCT_CATEGORIES, pa.int64()),
-    (MEAN_BASKET, pa.float64()),
     (COUNTRY, pa.string()),
     ("event_timestamp", TS),
 ])
@@ -274,10 +281,8 @@ def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame,
 def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
                        users: pd.DataFrame, state: pd.DataFrame,
                        interval: Interval) -> pa.Table:
-    """The day's ``user_profile`` snapshots: ``features.user_state.profiles_as_of`` at the
-    interval end (stored columns), for the users whose profile changes that day
-    (``features.user_state.snapshot_users``: active that day, or with events of 7 or 30 days
-    ago leaving a window).
+    """The day's ``user_profile`` rows: ``features.user_state.stored_profiles`` at the
+    interval end, for the users with an event that day (``snapshot_users``).
 
     Args:
         window_events: events of the last ``PROFILE_LOOKBACK_DAYS`` days up to the interval
@@ -293,10 +298,11 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
     """
     end = pd.Timestamp(interval.end)
     index = snapshot_users(window_events, end)
+    if index.empty:
+        return USER_PROFILE_SCHEMA.empty_table()
     mine = window_events[window_events["user_id"].isin(index)]
     last_buy = state.set_index("user_id")["last_purchase_ts"].reindex(index)
-    out = profiles_as_of(mine, catalog, users, index, [end] * len(index),
-                         last_purchase=last_buy, stored=True)  # (U, len(PROFILE_COLUMNS))
+    out = stored_profiles(mine, catalog, users, index, end, last_buy)
     out.insert(0, "user_id", index.to_numpy(dtype=object))
     out["event_timestamp"] = end
     return pa.Table.from_pandas(out, schema=USER_PROFILE_SCHEMA, preserve_index=False)

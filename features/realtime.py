@@ -9,11 +9,12 @@ current online rows, by the rule of ``features.user_state``:
 - ``user_recent_products``: the history events (product events of ``HISTORY_EVENT_TYPES``)
   are appended in (ts, event_id) order (event type and time alongside, the last
   ``HISTORY_LEN`` kept) and ``n_events_total`` grows by as many; searches leave it alone.
-- ``user_profile``: each event adds one to its type's counter of every window
-  (``WINDOWS_DAYS``), and a purchase sets ``last_purchase_epoch_s`` to its time (read back
-  as 0 days since the last purchase that day). Windows do not decay here, and
-  ``distinct_categories_30d``/``mean_basket_value_30d`` are not touched: the nightly build
-  recomputes every value from the landing events and its materialization replaces these rows.
+- ``user_profile``: each event counts on its day in the stored days of activity
+  (``fold_activity``; a purchase adds to the day's basket at the event's price), and a
+  purchase sets ``last_purchase_epoch_s`` to its time. Readers count the pushed day in
+  every window (``features.user_state.read_profiles``), so a profile read after a push
+  includes it; the categories touched are left to the nightly build, which recomputes every
+  value from the landing events and whose materialization replaces these rows.
 
 Rows are pushed with ``PushMode.ONLINE`` through the views' push sources, so the next online
 read sees them; the offline store only ever holds what ``features.build`` wrote. A pushed row
@@ -23,6 +24,7 @@ older than the next nightly snapshot, which therefore replaces it on SQLite and 
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import re
 import time
@@ -35,16 +37,17 @@ import pyarrow as pa
 
 from features.contract import EVENT_TYPES, ContractError, conform
 from features.user_state import (
-    COUNT_COLUMNS,
+    ACTIVE_DAYS,
+    BASKET_BY_DAY,
+    CATEGORY_DAYS,
     COUNTRY,
-    DISTINCT_CATEGORIES,
+    DAILY_COLUMNS,
     HISTORY_LEN,
+    KEPT_DAYS,
     LAST_PURCHASE_TS,
-    MEAN_BASKET,
     NEVER,
+    RECENT_CATEGORIES,
     STORED_PROFILE_COLUMNS,
-    WINDOWS_DAYS,
-    count_column,
     epoch_seconds,
     history_events,
 )
@@ -237,6 +240,38 @@ def _row_time(last_event: pd.Timestamp, current: pd.Timestamp | None) -> pd.Time
     return last_event if current is None else current + _ONE_US
 
 
+def fold_activity(profile: Mapping[str, Any], events: pd.DataFrame) -> dict[str, list]:
+    """A stored profile's days of activity with the events added: each event counts on its
+    UTC day (a new day entry where there was none), a purchase adds quantity x its price
+    (0 without one) to the day's basket; days more than ``KEPT_DAYS`` before the newest one
+    are dropped. A row whose lists disagree in length starts afresh.
+
+    Returns:
+        ``ACTIVE_DAYS``, ``DAILY_COLUMNS`` and ``BASKET_BY_DAY`` -> their new lists.
+    """
+    days = [int(d) for d in profile.get(ACTIVE_DAYS) or []]
+    daily = {t: [int(v) for v in profile.get(c) or []] for t, c in DAILY_COLUMNS.items()}
+    basket = [float(v) for v in profile.get(BASKET_BY_DAY) or []]
+    if any(len(v) != len(days) for v in (*daily.values(), basket)):
+        days, basket = [], []
+        daily = {t: [] for t in DAILY_COLUMNS}
+    event_days = (epoch_seconds(events["ts"]) // 86_400).tolist()
+    for day, kind, quantity, price in zip(event_days, events["event_type"], events["quantity"],
+                                          events["price"], strict=True):
+        at = bisect.bisect_left(days, day)
+        if at == len(days) or days[at] != day:
+            days.insert(at, day)
+            basket.insert(at, 0.0)
+            for values in daily.values():
+                values.insert(at, 0)
+        daily[kind][at] += 1
+        if kind == "purchase" and not pd.isna(price):
+            basket[at] += float(quantity or 0) * float(price)
+    start = bisect.bisect_left(days, days[-1] - KEPT_DAYS + 1) if days else 0
+    return {ACTIVE_DAYS: days[start:], BASKET_BY_DAY: basket[start:],
+            **{DAILY_COLUMNS[t]: v[start:] for t, v in daily.items()}}
+
+
 def fold_events(user_id: str, events: pd.DataFrame,
                 current: Mapping[str, tuple[dict[str, Any] | None, pd.Timestamp | None]],
                 history_len: int = HISTORY_LEN) -> dict[str, dict[str, Any]]:
@@ -262,10 +297,6 @@ def fold_events(user_id: str, events: pd.DataFrame,
     if len(stamps) != len(ids):  # a row from before the timestamps existed
         stamp = int(epoch_seconds([recent_ts])[0]) if recent_ts is not None else 0
         stamps = [stamp] * len(ids)
-    counters = {c: int(profile.get(c) or 0) for c in COUNT_COLUMNS}
-    for event_type, n in events["event_type"].value_counts(sort=False).items():
-        for window in WINDOWS_DAYS:
-            counters[count_column(event_type, window)] += int(n)
     last_purchase = profile.get(LAST_PURCHASE_TS)
     last_purchase = NEVER if last_purchase is None else int(last_purchase)
     purchases = events.loc[events["event_type"] == "purchase", "ts"]
@@ -274,10 +305,10 @@ def fold_events(user_id: str, events: pd.DataFrame,
 
     last = pd.Timestamp(events["ts"].max())
     rows: dict[str, dict[str, Any]] = {PROFILE_VIEW: {
-        "user_id": user_id, **counters,
+        "user_id": user_id, **fold_activity(profile, events),
+        RECENT_CATEGORIES: list(profile.get(RECENT_CATEGORIES) or []),
+        CATEGORY_DAYS: list(profile.get(CATEGORY_DAYS) or []),
         LAST_PURCHASE_TS: last_purchase,
-        DISTINCT_CATEGORIES: int(profile.get(DISTINCT_CATEGORIES) or 0),
-        MEAN_BASKET: float(profile.get(MEAN_BASKET) or 0.0),
         COUNTRY: profile.get(COUNTRY),
         "event_timestamp": _row_time(last, profile_ts),
     }}

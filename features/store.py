@@ -18,7 +18,7 @@ import pandas as pd
 from core.settings import FEATURE_REPO, Settings
 from features.contract import Interval, parse_day
 from features.running import partitions
-from features.user_state import STORED_PROFILE_COLUMNS, with_days_since
+from features.user_state import STORED_PROFILE_COLUMNS, read_profiles
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -215,14 +215,14 @@ def historical_user_history(settings: Settings, entity_df: pd.DataFrame) -> pd.D
         ``entity_df`` joined with ``recent_product_ids``, ``recent_event_types``
         (lists, empty without history), ``n_events_total`` (0 without history),
         ``recent_timestamps``, and the ``user_profile`` columns as readers see them
-        (``features.user_state.PROFILE_COLUMNS``, days since the last purchase counted to
-        each row's day; under their plain names, e.g.
+        (``features.user_state.PROFILE_COLUMNS``, ``read_profiles`` of the stored row at each
+        row's time; under their plain names, e.g.
         ``purchase_count_30d``, ``country``; null where the user had no profile yet), as
         they stood at each row's timestamp (``SERVING_SERVICE``). Rows are sorted by the
         entity frame's original order (Feast returns them in its own order).
     """
     out = historical_features(settings, entity_df, SERVING_SERVICE)
-    out = with_days_since(out, out["event_timestamp"])
+    out = read_profiles(out, out["event_timestamp"])
     for col in ("recent_product_ids", "recent_event_types"):
         out[col] = out[col].map(_as_list)
     out["n_events_total"] = out["n_events_total"].fillna(0).astype("int64")
@@ -236,8 +236,8 @@ def online_user_history(store: FeatureStore, user_ids: list[str]) -> dict[str, d
         user_id -> {"recent_product_ids": [...], "recent_event_types": [...],
         "recent_timestamps": [epoch seconds, ...], and each of
         ``STORED_PROFILE_COLUMNS``: its value}; users the store does not know map to empty
-        lists and None values. The ranking turns the stored last purchase into days since it
-        at its own time (``training.ranking.histories.Histories``).
+        lists and None values. The ranking turns the stored profile into the profile at its
+        own time (``training.ranking.histories.Histories.profiles_at``).
     """
     if not user_ids:
         return {}

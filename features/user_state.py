@@ -19,11 +19,7 @@ timestamped at the next midnight):
   ``EVENT_TYPES``, with or without a product) on days D-w+1 .. D, for w in ``WINDOWS_DAYS``;
 - ``days_since_last_purchase``: whole days from the last purchase history event to the
   start of the day the profile is read (``days_since_purchase``), ``NEVER`` when the user
-  never bought. Feast does not store it: it would change every day for every buyer. It
-  stores ``last_purchase_epoch_s`` (the purchase's epoch seconds, ``NEVER`` without one;
-  ``STORED_PROFILE_COLUMNS``), and every reader converts at the time it reads
-  (``with_days_since``: the online reads at the request's day, the point-in-time reads at
-  each row's);
+  never bought;
 - ``distinct_categories_30d``: catalogue categories of the history events of days
   D-29 .. D (``MONTH_DAYS``; products without a category do not count);
 - ``mean_basket_value_30d``: the mean over the baskets of those days (a basket: one user's
@@ -31,15 +27,17 @@ timestamped at the next midnight):
   catalogue's, else 0), 0 without a basket;
 - ``country``: the user's last non-null country in the users table.
 
-A user gets a snapshot on the days their stored profile changes (``snapshot_users``): each
-day with an event of theirs, and each day on which such an event leaves a window (an event of
-day E leaves the 7-day windows on E + 7 and the 30-day ones on E + 30: ``CHANGE_OFFSETS``).
-Between two such days no stored value changes, so the earlier snapshot stays exact; a user
-who stops acting gets a last snapshot with every windowed value back at zero, valid from then
-on. The daily build therefore writes the day's active users and those whose events of 7 and
-30 days ago leave a window, not everyone active in the month: its cost and the rows
-materialized do not grow as the month fills. The events that decide a day's snapshot are
-those of the ``PROFILE_LOOKBACK_DAYS`` up to it (one day more than the widest window).
+Feast does not store these values: each would change on days without any event (a window
+moves, a day passes), and rewriting every user active in the month every day is what made the
+daily build and materialization grow with the shop. It stores what they are computed from
+(``STORED_PROFILE_COLUMNS``, built by ``stored_profiles``): the user's days with an event
+among the last ``MONTH_DAYS`` and, per such day, the count of each event type and the basket
+value; the categories touched in those days with the last day each was touched; the last
+purchase's time; the country. Every reader turns a stored row into the profile as of the
+time it reads (``read_profiles``: the online reads at the ranking's time, the point-in-time
+reads at each row's), by the same windows. A user therefore gets a ``user_profile`` row only
+on a day with an event of theirs, and the daily build and its materialization follow the
+day's activity, not the number of users active in the month.
 """
 
 from __future__ import annotations
@@ -62,25 +60,30 @@ TARGET_EVENT_TYPES = ("purchase", "add_to_cart")
 # Profile
 WINDOWS_DAYS = (7, 30)  # the counters' windows
 MONTH_DAYS = 30  # the window of the distinct categories and the basket value
-PROFILE_LOOKBACK_DAYS = max(WINDOWS_DAYS) + 1  # see the module docstring
-# Days after an event's day on which a stored profile value changes: it enters every window,
-# then leaves each window when the window has passed it.
-CHANGE_OFFSETS: tuple[int, ...] = tuple(sorted({0, *WINDOWS_DAYS, MONTH_DAYS}))
+# Days of events the daily build reads: the widest window and one more.
+PROFILE_LOOKBACK_DAYS = max(WINDOWS_DAYS) + 1
 NEVER = -1  # days_since_last_purchase / last_purchase_epoch_s of a user who never bought
 COUNT_COLUMNS: tuple[str, ...] = tuple(f"{t}_count_{w}d" for w in WINDOWS_DAYS
                                        for t in EVENT_TYPES)
 DAYS_SINCE_PURCHASE = "days_since_last_purchase"
-LAST_PURCHASE_TS = "last_purchase_epoch_s"
 DISTINCT_CATEGORIES = f"distinct_categories_{MONTH_DAYS}d"
 MEAN_BASKET = f"mean_basket_value_{MONTH_DAYS}d"
 COUNTRY = "country"
 # The profile as its readers (the user tower, the ranking) see it, in table order.
 PROFILE_COLUMNS: tuple[str, ...] = (*COUNT_COLUMNS, DAYS_SINCE_PURCHASE, DISTINCT_CATEGORIES,
                                     MEAN_BASKET, COUNTRY)
-# The profile as Feast's user_profile view stores it: the last purchase's time, not the days
-# since it (see the module docstring).
-STORED_PROFILE_COLUMNS: tuple[str, ...] = tuple(
-    LAST_PURCHASE_TS if c == DAYS_SINCE_PURCHASE else c for c in PROFILE_COLUMNS)
+
+# The profile as Feast's user_profile view stores it (see the module docstring).
+KEPT_DAYS = max(*WINDOWS_DAYS, MONTH_DAYS)  # days of activity a stored row keeps
+ACTIVE_DAYS = "active_days"  # list: epoch days with an event, ascending
+DAILY_COLUMNS: dict[str, str] = {t: f"{t}_by_day" for t in EVENT_TYPES}  # lists, per day
+BASKET_BY_DAY = "basket_value_by_day"  # list: the day's basket value (0 without purchase)
+RECENT_CATEGORIES = "recent_categories"  # list: categories touched in the kept days
+CATEGORY_DAYS = "recent_category_days"  # list: the last epoch day each was touched
+LAST_PURCHASE_TS = "last_purchase_epoch_s"  # epoch seconds, NEVER without a purchase
+STORED_PROFILE_COLUMNS: tuple[str, ...] = (ACTIVE_DAYS, *DAILY_COLUMNS.values(), BASKET_BY_DAY,
+                                           RECENT_CATEGORIES, CATEGORY_DAYS, LAST_PURCHASE_TS,
+                                           COUNTRY)
 
 _EPOCH = pd.Timestamp(0, tz="UTC")
 _DAY_NS = 86_400 * 10**9
@@ -119,20 +122,69 @@ def days_since_purchase(last_purchase: Any, read_at: Any) -> np.ndarray:
     return np.where(never, NEVER, days).astype(np.int64)
 
 
-def with_days_since(rows: pd.DataFrame, read_at: Any) -> pd.DataFrame:
-    """Stored ``user_profile`` rows (``STORED_PROFILE_COLUMNS``) as their readers see them
-    (``PROFILE_COLUMNS``): ``last_purchase_epoch_s`` replaced by ``days_since_last_purchase`` at
-    ``read_at`` (one time, or one per row); a row whose profile is unknown (every stored
-    column null) stays null. Other columns are kept."""
-    out = rows.copy()
-    if LAST_PURCHASE_TS not in out.columns:
-        return out
-    position = list(out.columns).index(LAST_PURCHASE_TS)
-    stamps = out.pop(LAST_PURCHASE_TS)
-    days = pd.array(days_since_purchase(stamps, read_at), dtype="Int64")
-    days[stamps.isna().to_numpy()] = pd.NA
-    out.insert(position, DAYS_SINCE_PURCHASE, days)
-    return out
+def is_stored(frame: pd.DataFrame | None) -> bool:
+    """Whether ``frame`` holds stored ``user_profile`` rows (``STORED_PROFILE_COLUMNS``)."""
+    return frame is not None and ACTIVE_DAYS in frame.columns
+
+
+def read_profiles(stored: pd.DataFrame, read_at: Any) -> pd.DataFrame:
+    """Stored ``user_profile`` rows as their readers see them at ``read_at``.
+
+    The windows end with D, the day before the day of ``read_at``, as a daily snapshot's do:
+    a stored row was written at the end of a day before, so every day it holds is at most D,
+    except the days a real-time push added (``features.realtime``), which count as well.
+
+    Args:
+        stored: rows with ``STORED_PROFILE_COLUMNS`` (lists as lists or arrays; a row whose
+            ``active_days`` is null is a user the store does not know). Other columns are
+            kept, in front.
+        read_at: (n,) UTC read times, or one time for every row.
+
+    Returns:
+        The other columns, then ``PROFILE_COLUMNS`` (integers as nullable Int64; every
+        column null where the row is unknown), in row order.
+    """
+    n = len(stored)
+    rest = stored.drop(columns=[c for c in STORED_PROFILE_COLUMNS if c in stored.columns])
+    rest = rest.reset_index(drop=True)
+    times = np.atleast_1d(_epoch_ns(np.atleast_1d(np.asarray(read_at, dtype=object))))
+    last_day = np.broadcast_to(times // _DAY_NS - 1, (n,))  # (n,) D per row
+    days_col = stored[ACTIVE_DAYS].to_numpy(dtype=object)
+    known = np.array([isinstance(v, list | np.ndarray) for v in days_col], dtype=bool)  # (n,)
+
+    def flat(column: str, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(values, row of each value) of a list column over the known rows."""
+        values = [np.asarray(v if k else [], dtype=dtype)
+                  for v, k in zip(stored[column].to_numpy(dtype=object), known, strict=True)]
+        lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=n)
+        return (np.concatenate(values) if n else np.zeros(0, dtype)), \
+            np.repeat(np.arange(n), lengths)
+
+    day, row = flat(ACTIVE_DAYS, np.int64)  # (K,), (K,)
+    out: dict[str, np.ndarray] = {}
+    inside = {w: day > last_day[row] - w for w in {*WINDOWS_DAYS, MONTH_DAYS}}  # (K,) each
+    by_type = {t: flat(DAILY_COLUMNS[t], np.int64)[0] for t in EVENT_TYPES}
+    for w in WINDOWS_DAYS:
+        for t in EVENT_TYPES:
+            out[count_column(t, w)] = np.bincount(row[inside[w]], by_type[t][inside[w]],
+                                                  minlength=n).astype(np.int64)
+    out[DAYS_SINCE_PURCHASE] = days_since_purchase(stored[LAST_PURCHASE_TS], read_at)
+    cat_day, cat_row = flat(CATEGORY_DAYS, np.int64)
+    recent = cat_day > last_day[cat_row] - MONTH_DAYS
+    out[DISTINCT_CATEGORIES] = np.bincount(cat_row[recent], minlength=n).astype(np.int64)
+    basket = flat(BASKET_BY_DAY, np.float64)[0]
+    baskets = inside[MONTH_DAYS] & (by_type["purchase"] > 0)
+    total = np.bincount(row[baskets], basket[baskets], minlength=n)
+    count = np.bincount(row[baskets], minlength=n)
+    out[MEAN_BASKET] = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+    frame = pd.DataFrame({c: out[c] for c in PROFILE_COLUMNS if c != COUNTRY})
+    frame = frame.astype({c: "Int64" for c in frame.columns if c != MEAN_BASKET})
+    frame.loc[~known] = np.nan  # unknown: every column null
+    country = stored[COUNTRY].to_numpy(dtype=object)
+    frame[COUNTRY] = pd.Series([c if k and isinstance(c, str) else None
+                                for c, k in zip(country, known, strict=True)], dtype=object)
+    return pd.concat([rest, frame], axis=1)
 
 
 def history_events(events: pd.DataFrame) -> pd.DataFrame:
@@ -213,18 +265,14 @@ def profiles_as_of(
     times: Sequence[Any] | pd.Series,
     *,
     last_purchase: Sequence[Any] | pd.Series | None = None,
-    stored: bool = False,
 ) -> pd.DataFrame:
     """The ``user_profile`` each user had at each time: the latest daily snapshot before it.
 
-    At time t a user has the profile of day D = floor(t) - 1 day: the snapshot of the latest
-    of their snapshot days up to D, which holds the same windowed values as D itself (no
-    window changes in between, see the module docstring); without any event up to D, none.
-    The days since the last purchase count to floor(t) (``days_since_purchase``), as every
-    reader of the store converts them. The offline build calls this for one day's snapshots
-    (``features.build.build_user_profile``, ``stored=True``); training and evaluation for
-    their examples, over all events. Vectorised: sorted (user, day) keys, cumulative sums
-    and searches, instead of one computation per day.
+    At time t a user has the profile of day D = floor(t) - 1 day (the windows up to D, the
+    days since the last purchase counted to floor(t)); without any event up to D, none: what
+    ``read_profiles`` of the user's latest stored row reads at t. Training and evaluation
+    call this for their examples, over all events. Vectorised: sorted (user, day) keys,
+    cumulative sums and searches, instead of one computation per day.
 
     Args:
         events: contract events (any order); those on or after a query's day are ignored.
@@ -235,15 +283,11 @@ def profiles_as_of(
         user_ids: (Q,) the users.
         times: (Q,) UTC times, aligned with ``user_ids``.
         last_purchase: (Q,) each query's last purchase (NaT: none), instead of the last one
-            in ``events``: the offline build reads a month of events and carries the last
-            purchase in its rolled state.
-        stored: return ``STORED_PROFILE_COLUMNS`` (``last_purchase_epoch_s``, what Feast
-            stores) instead of ``PROFILE_COLUMNS``.
+            in ``events``.
 
     Returns:
-        (Q, len(PROFILE_COLUMNS)) frame in query order: ``PROFILE_COLUMNS`` (or
-        ``STORED_PROFILE_COLUMNS``), integers as nullable Int64; every column null where the
-        user had no snapshot yet.
+        (Q, len(PROFILE_COLUMNS)) frame in query order: ``PROFILE_COLUMNS``, integers as
+        nullable Int64; every column null where the user had no event before D + 1.
     """
     user_ids = np.asarray(list(user_ids), dtype=object)
     query_day = _epoch_ns(times) // _DAY_NS - 1  # (Q,) the day whose snapshot is visible
@@ -294,11 +338,8 @@ def profiles_as_of(
                                                  utc=True))  # (Q,)
         bought, buy_ns = ~stamps.isna(), stamps.as_unit("ns").asi8  # (Q,), (Q,)
     buy_s = np.where(bought, buy_ns // 10**9, NEVER)  # (Q,) epoch seconds
-    if stored:
-        out[LAST_PURCHASE_TS] = buy_s
-    else:
-        read_ns = (query_day + origin + 1) * _DAY_NS  # (Q,) the start of each query's day
-        out[DAYS_SINCE_PURCHASE] = days_since_purchase(buy_s, read_ns)
+    read_ns = (query_day + origin + 1) * _DAY_NS  # (Q,) the start of each query's day
+    out[DAYS_SINCE_PURCHASE] = days_since_purchase(buy_s, read_ns)
 
     products = catalog.drop_duplicates("product_id", keep="last").set_index("product_id")
     category = events["product_id"].map(products["category"]).to_numpy(dtype=object)
@@ -315,8 +356,7 @@ def profiles_as_of(
     out[MEAN_BASKET] = _window_mean(baskets.index.to_numpy(dtype=np.int64),
                                     baskets.to_numpy(dtype=np.float64), at, MONTH_DAYS)
 
-    columns = STORED_PROFILE_COLUMNS if stored else PROFILE_COLUMNS
-    frame = pd.DataFrame({c: out[c] for c in columns if c != COUNTRY})
+    frame = pd.DataFrame({c: out[c] for c in PROFILE_COLUMNS if c != COUNTRY})
     frame = frame.astype({c: "Int64" for c in frame.columns if c != MEAN_BASKET})
     frame.loc[~known] = np.nan  # no snapshot yet: every column null
     country = pd.Series(user_ids).map(latest_countries(users))
@@ -325,13 +365,12 @@ def profiles_as_of(
 
 
 def snapshot_users(window_events: pd.DataFrame | pa.Table, day_end: Any) -> pd.Index:
-    """The users who get a ``user_profile`` snapshot on the day ending at ``day_end``: those
-    with an event ``CHANGE_OFFSETS`` days before it (the day itself included).
+    """The users who get a ``user_profile`` row on the day ending at ``day_end``: those with
+    an event that day.
 
     Args:
-        window_events: contract events (``user_id``, ``ts``; a frame or an Arrow table) of
-            at least the ``PROFILE_LOOKBACK_DAYS`` up to the day's end.
-        day_end: the day's end (the snapshot's timestamp).
+        window_events: contract events (``user_id``, ``ts``; a frame or an Arrow table).
+        day_end: the day's end (the row's timestamp).
 
     Returns:
         The users, sorted, named ``user_id``.
@@ -342,9 +381,82 @@ def snapshot_users(window_events: pd.DataFrame | pa.Table, day_end: Any) -> pd.I
     else:
         ts, users = window_events["ts"], window_events["user_id"].to_numpy(dtype=object)
     snapshot_day = _epoch_ns([day_end])[0] // _DAY_NS - 1
-    days_before = snapshot_day - _epoch_ns(ts) // _DAY_NS  # (E,)
-    changed = np.isin(days_before, CHANGE_OFFSETS)
-    return pd.Index(pd.unique(users[changed]), name="user_id").sort_values()
+    today = _epoch_ns(ts) // _DAY_NS == snapshot_day  # (E,)
+    return pd.Index(pd.unique(users[today]), name="user_id").sort_values()
+
+
+def stored_profiles(events: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame | None,
+                    user_ids: Sequence[str], day_end: Any,
+                    last_purchase: Sequence[Any] | pd.Series) -> pd.DataFrame:
+    """The stored ``user_profile`` rows of ``user_ids`` at the end of a day (see the module
+    docstring): what ``read_profiles`` turns into ``profiles_as_of``'s profiles.
+
+    Args:
+        events: contract events up to ``day_end`` (at least the ``KEPT_DAYS`` before it;
+            older ones are ignored).
+        catalog: product rows (``category``, ``price``; the last row of a product wins).
+        users: user rows (``country``), or None.
+        user_ids: (U,) the users, in output order.
+        day_end: the day's end.
+        last_purchase: (U,) each user's last purchase up to ``day_end`` (NaT: none).
+
+    Returns:
+        (U, len(STORED_PROFILE_COLUMNS)) frame in ``user_ids`` order; list columns hold
+        Python lists, days ascending.
+    """
+    user_ids = pd.Index(list(user_ids), dtype=object)
+    end_day = int(_epoch_ns([day_end])[0] // _DAY_NS)  # the day after the row's day
+    ev_day = _epoch_ns(events["ts"]) // _DAY_NS  # (E,)
+    mine = events[(ev_day >= end_day - KEPT_DAYS) & (ev_day < end_day)
+                  & events["user_id"].isin(user_ids).to_numpy()]
+    day = _epoch_ns(mine["ts"]) // _DAY_NS  # (M,)
+    user = user_ids.get_indexer(mine["user_id"].to_numpy(dtype=object))  # (M,)
+    key = user.astype(np.int64) * KEPT_DAYS + (day - (end_day - KEPT_DAYS))  # user-major
+    keys, inverse = np.unique(key, return_inverse=True)  # (K,) one per (user, day)
+    kind = mine["event_type"].to_numpy(dtype=object)
+    columns: dict[str, np.ndarray] = {ACTIVE_DAYS: keys % KEPT_DAYS + end_day - KEPT_DAYS}
+    for event_type, column in DAILY_COLUMNS.items():
+        columns[column] = np.bincount(inverse[kind == event_type],
+                                      minlength=len(keys)).astype(np.int64)
+    products = catalog.drop_duplicates("product_id", keep="last").set_index("product_id")
+    buy = kind == "purchase"
+    buys = mine[buy]
+    price = (buys["price"].astype(float).fillna(buys["product_id"].map(products["price"]))
+             .fillna(0.0).to_numpy(dtype=np.float64))
+    value = pd.Series(buys["quantity"].to_numpy(dtype=np.float64) * price).groupby(
+        inverse[buy]).sum()  # one basket per user and day, summed as profiles_as_of does
+    columns[BASKET_BY_DAY] = value.reindex(range(len(keys)), fill_value=0.0).to_numpy(
+        np.float64)
+    per_user = _split_by_user(keys // KEPT_DAYS, columns, len(user_ids))
+
+    touched = (mine["product_id"].notna().to_numpy() & np.isin(kind, HISTORY_EVENT_TYPES))
+    category = mine["product_id"].map(products["category"]).to_numpy(dtype=object)
+    has = touched & pd.notna(category)
+    last_touch = pd.DataFrame({"user": user[has], "category": category[has],
+                               "day": day[has]}).groupby(["user", "category"])["day"].max()
+    cat_user = last_touch.index.get_level_values("user").to_numpy(dtype=np.int64)
+    per_user |= _split_by_user(cat_user, {
+        RECENT_CATEGORIES: last_touch.index.get_level_values("category").to_numpy(dtype=object),
+        CATEGORY_DAYS: last_touch.to_numpy(dtype=np.int64)}, len(user_ids))
+
+    stamps = pd.DatetimeIndex(pd.to_datetime(pd.Series(list(last_purchase), dtype=object),
+                                             utc=True))
+    buy_s = np.where(stamps.isna(), NEVER, stamps.as_unit("ns").asi8 // 10**9)
+    country = user_ids.to_series().map(latest_countries(users))
+    return pd.DataFrame({
+        **{c: per_user[c] for c in STORED_PROFILE_COLUMNS[:-2]},
+        LAST_PURCHASE_TS: buy_s.astype(np.int64),
+        COUNTRY: [c if isinstance(c, str) else None for c in country],
+    })
+
+
+def _split_by_user(owner: np.ndarray, columns: dict[str, np.ndarray],
+                   n: int) -> dict[str, list[list]]:
+    """Per user 0..n-1, the entries of each column whose ``owner`` is that user (``owner``
+    sorted), as Python lists (empty for a user without entries)."""
+    bounds = np.searchsorted(owner, np.arange(n + 1))  # (n + 1,)
+    return {name: [values[bounds[i]:bounds[i + 1]].tolist() for i in range(n)]
+            for name, values in columns.items()}
 
 
 def _window_sum(keys: np.ndarray, cumulative: np.ndarray, at: np.ndarray,

@@ -2,8 +2,10 @@
 
 Every view keeps a snapshot valid until a newer one replaces it (long ttl): the offline build
 writes a new snapshot whenever a value can have changed, and only then (see features/build.py);
-values that would change every day by themselves (days since a purchase, since a product was
-first seen) are stored as the time they count from.
+values that would change on days without events (a window moving, days since a purchase or
+since a product was first seen) are stored as what they are computed from, and readers compute
+them at their own time: ``user_profile`` holds a user's last 30 days of activity per day
+(``features.user_state.read_profiles`` turns it into counts over 7 and 30 days and the rest).
 """
 
 from datetime import timedelta
@@ -51,17 +53,20 @@ user_profile = FeatureView(
     ttl=FOREVER,
     schema=[
         Field(name="user_id", dtype=String),
-        *[Field(name=f"{t}_count_{w}d", dtype=Int64,
-                description=f"{t} events in the last {w} days.")
-          for w in WINDOWS_DAYS for t in EVENT_TYPES],
+        Field(name="active_days", dtype=Array(Int64),
+              description="Days (since the epoch) with an event among the last 30, "
+                          "ascending; the lists below are aligned with it."),
+        *[Field(name=f"{t}_by_day", dtype=Array(Int64),
+                description=f"{t} events on each of those days.")
+          for t in EVENT_TYPES],
+        Field(name="basket_value_by_day", dtype=Array(Float64),
+              description="sum(quantity * price) of each day's purchases (0 without)."),
+        Field(name="recent_categories", dtype=Array(String),
+              description="Categories of the products touched in those days."),
+        Field(name="recent_category_days", dtype=Array(Int64),
+              description="The last day each of them was touched."),
         Field(name="last_purchase_epoch_s", dtype=Int64,
-              description="Time of the last purchase, epoch seconds; -1 when never. Readers "
-                          "turn it into days since the last purchase at their own time."),
-        Field(name="distinct_categories_30d", dtype=Int64,
-              description="Categories of the products touched in the last 30 days."),
-        Field(name="mean_basket_value_30d", dtype=Float64,
-              description="Mean of sum(quantity * price) per purchase day, last 30 days; "
-                          "0 without purchases."),
+              description="Time of the last purchase, epoch seconds; -1 when never."),
         Field(name="country", dtype=String, description="Latest known country."),
     ],
     source=user_profile_push,

@@ -38,8 +38,8 @@ from features.user_state import (
     STORED_PROFILE_COLUMNS,
     history_events,
     profiles_as_of,
+    read_profiles,
     recent_histories,
-    with_days_since,
 )
 from training.ranking.histories import Histories
 
@@ -98,7 +98,10 @@ def _history(row: dict) -> dict:
 
 
 def _profile(value: object) -> object:
-    """A profile value in one spelling: None when missing, float when numeric."""
+    """A profile value in one spelling: None when missing, float when numeric, lists (of
+    stored rows) as lists of those."""
+    if isinstance(value, list | np.ndarray):
+        return [_profile(v) for v in value]
     if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value)):
         return None
     return value if isinstance(value, str) else float(value)
@@ -273,7 +276,7 @@ def test_online_profile_is_the_latest_snapshot(settings: Settings) -> None:
     offline = _offline_latest(settings, "user_profile", "user_id", end)
     expected = _expected_profiles(settings, users, [end] * len(users))
     # Read at the end of the last day, the stored rows are the rule's profiles then.
-    as_read = with_days_since(pd.DataFrame([online[u] for u in users]), end)
+    as_read = read_profiles(pd.DataFrame([online[u] for u in users]), end)
     for i, user in enumerate(users):
         for column in STORED_PROFILE_COLUMNS:
             assert _same(online[user][column], offline[user][column]), (user, column)

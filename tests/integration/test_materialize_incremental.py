@@ -112,7 +112,7 @@ def test_a_history_loaded_in_bulk_is_what_daily_runs_leave(tmp_path: Path) -> No
     assert out["days"] == DAYS and sum(out["materialized"]["rows"].values()) > 0
     assert_same_partitions(partitions(daily, days), partitions(bulk, days))
     assert results["bulk"] == results["daily"]
-    assert any(v is not None for v in results["bulk"]["user_profile"]["view_count_30d"])
+    assert any(v is not None for v in results["bulk"]["user_profile"]["view_by_day"])
     # the validation ran and wrote the same reports
     reports = sorted(str(p.relative_to(bulk)) for p in (bulk / "validation").rglob("*.json"))
     assert len(reports) >= DAYS

@@ -24,7 +24,7 @@ from core.settings import Settings
 from features.build import build_interval
 from features.contract import Interval, write_partition
 from features.store import TRAINING_SERVICE, apply_repo, historical_features
-from features.user_state import with_days_since
+from features.user_state import read_profiles
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +103,7 @@ def _features(settings: Settings, times: dict[str, pd.Timestamp],
                            "event_timestamp": list(times.values()), "name": list(times)})
     out = historical_features(settings, entity, TRAINING_SERVICE)
     assert list(out["name"]) == list(times)  # the entity frame's order
-    out = with_days_since(out, out["event_timestamp"])  # as a reader at each row's time
+    out = read_profiles(out, out["event_timestamp"])  # as a reader at each row's time
     return {row["name"]: row for _, row in out.iterrows()}
 
 

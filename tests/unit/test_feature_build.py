@@ -23,7 +23,7 @@ from features.build import (
 )
 from features.contract import Interval, product_text, read_range_table, write_partition
 from features.running import running_catalog
-from features.user_state import HISTORY_LEN, LAST_PURCHASE_TS, days_since_purchase
+from features.user_state import HISTORY_LEN, LAST_PURCHASE_TS, read_profiles
 
 pytestmark = pytest.mark.fast
 
@@ -316,12 +316,19 @@ def month(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, dict[
     root = tmp_path_factory.mktemp("month")
     landing, offline = _month_landing(root), root / "features"
     built: dict[int, dict[str, dict[str, dict]]] = {}
+    latest: dict[str, dict] = {}  # user -> their latest stored user_profile row
     for n in (1, 3, 5, 8, 12, 30, 31, 32):  # days without events need no earlier build
         out = build_features(landing, offline, _day(n))
         built[n] = {}
         for table in ("user_profile", "product_stats", "product_text"):
             key = "user_id" if table == "user_profile" else "product_id"
             built[n][table] = {r[key]: r for r in pq.read_table(out[table]).to_pylist()}
+        # What a reader sees at the end of day n: each user's latest row, read then.
+        rows = built[n]["stored_profile"] = built[n].pop("user_profile")
+        latest.update(rows)
+        read = read_profiles(pd.DataFrame(list(latest.values())),
+                             Interval.for_day(_day(n)).end)
+        built[n]["user_profile"] = {r["user_id"]: r for r in read.to_dict("records")}
     return built
 
 
@@ -339,7 +346,7 @@ def test_user_counts_per_window_as_of_the_interval_end(month: dict) -> None:
     day5 = month[5]["user_profile"]
     assert _counts(day5["u1"], 7) == {"view": 1, "add_to_cart": 1, "purchase": 3, "search": 0}
     assert _counts(day5["u3"], 30) == {"view": 2, "add_to_cart": 0, "purchase": 0, "search": 0}
-    assert {r["event_timestamp"] for r in day5.values()} == {
+    assert {r["event_timestamp"] for r in month[5]["stored_profile"].values()} == {
         pd.Timestamp(Interval.for_day(_day(5)).end)}
 
 
@@ -354,44 +361,37 @@ def test_seven_day_counts_decay_when_the_user_stops(month: dict) -> None:
         ("view", "add_to_cart", "purchase", "search"), 0)
 
 
-def test_snapshots_only_on_the_days_a_window_changes(month: dict) -> None:
-    # Events on days 1 (u1, u2) and 5 (u1, u3): snapshots on those days, 7 days later (an
-    # event leaves the 7-day window) and 30 days later (it leaves the 30-day ones).
-    assert {n: sorted(month[n]["user_profile"]) for n in month} == {
-        1: ["u1", "u2"], 3: [], 5: ["u1", "u3"], 8: ["u1", "u2"], 12: ["u1", "u3"], 30: [],
-        31: ["u1", "u2"], 32: []}
+def test_rows_only_on_the_days_a_user_acts(month: dict) -> None:
+    assert {n: sorted(month[n]["stored_profile"]) for n in month} == {
+        1: ["u1", "u2"], 3: [], 5: ["u1", "u3"], 8: [], 12: [], 30: [], 31: [], 32: []}
+    row = month[5]["stored_profile"]["u1"]  # days 1 and 5, as the reader's windows need
+    first, fifth = (_day(n) - dt.date(1970, 1, 1) for n in (1, 5))
+    assert row["active_days"] == [first.days, fifth.days]
+    assert (row["view_by_day"], row["purchase_by_day"], row["add_to_cart_by_day"]) == (
+        [1, 0], [2, 1], [0, 1])
+    assert row["basket_value_by_day"] == [10.0, 6.0]
+    assert (row["recent_categories"], row["recent_category_days"]) == (
+        ["candles", "mugs"], [fifth.days, fifth.days])
 
 
-def test_a_lapsed_user_gets_one_all_zero_snapshot_then_none(month: dict) -> None:
-    # u2's only event is on day 1: its day-8 snapshot (7-day window emptied) holds until the
-    # 30-day window moves past day 1 on day 31.
-    assert _counts(month[8]["user_profile"]["u2"], 30)["search"] == 1
-    last = month[31]["user_profile"]["u2"]
+def test_a_lapsed_user_reads_all_zero_once_the_month_has_passed(month: dict) -> None:
+    # u2's only event is on day 1: inside the 30-day window through day 30.
+    assert _counts(month[30]["user_profile"]["u2"], 30)["search"] == 1
+    last = month[31]["user_profile"]["u2"]  # the window has moved past day 1
     assert _counts(last, 30) == _counts(last, 7) == dict.fromkeys(
         ("view", "add_to_cart", "purchase", "search"), 0)
-    assert "u2" not in month[32]["user_profile"]  # that zero snapshot stays the latest
-
-
-def _days_since(row: dict, read_day: int | None = None) -> int:
-    """The days since the last purchase a reader sees in a stored snapshot, read at the
-    snapshot's own time or at the end of ``read_day``."""
-    at = row["event_timestamp"] if read_day is None else Interval.for_day(_day(read_day)).end
-    return int(days_since_purchase([row[LAST_PURCHASE_TS]], at)[0])
 
 
 def test_days_since_last_purchase(month: dict) -> None:
-    assert "days_since_last_purchase" not in month[1]["user_profile"]["u1"]  # stored: time
-    assert _days_since(month[1]["user_profile"]["u1"]) == 0
-    assert _days_since(month[5]["user_profile"]["u1"]) == 0
-    # Last purchase day 5 09:00, snapshot day 9 00:00: 3 whole days.
-    assert _days_since(month[8]["user_profile"]["u1"]) == 3
-    # The same snapshot read at the end of day 20 (no snapshot in between): 15 days 15 hours.
-    assert _days_since(month[8]["user_profile"]["u1"], read_day=20) == 15
-    # Day 31's snapshot (day 1 left the 30-day window): 26 days 15 hours.
-    assert _days_since(month[31]["user_profile"]["u1"]) == 26
-    assert month[1]["user_profile"]["u2"][LAST_PURCHASE_TS] == -1  # never
-    assert _days_since(month[1]["user_profile"]["u2"]) == -1
-    assert _days_since(month[5]["user_profile"]["u3"]) == -1
+    assert month[1]["user_profile"]["u1"]["days_since_last_purchase"] == 0
+    assert month[3]["user_profile"]["u1"]["days_since_last_purchase"] == 2
+    assert month[5]["user_profile"]["u1"]["days_since_last_purchase"] == 0
+    # Last purchase day 5 09:00, read at day 9 00:00: 3 whole days.
+    assert month[8]["user_profile"]["u1"]["days_since_last_purchase"] == 3
+    assert month[32]["user_profile"]["u1"]["days_since_last_purchase"] == 27
+    assert month[1]["user_profile"]["u2"]["days_since_last_purchase"] == -1  # never
+    assert month[5]["user_profile"]["u3"]["days_since_last_purchase"] == -1
+    assert month[1]["stored_profile"]["u2"][LAST_PURCHASE_TS] == -1  # stored: a time
 
 
 def test_categories_baskets_and_country(month: dict) -> None:
@@ -500,7 +500,8 @@ def test_feast_views_declare_the_built_columns(tmp_path: Path,
     views = {o.name: o for o in _declarations() if isinstance(o, FeatureView)}
     assert set(MATERIALIZED_VIEWS) == set(views) == set(TABLE_SCHEMAS)
     arrow_to_feast = {"string": "String", "int64": "Int64", "double": "Float64",
-                      "list<item: string>": "Array(String)", "list<item: int64>": "Array(Int64)"}
+                      "list<item: string>": "Array(String)", "list<item: int64>": "Array(Int64)",
+                      "list<item: double>": "Array(Float64)"}
     for name, view in views.items():
         schema = TABLE_SCHEMAS[name]
         key = view.entity_columns[0].name

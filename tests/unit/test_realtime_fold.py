@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from features.realtime import PROFILE_VIEW, RECENT_VIEW, fold_events
+from features.realtime import PROFILE_VIEW, RECENT_VIEW, fold_activity, fold_events
 from features.user_state import COUNT_COLUMNS, NEVER
 
 pytestmark = pytest.mark.fast
@@ -14,6 +14,7 @@ pytestmark = pytest.mark.fast
 NOW = pd.Timestamp("2026-02-01 12:00", tz="UTC")
 SNAPSHOT = pd.Timestamp("2026-02-01", tz="UTC")
 ONE_US = pd.Timedelta(microseconds=1)
+DAY = (NOW - pd.Timestamp(0, tz="UTC")).days  # NOW's epoch day
 
 
 def _events(rows: list[tuple[str, str | None, str, pd.Timestamp]]) -> pd.DataFrame:
@@ -32,9 +33,11 @@ def _epoch(ts: pd.Timestamp) -> int:
 def test_events_extend_the_rows_they_fold_into() -> None:
     recent = {"recent_product_ids": ["A", "B"], "recent_event_types": ["view", "view"],
               "recent_timestamps": [100, 200], "n_events_total": 7}
-    profile = {**dict.fromkeys(COUNT_COLUMNS, 1),
-               "last_purchase_epoch_s": _epoch(NOW - pd.Timedelta(days=4)),
-               "distinct_categories_30d": 3, "mean_basket_value_30d": 12.5, "country": "FR"}
+    profile = {"active_days": [DAY - 4, DAY], "view_by_day": [1, 1],
+               "add_to_cart_by_day": [0, 1], "purchase_by_day": [1, 0],
+               "search_by_day": [0, 1], "basket_value_by_day": [5.0, 0.0],
+               "recent_categories": ["c"], "recent_category_days": [DAY - 4],
+               "last_purchase_epoch_s": _epoch(NOW - pd.Timedelta(days=4)), "country": "FR"}
     t1, t2 = NOW + pd.Timedelta(seconds=1.5), NOW + pd.Timedelta(seconds=2)
     events = _events([  # out of order; x2 and x3 at the same time: x2 first
         ("x3", "P9", "purchase", t2),
@@ -54,11 +57,12 @@ def test_events_extend_the_rows_they_fold_into() -> None:
     }
     assert rows[PROFILE_VIEW] == {
         "user_id": "u",
-        "view_count_7d": 2, "add_to_cart_count_7d": 2, "purchase_count_7d": 2,
-        "search_count_7d": 2, "view_count_30d": 2, "add_to_cart_count_30d": 2,
-        "purchase_count_30d": 2, "search_count_30d": 2,
+        "active_days": [DAY - 4, DAY],  # today's entry grows
+        "view_by_day": [1, 2], "add_to_cart_by_day": [0, 2], "purchase_by_day": [1, 1],
+        "search_by_day": [0, 2], "basket_value_by_day": [5.0, 2.0],  # 1 x 2.0 bought
+        "recent_categories": ["c"], "recent_category_days": [DAY - 4],  # the build's job
         "last_purchase_epoch_s": _epoch(t2),  # read back as 0 days since
-        "distinct_categories_30d": 3, "mean_basket_value_30d": 12.5, "country": "FR",
+        "country": "FR",
         "event_timestamp": SNAPSHOT + ONE_US,
     }
     assert all(type(s) is int for s in rows[RECENT_VIEW]["recent_timestamps"])
@@ -69,9 +73,10 @@ def test_a_new_user_who_only_searches_gets_a_profile_row_alone() -> None:
                        {RECENT_VIEW: (None, None), PROFILE_VIEW: (None, None)})
     assert list(rows) == [PROFILE_VIEW]
     assert rows[PROFILE_VIEW] == {
-        "user_id": "u", **dict.fromkeys(COUNT_COLUMNS, 0), "search_count_7d": 1,
-        "search_count_30d": 1, "last_purchase_epoch_s": NEVER,
-        "distinct_categories_30d": 0, "mean_basket_value_30d": 0.0, "country": None,
+        "user_id": "u", "active_days": [DAY], "view_by_day": [0], "add_to_cart_by_day": [0],
+        "purchase_by_day": [0], "search_by_day": [1], "basket_value_by_day": [0.0],
+        "recent_categories": [], "recent_category_days": [], "last_purchase_epoch_s": NEVER,
+        "country": None,
         "event_timestamp": NOW,
     }
 
@@ -92,3 +97,15 @@ def test_an_older_pushed_purchase_does_not_move_the_last_one_back() -> None:
     rows = fold_events("u", _events([("b1", "C", "purchase", NOW)]),
                        {RECENT_VIEW: (None, None), PROFILE_VIEW: (profile, SNAPSHOT)})
     assert rows[PROFILE_VIEW]["last_purchase_epoch_s"] == later
+
+
+def test_days_older_than_the_kept_month_are_dropped_and_bad_rows_start_afresh() -> None:
+    profile = {"active_days": [DAY - 40, DAY - 29, DAY - 10], "view_by_day": [1, 2, 3],
+               "add_to_cart_by_day": [0, 0, 0], "purchase_by_day": [0, 0, 0],
+               "search_by_day": [0, 0, 0], "basket_value_by_day": [0.0, 0.0, 0.0]}
+    late = NOW - pd.Timedelta(days=10)  # a late event of an earlier day joins that day
+    got = fold_activity(profile, _events([("v1", "A", "view", NOW), ("v2", "B", "view", late)]))
+    assert got["active_days"] == [DAY - 29, DAY - 10, DAY]
+    assert got["view_by_day"] == [2, 4, 1]
+    broken = {**profile, "view_by_day": [1]}  # lists that disagree: not trusted
+    assert fold_activity(broken, _events([("v1", "A", "view", NOW)]))["view_by_day"] == [1]

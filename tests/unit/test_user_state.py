@@ -15,10 +15,11 @@ from features.build import (
 )
 from features.contract import Interval
 from features.user_state import (
-    CHANGE_OFFSETS,
     COUNT_COLUMNS,
     COUNTRY,
     HISTORY_EVENT_TYPES,
+    KEPT_DAYS,
+    MEAN_BASKET,
     NEVER,
     PROFILE_COLUMNS,
     PROFILE_LOOKBACK_DAYS,
@@ -28,8 +29,8 @@ from features.user_state import (
     history_events,
     keep_last,
     profiles_as_of,
+    read_profiles,
     recent_histories,
-    with_days_since,
 )
 
 pytestmark = pytest.mark.fast
@@ -62,12 +63,13 @@ def test_the_constants() -> None:
         "days_since_last_purchase", "distinct_categories_30d", "mean_basket_value_30d",
         "country"]
     assert list(COUNT_COLUMNS) == list(PROFILE_COLUMNS[:8])
-    # Feast stores the last purchase's time; readers turn it into days since it.
+    # Feast stores what the profile is computed from; readers compute it at their time.
     assert list(STORED_PROFILE_COLUMNS) == [
-        "last_purchase_epoch_s" if c == "days_since_last_purchase" else c
-        for c in PROFILE_COLUMNS]
+        "active_days", "view_by_day", "add_to_cart_by_day", "purchase_by_day", "search_by_day",
+        "basket_value_by_day", "recent_categories", "recent_category_days",
+        "last_purchase_epoch_s", "country"]
     assert USER_PROFILE_SCHEMA.names == ["user_id", *STORED_PROFILE_COLUMNS, "event_timestamp"]
-    assert CHANGE_OFFSETS == (0, 7, 30)
+    assert KEPT_DAYS == 30
 
 
 # --- history ------------------------------------------------------------------------------
@@ -196,21 +198,35 @@ def test_profiles_as_of_take_a_given_last_purchase() -> None:
     assert got["view_count_7d"].tolist() == [2, 2]  # the rest from the events
 
 
-def test_readers_turn_the_stored_last_purchase_into_days_since_it() -> None:
-    bought = int((T0 + 3 * DAY + 20 * HOUR).timestamp())  # day 3, 20:00
-    stored = pd.DataFrame({"user_id": ["a", "b", "c", "d"],
-                           "last_purchase_epoch_s": [bought, NEVER, None, bought],
-                           "view_count_7d": [1, 0, None, 2]})
-    read_at = [T0 + 4 * DAY, T0 + 4 * DAY, T0 + 4 * DAY, T0 + 3 * DAY + 21 * HOUR]
-    got = with_days_since(stored, read_at)
-    assert got.columns.tolist() == ["user_id", "days_since_last_purchase", "view_count_7d"]
-    # read on day 4: 4 hours, 0 whole days; never; unknown row; a purchase of the read day
-    # itself (pushed in real time) is 0, not negative
-    assert got["days_since_last_purchase"].tolist() == [0, NEVER, pd.NA, 0]
-    later = with_days_since(stored.iloc[:1], T0 + 40 * DAY + 5 * HOUR)  # one time for all
-    assert later["days_since_last_purchase"].tolist() == [36]
-    plain = stored.drop(columns="last_purchase_epoch_s")
-    pd.testing.assert_frame_equal(with_days_since(plain, T0), plain)  # nothing to convert
+def test_readers_compute_the_profile_from_a_stored_row_at_their_time() -> None:
+    d0 = (T0 - pd.Timestamp(0, tz="UTC")).days
+    row = {"user_id": "a", "active_days": [d0, d0 + 3], "view_by_day": [2, 1],
+           "add_to_cart_by_day": [0, 1], "purchase_by_day": [1, 0], "search_by_day": [0, 2],
+           "basket_value_by_day": [10.0, 0.0], "recent_categories": ["x", "y"],
+           "recent_category_days": [d0, d0 + 3],
+           "last_purchase_epoch_s": int((T0 + 20 * HOUR).timestamp()), "country": "FR"}
+    unknown = {"user_id": "b", **dict.fromkeys(STORED_PROFILE_COLUMNS)}
+    stored = pd.DataFrame([row, row, row, row, unknown])
+    read_at = [T0 + 4 * DAY, T0 + 8 * DAY, T0 + 31 * DAY,
+               T0 + 3 * DAY + 21 * HOUR,  # day 3 itself: a pushed day counts too
+               T0 + 4 * DAY]
+    got = read_profiles(stored, read_at)
+    assert got.columns.tolist() == ["user_id", *PROFILE_COLUMNS]
+    assert got["user_id"].tolist() == ["a"] * 4 + ["b"]
+    expected = [
+        _profile((3, 1, 1, 2), (3, 1, 1, 2), 3, 2, 10.0, "FR"),  # D = day 3: both days
+        _profile((1, 1, 0, 2), (3, 1, 1, 2), 7, 2, 10.0, "FR"),  # D = day 7: day 0 left 7 d
+        _profile((0, 0, 0, 0), (1, 1, 0, 2), 30, 1, 0.0, "FR"),  # D = day 30: day 0 left
+        _profile((3, 1, 1, 2), (3, 1, 1, 2), 2, 2, 10.0, "FR"),
+        None,
+    ]
+    for i, want in enumerate(expected):
+        assert _as_dict(got.drop(columns="user_id").iloc[i]) == want, i
+    assert got[COUNT_COLUMNS[0]].dtype == "Int64"
+    # lists as arrays (parquet) read the same; one time for every row
+    arrays = stored.iloc[:1].map(lambda v: np.asarray(v) if isinstance(v, list) else v)
+    pd.testing.assert_frame_equal(read_profiles(arrays, T0 + 8 * DAY),
+                                  got.iloc[[1]].reset_index(drop=True))
 
 
 def test_profiles_as_of_without_events_are_unknown() -> None:
@@ -274,17 +290,16 @@ def _daily_snapshots(events: pd.DataFrame, catalog: pd.DataFrame, users: pd.Data
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_daily_snapshots_joined_point_in_time_are_profiles_as_of(seed: int) -> None:
     """The build reads a month of events a day and carries the last purchase in its rolled
-    state; joined point in time, its snapshots are the rule over all events, to the bit."""
+    state; joined point in time and read at each query's time, its rows are the rule over
+    all events."""
     days = 80
     events, catalog, users = _shop(seed, days)
     snapshots = _daily_snapshots(events, catalog, users, days + 5)
-    # Only the days a user's profile changes get a snapshot: their event days + each offset.
+    # A user gets a row only on the days with an event of theirs.
     written = {(u, (t - T0).days - 1) for u, t in zip(snapshots["user_id"],
                                                       snapshots["event_timestamp"], strict=True)}
-    event_days = {(u, (t - T0).days) for u, t in zip(events["user_id"], events["ts"],
-                                                     strict=True)}
-    assert written == {(u, d + k) for u, d in event_days for k in CHANGE_OFFSETS
-                       if d + k < days + 5}
+    assert written == {(u, (t - T0).days) for u, t in zip(events["user_id"], events["ts"],
+                                                          strict=True)}
     rng = np.random.default_rng(seed)
     queries = pd.DataFrame({
         "user_id": [f"u{u}" for u in rng.integers(0, 16, 400)],  # u15: never seen
@@ -298,18 +313,20 @@ def test_daily_snapshots_joined_point_in_time_are_profiles_as_of(seed: int) -> N
         queries.reset_index().sort_values("ts"), snapshots.sort_values("event_timestamp"),
         left_on="ts", right_on="event_timestamp", by="user_id", direction="backward",
     ).sort_values("index").reset_index(drop=True)
-    expected = with_days_since(expected, expected["ts"])  # as a reader at each query's time
+    expected = read_profiles(expected, expected["ts"])  # as a reader at each query's time
 
     got = profiles_as_of(events, catalog, users, queries["user_id"], queries["ts"])
     assert list(got.columns) == list(PROFILE_COLUMNS) and len(got) == len(queries)
     known = expected["event_timestamp"].notna()
     assert 0.3 * len(queries) < known.sum() < len(queries)  # both kinds of rows are tested
     for column in PROFILE_COLUMNS[:-1]:
-        np.testing.assert_array_equal(got[column].astype("float64").to_numpy(),
-                                      expected[column].astype("float64").to_numpy(),
-                                      err_msg=column)
+        # every count to the bit; a mean basket up to the order of its additions
+        check = (np.testing.assert_allclose if column == MEAN_BASKET
+                 else np.testing.assert_array_equal)
+        check(got[column].astype("float64").to_numpy(),
+              expected[column].astype("float64").to_numpy(), err_msg=column)
     assert got[COUNTRY].tolist() == [c if isinstance(c, str) else None
                                       for c in expected[COUNTRY]]
-    # Users gone quiet keep the snapshot whose windows had just emptied.
+    # Users gone quiet: their last row, read later, has every window back at zero.
     stale = known & (expected["purchase_count_30d"] == 0) & (expected["view_count_30d"] == 0)
     assert stale.any()

@@ -19,9 +19,10 @@ from features.user_state import (
     HISTORY_LEN,
     PROFILE_COLUMNS,
     STORED_PROFILE_COLUMNS,
+    is_stored,
     profiles_as_of,
+    read_profiles,
     recent_histories,
-    with_days_since,
 )
 from training.ranking.items import DAY_SECONDS
 
@@ -38,8 +39,8 @@ class Histories:
         profiles: the users' ``user_profile`` features (``features.user_state``), one row
             per user in the same order, or None (unknown): as readers see them
             (``PROFILE_COLUMNS``) or as the online store holds them
-            (``STORED_PROFILE_COLUMNS``, the last purchase's time); ``profiles_at`` gives
-            the former at a moment.
+            (``STORED_PROFILE_COLUMNS``, the days of activity); ``profiles_at`` gives the
+            former at a moment.
     """
 
     products: list[list[str]]
@@ -51,11 +52,11 @@ class Histories:
         return len(self.products)
 
     def profiles_at(self, now: float) -> pd.DataFrame | None:
-        """``profiles`` in ``PROFILE_COLUMNS``, the days since the last purchase counted to
-        the day of ``now`` (epoch seconds) where the store's last purchase time is held."""
-        if self.profiles is None:
-            return None
-        return with_days_since(self.profiles, pd.Timestamp(now, unit="s", tz="UTC"))
+        """``profiles`` in ``PROFILE_COLUMNS`` as of ``now`` (epoch seconds): stored rows
+        read by ``features.user_state.read_profiles``, readers' rows as they are."""
+        if self.profiles is None or not is_stored(self.profiles):
+            return self.profiles
+        return read_profiles(self.profiles, pd.Timestamp(now, unit="s", tz="UTC"))
 
     @classmethod
     def empty(cls, n: int) -> Histories:
