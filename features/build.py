@@ -20,6 +20,9 @@ point-in-time join for an event of day D sees the snapshots of day D-1 and never
   or a view or purchase enters or leaves a window: ``stats_products``), views and purchases
   over 7 and 30 days, the 30-day conversion rate, price, category, brand and when it was
   first seen (epoch seconds; a reader counts the days since at its own time).
+  The windows are summed from ``product_day_counts`` (not a Feast view: each day's views and
+  purchases per product, written by that day's build; a missing day is counted from its
+  events), so a day does not count a month of events again.
 - ``product_text``: "title | category | brand | description" of products added or changed
   that day (the text the item tower reads; ``features.contract.product_text``).
 - ``product_catalog``: products added or changed that day, timestamped when they changed
@@ -76,6 +79,11 @@ PRODUCT_STAT_EVENT_TYPES = ("view", "purchase")
 # Days after a product's view or purchase on which its product_stats row changes: the event
 # enters every window, then leaves the 7-day and the 30-day ones.
 CHANGE_OFFSETS: tuple[int, ...] = (0, *WINDOWS_DAYS)
+# Not a Feast view: each day's views and purchases per product, written by that day's build and
+# summed into product_stats' windows by the later days' builds.
+PRODUCT_DAY_COUNTS = "product_day_counts"
+PRODUCT_DAY_COUNTS_SCHEMA = pa.schema([("product_id", pa.string()),
+                                       *[(t, pa.int64()) for t in PRODUCT_STAT_EVENT_TYPES]])
 # product_stats stores when a product was first seen (epoch seconds), not the days since: a
 # row that changed every day for every product would be rewritten and materialized daily.
 FIRST_SEEN = "first_seen_epoch_s"
@@ -308,49 +316,99 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
     return pa.Table.from_pandas(out, schema=USER_PROFILE_SCHEMA, preserve_index=False)
 
 
-def _product_counts(window: pa.Table, end: pd.Timestamp, index: pd.Index) -> pd.DataFrame:
-    """Views and purchases per product over each of ``WINDOWS_DAYS`` up to ``end``, counted
-    in Arrow (the window is a month of events), one ``product_<type>_count_<w>d`` column
-    each, reindexed to ``index`` (missing = 0)."""
-    mine = window.filter(pc.and_(pc.is_valid(window["product_id"]),
-                                 pc.is_in(window["event_type"],
+def product_day_counts(events: pa.Table, end: pd.Timestamp) -> pd.DataFrame:
+    """Views and purchases per product and day, counted in Arrow.
+
+    Args:
+        events: contract events (Arrow) of days before ``end``.
+        end: the end of the last day.
+
+    Returns:
+        Columns ``product_id``, ``days_ago`` (0: the day ending at ``end``) and one count per
+        ``PRODUCT_STAT_EVENT_TYPES``, one row per product and day with any, sorted.
+    """
+    mine = events.filter(pc.and_(pc.is_valid(events["product_id"]),
+                                 pc.is_in(events["event_type"],
                                           value_set=pa.array(PRODUCT_STAT_EVENT_TYPES))))
+    last = np.datetime64((end - _DAY).tz_convert(None).floor("D").to_datetime64(), "D")
+    days_ago = (last - mine["ts"].to_numpy().astype("datetime64[D]")).astype(np.int64)
+    keyed = pa.table({"product_id": mine["product_id"], "days_ago": days_ago,
+                      "event_type": mine["event_type"]})
+    grouped = (keyed.group_by(["product_id", "days_ago", "event_type"])
+               .aggregate([("product_id", "count")]).to_pandas())
+    wide = grouped.pivot_table(index=["product_id", "days_ago"], columns="event_type",
+                               values="product_id_count", aggfunc="sum", fill_value=0)
+    wide = wide.reindex(columns=list(PRODUCT_STAT_EVENT_TYPES), fill_value=0)
+    out = wide.reset_index().sort_values(["product_id", "days_ago"], kind="stable")
+    out.columns.name = None
+    return out.astype({t: "int64" for t in PRODUCT_STAT_EVENT_TYPES}).reset_index(drop=True)
+
+
+def _stored_day_counts(offline_root: Path, window: pa.Table, today: pa.Table,
+                       day: dt.date) -> tuple[pd.DataFrame, pa.Table]:
+    """The window's ``product_day_counts`` from each earlier day's partition where its build
+    wrote one (a month of events is not counted again every day), else from its events;
+    and today's counts, as the partition to write."""
+    end = pd.Timestamp(Interval.for_day(day).end)
+    today_counts = product_day_counts(today, end)
+    frames, missing = [today_counts], []
+    for ago in range(1, PROFILE_LOOKBACK_DAYS):
+        path = _partition_file(offline_root, PRODUCT_DAY_COUNTS, day - dt.timedelta(days=ago))
+        if path.exists():
+            frames.append(pq.read_table(path).to_pandas().assign(days_ago=ago))
+        else:
+            missing.append(ago)
+    if missing:
+        counted = product_day_counts(window, end)
+        frames.append(counted[counted["days_ago"].isin(missing)])
+    counts = pd.concat(frames, ignore_index=True)[today_counts.columns]
+    stored = pa.Table.from_pandas(today_counts.drop(columns="days_ago"),
+                                  schema=PRODUCT_DAY_COUNTS_SCHEMA, preserve_index=False)
+    return counts.sort_values(["product_id", "days_ago"], kind="stable"), stored
+
+
+def _product_counts(day_counts: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
+    """Views and purchases per product over each of ``WINDOWS_DAYS``, summed from
+    ``product_day_counts``, one ``product_<type>_count_<w>d`` column each, reindexed to
+    ``index`` (missing = 0)."""
     columns = {}
     for w in WINDOWS_DAYS:
-        since = mine.filter(pc.greater_equal(mine["ts"], _scalar(end - w * _DAY, mine["ts"])))
-        counts = (since.group_by(["product_id", "event_type"])
-                  .aggregate([("product_id", "count")]).to_pandas()
-                  .pivot(index="product_id", columns="event_type", values="product_id_count"))
+        sums = day_counts[day_counts["days_ago"] < w].groupby("product_id")[
+            list(PRODUCT_STAT_EVENT_TYPES)].sum()
         for t in PRODUCT_STAT_EVENT_TYPES:
-            column = counts[t] if t in counts.columns else pd.Series(dtype="int64")
-            columns[f"product_{t}_count_{w}d"] = column.reindex(index).fillna(0).astype("int64")
+            columns[f"product_{t}_count_{w}d"] = (sums[t].reindex(index).fillna(0)
+                                                  .astype("int64"))
     return pd.DataFrame(columns, index=index)
 
 
-def build_product_stats(window_events: pa.Table | pd.DataFrame, catalog: pd.DataFrame,
-                        interval: Interval, changed: Sequence[str] | None = None) -> pa.Table:
+def build_product_stats(window_events: pa.Table | pd.DataFrame | None, catalog: pd.DataFrame,
+                        interval: Interval, changed: Sequence[str] | None = None, *,
+                        day_counts: pd.DataFrame | None = None) -> pa.Table:
     """Windowed product features as of the interval end, of the products whose row changes
     that day (``stats_products``), or of every catalogue product (``changed`` None).
 
     Args:
         window_events: events of the last days up to the interval end (contract columns;
-            Arrow, or pandas).
+            Arrow, or pandas), or None with ``day_counts``.
         catalog: ``features.running.catalog_merge`` as of the interval end.
         interval: the day.
         changed: the products whose attributes changed or appeared that day (the day's
             products partition); None: every catalogue product.
+        day_counts: ``product_day_counts`` of the window, instead of counting its events.
 
     Returns:
         One row per such product, sorted (``PRODUCT_STATS_SCHEMA``).
     """
     end = pd.Timestamp(interval.end)
-    if isinstance(window_events, pd.DataFrame):
-        window_events = pa.Table.from_pandas(
-            window_events[["product_id", "event_type", "ts"]], preserve_index=False)
+    if day_counts is None:
+        if isinstance(window_events, pd.DataFrame):
+            window_events = pa.Table.from_pandas(
+                window_events[["product_id", "event_type", "ts"]], preserve_index=False)
+        day_counts = product_day_counts(window_events, end)
     index = pd.Index(catalog["product_id"], name="product_id").sort_values()
     if changed is not None:
-        index = index[index.isin(stats_products(window_events, end, changed))]
-    out = _product_counts(window_events, end, index)[product_count_columns()]
+        index = index[index.isin(stats_products(day_counts, changed))]
+    out = _product_counts(day_counts, index)[product_count_columns()]
     views, buys = out["product_view_count_30d"], out["product_purchase_count_30d"]
     out["conversion_rate_30d"] = np.where(views > 0, buys / views.where(views > 0, 1), 0.0)
     attrs = catalog.set_index("product_id").reindex(index)
@@ -363,21 +421,14 @@ def build_product_stats(window_events: pa.Table | pd.DataFrame, catalog: pd.Data
                                 preserve_index=False)
 
 
-def stats_products(window: pa.Table, end: pd.Timestamp, changed: Sequence[str]) -> set[str]:
-    """The products whose ``product_stats`` row changes on the day ending at ``end``: those
-    whose attributes changed that day (``changed``), and those with a view or purchase
-    ``CHANGE_OFFSETS`` days before it (the event enters a window, or leaves the 7- or 30-day
-    ones). Every other product's last row still holds: the Feast view keeps it (long ttl)."""
-    mine = window.filter(pc.and_(pc.is_valid(window["product_id"]),
-                                 pc.is_in(window["event_type"],
-                                          value_set=pa.array(PRODUCT_STAT_EVENT_TYPES))))
-    snapshot_day = (end - _DAY).floor("D")
-    ts = mine["ts"].to_numpy()  # naive UTC
-    days_before = ((np.datetime64(snapshot_day.tz_convert(None).to_datetime64(), "D")
-                    - ts.astype("datetime64[D]")).astype(np.int64))  # (E,)
-    hit = np.isin(days_before, CHANGE_OFFSETS)
-    ids = mine["product_id"].to_numpy(zero_copy_only=False)[hit]
-    return set(pd.unique(ids).tolist()) | {str(p) for p in changed}
+def stats_products(day_counts: pd.DataFrame, changed: Sequence[str]) -> set[str]:
+    """The products whose ``product_stats`` row changes on a day: those whose attributes
+    changed that day (``changed``), and those with a view or purchase ``CHANGE_OFFSETS``
+    days before it (``day_counts``' ``days_ago``: the event enters a window, or leaves the
+    7- or 30-day ones). Every other product's last row still holds: the Feast view keeps it
+    (long ttl)."""
+    hit = day_counts[day_counts["days_ago"].isin(CHANGE_OFFSETS)]["product_id"]
+    return set(hit.tolist()) | {str(p) for p in changed}
 
 
 def build_product_text(products: pd.DataFrame, interval: Interval) -> pa.Table:
@@ -440,7 +491,8 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
     Depends on the ``user_recent_products`` partitions of earlier days, so intervals are
     built in date order (a backfill does that; a rerun of one day reads the same earlier
     partitions and writes the same bytes). Reads the last ``PROFILE_LOOKBACK_DAYS`` days of
-    events once; the catalogue, the users and the users' previous state come from running
+    events once, in Arrow (only today's events and the month of today's users become
+    pandas); the catalogue, the users and the users' previous state come from running
     snapshots under ``snapshot_root`` when given
     (``features.running``: the same rows as re-reading every partition, at a cost that does
     not grow with the shop's age).
@@ -455,14 +507,19 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
                     for i in range(PROFILE_LOOKBACK_DAYS - 1, -1, -1)]
         window = read_range_table(landing_root, "events", lookback)  # Arrow, not pandas
         window = window.filter(pc.less(window["ts"], _scalar(interval.end, window["ts"])))
-        window_events = window.to_pandas()  # the profiles read every user of the lookback
-        events = window_events[window_events["ts"] >= pd.Timestamp(interval.start)]
+        # pandas only for what needs it: today's events, and the month of today's users
+        today = window.filter(pc.greater_equal(window["ts"],
+                                               _scalar(interval.start, window["ts"])))
+        events = today.to_pandas()
+        snapshot = snapshot_users(events, pd.Timestamp(interval.end))
+        window_events = window.filter(pc.is_in(
+            window["user_id"], value_set=pa.array(snapshot.to_numpy(dtype=object),
+                                                  pa.string()))).to_pandas()
     with phases("catalogue and users"):
         products_today = read_partition(landing_root, "products", day)
         catalog = running_catalog(landing_root, day, snapshot_root)
         users = running_users(landing_root, day, snapshot_root)
     with phases("user state"):  # of the users whose rows are built today
-        snapshot = snapshot_users(window_events, pd.Timestamp(interval.end))
         previous = previous_user_state(offline_root, day, snapshot_root,
                                        users=snapshot.to_numpy(dtype=object))
     tables: dict[str, pa.Table] = {}
@@ -473,8 +530,11 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
         tables["user_profile"] = build_user_profile(window_events, catalog, users,
                                                     _state_after(previous, recent), interval)
     with phases("product tables"):
-        tables["product_stats"] = build_product_stats(window, catalog, interval,
-                                                      changed=products_today["product_id"])
+        day_counts, tables[PRODUCT_DAY_COUNTS] = _stored_day_counts(offline_root, window,
+                                                                    today, day)
+        tables["product_stats"] = build_product_stats(None, catalog, interval,
+                                                      changed=products_today["product_id"],
+                                                      day_counts=day_counts)
         tables["product_text"] = build_product_text(products_today, interval)
         tables["product_catalog"] = build_product_catalog(products_today)
     with phases("write"):

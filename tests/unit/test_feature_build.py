@@ -13,6 +13,8 @@ import pytest
 
 from features.build import (
     FIRST_SEEN,
+    PRODUCT_DAY_COUNTS,
+    PRODUCT_DAY_COUNTS_SCHEMA,
     TABLE_SCHEMAS,
     USER_RECENT_SCHEMA,
     build_features,
@@ -216,11 +218,12 @@ def test_build_features_writes_one_partition_per_table_and_day(tmp_path: Path) -
     out2 = build_features(landing, offline, DAY2)
     assert (out1["users"], out1["products"]) == (2, 7)
     assert (out2["users"], out2["products"]) == (2, 0)
+    written = {**TABLE_SCHEMAS, PRODUCT_DAY_COUNTS: PRODUCT_DAY_COUNTS_SCHEMA}
     assert sorted(_digests(offline)) == [
         f"{table}/date={day}/part-0.parquet"
-        for table in sorted(TABLE_SCHEMAS) for day in (DAY1, DAY2)
+        for table in sorted(written) for day in (DAY1, DAY2)
     ]
-    for table, schema in TABLE_SCHEMAS.items():
+    for table, schema in written.items():
         assert pq.read_schema(out1[table]).remove_metadata() == schema, table
     day2 = _rows(pq.read_table(out2["user_recent_products"]))
     assert day2["u1"]["recent_product_ids"] == ["P1", "P2", "P2", "P6", "P7"]
@@ -450,6 +453,32 @@ def test_product_stats_of_every_product_are_the_change_days_rows(month: dict,
             kept = month[latest]["product_stats"][row["product_id"]]
             assert {k: v for k, v in kept.items() if k != "event_timestamp"} == {
                 k: v for k, v in row.items() if k != "event_timestamp"}, (n, latest)
+
+
+def test_day_counts_are_read_from_earlier_builds_and_counted_where_missing(
+        tmp_path: Path) -> None:
+    """product_stats summed from the earlier days' product_day_counts partitions are the
+    counts of the window's events; a day without a partition is counted from its events."""
+    landing = _month_landing(tmp_path)
+    offline = tmp_path / "features"
+    for n in (1, 3):
+        build_features(landing, offline, _day(n))
+    (offline / PRODUCT_DAY_COUNTS / f"date={_day(3)}" / "part-0.parquet").unlink()
+    for n in (5, 8):  # day 5 reads day 1's partition, and counts days 2..4 from events
+        out = build_features(landing, offline, _day(n))
+        day = _day(n)
+        window = read_range_table(landing, "events", [day - dt.timedelta(days=i)
+                                                      for i in range(31)])
+        every = build_product_stats(window, running_catalog(landing, day),
+                                    Interval.for_day(day)).to_pylist()
+        every = {r["product_id"]: r for r in every}
+        for row in pq.read_table(out["product_stats"]).to_pylist():
+            assert row == every[row["product_id"]], (n, row["product_id"])
+    views = pq.read_table(out[PRODUCT_DAY_COUNTS]).to_pylist()  # day 8: nothing happened
+    assert views == []
+    day5 = pq.read_table(offline / PRODUCT_DAY_COUNTS / f"date={_day(5)}" / "part-0.parquet")
+    assert day5.to_pylist() == [{"product_id": "P1", "view": 0, "purchase": 1},
+                                {"product_id": "P2", "view": 2, "purchase": 0}]
 
 
 def test_product_text_rows_are_the_days_changes(month: dict) -> None:
