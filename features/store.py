@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_services")
 # The feature views that the daily pipeline materializes (every online view).
+# Rows per online-store write: Feast turns a whole frame into protobuf rows at once.
+WRITE_CHUNK_ROWS = 50_000
 MATERIALIZED_VIEWS = ("user_recent_products", "user_profile", "product_stats", "product_text",
                       "product_catalog")
 # Every user and item feature, point in time, for (user_id, product_id, event_timestamp).
@@ -132,8 +134,8 @@ def materialize_interval(settings: Settings, day: dt.date, *, incremental: bool 
     for name in MATERIALIZED_VIEWS:
         view = store.get_feature_view(name)
         rows = _window_rows(settings, name, first, last, view, start, end)
-        if len(rows):
-            store.write_to_online_store(name, rows)
+        for chunk in range(0, len(rows), WRITE_CHUNK_ROWS):  # bounded protobuf memory
+            store.write_to_online_store(name, rows.iloc[chunk:chunk + WRITE_CHUNK_ROWS])
         store.registry.apply_materialization(view, store.project, start, end, commit=True)
         written[name] = len(rows)
     log.info("materialized %s .. %s from partitions %s .. %s: %s", start, end, first, last,
@@ -145,7 +147,9 @@ def _window_rows(settings: Settings, table: str, first: dt.date, last: dt.date, 
                  start: dt.datetime, end: dt.datetime) -> pd.DataFrame:
     """The view's offline rows stamped within [start, end] from the partitions of days
     ``first`` .. ``last``, the latest per entity (partition order breaks ties)."""
+    import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     files = [str(f) for part in partitions(str(settings.offline_root / table), last)
@@ -153,13 +157,25 @@ def _window_rows(settings: Settings, table: str, first: dt.date, last: dt.date, 
     if not files:
         return pd.DataFrame()
     stamp = view.batch_source.timestamp_field
-    # one file at a time: partitions written before a column existed lack it (null here)
-    frame = pa.concat_tables([pq.read_table(f) for f in files],
-                             promote_options="permissive").to_pandas()
-    frame = frame[(frame[stamp] >= pd.Timestamp(start)) & (frame[stamp] <= pd.Timestamp(end))]
-    keys = [column.name for column in view.entity_columns]
-    frame = frame.sort_values(stamp, kind="stable").drop_duplicates(keys, keep="last")
-    return frame.reset_index(drop=True)
+    [key] = [column.name for column in view.entity_columns]
+    # In Arrow until the rows are chosen (a bulk history reads many days: pandas objects of
+    # every row of them would not fit); one file at a time: partitions written before a
+    # column existed lack it (null here).
+    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    table = table.append_column("_order", pa.array(np.arange(table.num_rows)))
+    times = table[stamp]
+    table = table.filter(pc.and_(
+        pc.greater_equal(times, pa.scalar(pd.Timestamp(start).to_pydatetime(), times.type)),
+        pc.less_equal(times, pa.scalar(pd.Timestamp(end).to_pydatetime(), times.type))))
+    if not table.num_rows:
+        return pd.DataFrame()
+    # the latest row per entity: sorted by (entity, time, file order), the last of each
+    order = pc.sort_indices(table, sort_keys=[(key, "ascending"), (stamp, "ascending"),
+                                              ("_order", "ascending")])
+    keys = table[key].take(order).to_numpy(zero_copy_only=False)
+    last = np.append(keys[1:] != keys[:-1], True)  # (n,) the last row of each entity
+    chosen = table.take(order.filter(pa.array(last))).drop_columns(["_order"])
+    return chosen.to_pandas().reset_index(drop=True)
 
 
 def _materialized_until(store: FeatureStore, view: str) -> dt.datetime:

@@ -5,8 +5,9 @@ runs every task of every day: a scheduler round trip per task and one materializ
 day, most of whose rows the next day replaces. ``load_history`` runs the same functions the
 DAG's data tasks call, in date order in this process: the validation (``check_partition``:
 a bad day is quarantined and stops the load, as it stops a run), the feature build
-(``build_interval``) of every day, then one materialization of all those days
-(``materialize_interval`` with ``since``), which puts each entity's newest row online. The
+(``build_interval``) of every day, then a materialization of those days in chunks of
+``MATERIALIZE_CHUNK_DAYS`` (``materialize_interval`` with ``since``), oldest first, which
+puts each entity's newest row online. The
 landing and offline partitions are those that daily runs write, and the online store holds
 what it holds after them (tested against one run per day); only the metadata DB has no
 DagRuns for those days.
@@ -25,6 +26,10 @@ from tqdm.auto import tqdm
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Days materialized at once: each entity's newest row of those days goes online; a long
+# history in one go would hold every row of it in memory.
+MATERIALIZE_CHUNK_DAYS = 14
 
 
 def load_history(settings: Settings, first: dt.date, last: dt.date, *, validate: bool = True,
@@ -70,7 +75,15 @@ def load_history(settings: Settings, first: dt.date, last: dt.date, *, validate:
             on_day(day, seconds)
     t0 = time.perf_counter()
     apply_repo(settings)
-    materialized = materialize_interval(settings, last, since=first)
+    chunks = [materialize_interval(settings, days[at:at + MATERIALIZE_CHUNK_DAYS][-1],
+                                   since=days[at])
+              for at in range(0, len(days), MATERIALIZE_CHUNK_DAYS)]  # oldest first
+    rows: dict[str, int] = {}
+    for chunk in chunks:
+        for view, n in chunk.get("rows", {}).items():
+            rows[view] = rows.get(view, 0) + n
+    materialized = {**chunks[-1], "start": chunks[0]["start"], "rows": rows,
+                    "chunks": len(chunks)}
     totals["materialize"] = time.perf_counter() - t0
     log.info("history %s .. %s loaded: %d days, %s", first, last, len(days),
              {k: round(v, 1) for k, v in totals.items()})

@@ -79,15 +79,18 @@ def test_incremental_materialization_equals_feasts(tmp_path: Path) -> None:
     assert any(v is not None for v in results[True]["user_recent_products"]["recent_product_ids"])
 
 
-def test_a_history_loaded_in_bulk_is_what_daily_runs_leave(tmp_path: Path) -> None:
-    """``shoprec.history.load_history`` (every day validated and built, one materialization
-    at the end) leaves the partitions and the online rows of the DAG's data tasks run day
+def test_a_history_loaded_in_bulk_is_what_daily_runs_leave(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``shoprec.history.load_history`` (every day validated and built, then materialized in
+    chunks of days, here 4 and 2) leaves the partitions and the online rows of the DAG's data tasks run day
     by day (check_partition, build_interval, materialize_day)."""
     from state_readers import assert_same_partitions, partitions
 
     from features.validation import check_partition
+    from shoprec import history
     from shoprec.history import load_history
 
+    monkeypatch.setattr(history, "MATERIALIZE_CHUNK_DAYS", 4)
     days = [START + dt.timedelta(days=i) for i in range(DAYS)]
     daily, bulk = tmp_path / "daily", tmp_path / "bulk"
     for home in (daily, bulk):
@@ -110,6 +113,7 @@ def test_a_history_loaded_in_bulk_is_what_daily_runs_leave(tmp_path: Path) -> No
             dt.datetime.combine(days[-1] + dt.timedelta(days=1), dt.time(), dt.UTC)}
     assert seen == [(day, ["build_features", "validate"]) for day in days]
     assert out["days"] == DAYS and sum(out["materialized"]["rows"].values()) > 0
+    assert out["materialized"]["chunks"] == 2
     assert_same_partitions(partitions(daily, days), partitions(bulk, days))
     assert results["bulk"] == results["daily"]
     assert any(v is not None for v in results["bulk"]["user_profile"]["view_by_day"])
