@@ -119,14 +119,14 @@ def test_feature_build_killed_while_writing_then_rerun(small_shop: Path) -> None
         build_features(landing, offline, START + dt.timedelta(days=i))
     day3 = START + dt.timedelta(days=2)
 
-    # day 3 for the first time: killed while writing its third table (product_stats)
+    # day 3 for the first time: killed while writing its fourth table (product_stats)
     code = f"""
     import datetime as dt
     from features.build import build_features
     build_features({landing!r}, __import__("pathlib").Path({str(offline)!r}),
                    dt.date.fromisoformat({day3.isoformat()!r}))
     """
-    half = _killed_mid_write(home, code, kill_at=3)
+    half = _killed_mid_write(home, code, kill_at=4)
     assert "product_stats" in half and half.endswith(".tmp")
     # the half-written file never became the partition: readers see none for that table
     assert not _partition(offline, "product_stats", day3).exists()
@@ -136,7 +136,7 @@ def test_feature_build_killed_while_writing_then_rerun(small_shop: Path) -> None
     # day 3 rebuilt after it had completed: killed again, the complete partition survives
     build_features(landing, offline, day3)
     complete = pq.read_table(_partition(offline, "product_stats", day3))
-    _killed_mid_write(home, code, kill_at=3)
+    _killed_mid_write(home, code, kill_at=4)
     assert pq.read_table(_partition(offline, "product_stats", day3)).equals(complete)
 
     # the rerun completes: exactly a clean run's partitions, no duplicate keys, no leftovers
