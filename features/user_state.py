@@ -47,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from features.contract import EVENT_TYPES
 
@@ -364,25 +363,21 @@ def profiles_as_of(
     return frame
 
 
-def snapshot_users(window_events: pd.DataFrame | pa.Table, day_end: Any) -> pd.Index:
+def snapshot_users(events: pd.DataFrame, day_end: Any) -> pd.Index:
     """The users who get a ``user_profile`` row on the day ending at ``day_end``: those with
     an event that day.
 
     Args:
-        window_events: contract events (``user_id``, ``ts``; a frame or an Arrow table).
+        events: contract events (``user_id``, ``ts``), e.g. the day's or a month's.
         day_end: the day's end (the row's timestamp).
 
     Returns:
         The users, sorted, named ``user_id``.
     """
-    if isinstance(window_events, pa.Table):
-        ts = window_events["ts"].to_numpy()
-        users = window_events["user_id"].to_numpy(zero_copy_only=False)
-    else:
-        ts, users = window_events["ts"], window_events["user_id"].to_numpy(dtype=object)
     snapshot_day = _epoch_ns([day_end])[0] // _DAY_NS - 1
-    today = _epoch_ns(ts) // _DAY_NS == snapshot_day  # (E,)
-    return pd.Index(pd.unique(users[today]), name="user_id").sort_values()
+    today = _epoch_ns(events["ts"]) // _DAY_NS == snapshot_day  # (E,)
+    users = events["user_id"].to_numpy(dtype=object)[today]
+    return pd.Index(pd.unique(users), name="user_id").sort_values()
 
 
 def stored_profiles(events: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame | None,
