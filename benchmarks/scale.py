@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="only the trained interval (the shop's last day), on the "
                              "--home an earlier run of this benchmark filled")
+    parser.add_argument("--history-only", action="store_true",
+                        help="stop after loading the history (run the trained day later "
+                             "with --resume on the same --home)")
     parser.add_argument("--bulk-validate", action="store_true",
                         help="validate each bulk day too (the generated shop is valid by "
                              "construction; validation costs ~20 s a day at full size)")
@@ -376,6 +379,10 @@ def main(argv: list[str] | None = None) -> None:
             {task: [g["day2_s"], g["last_s"], g["ratio"]]
              for task, g in growth(measured).items()}), flush=True)
         trained_day = FIRST_DAY + dt.timedelta(days=args.days)
+        if args.history_only:
+            print(f"history loaded in {history_s:.1f} s; the trained day {trained_day}: "
+                  f"--resume --home {home}")
+            return
         print(f"history loaded in {history_s:.1f} s; running {trained_day} with training")
         trained = measured_run(dag, trained_day, {"train": "each"}, log_dir, sampler)
 

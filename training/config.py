@@ -69,10 +69,12 @@ class TrainConfig:
         max_examples: the training budget in examples: only the most recent this many
             (by ``event_timestamp``) train, so a daily run's training does not grow with
             the shop's age (what came before lives on through the warm start); 0: all.
-        max_minutes: the training budget in wall minutes: no epoch starts once this much
-            time has passed since training began (checked after each epoch; at least one
-            runs); 0: none. Unlike ``max_examples`` it makes the result depend on the
-            machine's speed.
+        max_minutes: the training budget in wall minutes: once this much time has passed
+            since the first epoch began, training stops at the next check (every
+            ``training.train.BUDGET_CHECK_BATCHES`` batches, so also mid-epoch; the
+            epoch's weights are validated and kept like a full epoch's; the first
+            checks' batches always run); 0: none. Unlike ``max_examples`` it makes the
+            result depend on the machine's speed.
     """
 
     text_encoder: str = MINILM

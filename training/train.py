@@ -343,8 +343,13 @@ def _fit(
         table = text.vectors(encoder) if text is not None and encoder is not None else None
         total = torch.zeros((), device=device)
         seen = torch.zeros((), device=device)
-        for idx in tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                        disable=not progress, leave=False):
+        spent = False
+        for b, idx in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}",
+                                     unit="batch", disable=not progress, leave=False)):
+            if b and b % BUDGET_CHECK_BATCHES == 0 and _over_budget(config, fit_started,
+                                                                    world):
+                spent = True  # the budget ran out mid-epoch: this epoch ends here
+                break
             hard, rate = (negatives.sample(targets_t[idx], config.hard_negatives, sampler)
                           if negatives is not None else (None, None))
             batch, rows, hard_rows = make_batch(idx, targets_t, history_t, events_t, items,
@@ -386,6 +391,7 @@ def _fit(
             "loss": float(total) / max(float(seen), 1.0),
             "seconds": seconds,
             "examples_per_s": float(seen) / max(seconds, 1e-9),
+            "examples": float(seen),
         }
         stop = False
         if validation is not None:
@@ -402,15 +408,14 @@ def _fit(
                          if k == "loss" or k.startswith("val_")})
         if on_epoch is not None:
             on_epoch(epoch, dict(epoch_metrics))
-        if config.max_minutes and not stop and epoch + 1 < config.epochs:
-            over = torch.tensor(float(time.perf_counter() - fit_started
-                                      > config.max_minutes * 60))
-            if world > 1:  # every rank stops after the same epoch
-                dist.all_reduce(over, op=dist.ReduceOp.MAX)
-            if over.item():
-                log.info("training budget: %.1f min spent, stopping after epoch %d of %d",
-                         (time.perf_counter() - fit_started) / 60, epoch + 1, config.epochs)
-                break
+        if not stop and epoch + 1 < config.epochs and (
+                spent or _over_budget(config, fit_started, world)):
+            spent = True
+        if spent:
+            log.info("training budget: %.1f min spent, stopping in epoch %d of %d after %d "
+                     "of %d examples", (time.perf_counter() - fit_started) / 60, epoch + 1,
+                     config.epochs, int(seen), len(targets))
+            break
         if stop:
             log.info("early stop after epoch %d: no better val recall@%d than %.4f (epoch "
                      "%d) for %d epochs", epoch, k_recall, best[0] if best else float("nan"),
@@ -423,6 +428,22 @@ def _fit(
         if text is not None:
             text.mark_stale()
     return metrics, best[1] if best is not None else None
+
+
+# The minutes budget is checked every this many batches (with several processes, each check
+# is one all-reduce, so every rank stops at the same batch).
+BUDGET_CHECK_BATCHES = 8
+
+
+def _over_budget(config: TrainConfig, started: float, world: int) -> bool:
+    """Whether the minutes budget (``config.max_minutes``; 0: none) is spent, as every rank
+    agrees."""
+    if not config.max_minutes:
+        return False
+    over = torch.tensor(float(time.perf_counter() - started > config.max_minutes * 60))
+    if world > 1:
+        dist.all_reduce(over, op=dist.ReduceOp.MAX)
+    return bool(over.item())
 
 
 def _validation_recall(

@@ -37,10 +37,18 @@ def test_train_uses_only_the_budgeted_examples() -> None:
     assert result.n_examples <= 120 < len(examples)
 
 
-def test_a_minutes_budget_stops_after_the_epoch_that_spends_it() -> None:
-    result = train(CONFIG.replace(epochs=4, max_minutes=1e-6), _catalog(), _examples(160),
-                   progress=False, cache_dir=None)
-    assert len(result.history) == 1  # one epoch always runs; none starts after the budget
+def test_a_minutes_budget_stops_within_the_epoch_that_spends_it() -> None:
+    from training.train import BUDGET_CHECK_BATCHES
+
+    batch = 8  # 160 examples: 20 batches an epoch, so the budget is checked mid-epoch
+    result = train(CONFIG.replace(epochs=4, batch_size=batch, max_minutes=1e-6), _catalog(),
+                   _examples(160), progress=False, cache_dir=None)
+    assert len(result.history) == 1  # no epoch starts after the budget ...
+    # ... and the one that spent it stops at the first check, not at its end
+    assert result.history[0]["examples"] == BUDGET_CHECK_BATCHES * batch < 160
+    unlimited = train(CONFIG.replace(epochs=2, batch_size=batch), _catalog(), _examples(160),
+                      progress=False, cache_dir=None)
+    assert [h["examples"] for h in unlimited.history] == [160, 160]
 
 
 def test_fine_tuning_follows_the_setting_and_cuda() -> None:

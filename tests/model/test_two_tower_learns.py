@@ -208,7 +208,7 @@ def test_on_epoch_reports_each_epoch() -> None:  # no validation: no val_ metric
     seen = []
     train(CONFIG.replace(epochs=2), _catalog(), _examples(80), progress=False,
           on_epoch=lambda epoch, metrics: seen.append((epoch, sorted(metrics))))
-    assert seen == [(e, ["examples_per_s", "loss", "seconds"]) for e in range(2)]
+    assert seen == [(e, ["examples", "examples_per_s", "loss", "seconds"]) for e in range(2)]
 
 
 def test_too_few_examples_is_a_clear_error() -> None:
