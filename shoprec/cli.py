@@ -177,6 +177,22 @@ def data_release(
     typer.echo(note.summary())
 
 
+@model_app.command("embed-catalog")
+def model_embed_catalog(
+    day: Annotated[str, typer.Option(help="the catalogue as of this day's end, YYYY-MM-DD")],
+) -> None:
+    """Encode the catalogue's product texts into the text-embedding cache (only those not
+    there yet), e.g. after a bulk history load, so the next trained day encodes only its
+    new products."""
+    from shoprec.pipeline import embed_catalog
+
+    settings = _settings()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    result = embed_catalog(settings, _day(day), progress=True)
+    typer.echo(f"text cache: {result['encoded']:,} of {result['products']:,} catalogue texts "
+               f"as of {result['day']} encoded (the rest were cached)")
+
+
 @model_app.command("evaluate")
 def model_evaluate(
     root: Annotated[str | None, typer.Option(help="landing root (default: $SHOPREC_LANDING_ROOT)")] = None,

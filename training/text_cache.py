@@ -139,6 +139,16 @@ def embed_texts(
     return np.stack([known[k] for k in keys]).astype(np.float32, copy=False)
 
 
+def cached_texts(texts: Sequence[str], config: TrainConfig,
+                 cache_dir: Path | str) -> int:
+    """How many of ``texts`` (counting repeats) ``embed_texts`` would find in the cache."""
+    device = resolve_device(config.device)
+    identity = encoder_identity(config, device)
+    keys = [text_key(identity, config.max_text_tokens, t) for t in texts]
+    known = _ShardStore(Path(cache_dir), identity).load(set(keys))
+    return sum(k in known for k in keys)
+
+
 class _ShardStore:
     """Cached text vectors of one encoder: append-only ``.npz`` shards of (keys, vectors)."""
 

@@ -158,6 +158,13 @@ def test_cli_load_history_stops_at_a_bad_day_then_loads_once_released(tmp_path: 
         assert "loaded 3 days" in loaded.output and "rows online" in loaded.output
         assert online.stat().st_size > 0 and len(list(built.iterdir())) == 3
 
+        # After a bulk load the text cache is warmed once; a second call encodes nothing.
+        warm = ["model", "embed-catalog", "--day", str(days[2])]
+        first, again = runner.invoke(app, warm), runner.invoke(app, warm)
+        assert first.exit_code == 0 and again.exit_code == 0, first.output + again.output
+        assert "text cache: 30 of 30 catalogue texts" in first.output, first.output
+        assert "text cache: 0 of 30 catalogue texts" in again.output, again.output
+
         backwards = runner.invoke(app, ["data", "load-history", "--from", str(days[2]),
                                         "--to", str(days[0])])
         assert backwards.exit_code == 2 and "before the first" in backwards.output
