@@ -97,13 +97,13 @@ def test_cosine_similarity_of_a_large_catalogue_never_builds_n_by_n() -> None:
     finally:
         tracemalloc.stop()
     assert sim.shape == (n, n) and sim.getnnz(axis=1).max() <= 20
-    assert peak < 400 * 2**20  # a block is 64 MB (559 rows here), N x N would be 3.6 GB
+    assert peak < 400 * 2**20  # blocks are sparse and bounded; N x N would be 3.6 GB
     small = matrix[:, :500]  # and the blocks give what one dense product gives
     dense = (small.T @ small).toarray()
     norms = np.sqrt(np.diag(dense))
     outer = np.outer(norms, norms)
     expected = np.divide(dense, outer, out=np.zeros_like(dense), where=outer > 0)
-    np.testing.assert_allclose(cosine_similarity(small, chunk=64).toarray(), expected,
+    np.testing.assert_allclose(cosine_similarity(small, max_entries=2_000).toarray(), expected,
                                rtol=1e-5, atol=1e-6)
 
 
@@ -190,3 +190,26 @@ def test_item_knn_keeps_every_neighbour_of_a_small_catalogue_and_caps_a_large_on
     assert auto_neighbours(100_000) == ITEM_KNN_MAX_ENTRIES // 100_000 == 500
     assert auto_neighbours(10_000_000) == 200  # never fewer
     assert auto_neighbours(100_000) * 100_000 <= ITEM_KNN_MAX_ENTRIES
+
+
+@pytest.mark.parametrize("max_entries", [1, 50, 10**9])
+def test_sparse_cosine_blocks_keep_the_dense_top_k(max_entries: int) -> None:
+    """Whatever the block size, each row keeps the k largest positive cosines of the dense
+    reference (ties to the lower column), itself excluded."""
+    from scipy import sparse
+
+    rng = np.random.default_rng(4)
+    matrix = sparse.csr_matrix((rng.random((40, 25)) < 0.15).astype(np.float32))
+    dense = (matrix.T @ matrix).toarray()
+    norms = np.sqrt(np.diag(dense))
+    outer = np.outer(norms, norms)
+    reference = np.divide(dense, outer, out=np.zeros_like(dense), where=outer > 0)
+    np.fill_diagonal(reference, 0.0)
+    k = 3
+    got = cosine_similarity(matrix, neighbours=k, self_similarity=False,
+                            max_entries=max_entries).toarray()
+    for row in range(25):
+        values = np.round(reference[row], 5)
+        order = sorted((c for c in range(25) if values[c] > 0), key=lambda c: (-values[c], c))
+        assert np.flatnonzero(got[row]).tolist() == sorted(order[:k]), row
+        np.testing.assert_allclose(got[row, order[:k]], reference[row, order[:k]], rtol=1e-5)

@@ -75,7 +75,7 @@ def test_cosine_neighbours_is_the_top_of_the_dense_cosine() -> None:
     rng = np.random.default_rng(1)
     matrix = sparse.csr_matrix((rng.random((30, 9)) < 0.3).astype(np.float32))
     dense = cosine_similarity(matrix, None, self_similarity=False).toarray()
-    got = cosine_neighbours(matrix, 3, chunk=4).toarray()
+    got = cosine_neighbours(matrix, 3, max_entries=20).toarray()
     for row in range(9):
         kept = np.flatnonzero(got[row])
         assert len(kept) <= 3 and row not in kept

@@ -14,7 +14,7 @@ from scipy import sparse
 from features.user_state import TARGET_EVENT_TYPES
 from training.config import TrainConfig
 from training.data import POPULARITY_DAYS, TrainData, popularity_scores
-from training.ranking.items import cosine_blocks
+from training.ranking.items import BLOCK_ENTRIES, cosine_blocks, top_per_row
 from training.recommender import ScoredRecommender, history_rows, unit_fill, with_fallback
 
 
@@ -138,33 +138,28 @@ class ItemKNN(ScoredRecommender):
 
 def cosine_similarity(
     matrix: sparse.csr_matrix, neighbours: int | None = None, *, self_similarity: bool = True,
-    chunk: int = 1024,
+    max_entries: int = BLOCK_ENTRIES,
 ) -> sparse.csr_matrix:
     """Product × product cosine similarity of the columns of a user × product matrix,
-    computed a block of rows at a time (``training.ranking.items.cosine_blocks``): memory
-    O(chunk · N) plus the entries kept, never a dense N × N.
+    computed sparse a block of rows at a time (``training.ranking.items.cosine_blocks``):
+    memory bounded by ``max_entries`` plus the entries kept, never a dense N × N.
 
     Args:
         matrix: (U, N) non-negative.
         neighbours: keep each row's top ``neighbours`` entries (None: all).
         self_similarity: keep the diagonal.
-        chunk: rows computed at once.
+        max_entries: entries of one block, at most.
 
     Returns:
         (N, N) CSR float32.
     """
     n = matrix.shape[1]
-    blocks = []
-    for start, block in cosine_blocks(matrix, chunk):
-        if not self_similarity:
-            block[np.arange(len(block)), np.arange(start, start + len(block))] = 0.0
-        if neighbours is not None and neighbours < n:
-            drop = np.argpartition(-block, neighbours, axis=1)[:, neighbours:]  # (c, N - n)
-            np.put_along_axis(block, drop, 0.0, axis=1)
-        blocks.append(sparse.csr_matrix(block))
+    keep = neighbours if neighbours is not None and neighbours < n else None
+    blocks = [top_per_row(block, keep, start, drop_self=not self_similarity)
+              for start, block in cosine_blocks(matrix, max_entries)]
     if not blocks:
         return sparse.csr_matrix((n, n), dtype=np.float32)
-    return sparse.vstack(blocks, format="csr")
+    return sparse.vstack(blocks, format="csr").astype(np.float32)
 
 
 class TextCosine(ScoredRecommender):

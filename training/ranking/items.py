@@ -25,19 +25,23 @@ from training.ranking.als import ALS
 from training.ranking.config import ScorerConfig
 
 DAY_SECONDS = 86_400.0
-BLOCK_CELLS = 2**24  # float32 cells of one cosine block (64 MB)
+BLOCK_ENTRIES = 2**24  # co-occurrence entries of one cosine block, at most (~200 MB)
 
 
-def cosine_blocks(matrix: sparse.csr_matrix, chunk: int = 1024
-                  ) -> Iterator[tuple[int, np.ndarray]]:
+def cosine_blocks(matrix: sparse.csr_matrix, max_entries: int = BLOCK_ENTRIES
+                  ) -> Iterator[tuple[int, sparse.csr_matrix]]:
     """Product × product cosine of the columns of a user × product matrix, a block of rows
-    at a time: (first row, (c, N) float32 dense block). A block holds at most ``chunk`` rows
-    and ``BLOCK_CELLS`` cells, so memory stays bounded (64 MB a block), never N × N,
-    whatever the catalogue size.
+    at a time: (first row, (c, N) CSR float32 block of the non-zero similarities).
+
+    Sparse throughout: a product's row holds only the products that share a user with it,
+    never N dense cells, and a block's rows are chosen so that an upper bound of its
+    entries (each product's users' interaction counts summed) stays within
+    ``max_entries``, so memory is bounded whatever the catalogue size and density.
 
     Args:
         matrix: (U, N) non-negative user × product matrix.
-        chunk: rows per block, at most.
+        max_entries: entries of one block, at most (a single product over it gets a
+            block of its own).
     """
     items = sparse.csc_matrix(matrix, dtype=np.float32)  # (U, N)
     norms = np.sqrt(np.asarray(items.multiply(items).sum(axis=0)).ravel())  # (N,)
@@ -45,40 +49,64 @@ def cosine_blocks(matrix: sparse.csr_matrix, chunk: int = 1024
     unit = sparse.csr_matrix(items @ sparse.diags(inv.astype(np.float32)))  # (U, N)
     unit_t = sparse.csr_matrix(unit.T)  # (N, U)
     n = matrix.shape[1]
-    rows = max(1, min(chunk, BLOCK_CELLS // max(n, 1)))
-    for start in range(0, n, rows):
-        yield start, (unit_t[start : start + rows] @ unit).toarray()  # (c, N)
+    degree = np.diff(unit.indptr).astype(np.float64)  # (U,) products per user
+    pattern = unit_t.copy()
+    pattern.data[:] = 1.0
+    bound = np.minimum(pattern @ degree, n)  # (N,) entries of each row, at most
+    ends = np.cumsum(bound)
+    start = 0
+    while start < n:
+        # the longest run of rows from ``start`` whose bound fits (at least one row)
+        base = ends[start - 1] if start else 0.0
+        stop = max(start + 1, int(np.searchsorted(ends, base + max_entries, side="right")))
+        block = (unit_t[start:stop] @ unit).tocsr()  # (c, N)
+        block.sort_indices()
+        yield start, block
+        start = stop
+
+
+def top_per_row(block: sparse.csr_matrix, keep: int | None, first_row: int = 0, *,
+                drop_self: bool = False) -> sparse.csr_matrix:
+    """Each row's ``keep`` largest positive entries (None: all positive ones) of a block
+    of a product × product matrix whose row 0 is product ``first_row``; ties go to the
+    lower column. ``drop_self`` removes each product's entry for itself first."""
+    block = block.tocsr()
+    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))  # (nnz,)
+    cols, vals = block.indices, block.data
+    wanted = vals > 0
+    if drop_self:
+        wanted &= cols != rows + first_row
+    rows, cols, vals = rows[wanted], cols[wanted], vals[wanted]
+    if keep is not None:
+        order = np.lexsort((cols, -vals, rows))  # by row, then value descending
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        starts = np.searchsorted(rows, rows, side="left")  # each entry's row start
+        kept = np.arange(len(rows)) - starts < keep
+        rows, cols, vals = rows[kept], cols[kept], vals[kept]
+    return sparse.csr_matrix((vals.astype(np.float32), (rows, cols)), shape=block.shape)
 
 
 def cosine_neighbours(matrix: sparse.csr_matrix, neighbours: int,
-                      chunk: int = 1024) -> sparse.csr_matrix:
+                      max_entries: int = BLOCK_ENTRIES) -> sparse.csr_matrix:
     """Each product's top ``neighbours`` by cosine of its user column (itself excluded).
 
     Args:
         matrix: (U, N) non-negative user × product matrix.
         neighbours: entries kept per row.
-        chunk: rows computed at once (``cosine_blocks``).
+        max_entries: entries of one block (``cosine_blocks``).
 
     Returns:
         (N, N) CSR float32.
     """
     n = matrix.shape[1]
     keep = min(neighbours, max(n - 1, 0))
-    rows, cols, vals = [], [], []
-    for start, block in cosine_blocks(matrix, chunk):
-        block[np.arange(len(block)), np.arange(start, start + len(block))] = 0.0
-        if keep == 0:
-            continue
-        top = np.argpartition(-block, keep - 1, axis=1)[:, :keep]  # (c, keep)
-        values = np.take_along_axis(block, top, axis=1)  # (c, keep)
-        r, c = np.nonzero(values > 0)
-        rows.append(r + start)
-        cols.append(top[r, c])
-        vals.append(values[r, c])
-    if not rows:
+    if keep == 0:
         return sparse.csr_matrix((n, n), dtype=np.float32)
-    return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                             shape=(n, n), dtype=np.float32)
+    blocks = [top_per_row(block, keep, start, drop_self=True)
+              for start, block in cosine_blocks(matrix, max_entries)]
+    if not blocks:
+        return sparse.csr_matrix((n, n), dtype=np.float32)
+    return sparse.vstack(blocks, format="csr").astype(np.float32)
 
 
 def item_facts(data: TrainData, prior: float) -> dict[str, np.ndarray]:
