@@ -232,3 +232,20 @@ def test_one_online_row_reads_as_its_one_row_frame() -> None:
             assert fast.profiles is None
         else:
             pd.testing.assert_frame_equal(fast.profiles, frame.profiles, check_dtype=False)
+
+
+def test_served_recommender_ranks_each_user_as_alone_whatever_the_batch() -> None:
+    """Histories are computed once for all the users asked about; each user's list is the
+    one the scorer gives that user alone (batches of 1, 5 or all users agree)."""
+    served = ServedRecommender(SMALL, validation_days=10)
+    data = train_data(loyal_shop(60), catalog_frame(PRODUCTS), T0 + pd.Timedelta(days=50))
+    served.fit(data)
+    users = [f"u{u}" for u in range(12)] + ["nobody"]
+    exclude = {"u1": {"p1"}, "u4": {"p4", "p5"}}
+    for setting in (None, exclude):
+        lists = {b: served.recommend(users, 5, exclude=setting, batch_size=b)
+                 for b in (1, 5, 64)}
+        assert lists[1] == lists[5] == lists[64]
+        alone = [served.recommend([u], 5, exclude=setting)[0] for u in users]
+        assert lists[64] == alone
+    assert not set(served.recommend(["u4"], 12, exclude=exclude)[0]) & {"p4", "p5"}

@@ -154,10 +154,9 @@ class ServedRecommender(ScoredRecommender):
         self.scorer.fit_items(split.train, self.cache_dir).tune(split, self.users)
         self.scorer.fit_items(data, self.cache_dir)
 
-    def _rank(self, user_ids: Sequence[str], k: int,
+    def _rank(self, user_ids: Sequence[str], histories: Histories, k: int,
               exclude: Mapping[str, set[str]] | None) -> list[tuple[np.ndarray, np.ndarray]]:
         data = self.fitted
-        histories = self.scorer.histories(data, user_ids, self.users)
         if exclude is None:
             return self.scorer.rank(histories, data.cut.timestamp(), k)
         return self.scorer.rank(histories, data.cut.timestamp(), k, setting="new",
@@ -172,12 +171,19 @@ class ServedRecommender(ScoredRecommender):
     def recommend(self, user_ids: Sequence[str], k: int, *,
                   exclude: Mapping[str, set[str]] | None = None,
                   batch_size: int = 256) -> list[list[str]]:
-        """Top ``k`` per user; with ``exclude`` the new-products scorer is used."""
-        ids = self.fitted.product_ids
+        """Top ``k`` per user; with ``exclude`` the new-products scorer is used.
+
+        Every user's history is computed in one pass over the training events, then the
+        users are ranked a batch at a time."""
+        data = self.fitted
+        ids = data.product_ids
+        everyone = self.scorer.histories(data, list(user_ids), self.users)
         out: list[list[str]] = []
         for start in range(0, len(user_ids), batch_size):
-            batch = list(user_ids[start : start + batch_size])
-            out.extend([ids[c] for c in cols] for cols, _ in self._rank(batch, k, exclude))
+            rows = range(start, min(start + batch_size, len(user_ids)))
+            batch = [user_ids[r] for r in rows]
+            out.extend([ids[c] for c in cols]
+                       for cols, _ in self._rank(batch, everyone.take(rows), k, exclude))
         return out
 
     def params(self) -> dict[str, Any]:
@@ -213,12 +219,32 @@ class TwoTowerRanker(ScoredRecommender):
                                            data.product_ids, self.cache_dir)  # (N, D)
         self.fill = unit_fill(popularity_scores(data))  # (N,)
 
+    def recommend(self, user_ids: Sequence[str], k: int, *,
+                  exclude: Mapping[str, set[str]] | None = None,
+                  batch_size: int | None = None) -> list[list[str]]:
+        """``ScoredRecommender.recommend``, with every user's history computed in one pass
+        over the training events rather than one per batch."""
+        self._histories = (self._history_of(list(user_ids)),
+                           {u: i for i, u in enumerate(user_ids)})
+        try:
+            return super().recommend(user_ids, k, exclude=exclude, batch_size=batch_size)
+        finally:
+            self._histories = None
+
+    def _history_of(self, user_ids: list[str]) -> Histories:
+        data = self.fitted
+        return Histories.from_events(data.events, user_ids, self.history_len,
+                                     catalog=data.catalog, user_table=self.users, at=data.cut)
+
     def scores(self, user_ids: Sequence[str]) -> np.ndarray:
         from training.embeddings import encode_users
 
         data = self.fitted
-        hist = Histories.from_events(data.events, list(user_ids), self.history_len,
-                                     catalog=data.catalog, user_table=self.users, at=data.cut)
+        known_rows = getattr(self, "_histories", None)
+        if known_rows is not None and all(u in known_rows[1] for u in user_ids):
+            hist = known_rows[0].take([known_rows[1][u] for u in user_ids])
+        else:
+            hist = self._history_of(list(user_ids))
         users = encode_users(self.model, hist.products, hist.event_types, data.item_index,
                              self.embeddings, user_features=hist.profiles)  # (b, D)
         scores = users @ self.embeddings.T  # (b, N)

@@ -58,6 +58,15 @@ class Histories:
             return self.profiles
         return read_profiles(self.profiles, pd.Timestamp(now, unit="s", tz="UTC"))
 
+    def take(self, rows: Sequence[int]) -> Histories:
+        """These rows' histories (and profiles), in that order."""
+        rows = list(rows)
+        profiles = (self.profiles.iloc[rows].reset_index(drop=True)
+                    if self.profiles is not None else None)
+        return Histories([self.products[r] for r in rows],
+                         [self.event_types[r] for r in rows],
+                         [self.timestamps[r] for r in rows], profiles)
+
     @classmethod
     def empty(cls, n: int) -> Histories:
         return cls([[] for _ in range(n)], [[] for _ in range(n)],
