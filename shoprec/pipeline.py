@@ -243,11 +243,13 @@ def training_examples(settings: Settings, events: pd.DataFrame,
     return examples[has_history].sort_values("event_id").reset_index(drop=True)
 
 
-def validation_set(settings: Settings, data: IntervalData) -> Any:
+def validation_set(settings: Settings, data: IntervalData, max_users: int = 0,
+                   seed: int = 0) -> Any:
     """Early-stopping users: users known before the validation cut who purchased in the
-    validation window, with their Feast history at the cut."""
+    validation window (at most ``max_users`` of them, ``training.train.sample_users``; 0:
+    all), with their Feast history at the cut."""
     from features.store import historical_user_history
-    from training.train import ValidationSet
+    from training.train import ValidationSet, sample_users
 
     events = data.events
     before = events[events["ts"] < data.validation_cut]
@@ -257,7 +259,8 @@ def validation_set(settings: Settings, data: IntervalData) -> Any:
     truth = {u: set(g) for u, g in window.groupby("user_id")["product_id"] if u in known}
     if not truth:
         return None
-    users = sorted(truth)
+    users = sample_users(truth, max_users, seed)
+    truth = {u: truth[u] for u in users}
     hist = historical_user_history(settings, pd.DataFrame({
         "user_id": users, "event_timestamp": [data.validation_cut] * len(users)}))
     return ValidationSet(
@@ -377,7 +380,9 @@ def train_interval(settings: Settings, day: str | dt.date,
                            "holdout.validation_days_used": data.validation_days})
         try:
             result = train(config, data.catalog, examples, cache_dir=cache, progress=False,
-                           validation=validation_set(settings, data), warm_start=warm,
+                           validation=validation_set(settings, data,
+                                                     config.validation_max_users, config.seed),
+                           warm_start=warm,
                            on_epoch=lambda epoch, m: mlflow.log_metrics(
                                {f"epoch_{k}": v for k, v in m.items()}, step=epoch))
         except NotEnoughData as exc:

@@ -75,6 +75,9 @@ class TrainConfig:
             epoch's weights are validated and kept like a full epoch's; the first
             checks' batches always run); 0: none. Unlike ``max_examples`` it makes the
             result depend on the machine's speed.
+        validation_max_users: early stopping measures Recall@K on at most this many of the
+            validation users (a sample seeded by ``seed``), so its cost after each epoch
+            does not grow with the shop; 0: all of them.
     """
 
     text_encoder: str = MINILM
@@ -106,6 +109,7 @@ class TrainConfig:
     country_dim: int = 8
     max_examples: int = 500_000
     max_minutes: float = 0.0
+    validation_max_users: int = 5_000
 
     def __post_init__(self) -> None:
         problems = []
@@ -119,7 +123,7 @@ class TrainConfig:
         if self.max_minutes < 0:
             problems.append("max_minutes must be >= 0")
         for name in ("epochs", "text_trainable_layers", "hard_negatives", "batch_size_cuda",
-                     "max_examples"):
+                     "max_examples", "validation_max_users"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         if self.text_lr <= 0:

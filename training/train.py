@@ -46,7 +46,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +95,34 @@ class ValidationSet:
     event_types: Mapping[str, Sequence[str] | None] | None = None
     exclude_history: bool = False
     user_features: pd.DataFrame | None = None
+
+    def sample(self, max_users: int, seed: int) -> ValidationSet:
+        """At most ``max_users`` of the users with a truth (a uniform sample, the same for
+        the same users and seed; 0: all)."""
+        users = sample_users(self.truth, max_users, seed)
+        if len(users) == len(self.truth):
+            return self
+        keep = set(users)
+        features = self.user_features
+        if features is not None:
+            ids = features["user_id"] if "user_id" in features.columns else features.index
+            features = features[np.isin(np.asarray(ids, dtype=object), users)]
+        return ValidationSet(
+            histories={u: h for u, h in self.histories.items() if u in keep},
+            truth={u: self.truth[u] for u in users},
+            event_types=(None if self.event_types is None else
+                         {u: t for u, t in self.event_types.items() if u in keep}),
+            exclude_history=self.exclude_history, user_features=features)
+
+
+def sample_users(users: Iterable[str], max_users: int, seed: int) -> list[str]:
+    """At most ``max_users`` of ``users``, sorted: a uniform sample seeded by ``seed`` that
+    depends only on the set of users (0: all of them)."""
+    ordered = sorted(set(users))
+    if not max_users or len(ordered) <= max_users:
+        return ordered
+    rng = np.random.default_rng(seed)
+    return sorted(ordered[i] for i in rng.choice(len(ordered), max_users, replace=False))
 
 
 @dataclass
@@ -191,6 +219,8 @@ def train(
     product_ids = catalog["product_id"].astype(str).tolist()
     item_index = {p: i for i, p in enumerate(product_ids)}
     examples = within_budget(examples, config.max_examples)
+    if validation is not None:
+        validation = validation.sample(config.validation_max_users, config.seed)
     targets, history, events, profiles = prepare_examples(examples, item_index,
                                                           config.history_len)
     if len(product_ids) < 2:

@@ -71,3 +71,24 @@ def test_the_pipeline_config_takes_the_settings(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("SHOPREC_TRAIN_MAX_MINUTES", "20")
     config = train_config(Settings.from_env())
     assert (config.text_trainable_layers, config.max_examples, config.max_minutes) == (1, 1000, 20)
+
+
+def test_early_stopping_reads_a_seeded_sample_of_the_validation_users() -> None:
+    from training.train import ValidationSet, sample_users
+
+    users = [f"u{i:03d}" for i in range(50)]
+    picked = sample_users(users, 10, seed=3)
+    assert len(picked) == 10 and picked == sorted(picked) and set(picked) <= set(users)
+    assert sample_users(list(reversed(users)), 10, seed=3) == picked  # the set decides
+    assert sample_users(users, 0, seed=3) == users == sample_users(users, 50, seed=3)
+    full = ValidationSet(histories={u: ["p1"] for u in users},
+                         truth={u: {"p2"} for u in users},
+                         event_types={u: ["view"] for u in users},
+                         user_features=pd.DataFrame({"user_id": users, "country": "FR"}))
+    small = full.sample(10, seed=3)
+    assert sorted(small.truth) == picked == sorted(small.histories)
+    assert sorted(small.event_types) == picked
+    assert small.user_features["user_id"].tolist() == picked
+    assert full.sample(0, seed=3) is full
+    with pytest.raises(ValueError, match="validation_max_users"):
+        TrainConfig(validation_max_users=-1)
