@@ -94,8 +94,18 @@ class TrainData:
             half_life_days: weight each event by 0.5 ** (age at the cut / half life).
 
         Returns:
-            (U, N) float32 CSR, rows ``users``, columns ``product_ids``.
+            (U, N) float32 CSR, rows ``users``, columns ``product_ids``: a copy of the matrix
+            built once per argument set (kept in ``memo``: every method fitted on this
+            data asks for one of a few matrices, each a pass over all the events).
         """
+        key = ("interactions", tuple(event_types), weight, since, half_life_days)
+        if key not in self.memo:
+            self.memo[key] = self._interactions(event_types, weight, since, half_life_days)
+        return self.memo[key].copy()
+
+    def _interactions(self, event_types: Sequence[str], weight: str,
+                      since: pd.Timestamp | None, half_life_days: float | None
+                      ) -> sparse.csr_matrix:
         ev = self.events
         keep = ev["event_type"].isin(list(event_types)) & ev["product_id"].isin(self.item_index)
         if since is not None:
@@ -130,15 +140,18 @@ class TrainData:
         Returns:
             (products, event types) per user.
         """
-        ev = self.events
-        keep = ev["product_id"].isin(self.item_index)
-        if event_types is not None:
-            keep &= ev["event_type"].isin(list(event_types))
-        ev = ev[keep]
-        groups = ev.groupby("user_id", sort=False)
-        products = groups["product_id"].agg(list).to_dict()
-        types = groups["event_type"].agg(list).to_dict()
-        return ([products.get(u, []) for u in user_ids], [types.get(u, []) for u in user_ids])
+        key = ("histories", None if event_types is None else tuple(event_types))
+        if key not in self.memo:  # grouped once per event-type set, not once per call
+            ev = self.events
+            keep = ev["product_id"].isin(self.item_index)
+            if event_types is not None:
+                keep &= ev["event_type"].isin(list(event_types))
+            groups = ev[keep].groupby("user_id", sort=False)
+            self.memo[key] = (groups["product_id"].agg(list).to_dict(),
+                              groups["event_type"].agg(list).to_dict())
+        products, types = self.memo[key]
+        return ([list(products.get(u, [])) for u in user_ids],
+                [list(types.get(u, [])) for u in user_ids])
 
 
 @dataclass(frozen=True, eq=False)

@@ -315,3 +315,17 @@ def test_cli_model_evaluate_explains_an_empty_test_window(shop_home, tmp_path) -
                                       "--cut", "2027-01-01", "--no-two-tower"])
     assert result.exit_code == 2
     assert "no test users" in result.output
+
+
+def test_train_data_builds_each_matrix_once_and_hands_out_copies(split) -> None:
+    data = split.train
+    first = data.interactions(event_types=("purchase",), weight="count")
+    first.data[:] = 99.0  # a caller writing into its matrix changes nobody else's
+    again = data.interactions(event_types=("purchase",), weight="count")
+    fresh = data._interactions(("purchase",), "count", None, None)
+    assert (again != fresh).nnz == 0 and again.sum() == fresh.sum() < 99
+    assert sum(k[0] == "interactions" for k in data.memo if isinstance(k, tuple)) == 1
+    products, types = data.histories(["u1", "nobody"])
+    products[0].append("x")  # the same for the grouped histories
+    assert data.histories(["u1", "nobody"]) == ([["a", "b", "c"], []],
+                                                [["purchase", "purchase", "view"], []])
