@@ -132,7 +132,7 @@ def _embed_catalog(day: dt.date) -> dict:
     import resource as res
 
     from core.settings import Settings
-    from shoprec.pipeline import embed_catalog
+    from shoprec.history import embed_catalog
 
     t0, c0 = time.perf_counter(), time.process_time()
     out = embed_catalog(Settings.from_env(), day, progress=True)

@@ -184,7 +184,7 @@ def model_embed_catalog(
     """Encode the catalogue's product texts into the text-embedding cache (only those not
     there yet), e.g. after a bulk history load, so the next trained day encodes only its
     new products."""
-    from shoprec.pipeline import embed_catalog
+    from shoprec.history import embed_catalog
 
     settings = _settings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")

@@ -188,33 +188,6 @@ def load_interval(settings: Settings, day: dt.date, holdout: HoldoutConfig) -> I
                         running_users(settings.landing_root, day, snapshots))
 
 
-def embed_catalog(settings: Settings, day: str | dt.date, *,
-                  progress: bool = False) -> dict[str, Any]:
-    """Fill the text-embedding cache with the catalogue as of ``day``'s end.
-
-    Training reads every product's frozen text vector from this cache (keyed by content
-    hash: a product whose text did not change is never encoded again). A shop trained daily
-    finds yesterday's catalogue there already; after a bulk history load, or a long stretch
-    of data-only days, this encodes the backlog once so the next trained day encodes only
-    that day's new or changed texts.
-
-    Returns:
-        {"day", "products", "encoded"} (``encoded``: texts that were not in the cache).
-    """
-    from features.contract import product_text
-    from training.text_cache import cached_texts, embed_texts
-
-    day = parse_day(day)
-    config = train_config(settings)
-    catalog = running_catalog(settings.landing_root, day, settings.home / "running")
-    texts = product_text(catalog)
-    cache = settings.cache_dir / "text"
-    missing = len(texts) - cached_texts(texts, config, cache)
-    embed_texts(texts, config, cache, progress=progress)
-    log.info("text cache: %d of %d catalogue texts encoded for %s", missing, len(texts), day)
-    return {"day": day.isoformat(), "products": len(texts), "encoded": missing}
-
-
 def training_examples(settings: Settings, events: pd.DataFrame,
                       max_examples: int = 0) -> pd.DataFrame:
     """Purchases and add-to-carts of ``events``, each with the user's history (and profile)
