@@ -106,14 +106,12 @@ def embed_catalog(settings: Settings, day: str | dt.date, *,
     from features.contract import parse_day, product_text
     from features.running import running_catalog
     from shoprec.pipeline import train_config
-    from training.text_cache import cached_texts, embed_texts
+    from training.text_cache import fill_text_cache
 
     day = parse_day(day)
     config = train_config(settings)
     catalog = running_catalog(settings.landing_root, day, settings.home / "running")
     texts = product_text(catalog)
-    cache = settings.cache_dir / "text"
-    missing = len(texts) - cached_texts(texts, config, cache)
-    embed_texts(texts, config, cache, progress=progress)
+    missing = fill_text_cache(texts, config, settings.cache_dir / "text", progress=progress)
     log.info("text cache: %d of %d catalogue texts encoded for %s", missing, len(texts), day)
     return {"day": day.isoformat(), "products": len(texts), "encoded": missing}

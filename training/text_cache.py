@@ -116,12 +116,26 @@ def embed_texts(
     Returns:
         (N, H) float32, rows aligned with ``texts``.
     """
+    return _embed(texts, config, cache_dir, progress=progress, encoder=encoder)[0]
+
+
+def fill_text_cache(texts: Sequence[str], config: TrainConfig, cache_dir: Path | str, *,
+                    progress: bool = True) -> int:
+    """Encode into the cache the ``texts`` not there yet; returns how many of ``texts``
+    (counting repeats) were missing."""
+    return _embed(texts, config, cache_dir, progress=progress)[1]
+
+
+def _embed(texts: Sequence[str], config: TrainConfig, cache_dir: Path | str | None, *,
+           progress: bool, encoder: TextEncoder | None = None) -> tuple[np.ndarray, int]:
+    """``embed_texts``, and how many of the texts were not cached."""
     texts = list(texts)
     device = encoder.device if encoder is not None else resolve_device(config.device)
     identity = encoder.identity if encoder is not None else encoder_identity(config, device)
     keys = [text_key(identity, config.max_text_tokens, t) for t in texts]
     store = _ShardStore(Path(cache_dir), identity) if cache_dir is not None else None
     known = store.load(set(keys)) if store is not None else {}
+    uncached = sum(key not in known for key in keys)
 
     missing: dict[str, str] = {}  # key -> text, each distinct text once
     for key, text in zip(keys, texts, strict=True):
@@ -135,18 +149,8 @@ def embed_texts(
             store.add(list(missing), vectors)
     if not texts:
         dim = encoder.dim if encoder is not None else encoder_dim(config)
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.stack([known[k] for k in keys]).astype(np.float32, copy=False)
-
-
-def cached_texts(texts: Sequence[str], config: TrainConfig,
-                 cache_dir: Path | str) -> int:
-    """How many of ``texts`` (counting repeats) ``embed_texts`` would find in the cache."""
-    device = resolve_device(config.device)
-    identity = encoder_identity(config, device)
-    keys = [text_key(identity, config.max_text_tokens, t) for t in texts]
-    known = _ShardStore(Path(cache_dir), identity).load(set(keys))
-    return sum(k in known for k in keys)
+        return np.zeros((0, dim), dtype=np.float32), 0
+    return np.stack([known[k] for k in keys]).astype(np.float32, copy=False), uncached
 
 
 class _ShardStore:

@@ -438,9 +438,8 @@ def _fit(
                          if k == "loss" or k.startswith("val_")})
         if on_epoch is not None:
             on_epoch(epoch, dict(epoch_metrics))
-        if not stop and epoch + 1 < config.epochs and (
-                spent or _over_budget(config, fit_started, world)):
-            spent = True
+        if not spent and not stop and epoch + 1 < config.epochs:
+            spent = _over_budget(config, fit_started, world)
         if spent:
             log.info("training budget: %.1f min spent, stopping in epoch %d of %d after %d "
                      "of %d examples", (time.perf_counter() - fit_started) / 60, epoch + 1,

@@ -14,7 +14,7 @@ from scipy import sparse
 from features.user_state import TARGET_EVENT_TYPES
 from training.config import TrainConfig
 from training.data import POPULARITY_DAYS, TrainData, popularity_scores
-from training.ranking.items import BLOCK_ENTRIES, cosine_blocks, top_per_row
+from training.ranking.items import BLOCK_ENTRIES, cosine_top
 from training.recommender import ScoredRecommender, history_rows, unit_fill, with_fallback
 
 
@@ -153,13 +153,8 @@ def cosine_similarity(
     Returns:
         (N, N) CSR float32.
     """
-    n = matrix.shape[1]
-    keep = neighbours if neighbours is not None and neighbours < n else None
-    blocks = [top_per_row(block, keep, start, drop_self=not self_similarity)
-              for start, block in cosine_blocks(matrix, max_entries)]
-    if not blocks:
-        return sparse.csr_matrix((n, n), dtype=np.float32)
-    return sparse.vstack(blocks, format="csr").astype(np.float32)
+    keep = neighbours if neighbours is not None and neighbours < matrix.shape[1] else None
+    return cosine_top(matrix, keep, drop_self=not self_similarity, max_entries=max_entries)
 
 
 class TextCosine(ScoredRecommender):

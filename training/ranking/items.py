@@ -86,6 +86,23 @@ def top_per_row(block: sparse.csr_matrix, keep: int | None, first_row: int = 0, 
     return sparse.csr_matrix((vals.astype(np.float32), (rows, cols)), shape=block.shape)
 
 
+def cosine_top(matrix: sparse.csr_matrix, keep: int | None, *, drop_self: bool,
+               max_entries: int = BLOCK_ENTRIES) -> sparse.csr_matrix:
+    """Product × product cosine of the columns of a user × product matrix, each row's
+    ``keep`` largest entries (None: all; ``top_per_row``), block by block
+    (``cosine_blocks``); ``drop_self`` removes the diagonal first.
+
+    Returns:
+        (N, N) CSR float32.
+    """
+    n = matrix.shape[1]
+    blocks = [] if keep == 0 else [top_per_row(block, keep, start, drop_self=drop_self)
+                                   for start, block in cosine_blocks(matrix, max_entries)]
+    if not blocks:
+        return sparse.csr_matrix((n, n), dtype=np.float32)
+    return sparse.vstack(blocks, format="csr").astype(np.float32)
+
+
 def cosine_neighbours(matrix: sparse.csr_matrix, neighbours: int,
                       max_entries: int = BLOCK_ENTRIES) -> sparse.csr_matrix:
     """Each product's top ``neighbours`` by cosine of its user column (itself excluded).
@@ -98,15 +115,8 @@ def cosine_neighbours(matrix: sparse.csr_matrix, neighbours: int,
     Returns:
         (N, N) CSR float32.
     """
-    n = matrix.shape[1]
-    keep = min(neighbours, max(n - 1, 0))
-    if keep == 0:
-        return sparse.csr_matrix((n, n), dtype=np.float32)
-    blocks = [top_per_row(block, keep, start, drop_self=True)
-              for start, block in cosine_blocks(matrix, max_entries)]
-    if not blocks:
-        return sparse.csr_matrix((n, n), dtype=np.float32)
-    return sparse.vstack(blocks, format="csr").astype(np.float32)
+    keep = min(neighbours, max(matrix.shape[1] - 1, 0))
+    return cosine_top(matrix, keep, drop_self=True, max_entries=max_entries)
 
 
 def item_facts(data: TrainData, prior: float) -> dict[str, np.ndarray]:
