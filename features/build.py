@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -54,7 +55,8 @@ from features.contract import (
     read_partition,
     read_range_table,
 )
-from features.running import Part, partitions, running_catalog, running_fold, running_users
+from features.latest_rows import LatestRows
+from features.running import Part, partitions, running_catalog, running_users
 from features.user_state import (
     ACTIVE_DAYS,
     BASKET_BY_DAY,
@@ -198,25 +200,33 @@ def previous_user_state(offline_root: Path, day: dt.date, snapshot_root: Path | 
                         users: Iterable[str] | None = None) -> pd.DataFrame:
     """Each user's latest ``user_recent_products`` row from partitions before ``day``.
 
-    With ``snapshot_root``, from the newest usable running snapshot plus the partitions
-    after it (``features.running``), so a day's cost does not grow with the shop's age.
-    Partitions written before ``recent_timestamps``/``last_purchase_ts`` existed read as
-    null there; ``build_user_recent_products`` fills them.
+    With ``snapshot_root``, from the index ``<snapshot_root>/user_state.sqlite``
+    (``features.latest_rows``: brought up to date with the partitions, then only the rows
+    asked for are read), so a day's cost follows the users it builds, not the shop's size
+    or age; without, by folding every partition. Partitions written before
+    ``recent_timestamps``/``last_purchase_ts`` existed read as null there;
+    ``build_user_recent_products`` fills them.
 
     Args:
-        users: only these users' rows (the fold covers everyone; only these are converted
-            to pandas), or None: every user's.
+        users: only these users' rows, or None: every user's.
 
     Returns:
         One row per user, sorted by user_id (``USER_RECENT_SCHEMA``).
     """
     parts = partitions(str(offline_root / "user_recent_products"), day, before=True)
-    state = running_fold("user_state", snapshot_root, parts, _read_user_state,
-                         _latest_user_rows, arrow=True)
-    if users is not None:
-        wanted = pa.array(pd.unique(np.asarray(list(users), dtype=object)), pa.string())
-        state = state.filter(pc.is_in(state["user_id"], value_set=wanted))
-    return state.to_pandas()
+    if snapshot_root is None:
+        state = _latest_user_rows(None, _read_user_state(parts))
+        if users is not None:
+            wanted = pa.array(pd.unique(np.asarray(list(users), dtype=object)), pa.string())
+            state = state.filter(pc.is_in(state["user_id"], value_set=wanted))
+        return state.to_pandas()
+    # the running snapshots of this fold before the index: rebuilt into it, never read again
+    shutil.rmtree(snapshot_root / "user_state", ignore_errors=True)
+    with LatestRows(snapshot_root / "user_state.sqlite", USER_RECENT_SCHEMA,
+                    "user_id") as index:
+        index.sync(parts)
+        wanted = None if users is None else pd.unique(np.asarray(list(users), dtype=object))
+        return index.rows(wanted).to_pandas()
 
 
 def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame,

@@ -1,7 +1,9 @@
 """Running snapshots: "each key's latest row so far" kept from day to day.
 
 The catalogue as of a day (each product's latest row, with the day it was first seen) and
-each user's latest history row are folds over every partition since the shop opened. Re-read
+the users (each one's last known country) are folds over every partition since the shop
+opened. (Each user's latest history row is one too, but one that a day touches only a few
+rows of: ``features.latest_rows`` keeps it in an index updated in place.) Re-read
 every day, they cost in proportion to the shop's age (day 180 reads 180 partitions). Here
 the fold's result is stored after each day (``<snapshot_root>/<name>/through=YYYY-MM-DD``)
 together with what it consumed: each source partition's day and *stamp* (its files' names,

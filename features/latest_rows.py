@@ -1,0 +1,356 @@
+"""Each key's latest row of a partitioned offline table, kept in an index updated in place.
+
+The feature build rolls each active user's ``user_recent_products`` row forward from the
+user's previous one: the latest row among all partitions before the day. Re-reading those
+partitions, or keeping their fold as a snapshot file that every day reads, sorts and writes
+again whole (``features.running``), costs in proportion to every user the shop ever had and
+every history entry they hold: at 1,000,000 users the fold was a third of a day's build and
+grew with the shop's age. Here the fold lives in a SQLite file (``LatestRows``), one row per
+key, so that a day reads the rows of the users it builds and writes the rows of the users it
+changed, nothing else:
+
+- ``sync(parts)`` makes the index hold exactly the fold over ``parts`` (the partitions
+  before the day, oldest first, each with its stamp: ``features.running.partitions``). It
+  compares them with the partitions it already folded: those that match in order are kept,
+  later ones are rolled back (newest first, from the previous rows each day saved), and the
+  missing ones are folded in. A partition rewritten or removed (quarantined), or added
+  before the end, is therefore noticed, as the snapshots noticed it. Rolling back further
+  than ``UNDO_DAYS`` (a backfill of an old day) rebuilds the index from the partitions.
+- ``rows(keys)`` reads some keys' rows (or all) as an Arrow table of the table's schema.
+
+Each day's fold runs in one SQLite transaction, so a killed build leaves the index as it
+was before that day, never half a day. The index is derived state: deleting the file costs
+one rebuild. Rows are encoded exactly (strings as UTF-8 bytes with their lengths, numbers
+as fixed-width bytes), so what ``rows`` returns equals what the partitions hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from tqdm.auto import tqdm
+
+from features.running import Part
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the encoding changes: an index of another format is rebuilt
+UNDO_DAYS = 14  # newest folded days whose previous rows are kept (a rerun rolls back)
+REBUILD_CHUNK_DAYS = 14  # partitions folded at once when (re)building from scratch
+
+
+def _is_string_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) and pa.types.is_string(kind.value_type)
+
+
+def _is_number_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) and (pa.types.is_integer(kind.value_type)
+                                       or pa.types.is_floating(kind.value_type))
+
+
+def _sql_columns(schema: pa.Schema, key: str) -> list[tuple[str, str]]:
+    """(SQL column, SQL type) per encoded column, in schema order, the key excluded; a
+    list of strings takes two columns (the bytes and the lengths)."""
+    out: list[tuple[str, str]] = []
+    for i, field in enumerate(schema):
+        if field.name == key:
+            continue
+        kind = field.type
+        if _is_string_list(kind):
+            out += [(f"c{i}", "BLOB"), (f"c{i}_len", "BLOB")]
+        elif _is_number_list(kind):
+            out.append((f"c{i}", "BLOB"))
+        elif pa.types.is_string(kind):
+            out.append((f"c{i}", "TEXT"))
+        elif pa.types.is_integer(kind) or pa.types.is_timestamp(kind):
+            out.append((f"c{i}", "INTEGER"))
+        elif pa.types.is_floating(kind):
+            out.append((f"c{i}", "REAL"))
+        else:
+            raise TypeError(f"column {field.name}: {kind} cannot be indexed")
+    return out
+
+
+def _string_list_bytes(column: pa.ListArray) -> tuple[list[Any], list[Any]]:
+    """Per row: the strings' UTF-8 bytes concatenated, and their lengths (int32 bytes);
+    None for a null list."""
+    values = column.values  # the whole child; the list offsets point into it
+    if values.null_count:
+        raise ValueError("a list holds a null string: it cannot be indexed exactly")
+    buffers = values.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int32)[values.offset:
+                                                        values.offset + len(values) + 1]
+    data = memoryview(buffers[2]) if buffers[2] is not None else memoryview(b"")
+    starts = column.offsets.to_numpy()  # (n + 1,) into values
+    lengths = np.diff(offsets).astype(np.int32)  # (V,)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    blobs: list[Any] = []
+    sizes: list[Any] = []
+    for i in range(len(column)):
+        if not valid[i]:
+            blobs.append(None)
+            sizes.append(None)
+            continue
+        first, last = starts[i], starts[i + 1]
+        blobs.append(bytes(data[offsets[first]:offsets[last]]))
+        sizes.append(lengths[first:last].tobytes())
+    return blobs, sizes
+
+
+def _number_list_bytes(column: pa.ListArray) -> list[Any]:
+    """Per row: the numbers as fixed-width bytes; None for a null list."""
+    values = column.values
+    if values.null_count:
+        raise ValueError("a list holds a null number: it cannot be indexed exactly")
+    flat = values.to_numpy(zero_copy_only=False)
+    starts = column.offsets.to_numpy()
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return [flat[starts[i]:starts[i + 1]].tobytes() if valid[i] else None
+            for i in range(len(column))]
+
+
+def _encode(table: pa.Table, schema: pa.Schema, key: str) -> list[tuple]:
+    """Rows as SQL tuples: (key, *encoded columns), in ``_sql_columns`` order."""
+    columns: list[list[Any]] = [table[key].to_pylist()]
+    for field in schema:
+        if field.name == key:
+            continue
+        column = table[field.name].combine_chunks()
+        kind = field.type
+        if _is_string_list(kind):
+            columns.extend(_string_list_bytes(column))
+        elif _is_number_list(kind):
+            columns.append(_number_list_bytes(column))
+        elif pa.types.is_timestamp(kind):
+            columns.append(pc.cast(column, pa.int64()).to_pylist())
+        else:
+            columns.append(column.to_pylist())
+    return list(zip(*columns, strict=True))
+
+
+def _list_array(blobs: Sequence[Any], counts: np.ndarray, values: pa.Array) -> pa.Array:
+    """Lists of ``counts`` consecutive ``values`` each; null where the blob is None."""
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    null = np.array([b is None for b in blobs], dtype=bool)
+    return pa.ListArray.from_arrays(pa.array(offsets), values,
+                                    mask=pa.array(null) if null.any() else None)
+
+
+def _decode(rows: list[tuple], schema: pa.Schema, key: str) -> pa.Table:
+    """SQL tuples (``_encode``'s layout) -> an Arrow table of ``schema``."""
+    columns = list(zip(*rows, strict=True)) if rows else \
+        [()] * (1 + len(_sql_columns(schema, key)))
+    at = 1
+    arrays: dict[str, pa.Array] = {key: pa.array(columns[0], pa.string())}
+    for field in schema:
+        if field.name == key:
+            continue
+        kind = field.type
+        if _is_string_list(kind):
+            blobs, sizes = columns[at], columns[at + 1]
+            at += 2
+            lengths = np.frombuffer(b"".join(s for s in sizes if s is not None),
+                                    dtype=np.int32)
+            counts = np.array([0 if s is None else len(s) // 4 for s in sizes], np.int64)
+            value_offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+            data = b"".join(b for b in blobs if b is not None)
+            strings = pa.LargeStringArray.from_buffers(
+                len(lengths), pa.py_buffer(value_offsets.astype(np.int64).tobytes()),
+                pa.py_buffer(data)).cast(pa.string())
+            arrays[field.name] = _list_array(blobs, counts, strings)
+        elif _is_number_list(kind):
+            blobs = columns[at]
+            at += 1
+            dtype = np.dtype(kind.value_type.to_pandas_dtype())
+            flat = np.frombuffer(b"".join(b for b in blobs if b is not None), dtype=dtype)
+            counts = np.array([0 if b is None else len(b) // dtype.itemsize for b in blobs],
+                              np.int64)
+            arrays[field.name] = _list_array(blobs, counts, pa.array(flat, kind.value_type))
+        elif pa.types.is_timestamp(kind):
+            arrays[field.name] = pa.array(columns[at], pa.int64()).cast(kind)
+            at += 1
+        else:
+            arrays[field.name] = pa.array(columns[at], kind)
+            at += 1
+    return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+
+
+class LatestRows:
+    """The latest row per key over a table's partitions, in a SQLite file (module docstring).
+
+    Args:
+        path: the index file (created with its folder).
+        schema: the partitions' Arrow schema (a partition lacking a column reads it as null).
+        key: the key column (a string).
+        file_name: each partition folder's data file.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema, key: str,
+                 file_name: str = "part-0.parquet") -> None:
+        self.path, self.schema, self.key, self.file_name = path, schema, key, file_name
+        self._columns = _sql_columns(schema, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=300, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA temp_store=MEMORY")
+        self._setup()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> LatestRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- layout ---------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        fingerprint = f"{FORMAT}|{self.key}|{self.schema.to_string(show_schema_metadata=False)}"
+        cols = ", ".join(f"{name} {kind}" for name, kind in self._columns)
+        with self._transaction():
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+            found = self._db.execute("SELECT value FROM meta WHERE name = 'layout'").fetchone()
+            if found is not None and found[0] != fingerprint:
+                log.info("%s: another layout, rebuilt from the partitions", self.path.name)
+                for table in ("latest", "undo", "folded"):
+                    self._db.execute(f"DROP TABLE IF EXISTS {table}")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('layout', ?)", (fingerprint,))
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS latest (k TEXT PRIMARY KEY, day TEXT, "
+                             f"{cols})")
+            # undo: each key's row before a folded day (prev_day NULL: it had none)
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS undo (day TEXT, k TEXT, prev_day TEXT, "
+                             f"{cols}, PRIMARY KEY (day, k))")
+            self._db.execute("CREATE TABLE IF NOT EXISTS folded (day TEXT PRIMARY KEY, "
+                             "stamp TEXT, undo INTEGER)")
+
+    @contextlib.contextmanager
+    def _transaction(self, mode: str = "IMMEDIATE") -> Iterator[None]:
+        self._db.execute(f"BEGIN {mode}")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- sync -----------------------------------------------------------------------------
+
+    def folded(self) -> list[tuple[str, str, bool]]:
+        """(day, stamp, undo kept) of the partitions the index holds, oldest first."""
+        return [(d, s, bool(u)) for d, s, u in
+                self._db.execute("SELECT day, stamp, undo FROM folded ORDER BY day")]
+
+    def sync(self, parts: Sequence[Part]) -> dict[str, int]:
+        """Make the index the fold over ``parts`` (oldest first).
+
+        Returns:
+            How many folded days were kept, rolled back and folded in, and whether the
+            index was rebuilt (1) or not (0).
+        """
+        wanted = [(p.day.isoformat(), p.stamp) for p in parts]
+        held = self.folded()
+        same = 0
+        while same < min(len(held), len(wanted)) and held[same][:2] == wanted[same]:
+            same += 1
+        extra = held[same:]  # folded days to roll back, oldest first
+        rebuilt = any(not undo for _, _, undo in extra)
+        if rebuilt:
+            with self._transaction():
+                for table in ("latest", "undo", "folded"):
+                    self._db.execute(f"DELETE FROM {table}")
+            same = 0
+        else:
+            for day, _, _ in reversed(extra):
+                self._roll_back(day)
+        todo = list(parts[same:])
+        bulk = todo[:max(0, len(todo) - UNDO_DAYS)]  # too old to be rolled back to
+        chunks = [bulk[i:i + REBUILD_CHUNK_DAYS] for i in range(0, len(bulk), REBUILD_CHUNK_DAYS)]
+        steps = [(chunk, False) for chunk in chunks] + [([p], True) for p in todo[len(bulk):]]
+        for chunk, keep_undo in tqdm(steps, desc=f"index {self.path.stem}", unit="step",
+                                     disable=len(steps) < 3):
+            self._fold(chunk, keep_undo)
+        self._prune_undo()
+        figures = {"kept": same, "rolled_back": 0 if rebuilt else len(extra),
+                   "folded": len(todo), "rebuilt": int(rebuilt)}
+        log.info("%s: %s", self.path.name, figures)
+        return figures
+
+    def _read(self, parts: Sequence[Part]) -> pa.Table:
+        files = [f"{p.path}/{self.file_name}" for p in parts]
+        table = pads.dataset(files, schema=self.schema, format="parquet").to_table()
+        if len(parts) == 1:
+            return table
+        # the last row of each key (partitions oldest first): what folding them one by one keeps
+        keys = table[self.key].to_numpy(zero_copy_only=False)[::-1]
+        _, first_from_end = np.unique(keys, return_index=True)
+        return table.take(pa.array(np.sort(len(keys) - 1 - first_from_end)))
+
+    def _fold(self, parts: Sequence[Part], keep_undo: bool) -> None:
+        table = self._read(parts)
+        rows = _encode(table, self.schema, self.key)
+        day = parts[-1].day.isoformat()
+        names = ", ".join(name for name, _ in self._columns)
+        marks = ", ".join("?" for _ in range(len(self._columns) + 2))
+        with self._transaction():
+            if keep_undo:
+                self._db.execute("CREATE TEMP TABLE IF NOT EXISTS touched (k TEXT PRIMARY KEY)")
+                self._db.execute("DELETE FROM touched")
+                self._db.executemany("INSERT OR IGNORE INTO touched VALUES (?)",
+                                     ((r[0],) for r in rows))
+                self._db.execute(f"INSERT INTO undo SELECT ?, t.k, l.day, "
+                                 f"{', '.join('l.' + n for n, _ in self._columns)} "
+                                 f"FROM touched t LEFT JOIN latest l ON l.k = t.k", (day,))
+            self._db.executemany(f"INSERT OR REPLACE INTO latest (k, day, {names}) "
+                                 f"VALUES ({marks})", ((r[0], day, *r[1:]) for r in rows))
+            self._db.executemany("INSERT INTO folded VALUES (?, ?, ?)",
+                                 ((p.day.isoformat(), p.stamp, int(keep_undo)) for p in parts))
+
+    def _roll_back(self, day: str) -> None:
+        names = ", ".join(name for name, _ in self._columns)
+        with self._transaction():
+            self._db.execute("DELETE FROM latest WHERE k IN (SELECT k FROM undo WHERE day = ?)",
+                             (day,))
+            self._db.execute(f"INSERT INTO latest (k, day, {names}) SELECT k, prev_day, {names} "
+                             f"FROM undo WHERE day = ? AND prev_day IS NOT NULL", (day,))
+            self._db.execute("DELETE FROM undo WHERE day = ?", (day,))
+            self._db.execute("DELETE FROM folded WHERE day = ?", (day,))
+
+    def _prune_undo(self) -> None:
+        """Keep the previous rows of the newest ``UNDO_DAYS`` folded days only."""
+        days = [d for d, _, undo in self.folded() if undo]
+        if len(days) <= UNDO_DAYS:
+            return
+        cut = days[-UNDO_DAYS]
+        with self._transaction():
+            self._db.execute("DELETE FROM undo WHERE day < ?", (cut,))
+            self._db.execute("UPDATE folded SET undo = 0 WHERE day < ?", (cut,))
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def rows(self, keys: Sequence[str] | None = None) -> pa.Table:
+        """The latest rows of ``keys`` (None: every key), sorted by key; keys the index
+        does not hold are left out."""
+        names = ", ".join("l." + name for name, _ in self._columns)
+        if keys is None:
+            found = self._db.execute(f"SELECT l.k, {names} FROM latest l ORDER BY l.k").fetchall()
+        else:  # a temporary table only: no lock on the index while reading
+            with self._transaction("DEFERRED"):
+                self._db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (k TEXT PRIMARY KEY)")
+                self._db.execute("DELETE FROM wanted")
+                self._db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)",
+                                     ((k,) for k in keys))
+                found = self._db.execute(f"SELECT l.k, {names} FROM wanted w "
+                                         f"JOIN latest l ON l.k = w.k ORDER BY l.k").fetchall()
+        return _decode(found, self.schema, self.key)
