@@ -118,6 +118,7 @@ class Settings:
     text_trainable_layers: str = "auto"
     train_max_examples: int = 500_000
     train_max_minutes: float = 0.0
+    train_max_events: int = 12_000_000
     eval_max_users: int = 20_000
     eval_bootstrap: int = 1000
     text_encoder: str = "minilm"
@@ -188,6 +189,7 @@ class Settings:
                                            cls.train_max_examples)),
             train_max_minutes=float(env.get("SHOPREC_TRAIN_MAX_MINUTES",
                                             cls.train_max_minutes)),
+            train_max_events=int(env.get("SHOPREC_TRAIN_MAX_EVENTS", cls.train_max_events)),
             eval_max_users=int(env.get("SHOPREC_EVAL_MAX_USERS", cls.eval_max_users)),
             eval_bootstrap=int(env.get("SHOPREC_EVAL_BOOTSTRAP", cls.eval_bootstrap)),
             text_encoder=env.get("SHOPREC_TEXT_ENCODER", cls.text_encoder),

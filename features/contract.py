@@ -244,6 +244,35 @@ def read_range_table(root: str, table: str, days: Iterable[dt.date]) -> pa.Table
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
+def partition_rows(root: str, table: str, day: dt.date) -> int:
+    """Rows of a day's partition, from its parquet footers (no data read); 0 if missing."""
+    fs, path = fsspec.core.url_to_fs(partition_dir(root, table, day))
+    if not fs.exists(path):
+        return 0
+    total = 0
+    for name in (p for p in fs.ls(path, detail=False) if p.endswith(".parquet")):
+        with fs.open(name, "rb") as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
+
+
+def newest_days(root: str, table: str, last_day: dt.date, max_rows: int) -> list[dt.date]:
+    """The newest days up to ``last_day`` whose partitions hold at most ``max_rows`` rows
+    together (whole days, at least the newest one), oldest first; every day when
+    ``max_rows`` is 0."""
+    days = [d for d in list_days(root, table) if d <= last_day]
+    if max_rows <= 0:
+        return days
+    kept: list[dt.date] = []
+    total = 0
+    for day in reversed(days):
+        total += partition_rows(root, table, day)
+        if kept and total > max_rows:
+            break
+        kept.append(day)
+    return kept[::-1]
+
+
 def read_upto(root: str, table: str, last_day: dt.date) -> pd.DataFrame:
     """All partitions of ``table`` up to and including ``last_day``."""
     return read_range(root, table, [d for d in list_days(root, table) if d <= last_day])

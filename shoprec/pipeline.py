@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from core.settings import Settings
-from features.contract import Interval, parse_day, read_upto
+from features.contract import Interval, newest_days, parse_day, read_range, read_upto
 from features.running import running_catalog, running_users
 from features.user_state import TARGET_EVENT_TYPES
 from training.config import TrainConfig
@@ -111,7 +111,7 @@ class IntervalData:
     end: pd.Timestamp
     test_days: int
     validation_days: int
-    events: pd.DataFrame  # every event up to the interval's end
+    events: pd.DataFrame  # the newest days' events, ``Settings.train_max_events`` at most
     products: pd.DataFrame  # every product row up to the interval's end
     catalog: pd.DataFrame  # the catalogue as of the interval's end
     users: pd.DataFrame  # one row per user seen up to the interval's end (last country)
@@ -125,7 +125,8 @@ class IntervalData:
         return self.test_cut - pd.Timedelta(days=self.validation_days)
 
     def windows(self) -> dict[str, str]:
-        return {"validation_cut": self.validation_cut.isoformat(),
+        return {"start": self.events["ts"].min().isoformat(),
+                "validation_cut": self.validation_cut.isoformat(),
                 "test_cut": self.test_cut.isoformat(), "end": self.end.isoformat()}
 
 
@@ -169,11 +170,19 @@ def train_config(settings: Settings) -> TrainConfig:
 def load_interval(settings: Settings, day: dt.date, holdout: HoldoutConfig) -> IntervalData:
     """Read events, product rows and the catalogue up to the interval's end; place the cuts.
 
+    The events are those of the newest whole days that hold at most
+    ``Settings.train_max_events`` together (0: all; ``features.contract.newest_days``): the
+    window every model is fitted and evaluated in, so that the run's time and memory do not
+    grow with the shop's age (at 200,000 events a day, 180 days of events in pandas would
+    not fit in this machine's memory; a shop of a few thousand events a day keeps years).
+    Users' longer histories still reach the models through Feast (``user_recent_products``).
+
     Raises:
         NotEnoughHistory: the history is too short for the windows (``HoldoutConfig``).
     """
     end = pd.Timestamp(Interval.for_day(day).end)
-    events = read_upto(settings.landing_root, "events", day)
+    events = read_range(settings.landing_root, "events", newest_days(
+        settings.landing_root, "events", day, settings.train_max_events))
     if events.empty:
         raise NotEnoughHistory(f"no events up to {day}")
     history_days = (end.date() - events["ts"].min().date()).days

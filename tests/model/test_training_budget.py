@@ -92,3 +92,33 @@ def test_early_stopping_reads_a_seeded_sample_of_the_validation_users() -> None:
     assert full.sample(0, seed=3) is full
     with pytest.raises(ValueError, match="validation_max_users"):
         TrainConfig(validation_max_users=-1)
+
+
+def test_the_run_reads_the_newest_days_within_train_max_events(tmp_path) -> None:
+    import dataclasses
+    import datetime as dt
+
+    from features.contract import newest_days, partition_rows
+    from features.synth import generate_shop
+    from shoprec.pipeline import HoldoutConfig, load_interval
+
+    start = dt.date(2026, 1, 1)
+    landing = tmp_path / "landing"
+    generate_shop(str(landing), days=12, users=80, products=30, seed=3, start=start)
+    base = Settings(home=tmp_path, landing_root=str(landing))
+    last = start + dt.timedelta(days=11)
+    rows = [partition_rows(str(landing), "events", last - dt.timedelta(days=i))
+            for i in range(6)]  # the newest six days' events
+    budget = sum(rows[:5])  # room for five whole days, one row short of a sixth
+    assert partition_rows(str(landing), "events", last + dt.timedelta(days=1)) == 0
+    assert newest_days(str(landing), "events", last, 1) == [last]  # at least the newest day
+    windowed = load_interval(dataclasses.replace(base, train_max_events=sum(rows) - 1), last,
+                             HoldoutConfig())
+    assert len(windowed.events) == budget
+    everything = load_interval(dataclasses.replace(base, train_max_events=0), last,
+                               HoldoutConfig())
+    assert windowed.events["ts"].min().date() == last - dt.timedelta(days=4)
+    assert everything.events["ts"].min().date() == start
+    assert windowed.windows()["start"].startswith(str(last - dt.timedelta(days=4)))
+    assert (windowed.test_days, windowed.validation_days) == (1, 1)  # a 5-day shop's windows
+    assert everything.test_days == everything.validation_days == 3
