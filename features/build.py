@@ -56,7 +56,8 @@ from features.contract import (
     read_range_table,
 )
 from features.latest_rows import LatestRows
-from features.running import Part, partitions, running_catalog, running_users
+from features.partitions import Part, partitions
+from features.running import running_catalog, running_users
 from features.user_state import (
     ACTIVE_DAYS,
     BASKET_BY_DAY,
@@ -306,7 +307,8 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
         window_events: events of the last ``PROFILE_LOOKBACK_DAYS`` days up to the interval
             end (contract columns).
         catalog: each product's latest row (``category``, ``price``).
-        users: one row per user seen so far (``features.running.users_merge``).
+        users: ``features.running.users_merge``'s row of (at least) each user with an
+            event that day.
         state: each user's latest ``user_recent_products`` row as of the interval end
             (``last_purchase_ts``: purchases older than the lookback count too).
         interval: the day.
@@ -358,32 +360,39 @@ def _stored_day_counts(offline_root: Path, window: pa.Table, today: pa.Table,
                        day: dt.date) -> tuple[pd.DataFrame, pa.Table]:
     """The window's ``product_day_counts`` from each earlier day's partition where its build
     wrote one (a month of events is not counted again every day), else from its events;
-    and today's counts, as the partition to write."""
+    and today's counts, as the partition to write. The window's rows come in no particular
+    order (read in Arrow and converted once: a month of a large catalogue's counts)."""
     end = pd.Timestamp(Interval.for_day(day).end)
     today_counts = product_day_counts(today, end)
-    frames, missing = [today_counts], []
+    stored, missing = [], []
     for ago in range(1, PROFILE_LOOKBACK_DAYS):
         path = _partition_file(offline_root, PRODUCT_DAY_COUNTS, day - dt.timedelta(days=ago))
         if path.exists():
-            frames.append(pq.read_table(path).to_pandas().assign(days_ago=ago))
+            part = pq.read_table(path, schema=PRODUCT_DAY_COUNTS_SCHEMA)
+            stored.append(part.append_column("days_ago", pa.array(
+                np.full(part.num_rows, ago, dtype=np.int64))))
         else:
             missing.append(ago)
+    frames = [today_counts]
+    if stored:
+        frames.append(pa.concat_tables(stored).to_pandas())
     if missing:
         counted = product_day_counts(window, end)
         frames.append(counted[counted["days_ago"].isin(missing)])
     counts = pd.concat(frames, ignore_index=True)[today_counts.columns]
-    stored = pa.Table.from_pandas(today_counts.drop(columns="days_ago"),
-                                  schema=PRODUCT_DAY_COUNTS_SCHEMA, preserve_index=False)
-    return counts.sort_values(["product_id", "days_ago"], kind="stable"), stored
+    written = pa.Table.from_pandas(today_counts.drop(columns="days_ago"),
+                                   schema=PRODUCT_DAY_COUNTS_SCHEMA, preserve_index=False)
+    return counts, written
 
 
 def _product_counts(day_counts: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
     """Views and purchases per product over each of ``WINDOWS_DAYS``, summed from
     ``product_day_counts``, one ``product_<type>_count_<w>d`` column each, reindexed to
     ``index`` (missing = 0)."""
+    mine = day_counts[day_counts["product_id"].isin(index)]  # only the rows to be built
     columns = {}
     for w in WINDOWS_DAYS:
-        sums = day_counts[day_counts["days_ago"] < w].groupby("product_id")[
+        sums = mine[mine["days_ago"] < w].groupby("product_id")[
             list(PRODUCT_STAT_EVENT_TYPES)].sum()
         for t in PRODUCT_STAT_EVENT_TYPES:
             columns[f"product_{t}_count_{w}d"] = (sums[t].reindex(index).fillna(0)
@@ -528,7 +537,8 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
     with phases("catalogue and users"):
         products_today = read_partition(landing_root, "products", day)
         catalog = running_catalog(landing_root, day, snapshot_root)
-        users = running_users(landing_root, day, snapshot_root)
+        users = running_users(landing_root, day, snapshot_root,  # today's users only
+                              user_ids=snapshot.to_numpy(dtype=object))
     with phases("user state"):  # of the users whose rows are built today
         previous = previous_user_state(offline_root, day, snapshot_root,
                                        users=snapshot.to_numpy(dtype=object))

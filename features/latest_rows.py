@@ -29,17 +29,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from tqdm.auto import tqdm
 
-from features.running import Part
+from features.partitions import Part
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def _sql_columns(schema: pa.Schema, key: str) -> list[tuple[str, str]]:
             out.append((f"c{i}", "BLOB"))
         elif pa.types.is_string(kind):
             out.append((f"c{i}", "TEXT"))
-        elif pa.types.is_integer(kind) or pa.types.is_timestamp(kind):
+        elif (pa.types.is_integer(kind) or pa.types.is_timestamp(kind)
+              or pa.types.is_date32(kind)):
             out.append((f"c{i}", "INTEGER"))
         elif pa.types.is_floating(kind):
             out.append((f"c{i}", "REAL"))
@@ -132,6 +134,8 @@ def _encode(table: pa.Table, schema: pa.Schema, key: str) -> list[tuple]:
             columns.append(_number_list_bytes(column))
         elif pa.types.is_timestamp(kind):
             columns.append(pc.cast(column, pa.int64()).to_pylist())
+        elif pa.types.is_date32(kind):
+            columns.append(pc.cast(column, pa.int32()).to_pylist())
         else:
             columns.append(column.to_pylist())
     return list(zip(*columns, strict=True))
@@ -178,6 +182,9 @@ def _decode(rows: list[tuple], schema: pa.Schema, key: str) -> pa.Table:
         elif pa.types.is_timestamp(kind):
             arrays[field.name] = pa.array(columns[at], pa.int64()).cast(kind)
             at += 1
+        elif pa.types.is_date32(kind):
+            arrays[field.name] = pa.array(columns[at], pa.int32()).cast(kind)
+            at += 1
         else:
             arrays[field.name] = pa.array(columns[at], kind)
             at += 1
@@ -191,12 +198,18 @@ class LatestRows:
         path: the index file (created with its folder).
         schema: the partitions' Arrow schema (a partition lacking a column reads it as null).
         key: the key column (a string).
-        file_name: each partition folder's data file.
+        read: reads partitions into one table of ``schema``, rows in partition order
+            (default: each partition's ``part-0.parquet``).
+        keep_set: a column whose value, once a key has one, a later row without it (null)
+            does not replace: the latest row is then the last row with that column set,
+            else the last row (None: the last row).
     """
 
-    def __init__(self, path: Path, schema: pa.Schema, key: str,
-                 file_name: str = "part-0.parquet") -> None:
-        self.path, self.schema, self.key, self.file_name = path, schema, key, file_name
+    def __init__(self, path: Path, schema: pa.Schema, key: str, *,
+                 read: Callable[[Sequence[Part]], pa.Table] | None = None,
+                 keep_set: str | None = None) -> None:
+        self.path, self.schema, self.key, self.keep_set = path, schema, key, keep_set
+        self._read_parts = read or self._read_files
         self._columns = _sql_columns(schema, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=300, isolation_level=None)
@@ -217,7 +230,8 @@ class LatestRows:
     # --- layout ---------------------------------------------------------------------------
 
     def _setup(self) -> None:
-        fingerprint = f"{FORMAT}|{self.key}|{self.schema.to_string(show_schema_metadata=False)}"
+        fingerprint = (f"{FORMAT}|{self.key}|{self.keep_set}|"
+                       f"{self.schema.to_string(show_schema_metadata=False)}")
         cols = ", ".join(f"{name} {kind}" for name, kind in self._columns)
         with self._transaction():
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
@@ -287,15 +301,22 @@ class LatestRows:
         log.info("%s: %s", self.path.name, figures)
         return figures
 
+    def _read_files(self, parts: Sequence[Part]) -> pa.Table:
+        files = [f"{p.path}/part-0.parquet" for p in parts]
+        return pads.dataset(files, schema=self.schema, format="parquet").to_table()
+
     def _read(self, parts: Sequence[Part]) -> pa.Table:
-        files = [f"{p.path}/{self.file_name}" for p in parts]
-        table = pads.dataset(files, schema=self.schema, format="parquet").to_table()
+        table = self._read_parts(parts)
         if len(parts) == 1:
             return table
-        # the last row of each key (partitions oldest first): what folding them one by one keeps
-        keys = table[self.key].to_numpy(zero_copy_only=False)[::-1]
-        _, first_from_end = np.unique(keys, return_index=True)
-        return table.take(pa.array(np.sort(len(keys) - 1 - first_from_end)))
+        # the row of each key that folding the partitions one by one keeps: the last (with
+        # ``keep_set``: the last with it set, else the last)
+        order = pd.DataFrame({
+            "k": table[self.key].to_numpy(zero_copy_only=False),
+            "set": (table[self.keep_set].is_valid().to_numpy(zero_copy_only=False)
+                    if self.keep_set else True)})
+        last = order.sort_values("set", kind="stable").drop_duplicates("k", keep="last")
+        return table.take(pa.array(np.sort(last.index.to_numpy())))
 
     def _fold(self, parts: Sequence[Part], keep_undo: bool) -> None:
         table = self._read(parts)
@@ -312,10 +333,19 @@ class LatestRows:
                 self._db.execute(f"INSERT INTO undo SELECT ?, t.k, l.day, "
                                  f"{', '.join('l.' + n for n, _ in self._columns)} "
                                  f"FROM touched t LEFT JOIN latest l ON l.k = t.k", (day,))
-            self._db.executemany(f"INSERT OR REPLACE INTO latest (k, day, {names}) "
-                                 f"VALUES ({marks})", ((r[0], day, *r[1:]) for r in rows))
+            self._db.executemany(self._upsert(names, marks), ((r[0], day, *r[1:]) for r in rows))
             self._db.executemany("INSERT INTO folded VALUES (?, ?, ?)",
                                  ((p.day.isoformat(), p.stamp, int(keep_undo)) for p in parts))
+
+    def _upsert(self, names: str, marks: str) -> str:
+        """The statement that folds one row into ``latest`` (``keep_set``'s rule)."""
+        update = ", ".join(f"{n} = excluded.{n}" for n in ["day", *names.split(", ")])
+        sql = f"INSERT INTO latest (k, day, {names}) VALUES ({marks}) ON CONFLICT (k) " \
+              f"DO UPDATE SET {update}"
+        if self.keep_set is None:
+            return sql
+        column = f"c{self.schema.get_field_index(self.keep_set)}"  # _sql_columns' name
+        return f"{sql} WHERE excluded.{column} IS NOT NULL OR latest.{column} IS NULL"
 
     def _roll_back(self, day: str) -> None:
         names = ", ".join(name for name, _ in self._columns)

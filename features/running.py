@@ -1,9 +1,9 @@
 """Running snapshots: "each key's latest row so far" kept from day to day.
 
-The catalogue as of a day (each product's latest row, with the day it was first seen) and
-the users (each one's last known country) are folds over every partition since the shop
-opened. (Each user's latest history row is one too, but one that a day touches only a few
-rows of: ``features.latest_rows`` keeps it in an index updated in place.) Re-read
+The catalogue as of a day (each product's latest row, with the day it was first seen) is a
+fold over every partition since the shop opened. (The users, each one's last known country,
+and each user's latest history row are such folds too, but ones that a day reads and
+touches only a few rows of: ``features.latest_rows`` keeps them in indexes updated in place.) Re-read
 every day, they cost in proportion to the shop's age (day 180 reads 180 partitions). Here
 the fold's result is stored after each day (``<snapshot_root>/<name>/through=YYYY-MM-DD``)
 together with what it consumed: each source partition's day and *stamp* (its files' names,
@@ -25,54 +25,20 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.contract import read_range
+from features.contract import USERS, read_range, read_range_table
+from features.latest_rows import LatestRows
+from features.partitions import Part, partitions
 from features.user_state import COUNTRY
 
 log = logging.getLogger(__name__)
 
 KEEP_SNAPSHOTS = 3
-
-
-@dataclass(frozen=True)
-class Part:
-    """One source partition: its day, where it lives and its stamp."""
-
-    day: dt.date
-    path: str
-    stamp: str
-
-
-def partitions(table_dir: str, upto: dt.date, *, before: bool = False) -> list[Part]:
-    """The ``date=YYYY-MM-DD`` partitions of a folder (local path or fsspec URL) up to
-    ``upto`` (or strictly before it), oldest first, stamped from one recursive listing."""
-    fs, path = fsspec.core.url_to_fs(table_dir)
-    if not fs.exists(path):
-        return []
-    found = fs.find(path, detail=True)
-    by_day: dict[dt.date, list[str]] = {}
-    folders: dict[dt.date, str] = {}
-    for name, info in found.items():
-        folder = name.rstrip("/").rsplit("/", 2)
-        if len(folder) < 2 or not folder[-2].startswith("date=") or not name.endswith(".parquet"):
-            continue
-        try:
-            day = dt.date.fromisoformat(folder[-2].removeprefix("date="))
-        except ValueError:
-            continue
-        if day > upto or (before and day == upto):
-            continue
-        modified = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
-        by_day.setdefault(day, []).append(f"{folder[-1]}:{info.get('size')}:{modified}")
-        folders[day] = name.rsplit("/", 1)[0]
-    return [Part(day, folders[day], "|".join(sorted(by_day[day]))) for day in sorted(by_day)]
 
 
 def _consumed(parts: Sequence[Part]) -> list[list[str]]:
@@ -204,11 +170,26 @@ def users_merge(previous: pd.DataFrame | None, rows: pd.DataFrame) -> pd.DataFra
     return latest.sort_values("user_id", kind="stable").reset_index(drop=True)
 
 
-def running_users(landing_root: str, day: dt.date,
-                  snapshot_root: Path | None = None) -> pd.DataFrame:
-    """``users_merge`` over every users partition up to ``day``, from the newest usable
-    snapshot plus the partitions after it."""
+def running_users(landing_root: str, day: dt.date, snapshot_root: Path | None = None,
+                  user_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """``users_merge`` over every users partition up to ``day``: all its rows, or those of
+    ``user_ids`` (in user_id order; unknown ids left out).
+
+    With ``snapshot_root``, from the index ``<snapshot_root>/users.sqlite``
+    (``features.latest_rows``, where a row without a country does not replace one with a
+    country: ``users_merge``'s rule), so that a day that asks for its own users reads
+    those rows only, not a million; without, by folding every partition.
+    """
     parts = partitions(f"{landing_root.rstrip('/')}/users", day)
-    return running_fold("users", snapshot_root, parts,
-                        lambda some: read_range(landing_root, "users", [p.day for p in some]),
-                        users_merge)
+    if snapshot_root is None:
+        frame = users_merge(None, read_range(landing_root, "users", [p.day for p in parts]))
+        if user_ids is not None:
+            frame = frame[frame["user_id"].isin(set(user_ids))].reset_index(drop=True)
+        return frame
+    shutil.rmtree(snapshot_root / "users", ignore_errors=True)  # the snapshots before it
+    with LatestRows(snapshot_root / "users.sqlite", USERS, "user_id",
+                    read=lambda some: read_range_table(landing_root, "users",
+                                                       [p.day for p in some]),
+                    keep_set=COUNTRY) as index:
+        index.sync(parts)
+        return index.rows(user_ids).to_pandas()

@@ -17,7 +17,7 @@ import pandas as pd
 
 from core.settings import FEATURE_REPO, Settings
 from features.contract import Interval, parse_day
-from features.running import partitions
+from features.partitions import partitions
 from features.user_state import STORED_PROFILE_COLUMNS, read_profiles
 
 if TYPE_CHECKING:

@@ -194,11 +194,12 @@ def _event_observations(df: pd.DataFrame, root: str, day: dt.date, interval: Int
         earliest = start - pd.Timedelta(hours=policy.allowed_lateness_hours)
         obs["late_rows_within_lateness"] = int(((df["ts"] >= earliest) & (df["ts"] < start)).sum())
     if "user_id" in df:
-        users = _safe(running_users, root, day, snapshot_root)
-        if users is None:  # today's users file is broken (it fails its own suite)
-            users = _safe(running_users, root, day - dt.timedelta(days=1), snapshot_root)
-        known = set(users["user_id"]) if users is not None else set()
         seen = set(df["user_id"].dropna().astype(str))
+        users = _safe(running_users, root, day, snapshot_root, sorted(seen))
+        if users is None:  # today's users file is broken (it fails its own suite)
+            users = _safe(running_users, root, day - dt.timedelta(days=1), snapshot_root,
+                          sorted(seen))
+        known = set(users["user_id"]) if users is not None else set()
         obs["users_first_seen_in_events"] = len(seen - known)
     counts = [len(f) for f in history.values()]
     obs["history_days"] = len(counts)

@@ -16,7 +16,7 @@ import pytest
 import features.latest_rows as latest_rows
 from features.build import USER_RECENT_SCHEMA, build_features, previous_user_state
 from features.latest_rows import LatestRows
-from features.running import partitions
+from features.partitions import partitions
 from features.synth import generate_shop
 
 pytestmark = pytest.mark.fast

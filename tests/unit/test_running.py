@@ -102,3 +102,23 @@ def test_the_feature_build_writes_the_same_bytes_with_snapshots(landing: str,
         previous_user_state(running, _days()[-1], tmp_path / "running", users=some),
         everyone[everyone["user_id"].isin(some)].reset_index(drop=True))
     assert everyone["user_id"].is_monotonic_increasing and everyone["user_id"].is_unique
+
+
+@pytest.mark.parametrize("undo_days", [14, 0])  # folded day by day, or in one rebuild chunk
+def test_a_later_row_without_a_country_keeps_the_known_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, undo_days: int) -> None:
+    import features.latest_rows as latest_rows
+
+    monkeypatch.setattr(latest_rows, "UNDO_DAYS", undo_days)
+    root = str(tmp_path / "landing")
+    rows = {0: [("u1", "FR"), ("u3", None)], 1: [("u1", None), ("u2", None)],
+            2: [("u2", "DE"), ("u1", None), ("u2", None), ("u3", "IT"), ("u3", "ES")]}
+    for offset, users in rows.items():
+        write_partition(root, "users", _days()[offset], pd.DataFrame(
+            {"user_id": [u for u, _ in users], "country": [c for _, c in users],
+             "signup_date": [_days()[0]] * len(users)}))
+    for day in _days()[:3] if undo_days else _days()[2:3]:
+        pd.testing.assert_frame_equal(running_users(root, day, tmp_path / "running"),
+                                      _full_users(root, day))
+    found = running_users(root, _days()[2], tmp_path / "running", user_ids=["u3", "u1", "x"])
+    assert found[["user_id", "country"]].values.tolist() == [["u1", "FR"], ["u3", "ES"]]
