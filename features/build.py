@@ -157,6 +157,10 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
+# The events' columns the month before the day is read for (profiles, product day counts).
+WINDOW_COLUMNS = ("user_id", "product_id", "event_type", "quantity", "price", "ts")
+
+
 def _partition_file(offline_root: Path, table: str, day: dt.date) -> Path:
     return offline_root / table / f"date={day.isoformat()}" / "part-0.parquet"
 
@@ -522,13 +526,18 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
     interval = Interval.for_day(day)
     phases = _Phases()
     with phases("read events"):
-        lookback = [day - dt.timedelta(days=i)
-                    for i in range(PROFILE_LOOKBACK_DAYS - 1, -1, -1)]
-        window = read_range_table(landing_root, "events", lookback)  # Arrow, not pandas
+        earlier = [day - dt.timedelta(days=i) for i in range(PROFILE_LOOKBACK_DAYS - 1, 0, -1)]
+        # Arrow, not pandas; the earlier days without the columns only today's rows need
+        own = read_range_table(landing_root, "events", [day])
+        window = pa.concat_tables([
+            read_range_table(landing_root, "events", earlier, columns=WINDOW_COLUMNS),
+            own.select(WINDOW_COLUMNS)])
         window = window.filter(pc.less(window["ts"], _scalar(interval.end, window["ts"])))
         # pandas only for what needs it: today's events, and the month of today's users
-        today = window.filter(pc.greater_equal(window["ts"],
-                                               _scalar(interval.start, window["ts"])))
+        # (a partition holds no event after its day: only the day's own can be today's)
+        today = own.filter(pc.and_(
+            pc.greater_equal(own["ts"], _scalar(interval.start, own["ts"])),
+            pc.less(own["ts"], _scalar(interval.end, own["ts"]))))
         events = today.to_pandas()
         snapshot = snapshot_users(events, pd.Timestamp(interval.end))
         window_events = window.filter(pc.is_in(
