@@ -71,7 +71,6 @@ from features.user_state import (
     WINDOWS_DAYS,
     epoch_seconds,
     history_events,
-    keep_last,
     snapshot_users,
     stored_profiles,
 )
@@ -203,6 +202,12 @@ def _read_user_state(parts: Sequence[Part]) -> pa.Table:
 
 def previous_user_state(offline_root: Path, day: dt.date, snapshot_root: Path | None = None,
                         users: Iterable[str] | None = None) -> pd.DataFrame:
+    """``previous_state``'s rows as pandas."""
+    return previous_state(offline_root, day, snapshot_root, users).to_pandas()
+
+
+def previous_state(offline_root: Path, day: dt.date, snapshot_root: Path | None = None,
+                   users: Iterable[str] | None = None) -> pa.Table:
     """Each user's latest ``user_recent_products`` row from partitions before ``day``.
 
     With ``snapshot_root``, from the index ``<snapshot_root>/user_state.sqlite``
@@ -224,25 +229,26 @@ def previous_user_state(offline_root: Path, day: dt.date, snapshot_root: Path | 
         if users is not None:
             wanted = pa.array(pd.unique(np.asarray(list(users), dtype=object)), pa.string())
             state = state.filter(pc.is_in(state["user_id"], value_set=wanted))
-        return state.to_pandas()
+        return state
     # the running snapshots of this fold before the index: rebuilt into it, never read again
     shutil.rmtree(snapshot_root / "user_state", ignore_errors=True)
     with LatestRows(snapshot_root / "user_state.sqlite", USER_RECENT_SCHEMA,
                     "user_id") as index:
         index.sync(parts)
         wanted = None if users is None else pd.unique(np.asarray(list(users), dtype=object))
-        return index.rows(wanted).to_pandas()
+        return index.rows(wanted)
 
 
-def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame,
+def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame | pa.Table,
                                interval: Interval, history_len: int = HISTORY_LEN) -> pa.Table:
-    """Roll each active user's history forward by one day of events (vectorised): the
-    previous entries, then the day's history events (``features.user_state``), the last
-    ``history_len`` kept.
+    """Roll each active user's history forward by one day of events: the previous entries,
+    then the day's history events (``features.user_state``), the last ``history_len``
+    kept. In Arrow and numpy: no Python object per history entry.
 
     Args:
         events: the day's events (contract columns).
-        previous: each user's latest snapshot before the day (``previous_user_state``).
+        previous: each user's latest snapshot before the day (``previous_state``;
+            Arrow or pandas, ``USER_RECENT_SCHEMA``); other users' rows are ignored.
         interval: the day.
         history_len: entries kept per user.
 
@@ -255,46 +261,52 @@ def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame,
     snapshot_ts = pd.Timestamp(interval.end)
     if active.empty:
         return USER_RECENT_SCHEMA.empty_table()
+    prev = previous if isinstance(previous, pa.Table) else pa.Table.from_pandas(
+        previous, schema=USER_RECENT_SCHEMA, preserve_index=False)
+    prev = prev.filter(pc.is_in(prev["user_id"], value_set=pa.array(active.to_numpy(),
+                                                                      pa.string())))
+    ids = prev["recent_product_ids"].combine_chunks()
+    sizes = pc.fill_null(pc.list_value_length(ids), 0).to_numpy().astype(np.int64)  # (P,)
+    # Snapshots written before recent_timestamps existed: their entries take the snapshot's
+    # time (whole seconds) instead.
+    stamps = prev["recent_timestamps"].combine_chunks()
+    timed = pc.fill_null(pc.list_value_length(stamps), -1).to_numpy() == sizes  # (P,)
+    flat_stamps = np.repeat(pc.cast(prev["event_timestamp"], pa.int64()).to_numpy(
+        zero_copy_only=False) // 10**6, sizes)  # (E,) TS is microseconds
+    flat_stamps[np.repeat(timed, sizes)] = pc.list_flatten(
+        stamps.filter(pa.array(timed))).to_numpy(zero_copy_only=False)
+    prev_user = active.get_indexer(prev["user_id"].to_numpy(zero_copy_only=False))  # (P,)
+    today_user = active.get_indexer(touched["user_id"].to_numpy(dtype=object))  # (T,)
+    # Every entry, previous ones first; a stable sort by user keeps each user's oldest first.
+    user = np.concatenate([np.repeat(prev_user, sizes), today_user])  # (E + T,)
+    order = np.argsort(user, kind="stable")
+    counts = np.bincount(user, minlength=len(active))  # (A,) every active user has one
+    ends = np.cumsum(counts)
+    keep = ends[user[order]] - np.arange(len(order)) - 1 < history_len  # the last entries
+    chosen = pa.array(order[keep])
+    offsets = pa.array(np.concatenate([[0], np.cumsum(np.minimum(counts, history_len))])
+                       .astype(np.int32))
 
-    prev = previous[previous["user_id"].isin(active)].sort_values("user_id", kind="stable")
-    # Earlier snapshots may lack recent_timestamps: stamp those entries with their snapshot.
-    ids = prev["recent_product_ids"].map(lambda v: [] if v is None else list(v))
-    types = prev["recent_event_types"].map(lambda v: [] if v is None else list(v))
-    stamps = [list(s) if s is not None and len(s) == len(i)
-              else [int(pd.Timestamp(t).timestamp())] * len(i)
-              for s, i, t in zip(prev["recent_timestamps"], ids, prev["event_timestamp"],
-                                 strict=True)]
-    sizes = np.array([len(i) for i in ids], dtype=np.int64)
-    # Long format, previous entries first: (user_id, product_id, event_type, epoch)
-    earlier = pd.DataFrame({
-        "user_id": np.repeat(prev["user_id"].to_numpy(), sizes),
-        "product_id": [p for row in ids for p in row],
-        "event_type": [t for row in types for t in row],
-        "epoch": np.array([s for row in stamps for s in row], dtype=np.int64),
-    })
-    today = pd.DataFrame({
-        "user_id": touched["user_id"].to_numpy(),
-        "product_id": touched["product_id"].to_numpy(),
-        "event_type": touched["event_type"].to_numpy(),
-        "epoch": epoch_seconds(touched["ts"]),
-    })
-    # A stable sort by user keeps each user's entries oldest first.
-    long = pd.concat([earlier, today], ignore_index=True).sort_values("user_id", kind="stable")
-    long = keep_last(long, history_len)
-    kept = long.groupby("user_id", sort=True).size().reindex(active).to_numpy()
+    def entries(earlier: pa.Array, today: Any, kind: pa.DataType) -> pa.ListArray:
+        values = pa.concat_arrays([earlier.cast(kind), pa.array(today, kind, from_pandas=True)])
+        return pa.ListArray.from_arrays(offsets, values.take(chosen))
 
-    prev_by_user = prev.set_index("user_id")
+    prev_frame = pd.DataFrame({
+        "user_id": prev["user_id"].to_numpy(zero_copy_only=False),
+        "n_events_total": prev["n_events_total"].to_pandas(),
+        "last_purchase_ts": prev["last_purchase_ts"].to_pandas()}).set_index("user_id")
     total = (touched.groupby("user_id").size().reindex(active)
-             + prev_by_user["n_events_total"].reindex(active).fillna(0).astype("int64"))
+             + prev_frame["n_events_total"].reindex(active).fillna(0).astype("int64"))
     buys = touched[touched["event_type"] == "purchase"].groupby("user_id")["ts"].max()
     # A purchase of the day is later than any earlier one.
     last_purchase = pd.to_datetime(buys.reindex(active), utc=True).fillna(
-        pd.to_datetime(prev_by_user["last_purchase_ts"].reindex(active), utc=True))
+        pd.to_datetime(prev_frame["last_purchase_ts"].reindex(active), utc=True))
     return pa.Table.from_arrays([
         pa.array(active.to_numpy(), pa.string()),
-        _list_array(long["product_id"], kept, pa.string()),
-        _list_array(long["event_type"], kept, pa.string()),
-        _list_array(long["epoch"], kept, pa.int64()),
+        entries(pc.list_flatten(ids), touched["product_id"].to_numpy(), pa.string()),
+        entries(pc.list_flatten(prev["recent_event_types"].combine_chunks()),
+                touched["event_type"].to_numpy(), pa.string()),
+        entries(pa.array(flat_stamps, pa.int64()), epoch_seconds(touched["ts"]), pa.int64()),
         pa.array(total.to_numpy(dtype=np.int64), pa.int64()),
         pa.array(last_purchase, TS, from_pandas=True),
         pa.array([snapshot_ts] * len(active), TS),
@@ -478,9 +490,11 @@ def build_product_catalog(products: pd.DataFrame) -> pa.Table:
     }, schema=PRODUCT_CATALOG_SCHEMA)
 
 
-def _state_after(previous: pd.DataFrame, today: pa.Table) -> pd.DataFrame:
-    """Each user's latest ``user_recent_products`` row once the day's rows are added."""
-    frame = pd.concat([previous, today.to_pandas()], ignore_index=True)
+def _state_after(previous: pa.Table, today: pa.Table) -> pd.DataFrame:
+    """Each user's last purchase (``user_id``, ``last_purchase_ts``) once the day's
+    ``user_recent_products`` rows are added to the previous ones."""
+    columns = ["user_id", "last_purchase_ts"]
+    frame = pa.concat_tables([previous.select(columns), today.select(columns)]).to_pandas()
     return frame.drop_duplicates("user_id", keep="last")
 
 
@@ -549,8 +563,8 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
         users = running_users(landing_root, day, snapshot_root,  # today's users only
                               user_ids=snapshot.to_numpy(dtype=object))
     with phases("user state"):  # of the users whose rows are built today
-        previous = previous_user_state(offline_root, day, snapshot_root,
-                                       users=snapshot.to_numpy(dtype=object))
+        previous = previous_state(offline_root, day, snapshot_root,
+                                  users=snapshot.to_numpy(dtype=object))
     tables: dict[str, pa.Table] = {}
     with phases("user_recent_products"):
         recent = tables["user_recent_products"] = build_user_recent_products(

@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -114,6 +115,19 @@ def test_history_rolls_forward_across_two_days() -> None:
     assert rows["u3"]["recent_product_ids"] == ["P1"]
     assert rows["u3"]["recent_event_types"] == ["view"]
     assert rows["u3"]["n_events_total"] == 1
+
+
+def test_entries_of_a_snapshot_without_timestamps_take_the_snapshots_time() -> None:
+    empty = USER_RECENT_SCHEMA.empty_table().to_pandas()
+    day1 = build_user_recent_products(_day1(), empty, Interval.for_day(DAY1)).to_pandas()
+    day1["recent_timestamps"] = None  # written before the column existed
+    day1.loc[day1["user_id"] == "u1", "last_purchase_ts"] = pd.NaT
+    rows = _rows(build_user_recent_products(_day2(), pa.Table.from_pandas(
+        day1, schema=USER_RECENT_SCHEMA, preserve_index=False), Interval.for_day(DAY2)))
+    snapshot = int(pd.Timestamp(Interval.for_day(DAY1).end).timestamp())
+    assert rows["u1"]["recent_timestamps"][:3] == [snapshot] * 3
+    assert rows["u1"]["recent_timestamps"][3:] == [_epoch(DAY2, "08:00"), _epoch(DAY2, "08:10")]
+    assert rows["u1"]["last_purchase_ts"] is None
 
 
 def test_history_is_truncated_to_the_most_recent_but_the_total_accumulates() -> None:
