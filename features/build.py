@@ -173,13 +173,6 @@ def _write(offline_root: Path, table: str, day: dt.date, table_data: pa.Table) -
     return str(target)
 
 
-def _list_array(values: pd.Series, sizes: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    """Flat values grouped into consecutive lists of the given sizes."""
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
-    flat = pa.array(values.to_numpy(), type=value_type, from_pandas=True)
-    return pa.ListArray.from_arrays(pa.array(offsets), flat)
-
-
 def _latest_user_rows(previous: pa.Table | None, rows: pa.Table) -> pa.Table:
     """Each user's latest row by ``event_timestamp`` (on a tie the later row), sorted by
     user_id; in Arrow, since the state holds every user who ever had a history."""
