@@ -212,11 +212,30 @@ class LatestRows:
         self._read_parts = read or self._read_files
         self._columns = _sql_columns(schema, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=300, isolation_level=None)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            self._discard(exc)
+            self._open()
+
+    def _open(self) -> None:
+        self._db = sqlite3.connect(self.path, timeout=300, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # Derived state: no fsync (a day writes a few hundred MB). A process killed midway
+        # loses nothing (WAL); a file an OS crash left corrupt is noticed and rebuilt.
+        self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute("PRAGMA temp_store=MEMORY")
         self._setup()
+
+    def _discard(self, exc: Exception) -> None:
+        """Delete an index SQLite cannot read (it is rebuilt from the partitions)."""
+        if type(exc) is not sqlite3.DatabaseError:  # locked, integrity...: not corruption
+            raise exc
+        log.warning("%s is unreadable (%s): rebuilt from the partitions", self.path, exc)
+        with contextlib.suppress(Exception):
+            self._db.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     def close(self) -> None:
         self._db.close()
@@ -273,6 +292,14 @@ class LatestRows:
             How many folded days were kept, rolled back and folded in, and whether the
             index was rebuilt (1) or not (0).
         """
+        try:
+            return self._sync(parts)
+        except sqlite3.DatabaseError as exc:
+            self._discard(exc)
+            self._open()
+            return self._sync(parts)
+
+    def _sync(self, parts: Sequence[Part]) -> dict[str, int]:
         wanted = [(p.day.isoformat(), p.stamp) for p in parts]
         held = self.folded()
         same = 0

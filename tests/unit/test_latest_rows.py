@@ -152,3 +152,14 @@ def test_another_layout_is_rebuilt(offline: Path, tmp_path: Path,
     with _index(path) as index:
         assert index.folded() == []
         assert _check(index, offline, _days()[-1])["folded"] == DAYS - 1
+
+
+def test_an_unreadable_index_is_rebuilt(offline: Path, tmp_path: Path,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "state.sqlite"
+    path.write_bytes(b"not a database, e.g. after an OS crash" * 100)
+    with _index(path) as index:
+        assert _check(index, offline, _days()[-1])["folded"] == DAYS - 1
+    assert "is unreadable" in caplog.text
+    with _index(path) as index:  # and the rebuilt file is a good one
+        assert _check(index, offline, _days()[-1])["kept"] == DAYS - 1
