@@ -155,6 +155,23 @@ def warm_text_cache(day: dt.date) -> dict:
     return figures
 
 
+def sync_indexes(settings, day: dt.date) -> dict:
+    """Bring the user indexes (``features.latest_rows``) up to the day before ``day``, as the
+    day before's run leaves them: on a --home an older release loaded, its first build would
+    otherwise build them from every partition (once) inside the measured run."""
+    from features.build import previous_state
+    from features.running import running_users
+
+    t0 = time.perf_counter()
+    running = settings.home / "running"
+    previous_state(settings.offline_root, day, running, users=[])
+    running_users(settings.landing_root, day - dt.timedelta(days=1), running, user_ids=[])
+    figures = {"wall_s": round(time.perf_counter() - t0, 1)}
+    print(f"user indexes up to {day - dt.timedelta(days=1)} in {figures['wall_s']} s",
+          flush=True)
+    return figures
+
+
 def measured_run(dag, day: dt.date, conf: dict, log_dir: Path, sampler) -> dict:
     """One real DagRun for ``day`` with its per-task and whole-run figures."""
     from _scale_probe import task_figures, task_spans
@@ -350,6 +367,7 @@ def trained_day_only(args: argparse.Namespace) -> None:
         raise SystemExit(f"{home} has no runs of this benchmark to resume from")
     day = days[-1]  # the generator writes the history days and the trained one
     warm_text_cache(day - dt.timedelta(days=1))
+    indexes = sync_indexes(settings, day)
     with _output_to(log_dir / "parse.log"):
         dag = load_dag(settings)
     with ResourceSampler() as sampler:
@@ -359,7 +377,8 @@ def trained_day_only(args: argparse.Namespace) -> None:
     print_trained(trained)
     out = args.out or Path("state") / f"bench-scale-{args.preset}-trained.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"trained_run": trained, "settings": settings_env(args)},
+    out.write_text(json.dumps({"trained_run": trained, "settings": settings_env(args),
+                               "index_sync_before": indexes},
                               indent=1, default=str))
     print(f"figures -> {out}")
 
