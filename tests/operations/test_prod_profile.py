@@ -199,13 +199,21 @@ def test_postgres_restarted_between_two_runs_the_next_run_succeeds(stack) -> Non
     assert all(row["running"] for row in rows), [(r["component"], r["running"]) for r in rows]
 
 
-def _airflow_process(settings, component: str) -> int:
-    """The PID of the component's command under its keeper (the keeper's only child)."""
+def _airflow_process(settings, component: str, wait_s: float = 90.0) -> int:
+    """The PID of the component's command under its keeper (the keeper's only child),
+    waiting while there is none: the PostgreSQL restart may already have made it exit, and
+    the keeper starts it again after its back-off."""
     from shoprec import services, supervisor
 
     record = json.loads(services.pid_file(settings).read_text())["components"][component]
-    children = [pid for pid, _ in supervisor.members(record)
-                if supervisor.proc_stat(pid) and supervisor.proc_stat(pid)[0] == record["pid"]]
+    deadline = time.monotonic() + wait_s
+    while True:
+        children = [pid for pid, _ in supervisor.members(record)
+                    if supervisor.proc_stat(pid)
+                    and supervisor.proc_stat(pid)[0] == record["pid"]]
+        if len(children) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(children) == 1, (component, children)
     return children[0]
 
