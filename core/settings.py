@@ -119,6 +119,7 @@ class Settings:
     train_max_examples: int = 500_000
     train_max_minutes: float = 0.0
     train_max_events: int = 12_000_000
+    offline_join_memory: str = "6GB"
     eval_max_users: int = 20_000
     eval_bootstrap: int = 1000
     text_encoder: str = "minilm"
@@ -190,6 +191,8 @@ class Settings:
             train_max_minutes=float(env.get("SHOPREC_TRAIN_MAX_MINUTES",
                                             cls.train_max_minutes)),
             train_max_events=int(env.get("SHOPREC_TRAIN_MAX_EVENTS", cls.train_max_events)),
+            offline_join_memory=env.get("SHOPREC_OFFLINE_JOIN_MEMORY",
+                                        cls.offline_join_memory).strip(),
             eval_max_users=int(env.get("SHOPREC_EVAL_MAX_USERS", cls.eval_max_users)),
             eval_bootstrap=int(env.get("SHOPREC_EVAL_BOOTSTRAP", cls.eval_bootstrap)),
             text_encoder=env.get("SHOPREC_TEXT_ENCODER", cls.text_encoder),
