@@ -18,10 +18,12 @@ import pandas as pd
 
 from core.settings import FEATURE_REPO, Settings
 from features.contract import Interval, parse_day
+from features.online_write import write_online
 from features.partitions import partitions
 from features.user_state import STORED_PROFILE_COLUMNS, read_profiles
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from feast import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,9 @@ def materialize_interval(settings: Settings, day: dt.date, *, incremental: bool 
     default) only the partitions this run's window has not already put online are read: the
     interval's own (its rows are stamped within its day, the allowed lateness before it and
     its end) and, for a rerun of an earlier interval, the later ones up to the window's end. Their rows in the window, the latest per entity (what
-    Feast selects), go through ``FeatureStore.write_to_online_store`` and the window is
+    Feast selects), go to the online store as ``FeatureStore.write_to_online_store`` would
+    write them (``features.online_write``: the same values, without Feast's per-entry
+    conversion) and the window is
     recorded on the view as Feast's ``materialize`` records it. The online rows are the same
     as Feast's (tested against it).
 
@@ -135,17 +139,17 @@ def materialize_interval(settings: Settings, day: dt.date, *, incremental: bool 
     for name in MATERIALIZED_VIEWS:
         view = store.get_feature_view(name)
         rows = _window_rows(settings, name, first, last, view, start, end)
-        for chunk in range(0, len(rows), WRITE_CHUNK_ROWS):  # bounded protobuf memory
-            store.write_to_online_store(name, rows.iloc[chunk:chunk + WRITE_CHUNK_ROWS])
+        # Feast's write_to_online_store converts list entries one Python object at a time;
+        # online_write builds the same rows in bulk and hands them to the same provider.
+        written[name] = write_online(store, name, rows, WRITE_CHUNK_ROWS)
         store.registry.apply_materialization(view, store.project, start, end, commit=True)
-        written[name] = len(rows)
     log.info("materialized %s .. %s from partitions %s .. %s: %s", start, end, first, last,
              written)
     return {**out, "rows": written}
 
 
 def _window_rows(settings: Settings, table: str, first: dt.date, last: dt.date, view: Any,
-                 start: dt.datetime, end: dt.datetime) -> pd.DataFrame:
+                 start: dt.datetime, end: dt.datetime) -> pa.Table:
     """The view's offline rows stamped within [start, end] from the partitions of days
     ``first`` .. ``last``, the latest per entity (partition order breaks ties)."""
     import numpy as np
@@ -156,7 +160,7 @@ def _window_rows(settings: Settings, table: str, first: dt.date, last: dt.date, 
     files = [str(f) for part in partitions(str(settings.offline_root / table), last)
              if part.day >= first for f in sorted(Path(part.path).glob("*.parquet"))]
     if not files:
-        return pd.DataFrame()
+        return pa.table({})
     stamp = view.batch_source.timestamp_field
     [key] = [column.name for column in view.entity_columns]
     # In Arrow until the rows are chosen (a bulk history reads many days: pandas objects of
@@ -169,14 +173,13 @@ def _window_rows(settings: Settings, table: str, first: dt.date, last: dt.date, 
         pc.greater_equal(times, pa.scalar(pd.Timestamp(start).to_pydatetime(), times.type)),
         pc.less_equal(times, pa.scalar(pd.Timestamp(end).to_pydatetime(), times.type))))
     if not table.num_rows:
-        return pd.DataFrame()
+        return table
     # the latest row per entity: sorted by (entity, time, file order), the last of each
     order = pc.sort_indices(table, sort_keys=[(key, "ascending"), (stamp, "ascending"),
                                               ("_order", "ascending")])
     keys = table[key].take(order).to_numpy(zero_copy_only=False)
     last = np.append(keys[1:] != keys[:-1], True)  # (n,) the last row of each entity
-    chosen = table.take(order.filter(pa.array(last))).drop_columns(["_order"])
-    return chosen.to_pandas().reset_index(drop=True)
+    return table.take(order.filter(pa.array(last))).drop_columns(["_order"])
 
 
 def _materialized_until(store: FeatureStore, view: str) -> dt.datetime:
