@@ -33,7 +33,7 @@ MATERIALIZE_CHUNK_DAYS = 14
 
 
 def load_history(settings: Settings, first: dt.date, last: dt.date, *, validate: bool = True,
-                 on_day: Callable[[dt.date, dict[str, float]], None] | None = None
+                 online: bool = True, on_day: Callable[[dt.date, dict[str, float]], None] | None = None
                  ) -> dict[str, Any]:
     """Validate and build every day from ``first`` through ``last``, then materialize once.
 
@@ -43,6 +43,9 @@ def load_history(settings: Settings, first: dt.date, last: dt.date, *, validate:
         last: the last day to load (inclusive).
         validate: run each day's validation first (the DAG always does). Without it the
             partitions must already be known to be valid (e.g. a generated shop).
+        online: materialize the days into the online store (without it only the offline
+            partitions and the indexes are loaded: enough to train and evaluate, not to
+            serve those days' users).
         on_day: called after each day with its seconds per step (for progress reports).
 
     Returns:
@@ -73,6 +76,10 @@ def load_history(settings: Settings, first: dt.date, last: dt.date, *, validate:
             totals[step] += s
         if on_day is not None:
             on_day(day, seconds)
+    if not online:
+        log.info("history %s .. %s built (offline only): %d days, %s", first, last, len(days),
+                 {k: round(v, 1) for k, v in totals.items()})
+        return {"days": len(days), "seconds": totals, "materialized": None}
     t0 = time.perf_counter()
     apply_repo(settings)
     chunks = [materialize_interval(settings, days[at:at + MATERIALIZE_CHUNK_DAYS][-1],
