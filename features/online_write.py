@@ -94,32 +94,75 @@ def _packed_entries(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return out, bounds
 
 
+def _header_positions(at: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Every position of ``sizes[i]`` bytes from ``at[i]``, for each i."""
+    first = np.cumsum(sizes) - sizes
+    return np.repeat(at, sizes) + np.arange(int(sizes.sum())) - np.repeat(first, sizes)
+
+
 def list_values(column: pa.Array | pa.ChunkedArray, field_number: int,
                 packed: bool) -> list[Any]:
     """The ``Value`` protos of a list column: its field set to the row's list, or empty for
-    a null row (as Feast writes them)."""
+    a null row (as Feast writes them). Each row's message is laid out in one buffer with
+    numpy (field tag, length, for packed numbers the list's own tag and length, the
+    entries) and parsed from its bytes."""
     from feast.protos.feast.types.Value_pb2 import Value
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     flat = column.flatten()  # the entries of the non-null rows, in order
     data, bounds = (_packed_entries if packed else _string_entries)(flat)
-    buffer = data.tobytes()
-    tag = _varint((field_number << 3) | 2)
     sizes = column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    byte_starts = bounds[starts].tolist()
-    nulls = column.is_null().to_numpy(zero_copy_only=False)
-    out = []
-    for row in range(len(column)):
-        if nulls[row]:
-            out.append(Value())
-            continue
-        body = buffer[byte_starts[row]:byte_starts[row + 1]]
-        if packed and body:
-            body = bytes([_TAG_ENTRY]) + _varint(len(body)) + body
-        out.append(Value.FromString(tag + _varint(len(body)) + body))
-    return out
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    body = bounds[starts[1:]] - bounds[starts[:-1]]  # (R,) the entries' bytes per row
+    nulls = column.is_null().to_numpy(zero_copy_only=False)  # (R,)
+    tag = np.frombuffer(_varint((field_number << 3) | 2), np.uint8)
+    inner_head = np.where(packed & (body > 0), 1 + _varint_sizes(body.astype(np.uint64)), 0)
+    inner = inner_head + body  # (R,) the list message's bytes
+    outer_size = _varint_sizes(inner.astype(np.uint64))
+    head = np.where(nulls, 0, len(tag) + outer_size + inner_head)  # (R,) bytes before entries
+    total = head + np.where(nulls, 0, body)
+    offsets = np.concatenate([[0], np.cumsum(total)]).astype(np.int64)
+    at = offsets[:-1]
+    out = np.empty(int(offsets[-1]), np.uint8)
+    is_entry = np.ones(len(out), bool)
+    is_entry[_header_positions(at, head)] = False
+    out[is_entry] = data  # null rows hold no entries: the entries in row order fill the rest
+    rows = ~nulls
+    for k, byte in enumerate(tag):
+        out[at[rows] + k] = byte
+    _put_varints(out, at[rows] + len(tag), inner[rows].astype(np.uint64), outer_size[rows])
+    if packed:
+        listed = rows & (body > 0)
+        list_at = at[listed] + len(tag) + outer_size[listed]
+        out[list_at] = _TAG_ENTRY
+        _put_varints(out, list_at + 1, body[listed].astype(np.uint64),
+                     inner_head[listed] - 1)
+    buffer = out.tobytes()
+    bounds_list = offsets.tolist()
+    parse = Value.FromString
+    return [Value() if null else parse(buffer[bounds_list[i]:bounds_list[i + 1]])
+            for i, null in enumerate(nulls.tolist())]
+
+
+def _scalar_values(column: pa.ChunkedArray, value_type: Any) -> list[Any] | None:
+    """Scalar ``Value`` protos of a column without nulls (strings, int64, float64 without
+    NaN), else None (Feast's turn: it decides what a missing value becomes)."""
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    if column.null_count:
+        return None
+    name = value_type.name
+    if name == "STRING" and pa.types.is_string(column.type):
+        return [Value(string_val=v) for v in column.to_pylist()]
+    if name == "INT64" and pa.types.is_integer(column.type):
+        return [Value(int64_val=v) for v in column.to_pylist()]
+    if name == "DOUBLE" and pa.types.is_floating(column.type):
+        values = column.to_numpy()
+        if np.isnan(values).any():
+            return None
+        return [Value(double_val=v) for v in values.tolist()]
+    return None
 
 
 _LIST_FIELDS = {"STRING_LIST": ("string_list_val", False), "INT64_LIST": ("int64_list_val", True),
@@ -127,11 +170,14 @@ _LIST_FIELDS = {"STRING_LIST": ("string_list_val", False), "INT64_LIST": ("int64
 
 
 def _fast_column(column: pa.ChunkedArray, value_type: Any) -> list[Any] | None:
-    """``list_values`` of a list column this module encodes, else None (Feast's turn)."""
+    """The values of a column this module encodes (``list_values``, ``_scalar_values``),
+    else None (Feast's turn)."""
     from feast.protos.feast.types.Value_pb2 import Value
 
     field = _LIST_FIELDS.get(value_type.name)
-    if field is None or not pa.types.is_list(column.type) and \
+    if field is None:
+        return _scalar_values(column, value_type)
+    if not pa.types.is_list(column.type) and \
             not pa.types.is_large_list(column.type):
         return None
     combined = column.combine_chunks()

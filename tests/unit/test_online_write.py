@@ -50,8 +50,11 @@ def _column(kind: str, rows: int, rng: np.random.Generator, edge: bool) -> pa.Ar
                          for _ in range(rows)], pa.string())
     if kind == "Int64":
         return pa.array(rng.integers(-10**9, 10**12, rows), pa.int64())
-    if kind == "Float64":
-        return pa.array(rng.normal(size=rows), pa.float64())
+    if kind == "Float64":  # a NaN (edge cases) leaves the column to Feast
+        values = rng.normal(size=rows)
+        if edge:
+            values[rng.random(rows) < 0.05] = np.nan
+        return pa.array(values, pa.float64())
     raise AssertionError(f"no generator for {kind}")
 
 
