@@ -89,6 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="do not materialize the bulk days online (saves ~40 min at full "
                              "size; the trained day reads only the offline store, but serving "
                              "from this home would miss those days' users)")
+    parser.add_argument("--reuse-landing", type=Path, metavar="DIR",
+                        help="copy the first --days + 1 days of an earlier run's landing zone "
+                             "(its <home>/landing) instead of generating a shop: day 2 "
+                             "measured again with new code, on the same data")
+    parser.add_argument("--skip-text-cache", action="store_true",
+                        help="with --history-only: do not fill the text cache (a history "
+                             "that will not be resumed with --resume)")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -130,6 +137,24 @@ def generate_landing(args: argparse.Namespace, root: str) -> dict:
         return pool.apply(_scale_shop.generate, (root,), {
             "products": args.products, "users": args.users, "days": args.days + 1,
             "events_per_day": args.events_per_day, "seed": args.seed, "start": FIRST_DAY})
+
+
+def copy_landing(source: Path, root: str, days: int) -> dict:
+    """The first ``days`` days of every table of an earlier run's landing zone, copied
+    under ``root`` (``--reuse-landing``), described as ``generate_landing`` does."""
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    wanted = {f"date={(FIRST_DAY + dt.timedelta(days=i)).isoformat()}" for i in range(days)}
+    events = 0
+    for table in sorted(p for p in source.iterdir() if p.is_dir()):
+        for part in sorted(p for p in table.iterdir() if p.name in wanted):
+            shutil.copytree(part, Path(root) / table.name / part.name)
+            if table.name == "events":
+                events += sum(pq.ParquetFile(f).metadata.num_rows
+                              for f in part.glob("*.parquet"))
+    return {"root": root, "days": days, "events": events, "events_per_day": events / days,
+            "wall_s": time.perf_counter() - t0, "copied_from": str(source)}
 
 
 def _embed_catalog(day: dt.date) -> dict:
@@ -292,12 +317,18 @@ def extrapolate(history: list[dict], events_per_day: float) -> dict:
 
 def print_report(report: dict) -> None:
     shop, hist, trained = report["shop"], report["history"], report["trained_run"]
-    print(f"\nshop: {shop['products']:,} products ({shop['new_products_after_day0']:,} arriving "
-          f"after day 1), {shop['users']:,} users, {shop['days']} days, {shop['events']:,} "
-          f"events (~{shop['events_per_day']:,}/day; {shop['purchases']:,} purchases, "
-          f"{shop['searches']:,} searches); encoder {report['config']['encoder']}")
-    print(f"generator: {shop['wall_s']:.1f} s wall, {shop['cpu_s']:.1f} s CPU, "
-          f"peak RSS {shop['peak_rss_mb']:,.0f} MB (its own process)")
+    if "copied_from" in shop:
+        print(f"\nshop: {shop['days']} days, {shop['events']:,} events copied from "
+              f"{shop['copied_from']} in {shop['wall_s']:.1f} s; encoder "
+              f"{report['config']['encoder']}")
+    else:
+        print(f"\nshop: {shop['products']:,} products ({shop['new_products_after_day0']:,} "
+              f"arriving after day 1), {shop['users']:,} users, {shop['days']} days, "
+              f"{shop['events']:,} events (~{shop['events_per_day']:,}/day; "
+              f"{shop['purchases']:,} purchases, {shop['searches']:,} searches); encoder "
+              f"{report['config']['encoder']}")
+        print(f"generator: {shop['wall_s']:.1f} s wall, {shop['cpu_s']:.1f} s CPU, "
+              f"peak RSS {shop['peak_rss_mb']:,.0f} MB (its own process)")
     if hist["bulk"] is None:
         print(f"history load (data-only DAG runs): {hist['days']} days in "
               f"{hist['wall_s']:.1f} s ({hist['mean_day_s']:.1f} s/day, CPU "
@@ -408,9 +439,10 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = home / "logs" / "dag_test"
     started = time.perf_counter()
 
-    shop = generate_landing(args, settings.landing_root)
-    print(f"generated {shop['events']:,} events over {shop['days']} days in "
-          f"{shop['wall_s']:.1f} s -> {shop['root']}")
+    shop = (copy_landing(args.reuse_landing, settings.landing_root, args.days + 1)
+            if args.reuse_landing else generate_landing(args, settings.landing_root))
+    print(f"{'copied' if args.reuse_landing else 'generated'} {shop['events']:,} events over "
+          f"{shop['days']} days in {shop['wall_s']:.1f} s -> {shop['root']}")
 
     from _scale_probe import ResourceSampler
 
@@ -431,7 +463,8 @@ def main(argv: list[str] | None = None) -> None:
             {task: [g["day2_s"], g["last_s"], g["ratio"]]
              for task, g in growth(measured).items()}), flush=True)
         trained_day = FIRST_DAY + dt.timedelta(days=args.days)
-        text_cache = warm_text_cache(trained_day - dt.timedelta(days=1))
+        text_cache = (None if args.history_only and args.skip_text_cache
+                      else warm_text_cache(trained_day - dt.timedelta(days=1)))
         if args.history_only:
             print(f"history loaded in {history_s:.1f} s; the trained day {trained_day}: "
                   f"--resume --home {home}")
