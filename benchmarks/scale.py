@@ -188,12 +188,14 @@ def sync_indexes(settings, day: dt.date) -> dict:
     """Bring the user indexes (``features.latest_rows``) up to the day before ``day``, as the
     day before's run leaves them: on a --home an older release loaded, its first build would
     otherwise build them from every partition (once) inside the measured run."""
-    from features.build import previous_state
+    from features.build import USER_PROFILE_SCHEMA, previous_state
+    from features.profiles import previous_profiles
     from features.running import running_users
 
     t0 = time.perf_counter()
     running = settings.home / "running"
     previous_state(settings.offline_root, day, running, users=[])
+    previous_profiles(settings.offline_root, day, running, USER_PROFILE_SCHEMA, [])
     running_users(settings.landing_root, day - dt.timedelta(days=1), running, user_ids=[])
     figures = {"wall_s": round(time.perf_counter() - t0, 1)}
     print(f"user indexes up to {day - dt.timedelta(days=1)} in {figures['wall_s']} s",

@@ -31,12 +31,10 @@ point-in-time join for an event of day D sees the snapshots of day D-1 and never
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import shutil
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +55,8 @@ from features.contract import (
 )
 from features.latest_rows import LatestRows
 from features.partitions import Part, partitions
+from features.phases import Phases
+from features.profiles import previous_profiles, roll_profiles
 from features.running import running_catalog, running_users
 from features.user_state import (
     ACTIVE_DAYS,
@@ -81,8 +81,7 @@ PRODUCT_STAT_EVENT_TYPES = ("view", "purchase")
 # Days after a product's view or purchase on which its product_stats row changes: the event
 # enters every window, then leaves the 7-day and the 30-day ones.
 CHANGE_OFFSETS: tuple[int, ...] = (0, *WINDOWS_DAYS)
-# Not a Feast view: each day's views and purchases per product, written by that day's build and
-# summed into product_stats' windows by the later days' builds.
+# Not a Feast view: each day's views and purchases per product, summed by later days' builds.
 PRODUCT_DAY_COUNTS = "product_day_counts"
 PRODUCT_DAY_COUNTS_SCHEMA = pa.schema([("product_id", pa.string()),
                                        *[(t, pa.int64()) for t in PRODUCT_STAT_EVENT_TYPES]])
@@ -168,7 +167,8 @@ def _write(offline_root: Path, table: str, day: dt.date, table_data: pa.Table) -
     target = _partition_file(offline_root, table, day)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
-    pq.write_table(table_data, tmp, compression="zstd")
+    # without pandas' schema metadata: the same rows give the same bytes however built
+    pq.write_table(table_data.replace_schema_metadata(None), tmp, compression="zstd")
     tmp.replace(target)  # atomic: a reader never sees half a partition
     return str(target)
 
@@ -270,9 +270,11 @@ def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame | pa
         stamps.filter(pa.array(timed))).to_numpy(zero_copy_only=False)
     prev_user = active.get_indexer(prev["user_id"].to_numpy(zero_copy_only=False))  # (P,)
     today_user = active.get_indexer(touched["user_id"].to_numpy(dtype=object))  # (T,)
-    # Every entry, previous ones first; a stable sort by user keeps each user's oldest first.
+    today_s = epoch_seconds(touched["ts"])  # (T,)
+    # Every entry, previous ones first, then sorted by user and time (whole seconds, a tie
+    # keeping that order): an event that landed late goes before the later earlier entries.
     user = np.concatenate([np.repeat(prev_user, sizes), today_user])  # (E + T,)
-    order = np.argsort(user, kind="stable")
+    order = np.lexsort((np.arange(len(user)), np.concatenate([flat_stamps, today_s]), user))
     counts = np.bincount(user, minlength=len(active))  # (A,) every active user has one
     ends = np.cumsum(counts)
     keep = ends[user[order]] - np.arange(len(order)) - 1 < history_len  # the last entries
@@ -299,7 +301,7 @@ def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame | pa
         entries(pc.list_flatten(ids), touched["product_id"].to_numpy(), pa.string()),
         entries(pc.list_flatten(prev["recent_event_types"].combine_chunks()),
                 touched["event_type"].to_numpy(), pa.string()),
-        entries(pa.array(flat_stamps, pa.int64()), epoch_seconds(touched["ts"]), pa.int64()),
+        entries(pa.array(flat_stamps, pa.int64()), today_s, pa.int64()),
         pa.array(total.to_numpy(dtype=np.int64), pa.int64()),
         pa.array(last_purchase, TS, from_pandas=True),
         pa.array([snapshot_ts] * len(active), TS),
@@ -308,7 +310,7 @@ def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame | pa
 
 def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
                        users: pd.DataFrame, state: pd.DataFrame,
-                       interval: Interval) -> pa.Table:
+                       interval: Interval, user_ids: pd.Index | None = None) -> pa.Table:
     """The day's ``user_profile`` rows: ``features.user_state.stored_profiles`` at the
     interval end, for the users with an event that day (``snapshot_users``).
 
@@ -321,12 +323,13 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
         state: each user's latest ``user_recent_products`` row as of the interval end
             (``last_purchase_ts``: purchases older than the lookback count too).
         interval: the day.
+        user_ids: the users to build (sorted; default: ``snapshot_users``).
 
     Returns:
         One row per such user, sorted (``USER_PROFILE_SCHEMA``).
     """
     end = pd.Timestamp(interval.end)
-    index = snapshot_users(window_events, end)
+    index = snapshot_users(window_events, end) if user_ids is None else user_ids
     if index.empty:
         return USER_PROFILE_SCHEMA.empty_table()
     mine = window_events[window_events["user_id"].isin(index)]
@@ -365,14 +368,19 @@ def product_day_counts(events: pa.Table, end: pd.Timestamp) -> pd.DataFrame:
     return out.astype({t: "int64" for t in PRODUCT_STAT_EVENT_TYPES}).reset_index(drop=True)
 
 
-def _stored_day_counts(offline_root: Path, window: pa.Table, today: pa.Table,
+def _stored_day_counts(offline_root: Path, window: Callable[[], pa.Table], today: pa.Table,
                        day: dt.date) -> tuple[pd.DataFrame, pa.Table]:
     """The window's ``product_day_counts`` from each earlier day's partition where its build
     wrote one (a month of events is not counted again every day), else from its events;
     and today's counts, as the partition to write. The window's rows come in no particular
     order (read in Arrow and converted once: a month of a large catalogue's counts)."""
-    end = pd.Timestamp(Interval.for_day(day).end)
-    today_counts = product_day_counts(today, end)
+    interval = Interval.for_day(day)
+    end = pd.Timestamp(interval.end)
+    # a late event counts on the day it landed (its own day's counts were written already)
+    start = _scalar(interval.start, today["ts"])
+    today_counts = product_day_counts(today.set_column(
+        today.schema.get_field_index("ts"), "ts",
+        pc.if_else(pc.less(today["ts"], start), start, today["ts"])), end)
     stored, missing = [], []
     for ago in range(1, PROFILE_LOOKBACK_DAYS):
         path = _partition_file(offline_root, PRODUCT_DAY_COUNTS, day - dt.timedelta(days=ago))
@@ -386,7 +394,7 @@ def _stored_day_counts(offline_root: Path, window: pa.Table, today: pa.Table,
     if stored:
         frames.append(pa.concat_tables(stored).to_pandas())
     if missing:
-        counted = product_day_counts(window, end)
+        counted = product_day_counts(window(), end)  # read only when a day lacks its counts
         frames.append(counted[counted["days_ago"].isin(missing)])
     counts = pd.concat(frames, ignore_index=True)[today_counts.columns]
     written = pa.Table.from_pandas(today_counts.drop(columns="days_ago"),
@@ -483,9 +491,21 @@ def build_product_catalog(products: pd.DataFrame) -> pa.Table:
     }, schema=PRODUCT_CATALOG_SCHEMA)
 
 
+def _rolled_profiles(offline_root: Path, day: dt.date, snapshot_root: Path, own: pa.Table,
+                     wanted: pa.Array, catalog: pd.DataFrame, users: pd.DataFrame,
+                     state: pd.DataFrame, snapshot: pd.Index) -> pa.Table:
+    """``build_user_profile``'s rows from the users' previous rows (``features.profiles``)."""
+    end = pd.Timestamp(Interval.for_day(day).end)  # the rows' time
+    rows = roll_profiles(
+        previous_profiles(offline_root, day, snapshot_root, USER_PROFILE_SCHEMA, snapshot),
+        own.filter(pc.is_in(own["user_id"], value_set=wanted)).select(WINDOW_COLUMNS)
+        .to_pandas(), catalog, users, snapshot, end,
+        state.set_index("user_id")["last_purchase_ts"].reindex(snapshot), USER_PROFILE_SCHEMA)
+    return rows.append_column("event_timestamp", pa.array([end] * rows.num_rows, TS))
+
+
 def _state_after(previous: pa.Table, today: pa.Table) -> pd.DataFrame:
-    """Each user's last purchase (``user_id``, ``last_purchase_ts``) once the day's
-    ``user_recent_products`` rows are added to the previous ones."""
+    """Each user's ``last_purchase_ts`` once the day's history rows are added."""
     columns = ["user_id", "last_purchase_ts"]
     frame = pa.concat_tables([previous.select(columns), today.select(columns)]).to_pandas()
     return frame.drop_duplicates("user_id", keep="last")
@@ -496,60 +516,37 @@ def _scalar(when: dt.datetime, like: pa.ChunkedArray) -> pa.Scalar:
     return pa.scalar(pd.Timestamp(when).to_pydatetime(), type=like.type)
 
 
-class _Phases:
-    """Wall seconds per named phase of a build, for its log line."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    def __str__(self) -> str:
-        return ", ".join(f"{name} {s:.2f}" for name, s in self.seconds.items())
-
-
 def build_features(landing_root: str, offline_root: Path, day: dt.date,
                    snapshot_root: Path | None = None) -> dict[str, Any]:
     """Write the day's offline feature partitions, replacing any earlier run's.
 
-    Depends on the ``user_recent_products`` partitions of earlier days, so intervals are
-    built in date order (a backfill does that; a rerun of one day reads the same earlier
-    partitions and writes the same bytes). Reads the last ``PROFILE_LOOKBACK_DAYS`` days of
-    events once, in Arrow (only today's events and the month of today's users become
-    pandas); the catalogue, the users and the users' previous state come from running
-    snapshots under ``snapshot_root`` when given
-    (``features.running``: the same rows as re-reading every partition, at a cost that does
-    not grow with the shop's age).
+    Depends on the partitions of earlier days, so intervals are built in date order (a
+    backfill does that; a rerun of one day writes the same bytes). With ``snapshot_root``
+    it reads the day's own events partition and, under that folder, a running catalogue
+    and indexes of each user's latest row (``features.running``, ``features.latest_rows``,
+    ``features.profiles``): the rows re-reading every partition and the month of events
+    gives, at a cost that follows the day's users, not the shop's age; without, it reads
+    them all (the reference the tests compare with).
 
     Returns:
         Paths written and row counts, for XCom and logs.
     """
     interval = Interval.for_day(day)
-    phases = _Phases()
+    phases = Phases()
     with phases("read events"):
-        earlier = [day - dt.timedelta(days=i) for i in range(PROFILE_LOOKBACK_DAYS - 1, 0, -1)]
-        # Arrow, not pandas; the earlier days without the columns only today's rows need
+        # The day's partition: nothing after the day, maybe events stamped up to the allowed
+        # lateness before it (they count: histories, profiles, product counts).
         own = read_range_table(landing_root, "events", [day])
-        window = pa.concat_tables([
-            read_range_table(landing_root, "events", earlier, columns=WINDOW_COLUMNS),
-            own.select(WINDOW_COLUMNS)])
-        window = window.filter(pc.less(window["ts"], _scalar(interval.end, window["ts"])))
-        # pandas only for what needs it: today's events, and the month of today's users
-        # (a partition holds no event after its day: only the day's own can be today's)
-        today = own.filter(pc.and_(
-            pc.greater_equal(own["ts"], _scalar(interval.start, own["ts"])),
-            pc.less(own["ts"], _scalar(interval.end, own["ts"]))))
-        events = today.to_pandas()
-        snapshot = snapshot_users(events, pd.Timestamp(interval.end))
-        window_events = window.filter(pc.is_in(
-            window["user_id"], value_set=pa.array(snapshot.to_numpy(dtype=object),
-                                                  pa.string()))).to_pandas()
+        own = own.filter(pc.less(own["ts"], _scalar(interval.end, own["ts"])))
+        events = own.to_pandas()
+        snapshot = pd.Index(np.sort(events["user_id"].unique()), name="user_id")  # all changed
+        wanted = pa.array(snapshot.to_numpy(dtype=object), pa.string())
+
+        def window() -> pa.Table:  # the month before the day, and the day (Arrow)
+            earlier = [day - dt.timedelta(days=i) for i in range(PROFILE_LOOKBACK_DAYS - 1, 0, -1)]
+            return pa.concat_tables([read_range_table(landing_root, "events", earlier,
+                                                      columns=WINDOW_COLUMNS),
+                                     own.select(WINDOW_COLUMNS)])
     with phases("catalogue and users"):
         products_today = read_partition(landing_root, "products", day)
         catalog = running_catalog(landing_root, day, snapshot_root)
@@ -563,11 +560,18 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
         recent = tables["user_recent_products"] = build_user_recent_products(
             events, previous, interval)
     with phases("user_profile"):
-        tables["user_profile"] = build_user_profile(window_events, catalog, users,
-                                                    _state_after(previous, recent), interval)
+        state = _state_after(previous, recent)
+        if snapshot_root is None:  # from the month of events
+            month = window()
+            tables["user_profile"] = build_user_profile(
+                month.filter(pc.is_in(month["user_id"], value_set=wanted)).to_pandas(),
+                catalog, users, state, interval, user_ids=snapshot)
+        else:  # each user's previous row, rolled forward by the day's partition
+            tables["user_profile"] = _rolled_profiles(
+                offline_root, day, snapshot_root, own, wanted, catalog, users, state, snapshot)
     with phases("product tables"):
         day_counts, tables[PRODUCT_DAY_COUNTS] = _stored_day_counts(offline_root, window,
-                                                                    today, day)
+                                                                    own, day)
         tables["product_stats"] = build_product_stats(None, catalog, interval,
                                                       changed=products_today["product_id"],
                                                       day_counts=day_counts)

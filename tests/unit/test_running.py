@@ -122,3 +122,44 @@ def test_a_later_row_without_a_country_keeps_the_known_one(
                                       _full_users(root, day))
     found = running_users(root, _days()[2], tmp_path / "running", user_ids=["u3", "u1", "x"])
     assert found[["user_id", "country"]].values.tolist() == [["u1", "FR"], ["u3", "ES"]]
+
+
+def test_late_events_count_the_same_in_both_builds(landing: str, tmp_path: Path) -> None:
+    """An event stamped before its partition's day (allowed lateness) of a user with no
+    other event that day: both builds give that user a profile row that day counting it,
+    and write the same bytes (the month re-read, and the previous rows rolled forward)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    root = str(tmp_path / "landing")
+    shutil.copytree(landing, root)
+    day3 = _days()[2]
+    part = read_partition(root, "events", day3)
+    late = part[part["event_type"] == "purchase"].iloc[[0]].assign(
+        event_id="late-1", user_id="late-user", quantity=2, price=2.5,
+        ts=pd.Timestamp(day3, tz="UTC") - pd.Timedelta(minutes=30))
+    write_partition(root, "events", day3, pd.concat([part, late], ignore_index=True))
+    full, running = tmp_path / "full", tmp_path / "with_snapshots"
+    for day in _days(5):
+        build_features(root, full, day)
+        build_features(root, running, day, tmp_path / "running")
+    for name in sorted(p.relative_to(full) for p in full.rglob("*.parquet")):
+        assert (full / name).read_bytes() == (running / name).read_bytes(), name
+    rows = pq.read_table(full / "user_profile" / f"date={day3.isoformat()}" / "part-0.parquet")
+    [row] = [r for r in rows.to_pylist() if r["user_id"] == "late-user"]
+    day2 = int((pd.Timestamp(_days()[1]) - pd.Timestamp(0)) / pd.Timedelta(days=1))
+    assert (row["active_days"], row["purchase_by_day"], row["basket_value_by_day"]) == (
+        [day2], [1], [5.0])
+    assert np.isclose(row["basket_value_by_day"][0], 2 * 2.5)
+    # in the user's history, and in the product's purchases (counted on the day it landed)
+    def rows_of(table: str, day: dt.date) -> list[dict]:
+        return pq.read_table(full / table / f"date={day.isoformat()}" / "part-0.parquet"
+                             ).to_pylist()
+
+    [history] = [r for r in rows_of("user_recent_products", day3) if r["user_id"] == "late-user"]
+    product = late["product_id"].iloc[0]
+    assert (history["recent_product_ids"], history["recent_event_types"]) == (
+        [product], ["purchase"])
+    landed = {r["product_id"]: r["purchase"] for r in rows_of("product_day_counts", day3)}
+    on_time = part[(part["product_id"] == product) & (part["event_type"] == "purchase")]
+    assert landed[product] == len(on_time) + 1
