@@ -225,6 +225,9 @@ class LatestRows:
         # loses nothing (WAL); a file an OS crash left corrupt is noticed and rebuilt.
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute("PRAGMA temp_store=MEMORY")
+        # a day's fold rewrites rows all over a large file: 256 MB of pages (SQLite's
+        # default is 2 MB) measured ~15 % off a fold of 39,000 history rows at day 50
+        self._db.execute("PRAGMA cache_size=-262144")
         self._setup()
 
     def _discard(self, exc: Exception) -> None:
