@@ -101,6 +101,9 @@ def roll_profiles(previous: pa.Table, events: pd.DataFrame, catalog: pd.DataFram
         (U,) rows in ``user_ids`` order, ``schema`` without its time column.
     """
     n = len(user_ids)
+    names = [c for c in schema.names if c != "event_timestamp"]
+    if not n:
+        return pa.schema([schema.field(c) for c in names]).empty_table()
     fresh = pa.Table.from_pandas(
         stored_profiles(events, catalog, users, user_ids, day_end, last_purchase)
         .assign(user_id=user_ids.to_numpy(dtype=object)),
@@ -127,6 +130,5 @@ def roll_profiles(previous: pa.Table, events: pd.DataFrame, catalog: pd.DataFram
                               schema.field(name).type.value_type)
     arrays[LAST_PURCHASE_TS] = fresh[LAST_PURCHASE_TS]
     arrays[COUNTRY] = fresh[COUNTRY]
-    names = [c for c in schema.names if c != "event_timestamp"]
     return pa.table([arrays[c] for c in names],
                     schema=pa.schema([schema.field(c) for c in names]))
