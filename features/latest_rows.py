@@ -12,8 +12,9 @@ changed, nothing else:
 - ``sync(parts)`` makes the index hold exactly the fold over ``parts`` (the partitions
   before the day, oldest first, each with its stamp: ``features.running.partitions``). It
   compares them with the partitions it already folded: those that match in order are kept,
-  later ones are rolled back (newest first, from the previous rows each day saved), and the
-  missing ones are folded in. A partition rewritten or removed (quarantined), or added
+  later ones are rolled back (newest first: each folded day keeps which keys it changed and
+  the day of the row each held before, and that row is read again from its partition), and
+  the missing ones are folded in. A partition rewritten or removed (quarantined), or added
   before the end, is therefore noticed, as the snapshots noticed it. Rolling back further
   than ``UNDO_DAYS`` (a backfill of an old day) rebuilds the index from the partitions.
 - ``rows(keys)`` reads some keys' rows (or all) as an Arrow table of the table's schema.
@@ -44,7 +45,7 @@ from features.partitions import Part
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the encoding changes: an index of another format is rebuilt
+FORMAT = 2  # bump when the encoding changes: an index of another format is rebuilt
 UNDO_DAYS = 14  # newest folded days whose previous rows are kept (a rerun rolls back)
 REBUILD_CHUNK_DAYS = 14  # partitions folded at once when (re)building from scratch
 
@@ -265,9 +266,11 @@ class LatestRows:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('layout', ?)", (fingerprint,))
             self._db.execute(f"CREATE TABLE IF NOT EXISTS latest (k TEXT PRIMARY KEY, day TEXT, "
                              f"{cols})")
-            # undo: each key's row before a folded day (prev_day NULL: it had none)
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS undo (day TEXT, k TEXT, prev_day TEXT, "
-                             f"{cols}, PRIMARY KEY (day, k))")
+            # undo: the keys a folded day changed and the partition day of the row each held
+            # before (NULL: none); the rows themselves are in those partitions (copies of
+            # them made the file twice as large and every day's fold twice as slow)
+            self._db.execute("CREATE TABLE IF NOT EXISTS undo (day TEXT, k TEXT, prev_day TEXT, "
+                             "PRIMARY KEY (day, k))")
             self._db.execute("CREATE TABLE IF NOT EXISTS folded (day TEXT PRIMARY KEY, "
                              "stamp TEXT, undo INTEGER)")
 
@@ -316,8 +319,10 @@ class LatestRows:
                     self._db.execute(f"DELETE FROM {table}")
             same = 0
         else:
+            kept = {p.day.isoformat(): p for p in parts[:same]}
+            rolling = {day for day, _, _ in extra}
             for day, _, _ in reversed(extra):
-                self._roll_back(day)
+                self._roll_back(day, kept, rolling)
         todo = list(parts[same:])
         bulk = todo[:max(0, len(todo) - UNDO_DAYS)]  # too old to be rolled back to
         chunks = [bulk[i:i + REBUILD_CHUNK_DAYS] for i in range(0, len(bulk), REBUILD_CHUNK_DAYS)]
@@ -335,23 +340,24 @@ class LatestRows:
         files = [f"{p.path}/part-0.parquet" for p in parts]
         return pads.dataset(files, schema=self.schema, format="parquet").to_table()
 
-    def _read(self, parts: Sequence[Part]) -> pa.Table:
-        table = self._read_parts(parts)
-        if len(parts) == 1:
-            return table
-        # the row of each key that folding the partitions one by one keeps: the last (with
-        # ``keep_set``: the last with it set, else the last)
+    def _read(self, parts: Sequence[Part]) -> tuple[pa.Table, list[str]]:
+        """The row of each key that folding ``parts`` one by one keeps (the last; with
+        ``keep_set``: the last with it set, else the last), and the day of its partition."""
+        tables = [self._read_parts([p]) for p in parts]
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        days = np.repeat(np.array([p.day.isoformat() for p in parts], dtype=object),
+                         [t.num_rows for t in tables])
         order = pd.DataFrame({
             "k": table[self.key].to_numpy(zero_copy_only=False),
             "set": (table[self.keep_set].is_valid().to_numpy(zero_copy_only=False)
                     if self.keep_set else True)})
-        last = order.sort_values("set", kind="stable").drop_duplicates("k", keep="last")
-        return table.take(pa.array(np.sort(last.index.to_numpy())))
+        last = np.sort(order.sort_values("set", kind="stable")
+                       .drop_duplicates("k", keep="last").index.to_numpy())
+        return table.take(pa.array(last)), days[last].tolist()
 
     def _fold(self, parts: Sequence[Part], keep_undo: bool) -> None:
-        table = self._read(parts)
+        table, days = self._read(parts)
         rows = _encode(table, self.schema, self.key)
-        day = parts[-1].day.isoformat()
         names = ", ".join(name for name, _ in self._columns)
         marks = ", ".join("?" for _ in range(len(self._columns) + 2))
         with self._transaction():
@@ -360,10 +366,10 @@ class LatestRows:
                 self._db.execute("DELETE FROM touched")
                 self._db.executemany("INSERT OR IGNORE INTO touched VALUES (?)",
                                      ((r[0],) for r in rows))
-                self._db.execute(f"INSERT INTO undo SELECT ?, t.k, l.day, "
-                                 f"{', '.join('l.' + n for n, _ in self._columns)} "
-                                 f"FROM touched t LEFT JOIN latest l ON l.k = t.k", (day,))
-            self._db.executemany(self._upsert(names, marks), ((r[0], day, *r[1:]) for r in rows))
+                self._db.execute("INSERT INTO undo SELECT ?, t.k, l.day FROM touched t "
+                                 "LEFT JOIN latest l ON l.k = t.k", (parts[-1].day.isoformat(),))
+            self._db.executemany(self._upsert(names, marks),
+                                 ((r[0], d, *r[1:]) for r, d in zip(rows, days, strict=True)))
             self._db.executemany("INSERT INTO folded VALUES (?, ?, ?)",
                                  ((p.day.isoformat(), p.stamp, int(keep_undo)) for p in parts))
 
@@ -377,13 +383,32 @@ class LatestRows:
         column = f"c{self.schema.get_field_index(self.keep_set)}"  # _sql_columns' name
         return f"{sql} WHERE excluded.{column} IS NOT NULL OR latest.{column} IS NULL"
 
-    def _roll_back(self, day: str) -> None:
+    def _roll_back(self, day: str, kept: dict[str, Part], rolling: set[str]) -> None:
+        """Undo the fold of ``day``: its keys get back the row they held before, read again
+        from that row's partition (``kept``: the folded partitions that stay). A key whose
+        row before came from a day also being rolled back (``rolling``) is left out here:
+        that day's own roll-back, later, restores it."""
+        before = self._db.execute("SELECT k, prev_day FROM undo WHERE day = ?",
+                                  (day,)).fetchall()
+        wanted: dict[str, list[str]] = {}
+        for key, prev in before:
+            if prev is not None and prev not in rolling:
+                wanted.setdefault(prev, []).append(key)
+        missing = sorted(set(wanted) - set(kept))
+        if missing:  # cannot happen unless the file was edited: start again
+            raise sqlite3.DatabaseError(f"rows of {missing} to roll {day} back to are gone")
+        restored = []
+        for prev, keys in sorted(wanted.items()):
+            table, _ = self._read([kept[prev]])
+            table = table.filter(pc.is_in(table[self.key], value_set=pa.array(keys, pa.string())))
+            restored += [(r[0], prev, *r[1:]) for r in _encode(table, self.schema, self.key)]
         names = ", ".join(name for name, _ in self._columns)
+        marks = ", ".join("?" for _ in range(len(self._columns) + 2))
         with self._transaction():
             self._db.execute("DELETE FROM latest WHERE k IN (SELECT k FROM undo WHERE day = ?)",
                              (day,))
-            self._db.execute(f"INSERT INTO latest (k, day, {names}) SELECT k, prev_day, {names} "
-                             f"FROM undo WHERE day = ? AND prev_day IS NOT NULL", (day,))
+            self._db.executemany(f"INSERT INTO latest (k, day, {names}) VALUES ({marks})",
+                                 restored)
             self._db.execute("DELETE FROM undo WHERE day = ?", (day,))
             self._db.execute("DELETE FROM folded WHERE day = ?", (day,))
 

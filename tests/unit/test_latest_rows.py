@@ -70,6 +70,11 @@ def test_day_by_day_reruns_and_an_old_backfill(offline: Path, tmp_path: Path,
         assert _check(index, offline, _days()[-1]) == {
             "kept": 2, "rolled_back": 0, "folded": DAYS - 3, "rebuilt": 0}
         assert sum(undo for _, _, undo in index.folded()) == 3
+        # rolled back again: the rows before come from days folded in chunks, read again
+        # from their own partitions (the undo log keeps their days, not copies)
+        assert _check(index, offline, _days()[-3])["rolled_back"] == 2
+        assert index._db.execute("SELECT COUNT(*) FROM pragma_table_info('undo')"
+                                 ).fetchone()[0] == 3  # day, key, the row's day before
 
 
 def test_rewritten_removed_and_late_partitions(offline: Path, tmp_path: Path) -> None:
