@@ -20,13 +20,10 @@ point-in-time join for an event of day D sees the snapshots of day D-1 and never
   or a view or purchase enters or leaves a window: ``stats_products``), views and purchases
   over 7 and 30 days, the 30-day conversion rate, price, category, brand and when it was
   first seen (epoch seconds; a reader counts the days since at its own time).
-  The windows are summed from ``product_day_counts`` (not a Feast view: each day's views and
-  purchases per product, written by that day's build; a missing day is counted from its
-  events), so a day does not count a month of events again.
-- ``product_text``: "title | category | brand | description" of products added or changed
-  that day (the text the item tower reads; ``features.contract.product_text``).
-- ``product_catalog``: products added or changed that day, timestamped when they changed
-  (kept for the ``product_catalog_v1`` service).
+  The windows are summed from ``product_day_counts`` (each day's views and purchases per
+  product, not a Feast view; a missing day is counted from its events).
+- ``product_text``: the item tower's text of products added or changed that day.
+- ``product_catalog``: products added or changed that day, timestamped when they changed.
 """
 
 from __future__ import annotations
@@ -271,10 +268,13 @@ def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame | pa
     prev_user = active.get_indexer(prev["user_id"].to_numpy(zero_copy_only=False))  # (P,)
     today_user = active.get_indexer(touched["user_id"].to_numpy(dtype=object))  # (T,)
     today_s = epoch_seconds(touched["ts"])  # (T,)
-    # Every entry, previous ones first, then sorted by user and time (whole seconds, a tie
-    # keeping that order): an event that landed late goes before the later earlier entries.
+    # Every entry, previous ones first, each user's oldest first: a stable sort by user,
+    # or by user and time (whole seconds) when an event landed late, before earlier entries.
     user = np.concatenate([np.repeat(prev_user, sizes), today_user])  # (E + T,)
-    order = np.lexsort((np.arange(len(user)), np.concatenate([flat_stamps, today_s]), user))
+    newest = np.full(len(active), np.iinfo(np.int64).min)  # (A,) each user's last entry
+    newest[prev_user[sizes > 0]] = flat_stamps[np.cumsum(sizes)[sizes > 0] - 1]
+    order = (np.lexsort((np.arange(len(user)), np.concatenate([flat_stamps, today_s]), user))
+             if (today_s < newest[today_user]).any() else np.argsort(user, kind="stable"))
     counts = np.bincount(user, minlength=len(active))  # (A,) every active user has one
     ends = np.cumsum(counts)
     keep = ends[user[order]] - np.arange(len(order)) - 1 < history_len  # the last entries
