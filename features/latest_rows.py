@@ -220,6 +220,17 @@ class LatestRows:
             self._open()
 
     def _open(self) -> None:
+        self._connect()
+        if self._layout() not in (None, self._fingerprint()):
+            # a new file, not dropped tables: their pages would stay in it
+            log.info("%s: another layout, rebuilt from the partitions", self.path.name)
+            self._db.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            self._connect()
+        self._setup()
+
+    def _connect(self) -> None:
         self._db = sqlite3.connect(self.path, timeout=300, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         # Derived state: no fsync (a day writes a few hundred MB). A process killed midway
@@ -229,7 +240,17 @@ class LatestRows:
         # a day's fold rewrites rows all over a large file: 256 MB of pages (SQLite's
         # default is 2 MB) measured ~15 % off a fold of 39,000 history rows at day 50
         self._db.execute("PRAGMA cache_size=-262144")
-        self._setup()
+
+    def _fingerprint(self) -> str:
+        return (f"{FORMAT}|{self.key}|{self.keep_set}|"
+                f"{self.schema.to_string(show_schema_metadata=False)}")
+
+    def _layout(self) -> str | None:
+        """The layout the file was written with (None: a new file)."""
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+            return None
+        found = self._db.execute("SELECT value FROM meta WHERE name = 'layout'").fetchone()
+        return None if found is None else found[0]
 
     def _discard(self, exc: Exception) -> None:
         """Delete an index SQLite cannot read (it is rebuilt from the partitions)."""
@@ -253,17 +274,11 @@ class LatestRows:
     # --- layout ---------------------------------------------------------------------------
 
     def _setup(self) -> None:
-        fingerprint = (f"{FORMAT}|{self.key}|{self.keep_set}|"
-                       f"{self.schema.to_string(show_schema_metadata=False)}")
         cols = ", ".join(f"{name} {kind}" for name, kind in self._columns)
         with self._transaction():
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
-            found = self._db.execute("SELECT value FROM meta WHERE name = 'layout'").fetchone()
-            if found is not None and found[0] != fingerprint:
-                log.info("%s: another layout, rebuilt from the partitions", self.path.name)
-                for table in ("latest", "undo", "folded"):
-                    self._db.execute(f"DROP TABLE IF EXISTS {table}")
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('layout', ?)", (fingerprint,))
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('layout', ?)",
+                             (self._fingerprint(),))
             self._db.execute(f"CREATE TABLE IF NOT EXISTS latest (k TEXT PRIMARY KEY, day TEXT, "
                              f"{cols})")
             # undo: the keys a folded day changed and the partition day of the row each held

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pandas as pd
@@ -153,9 +154,14 @@ def test_another_layout_is_rebuilt(offline: Path, tmp_path: Path,
     path = tmp_path / "state.sqlite"
     with _index(path) as index:
         _check(index, offline, _days()[-1])
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE marker (x)")
     monkeypatch.setattr(latest_rows, "FORMAT", latest_rows.FORMAT + 1)
     with _index(path) as index:
         assert index.folded() == []
+        # a new file: nothing of the old one (its pages) is kept
+        assert index._db.execute("SELECT name FROM sqlite_master WHERE name = 'marker'"
+                                 ).fetchone() is None
         assert _check(index, offline, _days()[-1])["folded"] == DAYS - 1
 
 
