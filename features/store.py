@@ -225,7 +225,17 @@ def bound_offline_join(settings: Settings) -> None:
     spill.mkdir(parents=True, exist_ok=True)
     backend = ibis.get_backend()
     backend.raw_sql(f"SET memory_limit = '{limit}'")
-    backend.raw_sql(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
+    # DuckDB refuses to move its spill folder once it has spilled (the second join of a
+    # process, e.g. train's validation set after its examples, failed): set it only when it
+    # differs, and a process that already spilled elsewhere keeps spilling there
+    current = backend.raw_sql("SELECT current_setting('temp_directory')").fetchone()[0]
+    if current != str(spill):
+        try:
+            backend.raw_sql(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
+        except Exception as exc:  # duckdb.NotImplementedException
+            if "temporary directory" not in str(exc):
+                raise
+            log.info("offline joins keep spilling to %s (DuckDB cannot move it now)", current)
     # rows come back in the entity frame's order anyway (sorted by _row below)
     backend.raw_sql("SET preserve_insertion_order = false")
 
