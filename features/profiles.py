@@ -107,7 +107,7 @@ def roll_profiles(previous: pa.Table, events: pd.DataFrame, catalog: pd.DataFram
     fresh = pa.Table.from_pandas(
         stored_profiles(events, catalog, users, user_ids, day_end, last_purchase)
         .assign(user_id=user_ids.to_numpy(dtype=object)),
-        schema=pa.schema([schema.field(c) for c in schema.names if c != "event_timestamp"]),
+        schema=pa.schema([schema.field(c) for c in names]),
         preserve_index=False)
     first = _epoch_day(day_end) - KEPT_DAYS  # the oldest day a row keeps
     daily_columns = [ACTIVE_DAYS, *DAILY_COLUMNS.values(), BASKET_BY_DAY]
