@@ -34,11 +34,10 @@ from features.contract import (
     TABLES,
     ContractError,
     Interval,
-    list_days,
     parse_day,
     partition_dir,
-    read_partition,
 )
+from features.event_summaries import MIX_EVENT_TYPES, DaySummary, category_mix, day_summaries
 from features.quarantine import QuarantineRecord, quarantine_day, quarantine_status
 from features.running import running_catalog, running_users
 from features.validation_report import (
@@ -49,7 +48,7 @@ from features.validation_report import (
     failures_from_result,
     redact_gx_result,
 )
-from features.validation_suites import DayContext, ValidationPolicy, build_suite, category_psi
+from features.validation_suites import DayContext, ValidationPolicy, build_suite, psi_of_counts
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +154,14 @@ def _safe(read: Any, *args: Any) -> pd.DataFrame | None:
 
 
 def _day_context(root: str, day: dt.date, policy: ValidationPolicy,
-                 products_today: pd.DataFrame | None,
+                 products_today: pd.DataFrame | None, events_today: pd.DataFrame | None,
                  snapshot_root: Path | None = None) -> tuple[DayContext, pd.DataFrame,
-                                                             dict[dt.date, pd.DataFrame]]:
+                                                             list[DaySummary]]:
     """Catalogue as of the day (a running snapshot under ``snapshot_root`` when given:
-    ``features.running``) and the trailing events, for reference and drift checks."""
+    ``features.running``) and the trailing days' event summaries (``features.event_summaries``,
+    cached under ``snapshot_root``), for reference and drift checks. The suite's catalogue
+    set holds the catalogue's products that today's events name (a value is in it exactly
+    when it is in the catalogue): its size follows the day, not the catalogue."""
     catalog = _safe(running_catalog, root, day, snapshot_root)
     if catalog is None:
         # Today's products are broken (they fail their own suite): judge the events against
@@ -170,21 +172,19 @@ def _day_context(root: str, day: dt.date, policy: ValidationPolicy,
             extra = products_today[["product_id"]].dropna().astype(str)
             catalog = pd.concat([catalog, extra], ignore_index=True).drop_duplicates(
                 "product_id", keep="first")
-    history: dict[dt.date, pd.DataFrame] = {}
-    window_start = day - dt.timedelta(days=policy.history_days)
-    for d in list_days(root, "events"):
-        if window_start <= d < day:
-            frame = _safe(read_partition, root, "events", d)
-            if frame is not None and len(frame):
-                history[d] = frame
-    ctx = DayContext(frozenset(catalog["product_id"].dropna().astype(str)),
-                     tuple(len(f) for f in history.values()))
+    history = day_summaries(root, day - dt.timedelta(days=policy.history_days), day,
+                            snapshot_root)
+    known = catalog["product_id"].dropna().astype(str)
+    if events_today is not None and "product_id" in events_today:
+        named = pd.Index(events_today["product_id"].dropna().astype(str).unique())
+        known = known[known.isin(named)]
+    ctx = DayContext(frozenset(known), tuple(s.rows for s in history))
     return ctx, catalog, history
 
 
 def _event_observations(df: pd.DataFrame, root: str, day: dt.date, interval: Interval,
                         policy: ValidationPolicy, catalog: pd.DataFrame,
-                        history: dict[dt.date, pd.DataFrame],
+                        history: list[DaySummary],
                         snapshot_root: Path | None = None) -> tuple[dict, list[dict]]:
     """Counts the report shows for events (late rows, new users, drift) and drift findings."""
     obs: dict[str, Any] = {}
@@ -201,7 +201,7 @@ def _event_observations(df: pd.DataFrame, root: str, day: dt.date, interval: Int
                           sorted(seen))
         known = set(users["user_id"]) if users is not None else set()
         obs["users_first_seen_in_events"] = len(seen - known)
-    counts = [len(f) for f in history.values()]
+    counts = [s.rows for s in history]
     obs["history_days"] = len(counts)
     if len(counts) < policy.min_history_days:
         obs["drift"] = f"skipped: {len(counts)} of {policy.min_history_days} history days"
@@ -209,18 +209,13 @@ def _event_observations(df: pd.DataFrame, root: str, day: dt.date, interval: Int
     obs["volume"] = {"rows": len(df), "trailing_mean": round(sum(counts) / len(counts), 1),
                      "band": list(policy.volume_band)}
     if {"product_id", "event_type"} <= set(df.columns) and len(catalog):
-        category = catalog.set_index("product_id")["category"]
-
-        def mix(frame: pd.DataFrame) -> pd.Series:
-            seen = frame[frame["event_type"].isin(["view", "purchase"])]
-            return seen["product_id"].map(category)
-
-        today = mix(df)
-        if today.notna().sum() < policy.min_psi_events:
-            obs["category_psi"] = (f"skipped: {today.notna().sum()} viewed or bought "
+        category = catalog.drop_duplicates("product_id").set_index("product_id")["category"]
+        seen = df[df["event_type"].isin(MIX_EVENT_TYPES)]["product_id"].map(category)
+        if seen.notna().sum() < policy.min_psi_events:
+            obs["category_psi"] = (f"skipped: {seen.notna().sum()} viewed or bought "
                                    f"products, fewer than {policy.min_psi_events}")
             return obs, findings
-        psi = category_psi(today, mix(pd.concat(history.values(), ignore_index=True)))
+        psi = psi_of_counts(seen.value_counts(), category_mix(history, category))
         obs["category_psi"] = round(psi, 4)
         if psi > policy.psi_threshold:
             findings.append({"expectation": "shoprec_category_mix_psi", "column": "category",
@@ -281,7 +276,7 @@ def validate_day(root: str, day: dt.date, report_dir: Path,
     out.mkdir(parents=True, exist_ok=True)
     raw = {table: read_raw_partition(root, table, day) for table in TABLES}
     day_ctx, catalog, history = _day_context(root, day, policy, raw["products"].frame,
-                                             snapshot_root)
+                                             raw["events"].frame, snapshot_root)
     gx_run = _new_run()
     tables: dict[str, TableResult] = {}
     for table in TABLES:

@@ -349,11 +349,17 @@ def category_psi(current: pd.Series, baseline: pd.Series, smoothing: float = 0.5
     Returns:
         PSI = sum((p - q) * ln(p / q)); 0 for identical mixes, > 0.25 is a large shift.
     """
-    current, baseline = current.dropna(), baseline.dropna()
+    return psi_of_counts(current.dropna().value_counts(), baseline.dropna().value_counts(),
+                         smoothing)
+
+
+def psi_of_counts(current: pd.Series, baseline: pd.Series, smoothing: float = 0.5) -> float:
+    """``category_psi`` of two samples given as counts per category (category -> count)."""
+    current, baseline = current[current > 0], baseline[baseline > 0]
     if current.empty or baseline.empty:
         return 0.0
-    cats = sorted(set(current) | set(baseline))
-    p = current.value_counts().reindex(cats, fill_value=0).to_numpy() + smoothing
-    q = baseline.value_counts().reindex(cats, fill_value=0).to_numpy() + smoothing
+    cats = sorted(set(current.index) | set(baseline.index))
+    p = current.reindex(cats, fill_value=0).to_numpy(dtype=np.float64) + smoothing
+    q = baseline.reindex(cats, fill_value=0).to_numpy(dtype=np.float64) + smoothing
     p, q = p / p.sum(), q / q.sum()
     return float(np.sum((p - q) * np.log(p / q)))

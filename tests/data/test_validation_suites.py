@@ -189,6 +189,35 @@ def test_drift_warns_by_default_and_fails_when_strict(
     assert check in {f["check"] for f in strict.tables["events"].failures}
 
 
+def test_cached_day_summaries_give_the_same_drift_figures(long_shop: str,
+                                                         tmp_path: Path) -> None:
+    """The drift checks read the earlier days' summaries (row counts, views and purchases
+    per product) from a cache under the snapshot root instead of their partitions: the
+    observations are the ones the partitions give, and a history day rewritten since its
+    summary was cached is summarised again."""
+    day = START + dt.timedelta(days=4)
+    root = _copy_day(long_shop, tmp_path, day)
+    running = tmp_path / "running"
+    reference = validate_day(root, day, tmp_path / "ref").tables["events"].observations
+    first = validate_day(root, day, tmp_path / "a", snapshot_root=running)
+    cached = validate_day(root, day, tmp_path / "b", snapshot_root=running)
+    assert len(list((running / "event_summaries").glob("date=*.parquet"))) == 4
+    for report in (first, cached):
+        assert report.tables["events"].observations == reference
+    assert isinstance(reference["category_psi"], float)
+    assert reference["volume"]["trailing_mean"] > 0
+
+    earlier = START + dt.timedelta(days=2)  # every view and purchase of a history day doubled
+    events = _raw_events(root, earlier)
+    mix = events[events["event_type"].isin(["view", "purchase"])]
+    _overwrite(root, earlier, pd.concat([events, mix.assign(
+        event_id=mix["event_id"] + "_again")], ignore_index=True))
+    changed = validate_day(root, day, tmp_path / "c").tables["events"].observations
+    assert changed["volume"] != reference["volume"]
+    again = validate_day(root, day, tmp_path / "d", snapshot_root=running)
+    assert again.tables["events"].observations == changed
+
+
 def test_policy_reads_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ValidationPolicy.from_env(Settings()) == ValidationPolicy()
     monkeypatch.setenv("SHOPREC_VALIDATION_VOLUME_BAND", "0.5,2")
