@@ -17,11 +17,11 @@ point-in-time join for an event of day D sees the snapshots of day D-1 and never
   computes the profile (counts over 7 and 30 days, days since the last purchase, distinct
   categories, mean basket value, country) at its own time.
 - ``product_stats``: for each product whose row changes that day (its attributes changed,
-  or a view or purchase enters or leaves a window: ``stats_products``), views and purchases
+  or a view or purchase enters or leaves a window), views and purchases
   over 7 and 30 days, the 30-day conversion rate, price, category, brand and when it was
   first seen (epoch seconds; a reader counts the days since at its own time).
-  The windows are summed from ``product_day_counts`` (each day's views and purchases per
-  product, not a Feast view; a missing day is counted from its events).
+  The windows are sums of ``product_day_counts`` (each day's views and purchases per
+  product, not a Feast view), kept from day to day (``features.product_windows``).
 - ``product_text``: the item tower's text of products added or changed that day.
 - ``product_catalog``: products added or changed that day, timestamped when they changed.
 """
@@ -31,7 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,17 @@ from features.contract import (
 from features.latest_rows import LatestRows
 from features.partitions import Part, partitions
 from features.phases import Phases
+from features.product_windows import (
+    PRODUCT_DAY_COUNTS,
+    PRODUCT_DAY_COUNTS_SCHEMA,
+    changed_by_counts,
+    product_count_columns,
+    product_day_counts,
+    store_sums,
+    sums_of,
+    today_counts,
+    window_sums,
+)
 from features.profiles import previous_profiles, roll_profiles
 from features.running import running_catalog, running_users
 from features.user_state import (
@@ -65,7 +76,6 @@ from features.user_state import (
     LAST_PURCHASE_TS,
     PROFILE_LOOKBACK_DAYS,
     RECENT_CATEGORIES,
-    WINDOWS_DAYS,
     epoch_seconds,
     history_events,
     snapshot_users,
@@ -74,20 +84,11 @@ from features.user_state import (
 
 log = logging.getLogger(__name__)
 
-PRODUCT_STAT_EVENT_TYPES = ("view", "purchase")
-# Days after a product's view or purchase on which its product_stats row changes: the event
-# enters every window, then leaves the 7-day and the 30-day ones.
-CHANGE_OFFSETS: tuple[int, ...] = (0, *WINDOWS_DAYS)
-# Not a Feast view: each day's views and purchases per product, summed by later days' builds.
-PRODUCT_DAY_COUNTS = "product_day_counts"
-PRODUCT_DAY_COUNTS_SCHEMA = pa.schema([("product_id", pa.string()),
-                                       *[(t, pa.int64()) for t in PRODUCT_STAT_EVENT_TYPES]])
 # product_stats stores when a product was first seen (epoch seconds), not the days since: a
 # row that changed every day for every product would be rewritten and materialized daily.
 FIRST_SEEN = "first_seen_epoch_s"
 
 TS = pa.timestamp("us", tz="UTC")
-_DAY = pd.Timedelta(days=1)
 
 USER_RECENT_SCHEMA = pa.schema([
     ("user_id", pa.string()),
@@ -98,11 +99,6 @@ USER_RECENT_SCHEMA = pa.schema([
     ("last_purchase_ts", TS),
     ("event_timestamp", TS),
 ])
-
-
-def product_count_columns() -> list[str]:
-    """``product_stats``' counter columns: ``product_<event_type>_count_<w>d``."""
-    return [f"product_{t}_count_{w}d" for w in WINDOWS_DAYS for t in PRODUCT_STAT_EVENT_TYPES]
 
 
 USER_PROFILE_SCHEMA = pa.schema([  # the key, user_state.STORED_PROFILE_COLUMNS, the time
@@ -340,112 +336,37 @@ def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,
     return pa.Table.from_pandas(out, schema=USER_PROFILE_SCHEMA, preserve_index=False)
 
 
-def product_day_counts(events: pa.Table, end: pd.Timestamp) -> pd.DataFrame:
-    """Views and purchases per product and day, counted in Arrow.
-
-    Args:
-        events: contract events (Arrow) of days before ``end``.
-        end: the end of the last day.
-
-    Returns:
-        Columns ``product_id``, ``days_ago`` (0: the day ending at ``end``) and one count per
-        ``PRODUCT_STAT_EVENT_TYPES``, one row per product and day with any, sorted.
-    """
-    mine = events.filter(pc.and_(pc.is_valid(events["product_id"]),
-                                 pc.is_in(events["event_type"],
-                                          value_set=pa.array(PRODUCT_STAT_EVENT_TYPES))))
-    last = np.datetime64((end - _DAY).tz_convert(None).floor("D").to_datetime64(), "D")
-    days_ago = (last - mine["ts"].to_numpy().astype("datetime64[D]")).astype(np.int64)
-    keyed = pa.table({"product_id": mine["product_id"], "days_ago": days_ago,
-                      "event_type": mine["event_type"]})
-    grouped = (keyed.group_by(["product_id", "days_ago", "event_type"])
-               .aggregate([("product_id", "count")]).to_pandas())
-    wide = grouped.pivot_table(index=["product_id", "days_ago"], columns="event_type",
-                               values="product_id_count", aggfunc="sum", fill_value=0)
-    wide = wide.reindex(columns=list(PRODUCT_STAT_EVENT_TYPES), fill_value=0)
-    out = wide.reset_index().sort_values(["product_id", "days_ago"], kind="stable")
-    out.columns.name = None
-    return out.astype({t: "int64" for t in PRODUCT_STAT_EVENT_TYPES}).reset_index(drop=True)
-
-
-def _stored_day_counts(offline_root: Path, window: Callable[[], pa.Table], today: pa.Table,
-                       day: dt.date) -> tuple[pd.DataFrame, pa.Table]:
-    """The window's ``product_day_counts`` from each earlier day's partition where its build
-    wrote one (a month of events is not counted again every day), else from its events;
-    and today's counts, as the partition to write. The window's rows come in no particular
-    order (read in Arrow and converted once: a month of a large catalogue's counts)."""
-    interval = Interval.for_day(day)
-    end = pd.Timestamp(interval.end)
-    # a late event counts on the day it landed (its own day's counts were written already)
-    start = _scalar(interval.start, today["ts"])
-    today_counts = product_day_counts(today.set_column(
-        today.schema.get_field_index("ts"), "ts",
-        pc.if_else(pc.less(today["ts"], start), start, today["ts"])), end)
-    stored, missing = [], []
-    for ago in range(1, PROFILE_LOOKBACK_DAYS):
-        path = _partition_file(offline_root, PRODUCT_DAY_COUNTS, day - dt.timedelta(days=ago))
-        if path.exists():
-            part = pq.read_table(path, schema=PRODUCT_DAY_COUNTS_SCHEMA)
-            stored.append(part.append_column("days_ago", pa.array(
-                np.full(part.num_rows, ago, dtype=np.int64))))
-        else:
-            missing.append(ago)
-    frames = [today_counts]
-    if stored:
-        frames.append(pa.concat_tables(stored).to_pandas())
-    if missing:
-        counted = product_day_counts(window(), end)  # read only when a day lacks its counts
-        frames.append(counted[counted["days_ago"].isin(missing)])
-    counts = pd.concat(frames, ignore_index=True)[today_counts.columns]
-    written = pa.Table.from_pandas(today_counts.drop(columns="days_ago"),
-                                   schema=PRODUCT_DAY_COUNTS_SCHEMA, preserve_index=False)
-    return counts, written
-
-
-def _product_counts(day_counts: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
-    """Views and purchases per product of ``index`` (unique) over each of ``WINDOWS_DAYS``
-    from ``product_day_counts`` (a million rows at full size), missing = 0."""
-    at = index.get_indexer(day_counts["product_id"].to_numpy(dtype=object))  # (R,) -1: none
-    mine = at >= 0
-    at, ago = at[mine], day_counts["days_ago"].to_numpy()[mine]
-    columns = {}
-    for w in WINDOWS_DAYS:
-        inside = ago < w
-        for t in PRODUCT_STAT_EVENT_TYPES:
-            counts = day_counts[t].to_numpy(dtype=np.float64)[mine][inside]
-            columns[f"product_{t}_count_{w}d"] = np.bincount(
-                at[inside], weights=counts, minlength=len(index)).astype(np.int64)
-    return pd.DataFrame(columns, index=index)
-
-
 def build_product_stats(window_events: pa.Table | pd.DataFrame | None, catalog: pd.DataFrame,
                         interval: Interval, changed: Sequence[str] | None = None, *,
-                        day_counts: pd.DataFrame | None = None) -> pa.Table:
+                        sums: tuple[pd.DataFrame, set[str]] | None = None) -> pa.Table:
     """Windowed product features as of the interval end, of the products whose row changes
-    that day (``stats_products``), or of every catalogue product (``changed`` None).
+    that day (its attributes changed, or ``changed_by_counts``), or of every catalogue product (``changed`` None).
 
     Args:
         window_events: events of the last days up to the interval end (contract columns;
-            Arrow, or pandas), or None with ``day_counts``.
+            Arrow, or pandas), or None with ``sums``.
         catalog: ``features.running.catalog_merge`` as of the interval end.
         interval: the day.
         changed: the products whose attributes changed or appeared that day (the day's
             products partition); None: every catalogue product.
-        day_counts: ``product_day_counts`` of the window, instead of counting its events.
+        sums: the counters as of the day and the products whose counters change that day
+            (``features.product_windows.window_sums``), instead of counting the events.
 
     Returns:
         One row per such product, sorted (``PRODUCT_STATS_SCHEMA``).
     """
     end = pd.Timestamp(interval.end)
-    if day_counts is None:
+    if sums is None:
         if isinstance(window_events, pd.DataFrame):
             window_events = pa.Table.from_pandas(
                 window_events[["product_id", "event_type", "ts"]], preserve_index=False)
         day_counts = product_day_counts(window_events, end)
+        sums = sums_of(day_counts), changed_by_counts(day_counts)
+    counters, counted = sums
     index = pd.Index(catalog["product_id"], name="product_id").sort_values()
     if changed is not None:
-        index = index[index.isin(stats_products(day_counts, changed))]
-    out = _product_counts(day_counts, index)[product_count_columns()]
+        index = index[index.isin(counted | {str(p) for p in changed})]
+    out = counters.reindex(index, fill_value=0).astype("int64")
     views, buys = out["product_view_count_30d"], out["product_purchase_count_30d"]
     out["conversion_rate_30d"] = np.where(views > 0, buys / views.where(views > 0, 1), 0.0)
     attrs = catalog.set_index("product_id").reindex(index)
@@ -456,15 +377,6 @@ def build_product_stats(window_events: pa.Table | pd.DataFrame | None, catalog: 
     out["event_timestamp"] = end
     return pa.Table.from_pandas(out.reset_index(), schema=PRODUCT_STATS_SCHEMA,
                                 preserve_index=False)
-
-
-def stats_products(day_counts: pd.DataFrame, changed: Sequence[str]) -> set[str]:
-    """The products whose ``product_stats`` row changes on a day: those whose attributes
-    changed that day (``changed``), and those with a view or purchase ``CHANGE_OFFSETS``
-    days before it (an event enters a window, or leaves the 7- or 30-day ones). Every
-    other product's last row still holds (the Feast view's long ttl)."""
-    hit = day_counts[day_counts["days_ago"].isin(CHANGE_OFFSETS)]["product_id"]
-    return set(hit.tolist()) | {str(p) for p in changed}
 
 
 def build_product_text(products: pd.DataFrame, interval: Interval) -> pa.Table:
@@ -570,16 +482,21 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
             tables["user_profile"] = _rolled_profiles(
                 offline_root, day, snapshot_root, own, wanted, catalog, users, state, snapshot)
     with phases("product tables"):
-        day_counts, tables[PRODUCT_DAY_COUNTS] = _stored_day_counts(offline_root, window,
-                                                                    own, day)
+        counted = today_counts(own, day)
+        tables[PRODUCT_DAY_COUNTS] = pa.Table.from_pandas(
+            counted.drop(columns="days_ago"), schema=PRODUCT_DAY_COUNTS_SCHEMA,
+            preserve_index=False)
+        counters, hit, keep = window_sums(offline_root, day, counted, window, snapshot_root)
         tables["product_stats"] = build_product_stats(None, catalog, interval,
                                                       changed=products_today["product_id"],
-                                                      day_counts=day_counts)
+                                                      sums=(counters, hit))
         tables["product_text"] = build_product_text(products_today, interval)
         tables["product_catalog"] = build_product_catalog(products_today)
     with phases("write"):
         out: dict[str, Any] = {name: _write(offline_root, name, day, data)
                                for name, data in tables.items()}
+        if snapshot_root is not None and keep:  # the next day starts from today's sums
+            store_sums(snapshot_root, offline_root, day, counters)
     log.info("feature build phases for %s (s): %s", day, phases)
     out.update({
         "users": recent.num_rows,
