@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hmac
 import logging
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -49,7 +51,7 @@ from serving.schemas import (
     VersionInfo,
 )
 from serving.search import MAX_QUERY_CHARS
-from training.ranking.histories import Histories
+from training.ranking.histories import Histories, MalformedHistory
 from training.registry import CHAMPION
 
 log = logging.getLogger("shoprec.serving")
@@ -119,6 +121,7 @@ class Metrics:
         self.requests: dict[tuple[str, str, str], int] = {}
         self.latency: dict[str, list[float]] = {}  # endpoint -> bucket counts, then sum
         self.bundle: tuple[float, int] | None = None  # (version, products)
+        self.malformed_rows = 0  # online rows refused as malformed (UserHistory.malformed)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -155,6 +158,9 @@ class Metrics:
             buckets = [(repr(b), row[i]) for i, b in enumerate(self.BUCKETS)]
             histogram.add_metric([endpoint], buckets + [("+Inf", row[-2])], sum_value=row[-1])
         yield histogram
+        yield CounterMetricFamily("shoprec_malformed_online_rows",
+                                  "online history rows refused as malformed (served without "
+                                  "history, flagged degraded)", value=self.malformed_rows)
         if bundle is not None:
             yield GaugeMetricFamily("shoprec_bundle_version", "model version being served",
                                     value=bundle[0])
@@ -162,16 +168,36 @@ class Metrics:
                                     "products in the served catalogue", value=bundle[1])
 
 
+@functools.cache
+def store_outages() -> tuple[type[BaseException], ...]:
+    """The errors that mean the online store is unavailable, not that the code is wrong:
+    connections refused or reset, timeouts, I/O errors, SQLite's database errors (locked,
+    unreadable, gone), and Redis' connection and timeout errors when redis is installed."""
+    kinds: list[type[BaseException]] = [OSError, TimeoutError, sqlite3.DatabaseError]
+    try:
+        from redis import exceptions as redis_errors
+    except ImportError:  # the embedded profile may run without redis
+        pass
+    else:
+        kinds += [redis_errors.ConnectionError, redis_errors.TimeoutError,
+                  redis_errors.BusyLoadingError]
+    return tuple(kinds)
+
+
 class UserHistory:
     """Reads users' recent products and profiles from the Feast online store, and writes
     incoming events into it.
 
-    When the online store fails (Redis down, ...), requests are not failed: a user read
+    When the online store fails (``store_outages``: Redis or the SQLite file unreachable,
+    timeouts, I/O errors), requests are not failed: a user read
     before gets their last-known row (an LRU of ``cache_size`` users, refreshed on every
     successful read), anybody else is served as a visitor without history; the answer is
     flagged ``degraded`` and /readyz says since when. While the store is down it is tried
     again at most every ``retry_seconds`` (requests in between do not wait on it); the
-    first success ends the degraded state.
+    first success ends the degraded state. Any other error while reading is a bug and
+    fails the request. A row the store returns whose lists disagree (``MalformedHistory``)
+    is logged, counted (``shoprec_malformed_online_rows`` in /metrics) and answered without
+    history, flagged ``degraded`` with the reason; the store is not marked down for it.
 
     Args:
         settings: where the store is.
@@ -191,6 +217,7 @@ class UserHistory:
         self.down_since: float | None = None
         self.down_reason = ""
         self._last_try = 0.0
+        self.malformed = 0  # rows refused as malformed (``MalformedHistory``), for /metrics
 
     def _open(self):
         from features.store import OnlineUserReader, feature_store
@@ -219,7 +246,7 @@ class UserHistory:
                 try:
                     self._open()
                     row = self._reader.read([user_id])[user_id]
-                except Exception as exc:  # a failing store must not take the API down
+                except store_outages() as exc:  # a failing store must not take the API down
                     if self.down_since is None:
                         log.warning("online store unavailable (%s: %s); serving last-known "
                                     "features or popularity until it answers again",
@@ -232,11 +259,18 @@ class UserHistory:
                                     time.time() - self.down_since)
                         self.down_since, self.down_reason = None, ""
             if row is not None:
+                try:
+                    user = Histories.from_row(row)
+                except MalformedHistory as exc:  # a writer's bug: say so, never guess
+                    self.malformed += 1
+                    log.error("malformed online row for user %r, served without history: %s",
+                              user_id, exc)
+                    return Histories.empty(1), f"malformed online row: {exc}"
                 self._known[user_id] = row
                 self._known.move_to_end(user_id)
                 while len(self._known) > self.cache_size:
                     self._known.popitem(last=False)
-                return Histories.from_row(row), None
+                return user, None
             known = self._known.get(user_id)
             if known is not None:
                 return (Histories.from_row(known),
@@ -394,11 +428,13 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def prometheus_metrics() -> PlainTextResponse:
-        """Prometheus text format: requests and latency per endpoint, the bundle served."""
+        """Prometheus text format: requests and latency per endpoint, the bundle served, online
+        rows refused as malformed."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         if slot.bundle is not None:
             metrics.bundle = (float(slot.bundle.version), slot.bundle.size)
+        metrics.malformed_rows = history.malformed
         return PlainTextResponse(generate_latest(metrics.registry),
                                  media_type=CONTENT_TYPE_LATEST)
 

@@ -180,6 +180,40 @@ def test_events_reach_the_next_recommendation(shop, api) -> None:
     assert missing.status_code == 422
 
 
+def test_a_malformed_online_row_is_an_error_not_a_view_history(shop, api, caplog) -> None:
+    """A history row whose event types are not one per product (a writer's bug) is logged,
+    counted in /metrics and answered without history, flagged degraded with the reason;
+    it is never read as a history of views, and the store is not marked down for it."""
+    from feast.data_source import PushMode
+
+    from features.realtime import PUSH_SOURCES, RECENT_VIEW
+    from features.store import feature_store
+    from serving.publish import load_version_bundle
+
+    settings, _, _ = shop
+    products = load_version_bundle(settings).products["product_id"].iloc[:3].tolist()
+    user = "u-malformed"
+    row = {"user_id": user, "recent_product_ids": [products],
+           "recent_event_types": [["purchase", "view"]],  # two types for three products
+           "recent_timestamps": [[1_700_000_000, 1_700_000_100, 1_700_000_200]],
+           "n_events_total": [3], "event_timestamp": [pd.Timestamp.now(tz="UTC")]}
+    feature_store(settings).push(PUSH_SOURCES[RECENT_VIEW], pd.DataFrame(row),
+                                 to=PushMode.ONLINE)
+    before = api.get("/metrics").text
+    assert "shoprec_malformed_online_rows_total 0.0" in before
+    with caplog.at_level("ERROR", logger="shoprec.serving"):
+        body = api.get(f"/recommend/{user}", params={"k": 5}).json()
+    assert body["degraded"].startswith("malformed online row: recent_event_types has 2 "
+                                       "entries for 3 products"), body["degraded"]
+    assert body["cold_start"] is True  # served without the row, not as three views
+    assert any("malformed online row for user 'u-malformed'" in r.getMessage()
+               for r in caplog.records)
+    assert "shoprec_malformed_online_rows_total 1.0" in api.get("/metrics").text
+    healthy = api.get(f"/recommend/{known_user(settings)}").json()
+    assert healthy["degraded"] is None  # the store itself is fine
+    assert "degraded" not in api.get("/readyz").json()["detail"]
+
+
 def test_version_and_metrics(shop, api) -> None:
     settings, versions, _ = shop
     info = api.get("/version").json()

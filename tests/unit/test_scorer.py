@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ from training.evaluation.baselines import Popularity, cosine_similarity
 from training.evaluation.models import ServedRecommender
 from training.evaluation.protocol import run_protocol
 from training.ranking.config import FEATURE_NAMES, ScorerConfig
-from training.ranking.histories import Histories
+from training.ranking.histories import Histories, MalformedHistory
 from training.ranking.items import cosine_neighbours
 from training.ranking.scorer import Scorer
 
@@ -221,8 +222,8 @@ def test_one_online_row_reads_as_its_one_row_frame() -> None:
     profile = {c: (3 if c != "country" else "France") for c in PROFILE_COLUMNS}
     rows = [{"recent_product_ids": ["a", "b"], "recent_event_types": ["purchase", "view"],
              "recent_timestamps": [10, 20], **profile},
-            {"recent_product_ids": ["a"], "recent_event_types": [], "recent_timestamps": [],
-             **{c: None for c in PROFILE_COLUMNS}},
+            {"recent_product_ids": ["a"], "recent_event_types": ["view"],
+             "recent_timestamps": [], **{c: None for c in PROFILE_COLUMNS}},  # times unknown
             {"recent_product_ids": [], "recent_event_types": [], "recent_timestamps": []}]
     for row in rows:
         fast, frame = Histories.from_row(row), Histories.from_feast(pd.DataFrame([row]))
@@ -232,6 +233,24 @@ def test_one_online_row_reads_as_its_one_row_frame() -> None:
             assert fast.profiles is None
         else:
             pd.testing.assert_frame_equal(fast.profiles, frame.profiles, check_dtype=False)
+    assert np.isnan(Histories.from_row(rows[1]).timestamps[0]).all()
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("recent_event_types", [], "recent_event_types has 0 entries for 2 products"),
+    ("recent_event_types", ["purchase", "teleport"], "holds ['teleport']"),
+    ("recent_timestamps", [10], "recent_timestamps has 1 entries for 2 products"),
+])
+def test_a_malformed_row_is_refused_not_read_as_views(field: str, value: list,
+                                                      reason: str) -> None:
+    """Lists that disagree are a writer's bug: both readers refuse the row with the reason
+    (they used to read every entry as a view, so exclusion and facts silently failed)."""
+    row = {"recent_product_ids": ["a", "b"], "recent_event_types": ["purchase", "view"],
+           "recent_timestamps": [10, 20], field: value}
+    with pytest.raises(MalformedHistory, match=re.escape(reason)):
+        Histories.from_row(row)
+    with pytest.raises(MalformedHistory, match=re.escape(reason)):
+        Histories.from_feast(pd.DataFrame([row]))
 
 
 def test_served_recommender_ranks_each_user_as_alone_whatever_the_batch() -> None:

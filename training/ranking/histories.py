@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from features.user_state import (
+    HISTORY_EVENT_TYPES,
     HISTORY_LEN,
     PROFILE_COLUMNS,
     STORED_PROFILE_COLUMNS,
@@ -25,6 +26,31 @@ from features.user_state import (
     recent_histories,
 )
 from training.ranking.items import DAY_SECONDS
+
+_KINDS = frozenset(HISTORY_EVENT_TYPES)  # what a history entry can be
+
+
+class MalformedHistory(ValueError):
+    """A history row whose lists disagree (event types or times not one per product, or an
+    event type that is not one): a writer's bug or a damaged row, never reinterpreted."""
+
+
+def checked(products: list[str], types: list[str], stamps: np.ndarray) -> np.ndarray:
+    """The row's times, after checking that the lists agree (``MalformedHistory`` if not).
+    A row without any times (written before they were kept) has them unknown (NaN)."""
+    if len(types) != len(products):
+        raise MalformedHistory(f"recent_event_types has {len(types)} entries for "
+                               f"{len(products)} products")
+    odd = set(types) - _KINDS
+    if odd:
+        raise MalformedHistory(f"recent_event_types holds {sorted(odd)[:3]}, not one of "
+                               f"{sorted(_KINDS)}")
+    if not len(stamps):
+        return np.full(len(products), np.nan)  # unknown: "now"
+    if len(stamps) != len(products):
+        raise MalformedHistory(f"recent_timestamps has {len(stamps)} entries for "
+                               f"{len(products)} products")
+    return stamps
 
 
 @dataclass
@@ -101,14 +127,15 @@ class Histories:
     def from_row(cls, row: Mapping[str, Any]) -> Histories:
         """One user's history from an online-store row (``features.store.OnlineUserReader``
         / ``online_user_history``): ``from_feast`` of a one-row frame, without building it
-        (a request's hot path)."""
+        (a request's hot path).
+
+        Raises:
+            MalformedHistory: the row's lists disagree (``checked``).
+        """
         products = [str(p) for p in row.get("recent_product_ids") or []]
         types = [str(t) for t in row.get("recent_event_types") or []]
-        stamps = np.asarray(row.get("recent_timestamps") or [], dtype=np.float64)
-        if len(types) != len(products):
-            types = ["view"] * len(products)
-        if len(stamps) != len(products):
-            stamps = np.full(len(products), np.nan)  # unknown: "now"
+        stamps = checked(products, types,
+                         np.asarray(row.get("recent_timestamps") or [], dtype=np.float64))
         profiles = None
         for columns in (STORED_PROFILE_COLUMNS, PROFILE_COLUMNS):
             if all(c in row for c in columns):
@@ -128,10 +155,10 @@ class Histories:
         types = [listed(v) for v in frame["recent_event_types"]]
         stamps = [np.asarray(listed(v), dtype=np.float64)
                   for v in frame.get("recent_timestamps", [None] * len(frame))]
-        types = [t if len(t) == len(p) else ["view"] * len(p)
-                 for t, p in zip(types, products, strict=True)]
-        stamps = [s if len(s) == len(p) else np.full(len(p), np.nan)  # unknown: "now"
-                  for s, p in zip(stamps, products, strict=True)]
+        try:
+            stamps = [checked(p, t, s) for p, t, s in zip(products, types, stamps, strict=True)]
+        except MalformedHistory as exc:
+            raise MalformedHistory(f"a row of {len(frame)}: {exc}") from exc
         profiles = next((frame[list(columns)].reset_index(drop=True)
                          for columns in (STORED_PROFILE_COLUMNS, PROFILE_COLUMNS)
                          if set(columns) <= set(frame.columns)), None)
