@@ -75,8 +75,10 @@ from features.user_state import (
     HISTORY_LEN,
     LAST_PURCHASE_TS,
     PROFILE_LOOKBACK_DAYS,
+    PURCHASED,
     RECENT_CATEGORIES,
     epoch_seconds,
+    first_purchases,
     history_events,
     snapshot_users,
     stored_profiles,
@@ -95,6 +97,7 @@ USER_RECENT_SCHEMA = pa.schema([
     ("recent_product_ids", pa.list_(pa.string())),
     ("recent_event_types", pa.list_(pa.string())),
     ("recent_timestamps", pa.list_(pa.int64())),
+    (PURCHASED, pa.list_(pa.string())),
     ("n_events_total", pa.int64()),
     ("last_purchase_ts", TS),
     ("event_timestamp", TS),
@@ -298,10 +301,41 @@ def build_user_recent_products(events: pd.DataFrame, previous: pd.DataFrame | pa
         entries(pc.list_flatten(prev["recent_event_types"].combine_chunks()),
                 touched["event_type"].to_numpy(), pa.string()),
         entries(pa.array(flat_stamps, pa.int64()), today_s, pa.int64()),
+        _purchased(prev, prev_user, touched, today_user, len(active)),
         pa.array(total.to_numpy(dtype=np.int64), pa.int64()),
         pa.array(last_purchase, TS, from_pandas=True),
         pa.array([snapshot_ts] * len(active), TS),
     ], schema=USER_RECENT_SCHEMA)
+
+
+def _purchased(prev: pa.Table, prev_user: np.ndarray, touched: pd.DataFrame,
+               today_user: np.ndarray, n: int) -> pa.ListArray:
+    """(n,) each active user's ``purchased_product_ids``: their previous list, then the
+    day's purchases of products not in it (``features.user_state.first_purchases``). A
+    previous row written before the list existed starts from its history's purchases."""
+    lists = prev[PURCHASED].combine_chunks()
+    missing = lists.is_null().to_numpy(zero_copy_only=False)  # (P,)
+    if missing.any():  # the best known: the purchases among the row's recent entries
+        ids = prev["recent_product_ids"].combine_chunks()
+        types = prev["recent_event_types"].combine_chunks()
+        seeded = [[p for p, t in zip(i or [], e or [], strict=False) if t == "purchase"]
+                  for i, e in zip(ids.filter(pa.array(missing)).to_pylist(),
+                                  types.filter(pa.array(missing)).to_pylist(), strict=True)]
+        where = np.flatnonzero(missing)
+        values = lists.to_pylist()
+        for at, items in zip(where, seeded, strict=True):
+            values[at] = items
+        lists = pa.array(values, pa.list_(pa.string()))
+    sizes = pc.list_value_length(lists).fill_null(0).to_numpy().astype(np.int64)
+    bought = (touched["event_type"] == "purchase").to_numpy()
+    user = np.concatenate([np.repeat(prev_user, sizes), today_user[bought]])
+    product = np.concatenate([pc.list_flatten(lists).to_numpy(zero_copy_only=False),
+                              touched["product_id"].to_numpy(dtype=object)[bought]])
+    order = np.argsort(user, kind="stable")  # each user's previous list, then the day's
+    owner, kept = first_purchases(user[order], product[order].astype(object))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=n))])
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                    pa.array(kept, pa.string()))
 
 
 def build_user_profile(window_events: pd.DataFrame, catalog: pd.DataFrame,

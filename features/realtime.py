@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -46,9 +47,11 @@ from features.user_state import (
     KEPT_DAYS,
     LAST_PURCHASE_TS,
     NEVER,
+    PURCHASED,
     RECENT_CATEGORIES,
     STORED_PROFILE_COLUMNS,
     epoch_seconds,
+    first_purchases,
     history_events,
 )
 from features.validation_suites import MAX_PRICE, MAX_QUANTITY
@@ -60,7 +63,7 @@ RECENT_VIEW = "user_recent_products"
 PROFILE_VIEW = "user_profile"
 PUSH_SOURCES = {RECENT_VIEW: "user_recent_products_push", PROFILE_VIEW: "user_profile_push"}
 RECENT_FIELDS = ("recent_product_ids", "recent_event_types", "recent_timestamps",
-                 "n_events_total")
+                 PURCHASED, "n_events_total")
 VIEW_FIELDS: dict[str, tuple[str, ...]] = {RECENT_VIEW: RECENT_FIELDS,
                                            PROFILE_VIEW: STORED_PROFILE_COLUMNS}
 # Client and server clocks differ a little; an event further ahead than this is refused.
@@ -314,11 +317,18 @@ def fold_events(user_id: str, events: pd.DataFrame,
     }}
     entries = history_events(events)  # (H, contract columns), oldest first
     if len(entries):
+        bought = recent.get(PURCHASED)
+        if bought is None:  # a row from before the list existed: its history's purchases
+            bought = [p for p, t in zip(ids, types, strict=False) if t == "purchase"]
+        new = entries.loc[entries["event_type"] == "purchase", "product_id"].tolist()
+        _, bought = first_purchases(np.zeros(len(bought) + len(new), np.int64),
+                                    np.asarray(list(bought) + new, dtype=object))
         rows[RECENT_VIEW] = {
             "user_id": user_id,
             "recent_product_ids": (ids + entries["product_id"].tolist())[-history_len:],
             "recent_event_types": (types + entries["event_type"].tolist())[-history_len:],
             "recent_timestamps": (stamps + epoch_seconds(entries["ts"]).tolist())[-history_len:],
+            PURCHASED: [str(p) for p in bought],
             "n_events_total": int(recent.get("n_events_total") or 0) + len(entries),
             "event_timestamp": _row_time(last, recent_ts),
         }

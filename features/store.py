@@ -20,7 +20,7 @@ from core.settings import FEATURE_REPO, Settings
 from features.contract import Interval, parse_day
 from features.online_write import write_online
 from features.partitions import partitions
-from features.user_state import STORED_PROFILE_COLUMNS, read_profiles
+from features.user_state import PURCHASED, STORED_PROFILE_COLUMNS, read_profiles
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -273,7 +273,8 @@ def historical_user_history(settings: Settings, entity_df: pd.DataFrame) -> pd.D
             carried through.
 
     Returns:
-        ``entity_df`` joined with ``recent_product_ids``, ``recent_event_types``
+        ``entity_df`` joined with ``recent_product_ids``, ``recent_event_types``,
+        ``purchased_product_ids``
         (lists, empty without history), ``n_events_total`` (0 without history),
         ``recent_timestamps``, and the ``user_profile`` columns as readers see them
         (``features.user_state.PROFILE_COLUMNS``, ``read_profiles`` of the stored row at each
@@ -284,7 +285,7 @@ def historical_user_history(settings: Settings, entity_df: pd.DataFrame) -> pd.D
     """
     out = historical_features(settings, entity_df, SERVING_SERVICE)
     out = read_profiles(out, out["event_timestamp"])
-    for col in ("recent_product_ids", "recent_event_types"):
+    for col in ("recent_product_ids", "recent_event_types", PURCHASED):
         out[col] = out[col].map(_as_list)
     out["n_events_total"] = out["n_events_total"].fillna(0).astype("int64")
     return out
@@ -295,7 +296,8 @@ def online_user_history(store: FeatureStore, user_ids: list[str]) -> dict[str, d
 
     Returns:
         user_id -> {"recent_product_ids": [...], "recent_event_types": [...],
-        "recent_timestamps": [epoch seconds, ...], and each of
+        "recent_timestamps": [epoch seconds, ...], "purchased_product_ids": [...] (None
+        for a row written before the list existed), and each of
         ``STORED_PROFILE_COLUMNS``: its value}; users the store does not know map to empty
         lists and None values. The ranking turns the stored profile into the profile at its
         own time (``training.ranking.histories.Histories.profiles_at``).
@@ -310,6 +312,7 @@ def online_user_history(store: FeatureStore, user_ids: list[str]) -> dict[str, d
         u: {"recent_product_ids": _as_list(data["recent_product_ids"][i]),
             "recent_event_types": _as_list(data["recent_event_types"][i]),
             "recent_timestamps": [int(t) for t in data["recent_timestamps"][i] or []],
+            PURCHASED: _maybe_list(data.get(PURCHASED, [None] * len(user_ids))[i]),
             **{c: data[c][i] for c in STORED_PROFILE_COLUMNS}}
         for i, u in enumerate(data["user_id"])
     }
@@ -370,9 +373,17 @@ class OnlineUserReader:
             u: {"recent_product_ids": _as_list(v.get("recent_product_ids")),
                 "recent_event_types": _as_list(v.get("recent_event_types")),
                 "recent_timestamps": [int(t) for t in v.get("recent_timestamps") or []],
+                PURCHASED: _maybe_list(v.get(PURCHASED)),
                 **{c: v.get(c) for c in STORED_PROFILE_COLUMNS}}
             for u, v in zip(user_ids, values, strict=True)
         }
+
+
+def _maybe_list(value: Any) -> list[str] | None:
+    """A list feature that may be absent (a row written before it existed): None then."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None
+    return [str(v) for v in value]
 
 
 def _as_list(value: Any) -> list[str]:

@@ -53,6 +53,11 @@ from features.contract import EVENT_TYPES
 # History
 HISTORY_LEN = 200  # events kept per user
 HISTORY_EVENT_TYPES = ("view", "add_to_cart", "purchase")  # with a product: history events
+# The products a user ever bought (``purchased_product_ids``: what ``exclude_purchased``
+# leaves out, however long ago), in order of first purchase; past this many, the earliest
+# first purchases are dropped (a row stays bounded for a wholesale buyer).
+PURCHASED_LEN = 5_000
+PURCHASED = "purchased_product_ids"
 # Events that say "this user wants this product": training targets, interaction matrices.
 TARGET_EVENT_TYPES = ("purchase", "add_to_cart")
 
@@ -205,6 +210,25 @@ def keep_last(entries: pd.DataFrame, limit: int = HISTORY_LEN) -> pd.DataFrame:
     return entries[entries.groupby("user_id", sort=False).cumcount(ascending=False) < limit]
 
 
+def first_purchases(user: np.ndarray, product: np.ndarray,
+                    limit: int = PURCHASED_LEN) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's distinct products in order of first appearance, the last ``limit`` kept.
+
+    Args:
+        user: (E,) sortable user keys, grouped (each user's entries together, in order).
+        product: (E,) product ids (objects), each user's in purchase order.
+
+    Returns:
+        (user, product) of the kept entries, in the same grouping and order.
+    """
+    if not len(user):
+        return user, product
+    frame = pd.DataFrame({"user": user, "product": product})
+    first = frame[~frame.duplicated(["user", "product"], keep="first")]
+    kept = first[first.groupby("user", sort=False).cumcount(ascending=False) < limit]
+    return kept["user"].to_numpy(), kept["product"].to_numpy(dtype=object)
+
+
 def recent_histories(events: pd.DataFrame, users: Sequence[str],
                      limit: int = HISTORY_LEN) -> pd.DataFrame:
     """The ``user_recent_products`` rows Feast holds for ``users`` once it has seen ``events``.
@@ -215,10 +239,12 @@ def recent_histories(events: pd.DataFrame, users: Sequence[str],
         limit: entries kept per user (``HISTORY_LEN``).
 
     Returns:
-        (U, 5) frame in ``users`` order: ``user_id``; ``recent_product_ids``,
+        (U, 6) frame in ``users`` order: ``user_id``; ``recent_product_ids``,
         ``recent_event_types`` (lists of str) and ``recent_timestamps`` (list of int epoch
-        seconds), the last ``limit`` history events, most recent last; ``n_events_total``
-        (int64): all the user's history events. A user without one gets empty lists and 0.
+        seconds), the last ``limit`` history events, most recent last;
+        ``purchased_product_ids`` (``PURCHASED``: every product the user bought, in order
+        of first purchase, ``first_purchases``); ``n_events_total`` (int64): all the user's
+        history events. A user without one gets empty lists and 0.
     """
     wanted = list(users)
     mine = history_events(events[events["user_id"].isin(set(wanted))])
@@ -235,6 +261,14 @@ def recent_histories(events: pd.DataFrame, users: Sequence[str],
     lists = {name: dict(zip(firsts, (part.tolist() for part in np.split(values, bounds)),
                             strict=True)) if len(user) else {}
              for name, values in columns.items()}
+    bought = mine[mine["event_type"] == "purchase"]
+    owner, product = first_purchases(bought["user_id"].to_numpy(dtype=object),
+                                     bought["product_id"].to_numpy(dtype=object))
+    lists[PURCHASED] = {}
+    if len(owner):
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        lists[PURCHASED] = dict(zip(owner[starts], (part.tolist() for part in
+                                                    np.split(product, starts[1:])), strict=True))
     return pd.DataFrame({
         "user_id": pd.Series(wanted, dtype=object),
         **{name: pd.Series([by_user.get(u, []) for u in wanted], dtype=object)

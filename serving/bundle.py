@@ -171,7 +171,7 @@ class Bundle:
         Args:
             history: the user's ``training.ranking.histories.Histories`` (one entry).
             k: how many.
-            exclude_purchased: leave out what the history purchased.
+            exclude_purchased: leave out everything the user ever bought (``Histories.bought``).
             exclude: more products to leave out.
             category: only products of this category.
             country: the visitor's country, used when the history is empty (else the

@@ -39,6 +39,10 @@ user_recent_products = FeatureView(
               description="Event type of each recent product (view, add_to_cart, purchase)."),
         Field(name="recent_timestamps", dtype=Array(Int64),
               description="Time of each recent product event, epoch seconds (UTC)."),
+        Field(name="purchased_product_ids", dtype=Array(String),
+              description="Every product the user bought, however long ago, in order of "
+                          "first purchase (the last 5,000: features.user_state."
+                          "PURCHASED_LEN); what exclude_purchased leaves out."),
         Field(name="n_events_total", dtype=Int64,
               description="All product events of the user so far."),
     ],

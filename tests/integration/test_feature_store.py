@@ -83,18 +83,21 @@ def _expected(events: pd.DataFrame, user_id: str, before: pd.Timestamp) -> dict:
     row = recent_histories(events[events["ts"] < before], [user_id]).iloc[0]
     return {"recent_product_ids": row["recent_product_ids"],
             "recent_event_types": row["recent_event_types"],
+            "purchased_product_ids": row["purchased_product_ids"],
             "n_events_total": int(row["n_events_total"])}
 
 
 def _got(row: pd.Series) -> dict:
     return {"recent_product_ids": list(row["recent_product_ids"]),
             "recent_event_types": list(row["recent_event_types"]),
+            "purchased_product_ids": list(row["purchased_product_ids"]),
             "n_events_total": int(row["n_events_total"])}
 
 
 def _history(row: dict) -> dict:
     """The history part of an ``online_user_history`` row."""
-    return {k: row[k] for k in ("recent_product_ids", "recent_event_types")}
+    return {k: row[k] for k in ("recent_product_ids", "recent_event_types",
+                                "purchased_product_ids")}
 
 
 def _profile(value: object) -> object:
@@ -174,7 +177,8 @@ def test_snapshot_becomes_visible_at_its_own_timestamp(settings: Settings) -> No
               end]  # the first snapshot's timestamp
     entity = pd.DataFrame({"user_id": [first["user_id"]] * 4, "event_timestamp": stamps})
     out = historical_user_history(settings, entity)
-    empty = {"recent_product_ids": [], "recent_event_types": [], "n_events_total": 0}
+    empty = {"recent_product_ids": [], "recent_event_types": [], "purchased_product_ids": [],
+             "n_events_total": 0}
     assert [_got(row) for _, row in out.iloc[:3].iterrows()] == [empty] * 3
     assert _got(out.iloc[3]) == _expected(events, first["user_id"], end)
     assert _got(out.iloc[3])["n_events_total"] > 0
@@ -211,7 +215,8 @@ def test_online_store_holds_each_users_latest_snapshot(settings: Settings) -> No
     events = _events(settings)
     users = sorted(history_events(events)["user_id"].unique())
     online = _online_everyone(settings, [*users, UNKNOWN])
-    assert _history(online[UNKNOWN]) == {"recent_product_ids": [], "recent_event_types": []}
+    assert _history(online[UNKNOWN]) == {"recent_product_ids": [], "recent_event_types": [],
+                                         "purchased_product_ids": None}
     after_all = pd.Timestamp(Interval.for_day(LAST).end)
     for user in users:
         expected = _expected(events, user, after_all)
@@ -223,8 +228,10 @@ def test_online_store_holds_each_users_latest_snapshot(settings: Settings) -> No
     last_day = pq.read_table(path).to_pylist()
     assert last_day, "somebody should be active on the last day"
     row = last_day[0]
-    assert _history(online[row["user_id"]]) == {"recent_product_ids": row["recent_product_ids"],
-                                                "recent_event_types": row["recent_event_types"]}
+    assert _history(online[row["user_id"]]) == {
+        "recent_product_ids": row["recent_product_ids"],
+        "recent_event_types": row["recent_event_types"],
+        "purchased_product_ids": row["purchased_product_ids"]}
     assert online_user_history(feature_store(settings), []) == {}
 
 

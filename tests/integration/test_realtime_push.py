@@ -175,7 +175,8 @@ def test_a_brand_new_user_gets_rows_and_a_search_only_counts(settings: Settings)
     rows = read_user_rows(store, [NEW_USER])[NEW_USER]
     recent, recent_ts = rows["user_recent_products"]
     assert recent == {"recent_product_ids": ["P000003"], "recent_event_types": ["view"],
-                      "recent_timestamps": [int(ts.timestamp())], "n_events_total": 1}
+                      "recent_timestamps": [int(ts.timestamp())], "purchased_product_ids": [],
+                      "n_events_total": 1}
     stored = rows["user_profile"][0]
     profile = _read(stored, ts)
     assert profile["view_count_7d"] == profile["view_count_30d"] == 1

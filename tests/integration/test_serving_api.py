@@ -180,6 +180,36 @@ def test_events_reach_the_next_recommendation(shop, api) -> None:
     assert missing.status_code == 422
 
 
+def test_exclude_purchased_leaves_out_every_purchase_however_long_ago(shop, api) -> None:
+    """300 purchases, then 200 views: the purchases have left the 200-event history, but
+    ``exclude_purchased`` still leaves every product bought out (the purchased list the
+    real-time path keeps); without the flag they can come back."""
+    from serving.publish import load_version_bundle
+
+    settings, _, _ = shop
+    catalog = load_version_bundle(settings).products["product_id"].tolist()
+    bought, viewed = catalog[:-40], catalog[-40:]
+    start = pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=300)
+    user = "u-heavy-buyer"
+    purchases = [{"event_id": f"hb-p{i}", "user_id": user, "event_type": "purchase",
+                  "product_id": bought[i % len(bought)], "quantity": 1, "price": 3.0,
+                  "ts": (start + pd.Timedelta(hours=i)).isoformat()} for i in range(300)]
+    views = [{"event_id": f"hb-v{i}", "user_id": user, "event_type": "view",
+              "product_id": viewed[i % len(viewed)],
+              "ts": (start + pd.Timedelta(days=200, minutes=i)).isoformat()} for i in range(200)]
+    for batch in (purchases, views):
+        response = api.post("/events", json=batch)
+        assert response.status_code == 200, response.text
+    history = api.get(f"/recommend/{user}", params={"k": 60}).json()
+    assert history["cold_start"] is False and history["degraded"] is None
+    k = len(viewed) + 20  # more than the products never bought: some bought ones must come
+    again = {i["product_id"] for i in api.get(f"/recommend/{user}", params={"k": k}).json()
+             ["items"]}
+    assert again & set(bought)
+    fresh = api.get(f"/recommend/{user}", params={"k": k, "exclude_purchased": True}).json()
+    assert fresh["items"] and not {i["product_id"] for i in fresh["items"]} & set(bought)
+
+
 def test_a_malformed_online_row_is_an_error_not_a_view_history(shop, api, caplog) -> None:
     """A history row whose event types are not one per product (a writer's bug) is logged,
     counted in /metrics and answered without history, flagged degraded with the reason;
@@ -196,7 +226,8 @@ def test_a_malformed_online_row_is_an_error_not_a_view_history(shop, api, caplog
     row = {"user_id": user, "recent_product_ids": [products],
            "recent_event_types": [["purchase", "view"]],  # two types for three products
            "recent_timestamps": [[1_700_000_000, 1_700_000_100, 1_700_000_200]],
-           "n_events_total": [3], "event_timestamp": [pd.Timestamp.now(tz="UTC")]}
+           "purchased_product_ids": [products[:1]], "n_events_total": [3],
+           "event_timestamp": [pd.Timestamp.now(tz="UTC")]}
     feature_store(settings).push(PUSH_SOURCES[RECENT_VIEW], pd.DataFrame(row),
                                  to=PushMode.ONLINE)
     before = api.get("/metrics").text

@@ -52,9 +52,14 @@ def test_events_extend_the_rows_they_fold_into() -> None:
         "recent_product_ids": ["B", "P8", "P7", "P9"],  # A falls out
         "recent_event_types": ["view", "view", "add_to_cart", "purchase"],
         "recent_timestamps": [200, _epoch(NOW) + 1, _epoch(t2), _epoch(t2)],
+        "purchased_product_ids": ["P9"],  # a row without the list: its history's purchases
         "n_events_total": 10,
         "event_timestamp": SNAPSHOT + ONE_US,
     }
+    kept = fold_events("u", events, {RECENT_VIEW: ({**recent, "purchased_product_ids":
+                                                    ["P9", "OLD"]}, SNAPSHOT),
+                                     PROFILE_VIEW: (profile, SNAPSHOT)}, history_len=4)
+    assert kept[RECENT_VIEW]["purchased_product_ids"] == ["P9", "OLD"]  # every purchase, once
     assert rows[PROFILE_VIEW] == {
         "user_id": "u",
         "active_days": [DAY - 4, DAY],  # today's entry grows

@@ -26,6 +26,7 @@ from features.user_state import (
     STORED_PROFILE_COLUMNS,
     TARGET_EVENT_TYPES,
     epoch_seconds,
+    first_purchases,
     history_events,
     keep_last,
     profiles_as_of,
@@ -95,6 +96,15 @@ def test_history_events_are_product_events_in_user_ts_event_id_order() -> None:
     assert keep_last(got, 2)["event_id"].tolist() == ["h4", "h5", "h7"]
 
 
+def test_first_purchases_keep_each_product_once_in_order_the_last_ones_past_the_limit() -> None:
+    user = np.array([0, 0, 0, 0, 1, 1, 1])
+    product = np.array(["a", "b", "a", "c", "x", "y", "z"], dtype=object)
+    owner, kept = first_purchases(user, product)
+    assert owner.tolist() == [0, 0, 0, 1, 1, 1] and kept.tolist() == ["a", "b", "c", "x", "y", "z"]
+    owner, kept = first_purchases(user, product, limit=2)
+    assert owner.tolist() == [0, 0, 1, 1] and kept.tolist() == ["b", "c", "y", "z"]
+
+
 def test_epoch_seconds_floor_whatever_the_unit() -> None:
     times = pd.Series(pd.to_datetime(["1970-01-01 00:00:01.999", "2026-01-01 00:00:00.000"], utc=True))
     assert epoch_seconds(times).tolist() == [1, 1767225600]
@@ -106,7 +116,8 @@ def test_recent_histories_keep_the_last_entries_most_recent_last() -> None:
     eleven = int((T0 + 11 * HOUR).timestamp())
     got = recent_histories(_history_shop(), ["u2", "u1", "u3", "nobody", "u1"], limit=3)
     assert got.columns.tolist() == ["user_id", "recent_product_ids", "recent_event_types",
-                                    "recent_timestamps", "n_events_total"]
+                                    "recent_timestamps", "purchased_product_ids",
+                                    "n_events_total"]
     assert got["user_id"].tolist() == ["u2", "u1", "u3", "nobody", "u1"]
     assert got["recent_product_ids"].tolist() == [["P1"], ["P2", "P4", "P3"], [], [],
                                                   ["P2", "P4", "P3"]]
@@ -117,6 +128,7 @@ def test_recent_histories_keep_the_last_entries_most_recent_last() -> None:
         [int((T0 + 9 * HOUR).timestamp())], [eleven] * 3, [], [], [eleven] * 3]
     assert all(type(s) is int for row in got["recent_timestamps"] for s in row)
     assert got["n_events_total"].tolist() == [1, 4, 0, 0, 4]
+    assert got["purchased_product_ids"].tolist() == [["P1"], ["P4"], [], [], ["P4"]]
     assert recent_histories(_history_shop().iloc[:0], ["u1"])["recent_product_ids"].tolist() \
         == [[]]
 

@@ -159,7 +159,11 @@ class ServedRecommender(ScoredRecommender):
         data = self.fitted
         if exclude is None:
             return self.scorer.rank(histories, data.cut.timestamp(), k)
-        return self.scorer.rank(histories, data.cut.timestamp(), k, setting="new",
+        # Setting (b) as served: ``exclude_purchased`` leaves out the histories' purchased
+        # lists (every purchase before the cut, as Feast serves them); the protocol's
+        # ``exclude`` (the same purchases) adds nothing unless a user bought more than
+        # ``PURCHASED_LEN`` distinct products.
+        return self.scorer.rank(histories, data.cut.timestamp(), k, exclude_purchased=True,
                                 exclude=[exclude.get(u, set()) for u in user_ids])
 
     def scores(self, user_ids: Sequence[str]) -> np.ndarray:

@@ -19,6 +19,7 @@ from features.user_state import (
     HISTORY_EVENT_TYPES,
     HISTORY_LEN,
     PROFILE_COLUMNS,
+    PURCHASED,
     STORED_PROFILE_COLUMNS,
     is_stored,
     profiles_as_of,
@@ -62,6 +63,9 @@ class Histories:
         event_types: event type of each entry.
         timestamps: epoch seconds of each entry, (L,) float64 arrays (NaN: unknown, taken
             as the moment of scoring).
+        purchased: per user, every product they bought however long ago
+            (``purchased_product_ids``), or None where unknown (a row from before the list
+            existed: only the history's purchases are known); None: unknown for everybody.
         profiles: the users' ``user_profile`` features (``features.user_state``), one row
             per user in the same order, or None (unknown): as readers see them
             (``PROFILE_COLUMNS``) or as the online store holds them
@@ -73,6 +77,7 @@ class Histories:
     event_types: list[list[str]]
     timestamps: list[np.ndarray]
     profiles: pd.DataFrame | None = None
+    purchased: list[list[str] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.products)
@@ -91,7 +96,17 @@ class Histories:
                     if self.profiles is not None else None)
         return Histories([self.products[r] for r in rows],
                          [self.event_types[r] for r in rows],
-                         [self.timestamps[r] for r in rows], profiles)
+                         [self.timestamps[r] for r in rows], profiles,
+                         None if self.purchased is None else [self.purchased[r] for r in rows])
+
+    def bought(self, row: int) -> set[str]:
+        """Everything user ``row`` is known to have bought: ``purchased`` where known, and
+        the purchases in their history."""
+        out = {p for p, t in zip(self.products[row], self.event_types[row], strict=True)
+               if t == "purchase"}
+        if self.purchased is not None and self.purchased[row] is not None:
+            out.update(self.purchased[row])
+        return out
 
     @classmethod
     def empty(cls, n: int) -> Histories:
@@ -141,7 +156,9 @@ class Histories:
             if all(c in row for c in columns):
                 profiles = pd.DataFrame({c: [row[c]] for c in columns})
                 break
-        return cls([products], [types], [stamps], profiles)
+        bought = row.get(PURCHASED)
+        return cls([products], [types], [stamps], profiles,
+                   [None if bought is None else [str(p) for p in bought]])
 
     @classmethod
     def from_feast(cls, frame: pd.DataFrame) -> Histories:
@@ -162,7 +179,11 @@ class Histories:
         profiles = next((frame[list(columns)].reset_index(drop=True)
                          for columns in (STORED_PROFILE_COLUMNS, PROFILE_COLUMNS)
                          if set(columns) <= set(frame.columns)), None)
-        return cls(products, types, stamps, profiles)
+        purchased = None
+        if PURCHASED in frame.columns:
+            purchased = [None if v is None or (isinstance(v, float) and np.isnan(v))
+                         else [str(p) for p in v] for v in frame[PURCHASED]]
+        return cls(products, types, stamps, profiles, purchased)
 
 
 @dataclass

@@ -346,9 +346,8 @@ class Scorer:
         out = []
         for row in range(len(histories)):
             drop = set(exclude[row]) if exclude is not None else set()
-            if exclude_purchased:
-                drop |= {p for p, t in zip(histories.products[row], histories.event_types[row],
-                                           strict=True) if t == "purchase"}
+            if exclude_purchased:  # however long ago: the purchased list, where known
+                drop |= histories.bought(row)
             out.append(np.asarray(sorted(index[p] for p in drop if p in index), np.int64))
         return out
 
@@ -363,8 +362,8 @@ class Scorer:
             histories: the users' histories.
             now: epoch seconds of the moment of scoring.
             k: how many per user.
-            exclude_purchased: leave out what the history bought (and, unless ``setting``
-                says otherwise, rank with the "new products" scorer).
+            exclude_purchased: leave out what the user ever bought (``Histories.bought``;
+                and, unless ``setting`` says otherwise, rank with the "new products" scorer).
             exclude: per user, more products to leave out.
             allowed: (N,) bool, the only columns that may be returned (a category).
             setting: the pair scorer to rank with, "all" or "new" (default: "new" when
