@@ -314,23 +314,19 @@ def _purchased(prev: pa.Table, prev_user: np.ndarray, touched: pd.DataFrame,
     day's purchases of products not in it (``features.user_state.first_purchases``). A
     previous row written before the list existed starts from its history's purchases."""
     lists = prev[PURCHASED].combine_chunks()
-    missing = lists.is_null().to_numpy(zero_copy_only=False)  # (P,)
-    if missing.any():  # the best known: the purchases among the row's recent entries
-        ids = prev["recent_product_ids"].combine_chunks()
-        types = prev["recent_event_types"].combine_chunks()
-        seeded = [[p for p, t in zip(i or [], e or [], strict=False) if t == "purchase"]
-                  for i, e in zip(ids.filter(pa.array(missing)).to_pylist(),
-                                  types.filter(pa.array(missing)).to_pylist(), strict=True)]
-        where = np.flatnonzero(missing)
-        values = lists.to_pylist()
-        for at, items in zip(where, seeded, strict=True):
-            values[at] = items
-        lists = pa.array(values, pa.list_(pa.string()))
-    sizes = pc.list_value_length(lists).fill_null(0).to_numpy().astype(np.int64)
+    rows = pc.list_parent_indices(lists).to_numpy()  # (E,) the previous row of each entry
+    products = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
+    missing = np.flatnonzero(lists.is_null().to_numpy(zero_copy_only=False))
+    if len(missing):  # the best known: the purchases among the row's recent entries
+        ids = prev["recent_product_ids"].combine_chunks().take(pa.array(missing))
+        types = prev["recent_event_types"].combine_chunks().take(pa.array(missing))
+        bought = pc.equal(pc.list_flatten(types), "purchase").to_numpy(zero_copy_only=False)
+        rows = np.concatenate([rows, missing[pc.list_parent_indices(ids).to_numpy()][bought]])
+        products = np.concatenate([products, pc.list_flatten(ids).to_numpy(
+            zero_copy_only=False)[bought]])
     bought = (touched["event_type"] == "purchase").to_numpy()
-    user = np.concatenate([np.repeat(prev_user, sizes), today_user[bought]])
-    product = np.concatenate([pc.list_flatten(lists).to_numpy(zero_copy_only=False),
-                              touched["product_id"].to_numpy(dtype=object)[bought]])
+    user = np.concatenate([prev_user[rows], today_user[bought]]).astype(np.int64)
+    product = np.concatenate([products, touched["product_id"].to_numpy(dtype=object)[bought]])
     order = np.argsort(user, kind="stable")  # each user's previous list, then the day's
     owner, kept = first_purchases(user[order], product[order].astype(object))
     offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=n))])

@@ -117,6 +117,27 @@ def test_history_rolls_forward_across_two_days() -> None:
     assert rows["u3"]["n_events_total"] == 1
 
 
+def test_purchased_lists_keep_every_purchase_once_beyond_the_history() -> None:
+    """``purchased_product_ids`` holds every product bought, in order of first purchase,
+    even after the purchases left the history; a row written before the list existed
+    starts from its history's purchases."""
+    empty = USER_RECENT_SCHEMA.empty_table().to_pandas()
+    day1 = build_user_recent_products(_day1(), empty, Interval.for_day(DAY1))
+    assert _rows(day1)["u1"]["purchased_product_ids"] == ["P2"]
+    day2 = _events([("b2", "u1", "P2", "purchase", _ts(DAY2, "09:00")),  # out of order
+                    ("b1", "u1", "P7", "purchase", _ts(DAY2, "08:00")),
+                    ("b3", "u1", "P8", "view", _ts(DAY2, "10:00"))])
+    rows = _rows(build_user_recent_products(day2, day1, Interval.for_day(DAY2),
+                                            history_len=2))
+    assert rows["u1"]["recent_product_ids"] == ["P2", "P8"]  # P7's purchase left the history
+    assert rows["u1"]["purchased_product_ids"] == ["P2", "P7"]
+    old = day1.to_pandas()
+    old["purchased_product_ids"] = None  # written before the column existed
+    rows = _rows(build_user_recent_products(day2, pa.Table.from_pandas(
+        old, schema=USER_RECENT_SCHEMA, preserve_index=False), Interval.for_day(DAY2)))
+    assert rows["u1"]["purchased_product_ids"] == ["P2", "P7"]
+
+
 def test_entries_of_a_snapshot_without_timestamps_take_the_snapshots_time() -> None:
     empty = USER_RECENT_SCHEMA.empty_table().to_pandas()
     day1 = build_user_recent_products(_day1(), empty, Interval.for_day(DAY1)).to_pandas()
