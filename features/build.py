@@ -66,6 +66,7 @@ from features.product_windows import (
 )
 from features.profiles import previous_profiles, roll_profiles
 from features.running import running_catalog, running_users
+from features.upgrade import upgrade_partitions
 from features.user_state import (
     ACTIVE_DAYS,
     BASKET_BY_DAY,
@@ -475,6 +476,7 @@ def build_features(landing_root: str, offline_root: Path, day: dt.date,
     """
     interval = Interval.for_day(day)
     phases = Phases()
+    upgrade_partitions(offline_root, TABLE_SCHEMAS)  # once after an upgrade: a marker later
     with phases("read events"):
         # The day's partition: nothing after the day, maybe events stamped up to the allowed
         # lateness before it (they count: histories, profiles, product counts).

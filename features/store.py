@@ -255,6 +255,10 @@ def historical_features(settings: Settings, entity_df: pd.DataFrame,
         timestamp (the latest snapshot at or before it; null where there is none). Rows are
         in the entity frame's original order (Feast returns them in its own order).
     """
+    from features.build import TABLE_SCHEMAS
+    from features.upgrade import upgrade_partitions
+
+    upgrade_partitions(settings.offline_root, TABLE_SCHEMAS)  # a release's new columns
     store = feature_store(settings)
     bound_offline_join(settings)
     frame = entity_df.copy()

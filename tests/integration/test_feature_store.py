@@ -365,3 +365,24 @@ def test_online_equals_offline_at_the_interval_end(settings: Settings) -> None:
         if view == "user_recent_products":  # some rows were materialized on earlier days
             assert min(offline[e]["event_timestamp"] for e in sample) < pd.Timestamp(
                 Interval.for_day(LAST).start)
+
+
+def test_partitions_of_an_older_release_get_the_new_column(own_settings: Settings) -> None:
+    """A shop whose history partitions were written before ``purchased_product_ids``
+    existed: the point-in-time join used to fail on the missing column (DuckDB reads the
+    partitions as one table). The partitions get it as nulls once, then the join works and
+    reads the list as unknown (empty)."""
+    settings = own_settings
+    folder = settings.offline_root / "user_recent_products"
+    for path in folder.glob("date=*/*.parquet"):  # as an older release wrote them
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["purchased_product_ids"]), path)
+    marker = settings.offline_root / ".schemas" / "user_recent_products.json"
+    marker.unlink(missing_ok=True)
+    events = _events(settings)
+    buys = events[events["event_type"] == "purchase"].head(5)
+    out = historical_user_history(settings, _entity(buys))
+    assert len(out) == len(buys) and marker.is_file()
+    assert all(v == [] for v in out["purchased_product_ids"])
+    assert all("purchased_product_ids" in pq.read_schema(p).names
+               for p in folder.glob("date=*/*.parquet"))
