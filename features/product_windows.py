@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from features.contract import Interval
 from features.partitions import partitions
+from features.running import KEEP_SNAPSHOTS
 from features.user_state import PROFILE_LOOKBACK_DAYS, WINDOWS_DAYS
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ CHANGE_OFFSETS: tuple[int, ...] = (0, *WINDOWS_DAYS)
 PRODUCT_DAY_COUNTS = "product_day_counts"
 PRODUCT_DAY_COUNTS_SCHEMA = pa.schema([("product_id", pa.string()),
                                        *[(t, pa.int64()) for t in PRODUCT_STAT_EVENT_TYPES]])
-KEEP_SNAPSHOTS = 3
 _DAY = pd.Timedelta(days=1)
 
 
