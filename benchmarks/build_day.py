@@ -43,9 +43,9 @@ from features.build import (  # noqa: E402
     build_user_recent_products,
     previous_state,
 )
+from features.contract import Interval  # noqa: E402
 from features.profiles import previous_profiles  # noqa: E402
 from features.user_state import HISTORY_LEN, KEPT_DAYS, PURCHASED_LEN  # noqa: E402
-from features.contract import Interval  # noqa: E402
 
 TYPES = np.array(["view", "add_to_cart", "purchase"], dtype=object)
 MIX = (0.8, 0.12, 0.08)
