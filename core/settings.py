@@ -148,6 +148,9 @@ class Settings:
     mlflow_user: str = "shoprec"
     mlflow_admin_user: str = "admin"
     serving_workers: int = 1
+    # Threads each serving process lets torch, BLAS and FAISS use (0: the libraries' own
+    # choice). A request's work is small: with one worker per core, more threads only spin.
+    serving_threads: int = 1
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -227,6 +230,7 @@ class Settings:
             mlflow_user=env.get("SHOPREC_MLFLOW_USER", cls.mlflow_user),
             mlflow_admin_user=env.get("SHOPREC_MLFLOW_ADMIN_USER", cls.mlflow_admin_user),
             serving_workers=int(env.get("SHOPREC_SERVING_WORKERS", 2 if prod else 1)),
+            serving_threads=int(env.get("SHOPREC_SERVING_THREADS", cls.serving_threads)),
         )
 
     def secret(self, name: str) -> str:

@@ -27,11 +27,12 @@ from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, 
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from core import __version__
 from core.settings import Settings
 from serving.bundle import Bundle
+from serving.runtime import ThreadLimits, warm
 from serving.schemas import (
     INVALID,
     MAX_EVENTS,
@@ -83,14 +84,17 @@ class BundleSlot:
                         and champion_version(settings) == self.bundle.version:
                     return None
                 bundle = load_version_bundle(settings)
+                spent = warm(bundle)  # before it takes traffic: a bundle that fails is refused
             except Exception as exc:  # MLflow down, bad bundle, ...: keep serving the old one
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("could not load the champion: %s (serving %s)", self.last_error,
                           f"v{self.bundle.version}" if self.bundle else "nothing")
                 raise
             self.bundle, self.loaded_at, self.last_error = bundle, time.time(), ""
-            log.info("serving %s v%s (%d products; indexes %s)", bundle.name, bundle.version,
-                     bundle.size, ", ".join(f"{n} {i.kind}" for n, i in bundle.indexes.items()))
+            log.info("serving %s v%s (%d products; indexes %s; warmed in %s)", bundle.name,
+                     bundle.version, bundle.size,
+                     ", ".join(f"{n} {i.kind}" for n, i in bundle.indexes.items()),
+                     ", ".join(f"{k} {v:.2f} s" for k, v in spent.items()))
             return bundle
 
     async def poll(self, settings: Settings) -> None:
@@ -235,6 +239,14 @@ class UserHistory:
         since = dt.datetime.fromtimestamp(self.down_since, dt.UTC).isoformat(timespec="seconds")
         return f"online store unavailable since {since} ({self.down_reason})"
 
+    def warm(self) -> None:
+        """Open the store and read one (unknown) user, so the first request does not pay
+        for connecting and loading the registry; an outage here is only logged."""
+        try:
+            self.get("__shoprec_warm_up__")
+        except Exception as exc:  # noqa: BLE001 - requests will report it
+            log.warning("online store not warmed: %s: %s", type(exc).__name__, exc)
+
     def get(self, user_id: str) -> tuple[Histories, str | None]:
         """The user's history as the online store holds it (empty when unknown), and why
         the answer is degraded (None when it is not)."""
@@ -324,7 +336,7 @@ class MeasureRequests:
                                  time.perf_counter() - started)
 
 
-def current_bundle(request: Request) -> Bundle:
+async def current_bundle(request: Request) -> Bundle:
     """The bundle that answers this request (read once: a reload cannot change it midway)."""
     slot: BundleSlot = request.app.state.slot
     bundle = slot.bundle
@@ -342,6 +354,8 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        limits = ThreadLimits(settings.serving_threads)
+        await run_in_threadpool(history.warm)  # the store's first read, before /readyz
         if load_on_start:
             try:
                 await run_in_threadpool(slot.load, settings)
@@ -352,6 +366,7 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         yield
         if poller is not None:
             poller.cancel()
+        limits.restore()
 
     app = FastAPI(
         title="shoprec",
@@ -376,6 +391,12 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
 
     def _items(recs) -> list[RecommendedItem]:
         return [RecommendedItem(**vars(r)) for r in recs]
+
+    def _json(answer: Any) -> Response:
+        """The answer serialised by its pydantic model once, returned as is: FastAPI would
+        otherwise dump it to a dict, validate that against the response model again and
+        encode it (``response_model`` still documents it in the OpenAPI schema)."""
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     def _product(bundle: Bundle, product_id: str) -> int:
         row = bundle.item_row.get(product_id)
@@ -440,7 +461,7 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
 
     @app.get("/recommend/{user_id}", response_model=Recommendations, tags=["recommend"],
              responses=UNKNOWN)
-    def recommend(
+    async def recommend(
         user_id: Annotated[str, Path(min_length=1, max_length=128)],
         bundle: Annotated[Bundle, Depends(current_bundle)],
         k: K = 10,
@@ -451,7 +472,7 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         country: Annotated[str | None, Query(
             min_length=1, max_length=100,
             description="the visitor's country, for users without history")] = None,
-    ) -> Recommendations:
+    ) -> Response:
         """Top-k products for a user, from their recent behaviour in the online store.
 
         Users without known history get what is popular in their country (when known), or
@@ -460,12 +481,12 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         user, degraded = history.get(user_id)
         items, cold = bundle.recommend(user, k, exclude_purchased=exclude_purchased,
                                        category=_category(bundle, category), country=country)
-        return Recommendations(user_id=user_id, model_name=bundle.name,
-                               model_version=bundle.version, cold_start=cold,
-                               degraded=degraded, items=_items(items))
+        return _json(Recommendations(user_id=user_id, model_name=bundle.name,
+                                     model_version=bundle.version, cold_start=cold,
+                                     degraded=degraded, items=_items(items)))
 
     @app.get("/search", response_model=SearchResults, tags=["search"], responses=UNKNOWN)
-    def search(
+    async def search(
         q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS,
                                 description="what the shopper typed")],
         bundle: Annotated[Bundle, Depends(current_bundle)],
@@ -473,43 +494,45 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         user_id: Annotated[str | None, Query(
             min_length=1, max_length=128, description="personalise for this user")] = None,
         category: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
-    ) -> SearchResults:
+    ) -> Response:
         """Products matching a query: its words and codes (a brand, a stock code) and its
         meaning (the shared text encoder); personalised by the user's ranking when given."""
         if not q.strip():
             raise HTTPException(422, detail="the query is blank")
         user, degraded = history.get(user_id) if user_id else (None, None)
         items = bundle.search(q, k, history=user, category=_category(bundle, category))
-        return SearchResults(query=q, user_id=user_id, model_name=bundle.name,
-                             model_version=bundle.version, degraded=degraded,
-                             items=_items(items))
+        return _json(SearchResults(query=q, user_id=user_id, model_name=bundle.name,
+                                   model_version=bundle.version, degraded=degraded,
+                                   items=_items(items)))
 
     @app.get("/similar/{product_id}", response_model=RelatedProducts, tags=["products"],
              responses=UNKNOWN)
-    def similar(
+    async def similar(
         product_id: Annotated[str, Path(min_length=1, max_length=128)],
         bundle: Annotated[Bundle, Depends(current_bundle)],
         k: K = 10,
-    ) -> RelatedProducts:
+    ) -> Response:
         """Products whose embeddings are nearest (text, category, brand, price, behaviour)."""
         row = _product(bundle, product_id)
-        return RelatedProducts(product_id=product_id, title=str(bundle.products.title.iat[row]),
-                               model_name=bundle.name, model_version=bundle.version,
-                               items=_items(bundle.similar(product_id, k)))
+        return _json(RelatedProducts(
+            product_id=product_id, title=str(bundle.products.title.iat[row]),
+            model_name=bundle.name, model_version=bundle.version,
+            items=_items(bundle.similar(product_id, k))))
 
     @app.get("/complementary/{product_id}", response_model=RelatedProducts, tags=["products"],
              responses=UNKNOWN)
-    def complementary(
+    async def complementary(
         product_id: Annotated[str, Path(min_length=1, max_length=128)],
         bundle: Annotated[Bundle, Depends(current_bundle)],
         k: K = 10,
-    ) -> RelatedProducts:
+    ) -> Response:
         """Products bought together with this one (co-occurrence of buyers)."""
         row = _product(bundle, product_id)
         items, fallback = bundle.complementary(product_id, k)
-        return RelatedProducts(product_id=product_id, title=str(bundle.products.title.iat[row]),
-                               model_name=bundle.name, model_version=bundle.version,
-                               fallback=fallback, items=_items(items))
+        return _json(RelatedProducts(
+            product_id=product_id, title=str(bundle.products.title.iat[row]),
+            model_name=bundle.name, model_version=bundle.version, fallback=fallback,
+            items=_items(items)))
 
     @app.post("/events", response_model=IngestReport, tags=["events"],
               responses={**INVALID, 503: {"model": ErrorResponse,

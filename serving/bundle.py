@@ -22,6 +22,8 @@ import functools
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,9 @@ EMBEDDINGS = "item_embeddings.npy"
 MODEL_DIR = "model"
 SCORER_DIR = "scorer"
 PERSONAL_TOP = 500  # /search with a user: the user's top products that get a boost
+# Users whose views (vectors, co-occurrence sums, retrieved candidates) a bundle keeps
+# (``SHOPREC_SERVING_USER_CACHE``; 0: none): ~20 KB each at 100,000 products.
+USER_CACHE = 10_000
 
 
 class BundleError(RuntimeError):
@@ -158,6 +163,24 @@ class Bundle:
             out |= ~allowed
         return out
 
+    def _views(self, history: Any, now: float) -> list[Any]:
+        """The scorer's view of a one-user ``history`` (``Scorer.views``), kept per row digest
+        (``Histories.digests``: the same online row gives the same view, whatever the
+        request) for the last ``SHOPREC_SERVING_USER_CACHE`` users; a changed row has another
+        digest, so an event that changes the row is seen at once."""
+        digest = history.digests[0] if history.digests else None
+        cache = self.__dict__.get("_view_cache")
+        if cache is None:
+            size = int(os.environ.get("SHOPREC_SERVING_USER_CACHE", USER_CACHE))
+            cache = self.__dict__.setdefault("_view_cache", _LRU(size))
+        if digest is None or cache.size <= 0:
+            return self.scorer.views(history, now)
+        views = cache.get(digest)
+        if views is None:
+            views = self.scorer.views(history, now)
+            cache.put(digest, views)
+        return views
+
     def _now(self, history: Any) -> float:
         stamps = history.timestamps[0]
         known_times = stamps[np.isfinite(stamps)]
@@ -194,10 +217,12 @@ class Bundle:
                 rows = [int(r) for r in top_k(scores[None, :], k)[0] if np.isfinite(scores[r])]
                 return [self._result(r, scores[r], f"popular in {country} this month")
                         for r in rows], True
-        [(rows, scores)] = self.scorer.rank(history, self._now(history), k,
+        now = self._now(history)
+        [(rows, scores)] = self.scorer.rank(history, now, k,
                                             exclude_purchased=exclude_purchased,
                                             exclude=[set(exclude)],
-                                            allowed=self._allowed(category))
+                                            allowed=self._allowed(category),
+                                            views=self._views(history, now))
         rows = [int(r) for r in rows]
         reasons = self._reasons(rows, known, history.event_types[0], products)
         return [self._result(r, s, reason)
@@ -249,7 +274,9 @@ class Bundle:
         vector = self.query_encoder.encode(query) if self.query_encoder is not None else None
         personal = None
         if history is not None and any(p in self.item_row for p in history.products[0]):
-            [(rows, scores)] = self.scorer.rank(history, self._now(history), PERSONAL_TOP)
+            now = self._now(history)
+            [(rows, scores)] = self.scorer.rank(history, now, PERSONAL_TOP,
+                                                views=self._views(history, now))
             personal = np.full(self.size, -np.inf)  # (N,) the user's top products only
             personal[rows] = scores
         hits = self.search_index.search(query, k, query_vector=vector, personal=personal,
@@ -288,6 +315,38 @@ class Bundle:
         return out
 
 
+class _LRU:
+    """A thread-safe least-recently-used map of at most ``size`` entries."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.hits = self.misses = 0
+
+
 def _profile_country(history: Any) -> str | None:
     profiles = getattr(history, "profiles", None)
     if profiles is None or "country" not in profiles or profiles.empty:
@@ -321,6 +380,11 @@ class QueryEncoder:
     def encode(self, text: str) -> np.ndarray:
         """(H,) unit vector of ``text`` (read-only)."""
         return self._encode(" ".join(text.split()))
+
+    def clear_cache(self) -> None:
+        clear = getattr(self._encode, "cache_clear", None)
+        if clear is not None:
+            clear()
 
     def cache_info(self) -> Any:
         return getattr(self._encode, "cache_info", lambda: None)()

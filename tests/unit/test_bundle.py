@@ -319,3 +319,68 @@ def test_query_vectors_are_cached_per_normalised_query_and_read_only() -> None:
     uncached = QueryEncoder(CONFIG, cache_size=0)
     np.testing.assert_allclose(uncached.encode("heart candle"), first, rtol=1e-5)
     assert uncached.cache_info() is None
+
+
+def test_warm_runs_every_request_path_and_keeps_no_warm_up_query(bundle: Bundle) -> None:
+    from serving.runtime import WARM_QUERIES, warm
+
+    spent = warm(bundle, rounds=1)
+    assert {"pages", "recommend", "similar", "complementary", "search"} <= set(spent)
+    assert all(seconds >= 0 for seconds in spent.values())
+    if bundle.query_encoder is not None:  # the shop's queries, not the warm-up's, are cached
+        assert bundle.query_encoder.cache_info().currsize == 0
+        bundle.search(WARM_QUERIES[0], 3)
+        assert bundle.query_encoder.cache_info().currsize == 1
+
+
+def test_thread_limits_hold_while_serving_and_are_restored() -> None:
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from serving.runtime import ThreadLimits
+
+    torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    pools_before = [p["num_threads"] for p in threadpool_info()]
+    limits = ThreadLimits(1)
+    try:
+        assert torch.get_num_threads() == 1
+        assert faiss.omp_get_max_threads() == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info())
+    finally:
+        limits.restore()
+    assert torch.get_num_threads() == torch_before
+    assert faiss.omp_get_max_threads() == faiss_before
+    assert [p["num_threads"] for p in threadpool_info()] == pools_before
+    ThreadLimits(0).restore()  # 0: the libraries' own choice, nothing to undo
+    assert torch.get_num_threads() == torch_before
+
+
+def _row(products: list[str], types: list[str]) -> dict:
+    stamps = [int(CUT.timestamp()) - 3600 * (len(products) - i) for i in range(len(products))]
+    return {"recent_product_ids": products, "recent_event_types": types,
+            "recent_timestamps": stamps, "purchased_product_ids": None}
+
+
+def test_a_users_views_are_kept_per_row_and_a_changed_row_is_computed_again(
+        bundle: Bundle) -> None:
+    bundle._views(Histories.from_row(_row(["mugs-0"], ["view"])), CUT.timestamp())
+    cache = bundle.__dict__["_view_cache"]  # made by the first call
+    cache.clear()
+    row = _row(["mugs-0", "toys-1"], ["view", "purchase"])
+    first = bundle.recommend(Histories.from_row(row), k=6)
+    assert (cache.hits, cache.misses) == (0, 1)
+    again = bundle.recommend(Histories.from_row(dict(row)), k=6)  # the same row, read again
+    assert again == first and (cache.hits, cache.misses) == (1, 1)
+    history = Histories.from_row(row)
+    uncached = Histories(history.products, history.event_types, history.timestamps)
+    assert bundle.recommend(history, k=6, category="candles")[0] == \
+        bundle.recommend(uncached, k=6, category="candles")[0]  # cached views filter alike
+    assert [r.product_id for r in bundle.recommend(history, k=6, exclude_purchased=True)[0]] \
+        == _exact_ranking(bundle, history, exclude_purchased=True)[:6]
+    hits = cache.hits
+    changed = Histories.from_row(_row(["mugs-0", "toys-1", "candles-3"],
+                                      ["view", "purchase", "view"]))  # an event arrived
+    assert changed.digests != history.digests
+    bundle.recommend(changed, k=6)
+    assert cache.hits == hits and cache.misses == 2

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import sparse
 from unit.test_blend import T0, catalog_frame, events_frame
 
@@ -144,6 +145,20 @@ def test_save_and_load_give_the_same_scores(tmp_path) -> None:
     np.testing.assert_array_equal(loaded.scores(hist, cut.timestamp()), before)
     assert loaded.state.product_ids == scorer.state.product_ids
     assert loaded.validation == scorer.validation
+
+
+def test_the_numpy_pair_scorer_is_the_torch_module() -> None:
+    scorer, cut = _fitted()
+    hist = Histories.from_events(loyal_shop(), ["u1", "u2", "u7", "stranger"])
+    features, columns = scorer.features(hist, cut.timestamp())
+    for setting, module in scorer.pair_scorers.items():
+        with torch.inference_mode():
+            expected = module(torch.from_numpy(features)).numpy()  # (b, C)
+        np.testing.assert_allclose(module.as_numpy()(features), expected, rtol=1e-5, atol=1e-5)
+        served = scorer._apply(setting, features, columns < 0)
+        np.testing.assert_allclose(served[columns >= 0], expected[columns >= 0], rtol=1e-5,
+                                   atol=1e-5)
+        assert np.isneginf(served[columns < 0]).all()
 
 
 def test_the_tune_step_refuses_an_item_side_fitted_elsewhere() -> None:

@@ -78,6 +78,9 @@ class Histories:
     timestamps: list[np.ndarray]
     profiles: pd.DataFrame | None = None
     purchased: list[list[str] | None] | None = None
+    # per user, a hashable digest of everything ``Scorer._views`` reads of the row (None:
+    # not known): equal digests, equal views on the same day (``from_row`` sets it)
+    digests: list[int | None] | None = None
 
     def __len__(self) -> int:
         return len(self.products)
@@ -97,7 +100,8 @@ class Histories:
         return Histories([self.products[r] for r in rows],
                          [self.event_types[r] for r in rows],
                          [self.timestamps[r] for r in rows], profiles,
-                         None if self.purchased is None else [self.purchased[r] for r in rows])
+                         None if self.purchased is None else [self.purchased[r] for r in rows],
+                         None if self.digests is None else [self.digests[r] for r in rows])
 
     def bought(self, row: int) -> set[str]:
         """Everything user ``row`` is known to have bought: ``purchased`` where known, and
@@ -151,14 +155,16 @@ class Histories:
         types = [str(t) for t in row.get("recent_event_types") or []]
         stamps = checked(products, types,
                          np.asarray(row.get("recent_timestamps") or [], dtype=np.float64))
-        profiles = None
+        profiles, profile_values = None, ()
         for columns in (STORED_PROFILE_COLUMNS, PROFILE_COLUMNS):
             if all(c in row for c in columns):
                 profiles = pd.DataFrame({c: [row[c]] for c in columns})
+                profile_values = tuple(_hashable(row[c]) for c in columns)
                 break
         bought = row.get(PURCHASED)
+        digest = hash((tuple(products), tuple(types), stamps.tobytes(), profile_values))
         return cls([products], [types], [stamps], profiles,
-                   [None if bought is None else [str(p) for p in bought]])
+                   [None if bought is None else [str(p) for p in bought]], [digest])
 
     @classmethod
     def from_feast(cls, frame: pd.DataFrame) -> Histories:
@@ -186,6 +192,15 @@ class Histories:
         return cls(products, types, stamps, profiles, purchased)
 
 
+def _hashable(value: Any) -> Any:
+    """A profile value as something hashable (lists and arrays as tuples; NaN as None)."""
+    if isinstance(value, list | tuple | np.ndarray):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
+
+
 @dataclass
 class UserView:
     """One user's history as the scorer reads it, in catalogue columns.
@@ -209,6 +224,9 @@ class UserView:
     user_vector: np.ndarray | None = None
     text_vector: np.ndarray | None = None
     als_vector: np.ndarray | None = None
+    # the retrieval indexes' answers for these vectors (space -> columns), kept by
+    # ``Scorer.candidates`` so that a cached view is not searched for again
+    retrieved: dict[str, np.ndarray] | None = None
 
     def buy_times_or(self, now: float) -> np.ndarray:
         """Purchase times, unknown ones taken as ``now``."""

@@ -21,6 +21,33 @@ class PairScorer(nn.Module):
         """(..., F) -> (...)."""
         return (self.linear(x) + self.mlp(x)).squeeze(-1)
 
+    def as_numpy(self) -> NumpyPairScorer:
+        """The same function in numpy, for serving (see ``NumpyPairScorer``)."""
+        return NumpyPairScorer(self)
+
+
+class NumpyPairScorer:
+    """A trained ``PairScorer`` evaluated with two float32 matrix products in numpy.
+
+    A request scores a few hundred candidates: torch's per-call dispatch of five modules
+    costs more than the arithmetic there. The result equals the module's up to float32
+    rounding (``tests/unit/test_scorer.py`` compares them).
+    """
+
+    def __init__(self, module: PairScorer):
+        with torch.no_grad():
+            first = module.mlp[0]
+            # one product gives the linear part and the hidden layer together: (F, 1 + H)
+            self.weight = torch.cat([module.linear.weight, first.weight]).T.contiguous().numpy()
+            self.bias = torch.cat([module.linear.bias, first.bias]).numpy()  # (1 + H,)
+            self.out = module.mlp[2].weight[0].numpy().copy()  # (H,)
+            self.out_bias = float(module.mlp[2].bias[0])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(..., F) float32 -> (...) float32."""
+        both = x @ self.weight + self.bias  # (..., 1 + H)
+        return both[..., 0] + np.maximum(both[..., 1:], 0.0) @ self.out + self.out_bias
+
 
 def train_scorer(
     features: np.ndarray,

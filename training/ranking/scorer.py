@@ -69,6 +69,8 @@ class Scorer:
         self.model = model
         self.model_config = model_config
         self.pair_scorers: dict[str, Any] = {}
+        # the pair scorers as numpy (``NumpyPairScorer``), each with the module it was made of
+        self._numpy_scorers: dict[str, tuple[Any, Any]] = {}
         self.validation: dict[str, dict[str, float]] = {}
         self.state: ItemState | None = None
 
@@ -82,6 +84,12 @@ class Scorer:
         return self
 
     # -- features ------------------------------------------------------------------------
+
+    def views(self, histories: Histories, now: float | None = None) -> list[UserView]:
+        """What ``rank`` computes of each user before retrieving (``_views``): the user's
+        vectors and co-occurrence sums. The same history gives the same views on the same
+        day (a server may keep them)."""
+        return self._views(histories, now)
 
     def _views(self, histories: Histories, now: float | None = None) -> list[UserView]:
         """What the candidates and features of each user are computed from, at ``now``
@@ -171,13 +179,15 @@ class Scorer:
         wanted = {"two_tower": "user_vector", "text": "text_vector", "als": "als_vector"}
         found: dict[str, list[np.ndarray | None]] = {}
         for name, attribute in wanted.items():
-            rows = [r for r, v in enumerate(views) if getattr(v, attribute) is not None]
-            found[name] = [None] * len(views)
+            found[name] = [(v.retrieved or {}).get(name) for v in views]
+            rows = [r for r, v in enumerate(views) if getattr(v, attribute) is not None
+                    and found[name][r] is None]
             if name in retrievers and rows:
                 queries = np.stack([getattr(views[r], attribute) for r in rows])
                 for r, top in zip(rows, retrievers[name].top(queries, config.candidates),
                                   strict=True):
                     found[name][r] = top
+                    views[r].retrieved = {**(views[r].retrieved or {}), name: top}
         popular = state.popular_rows(config.popular_candidates)
         order = state.popularity_order()
         out = []
@@ -332,8 +342,10 @@ class Scorer:
             scores = features[..., : len(SOURCE_NAMES)].sum(axis=-1) \
                 + features[..., FEATURE_NAMES.index("popularity_30d")] * 1e-3
         else:
-            with torch.inference_mode():
-                scores = scorer(torch.from_numpy(features)).double().numpy()  # (b, C)
+            fast = self._numpy_scorers.get(setting)
+            if fast is None or fast[0] is not scorer:  # tuned or loaded since: convert again
+                fast = self._numpy_scorers[setting] = (scorer, scorer.as_numpy())
+            scores = fast[1](features)  # (b, C)
         scores = np.asarray(scores, dtype=np.float64)
         scores[excluded] = -np.inf
         return scores
@@ -353,8 +365,8 @@ class Scorer:
 
     def rank(self, histories: Histories, now: float, k: int, *,
              exclude_purchased: bool = False, exclude: Sequence[set[str]] | None = None,
-             allowed: np.ndarray | None = None,
-             setting: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+             allowed: np.ndarray | None = None, setting: str | None = None,
+             views: list[UserView] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per user, the top ``k`` catalogue columns and their scores, best first (ties by
         column).
 
@@ -368,9 +380,10 @@ class Scorer:
             allowed: (N,) bool, the only columns that may be returned (a category).
             setting: the pair scorer to rank with, "all" or "new" (default: "new" when
                 ``exclude_purchased``, else "all").
+            views: ``views(histories, now)`` when already computed (a server's cache).
         """
         setting = setting or ("new" if exclude_purchased else "all")
-        views = self._views(histories, now)
+        views = views if views is not None else self._views(histories, now)
         candidates = self.candidates(
             histories, views=views, allowed=allowed,
             exclude=self._excluded_columns(histories, exclude_purchased, exclude))
