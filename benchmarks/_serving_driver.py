@@ -31,8 +31,19 @@ LOAD_SCRIPT = Path(__file__).resolve().parent / "_serving_load.py"
 ENDPOINTS = ("recommend", "similar", "search")
 # p99 targets (ms) at --rate, from the tracker's serving issue (2-core machine).
 P99_TARGET_MS = {"recommend": 25.0, "similar": 15.0, "search": 50.0}
+SWAP_POLL_SECONDS = 2.0  # how often the benchmark's server checks the champion alias
+SWAP_WINDOW_S = 40.0  # /recommend measured from just before the alias moves
+COLD_WINDOW_S = 20.0  # /recommend measured from the moment /readyz says ready
 LOAD_TIMEOUT_S = 10.0  # a fixed-rate request that takes longer fails (counted at this time)
-UNKNOWN_USER_SHARE = 0.05  # /recommend for visitors the store does not know (cold start)
+UNKNOWN_USER_SHARE = 0.10  # /recommend for visitors the store does not know (cold start)
+# Known users are drawn with Zipf weights 1 / rank^USER_ZIPF (rank: a random order of the
+# shop's users): a few users come back often, most rarely, as on a shop's site.
+USER_ZIPF = 1.0
+# /search: this share of queries comes from a head of HEAD_QUERIES popular queries (Zipf
+# over the head: these repeat, as real query logs do); the rest are new combinations of
+# words from two random titles, almost never seen twice (the query cache does not help).
+HEAD_QUERY_SHARE = 0.2
+HEAD_QUERIES = 200
 K = 10
 MIN_RATE = 1.0  # req/s: the throughput search gives up below this
 
@@ -49,8 +60,9 @@ class Targets:
 
 
 def request_targets(settings: Any, spec: ShopSpec, n: int, seed: int) -> Targets:
-    """``n`` request paths per endpoint: random known users (and a few unknown visitors),
-    random catalogue products, and queries of 2-3 consecutive words of random titles."""
+    """``n`` request paths per endpoint: known users drawn Zipf-like (``USER_ZIPF``) and
+    ``UNKNOWN_USER_SHARE`` unknown visitors, random catalogue products, and queries: a
+    ``HEAD_QUERY_SHARE`` from a Zipf head of repeated queries, the rest new word mixes."""
     from features.contract import catalog_as_of, read_upto
 
     rng = random.Random(seed)
@@ -58,15 +70,27 @@ def request_targets(settings: Any, spec: ShopSpec, n: int, seed: int) -> Targets
     catalog = catalog_as_of(settings.landing_root, spec.last_day)
     products = catalog["product_id"].astype(str).tolist()
     titles = catalog["title"].astype(str).tolist()
-    picked_users = [f"U-bench-visitor-{i}" if rng.random() < UNKNOWN_USER_SHARE
-                    else rng.choice(users) for i in range(n)]
+    rng.shuffle(users)
+    weights = [1.0 / (rank + 1) ** USER_ZIPF for rank in range(len(users))]
+    known = rng.choices(users, weights=weights, k=n)
+    picked_users = [f"U-bench-visitor-{i}" if rng.random() < UNKNOWN_USER_SHARE else known[i]
+                    for i in range(n)]
     picked_products = [rng.choice(products) for _ in range(n)]
-    queries = []
-    for _ in range(n):
+
+    def phrase() -> str:  # 2-3 consecutive words of a title
         words = rng.choice(titles).lower().split()
         size = min(len(words), rng.choice((2, 3)))
         first = rng.randrange(len(words) - size + 1)
-        queries.append(" ".join(words[first:first + size]))
+        return " ".join(words[first:first + size])
+
+    def mix() -> str:  # words of two titles together: a query nobody typed before
+        words = rng.choice(titles).lower().split() + rng.choice(titles).lower().split()
+        return " ".join(rng.sample(words, min(len(words), rng.choice((2, 3, 4)))))
+
+    head = [phrase() for _ in range(HEAD_QUERIES)]
+    head_weights = [1.0 / (rank + 1) for rank in range(HEAD_QUERIES)]
+    queries = [rng.choices(head, weights=head_weights)[0] if rng.random() < HEAD_QUERY_SHARE
+               else mix() for _ in range(n)]
     paths = {
         "recommend": [f"/recommend/{quote(u, safe='')}?k={K}" for u in picked_users],
         "similar": [f"/similar/{quote(p, safe='')}?k={K}" for p in picked_products],
@@ -94,6 +118,9 @@ class Server:
         # the server without touching its code
         self.env = ({} if torch_threads is None else
                     {"OMP_NUM_THREADS": str(torch_threads), "MKL_NUM_THREADS": str(torch_threads)})
+        # follow the champion alias every SWAP_POLL_SECONDS: ``swap_under_load`` moves it
+        self.env["SHOPREC_SERVING_POLL_SECONDS"] = str(SWAP_POLL_SECONDS)
+        self.env["SHOPREC_SERVING_WORKERS"] = str(workers)  # /readyz waits for all of them
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self.restarts = 0
@@ -131,7 +158,8 @@ class Server:
                 if response.status_code == 200:
                     return time.perf_counter() - started
                 detail = response.json().get("detail", "")
-                if detail and detail != "no bundle loaded":  # a load failed: no point waiting
+                if detail and detail != "no bundle loaded" \
+                        and not detail.startswith("waiting for workers"):  # a load failed: no point waiting
                     raise RuntimeError(f"server cannot load the champion: {detail}; "
                                        f"see {self.log_path}")
             time.sleep(0.5)
@@ -216,11 +244,7 @@ def fixed_rate(server: Server, targets: Targets, served: dict[str, bool], name: 
     the target)."""
     settle(server, targets, served)
     result = drive(server, targets.paths[name], rate, seconds, warmup, timeout=LOAD_TIMEOUT_S)
-    target = P99_TARGET_MS.get(name)
-    if target is not None:
-        result["target_p99_ms"] = target
-        result["pass"] = result["errors"] == 0 and result["p99_ms"] <= target
-    return result
+    return verdict(name, result)
 
 
 def warm(server: Server, targets: Targets, served: dict[str, bool], n: int = 20) -> None:
@@ -333,3 +357,73 @@ def max_throughput(server: Server, targets: Targets, served: dict[str, bool], na
     return {"max_rps": good, "first_failed_rps": bad if math.isfinite(bad) else None,
             "steps": steps}
 
+
+
+def verdict(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with the endpoint's p99 target and whether it passed (no errors, p99
+    within the target)."""
+    target = P99_TARGET_MS.get(name)
+    if target is not None:
+        result["target_p99_ms"] = target
+        result["pass"] = result["errors"] == 0 and result["p99_ms"] <= target
+    return result
+
+
+def cold_start(server: Server, targets: Targets, rate: float) -> dict[str, Any]:
+    """/recommend at ``rate`` for ``COLD_WINDOW_S`` from the moment the server says ready
+    (call it right after ``wait_ready``: no request has warmed anything yet)."""
+    return verdict("recommend", drive(server, targets.paths["recommend"], rate, COLD_WINDOW_S,
+                                      0.0, timeout=LOAD_TIMEOUT_S))
+
+
+def swap_under_load(server: Server, targets: Targets, settings: Any,
+                    rate: float) -> dict[str, Any]:
+    """/recommend at ``rate`` while the champion moves to a new version: the champion's run
+    registered again (a new version, the same files: what a promotion looks like to the
+    server), the alias moved 3 s into the window; every worker follows it within
+    ``SWAP_POLL_SECONDS``, loading and warming the new bundle beside the traffic.
+
+    Returns:
+        The window's figures, with ``from_version``/``to_version`` and the versions the
+        server answered with afterwards (each worker should be on the new one).
+    """
+    import threading
+
+    import httpx
+
+    from training.registry import CHAMPION, alias_version, mlflow_client
+
+    client = mlflow_client(settings)
+    champion = alias_version(client, settings.model_name, CHAMPION)
+    others = [int(v.version) for v in
+              client.search_model_versions(f"name = '{settings.model_name}'")
+              if str(v.version) != str(champion.version)]
+    other = (str(max(others)) if others
+             else mlflow_register_again(settings, champion.run_id))
+
+    def move() -> None:
+        time.sleep(3.0)
+        client.set_registered_model_alias(settings.model_name, CHAMPION, other)
+
+    mover = threading.Thread(target=move)
+    mover.start()
+    result = drive(server, targets.paths["recommend"], rate, SWAP_WINDOW_S, 0.0,
+                   timeout=LOAD_TIMEOUT_S)
+    mover.join()
+    time.sleep(2 * SWAP_POLL_SECONDS)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        seen = sorted({str(http.get("/version").json()["model_version"]) for _ in range(20)})
+    result.update({"from_version": str(champion.version), "to_version": other,
+                   "versions_after": seen})
+    return verdict("recommend", result)
+
+
+def mlflow_register_again(settings: Any, run_id: str) -> str:
+    """A new model version of an already registered run (MLflow allows several)."""
+    import mlflow
+
+    from training.registry import _model_uri_of_run, mlflow_client
+
+    version = mlflow.register_model(_model_uri_of_run(mlflow_client(settings), run_id),
+                                    settings.model_name)
+    return str(version.version)

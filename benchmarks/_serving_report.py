@@ -126,6 +126,12 @@ def print_summary(spec: ShopSpec, results: dict[str, Any], timeout_s: float) -> 
         inproc = next((r.get("mean_ms") for r in rows if r["piece"] == TOTALS[name]), None)
         print(_summary_row(f"/{name}", load, verdict,
                            results["throughput"].get(name, {}).get("max_rps"), inproc))
+    for key, label in (("cold_start", "cold start"), ("swap", "swap")):
+        load = results.get(key)
+        if load is not None:  # /recommend's first seconds after a start, across a swap
+            verdict = "PASS" if load["pass"] else "FAIL"
+            verdicts.append(f"/recommend {label} {verdict}")
+            print(_summary_row(f"  {label}", load, verdict, None, None))
     floor = results["load"].get("healthz")
     if floor is not None:
         print(_summary_row("/healthz", floor, "floor", None, None))

@@ -37,15 +37,20 @@ from typing import Any
 
 from _serving_breakdown import breakdown
 from _serving_driver import (
+    COLD_WINDOW_S,
     ENDPOINTS,
     LOAD_TIMEOUT_S,
+    SWAP_WINDOW_S,
     Server,
     Targets,
+    cold_start,
     fixed_rate,
     max_throughput,
     request_targets,
     served_endpoints,
+    settle,
     sustained,
+    swap_under_load,
     warm,
 )
 from _serving_report import (
@@ -57,6 +62,8 @@ from _serving_report import (
     write_figures,
 )
 from _serving_setup import PROJECT_ROOT, ShopSpec, default_tune_users, setup
+from _serving_wrk import available as wrk_available
+from _serving_wrk import run as run_wrk
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--throughput-start", type=float, default=50.0)
     parser.add_argument("--throughput-ceiling", type=float, default=6400.0)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-wrk", action="store_true",
+                        help="skip the closed-loop check with wrk (Debian package)")
+    parser.add_argument("--skip-cold", action="store_true",
+                        help="skip /recommend's first 20 s after the server says ready")
+    parser.add_argument("--skip-swap", action="store_true",
+                        help="skip the champion swap under /recommend load")
     parser.add_argument("--setup-data-only", action="store_true",
                         help="build the shop and its features, then stop (no model, no server)")
     parser.add_argument("--setup-only", action="store_true",
@@ -125,6 +138,11 @@ def measure_server(server: Server, targets: Targets, args: argparse.Namespace, w
                            "server_rss_mib_ready": server.rss_mib(), "load": {},
                            "throughput": {}}
     print_ready(ready_s, server.url, version, server.rss_mib(), served)
+    if served["recommend"] and not args.skip_cold:
+        out["cold_start"] = cold_start(server, targets, args.rate)
+        print(f"cold start: /recommend at {args.rate:.0f} req/s for the first "
+              f"{COLD_WINDOW_S:.0f} s after /readyz", flush=True)
+        print_load("recommend", out["cold_start"])
     warm(server, targets, served)
 
     print(f"\nopen-loop load: {args.rate:.0f} req/s for {args.seconds:.0f} s per endpoint "
@@ -134,6 +152,14 @@ def measure_server(server: Server, targets: Targets, args: argparse.Namespace, w
                                        warmup)
         print_load(name, out["load"][name])
     out["server_rss_mib_after_load"] = server.rss_mib()
+    if served["recommend"] and not args.skip_swap:
+        settle(server, targets, served)
+        out["swap"] = swap_under_load(server, targets, server.settings, args.rate)
+        print(f"champion swap v{out['swap']['from_version']} -> v{out['swap']['to_version']} "
+              f"under /recommend at {args.rate:.0f} req/s ({SWAP_WINDOW_S:.0f} s window; "
+              f"versions answering after: {', '.join(out['swap']['versions_after'])})",
+              flush=True)
+        print_load("recommend", out["swap"])
 
     if not args.skip_throughput:
         print(f"\nmaximum sustained throughput ({step_seconds:.0f} s steps; sustained = no "
@@ -146,6 +172,20 @@ def measure_server(server: Server, targets: Targets, args: argparse.Namespace, w
                     ceiling=args.throughput_ceiling,
                     known_good=(args.rate if sustained(out["load"][name], args.max_p99_ms)
                                 else 0.0))
+    if not args.skip_wrk:
+        if wrk_available():
+            print("\nwrk (closed loop, 8 connections, 10 s per endpoint; the same paths)",
+                  flush=True)
+            for name in [e for e in ENDPOINTS if served[e]]:
+                settle(server, targets, served)
+                result = out.setdefault("wrk", {})[name] = run_wrk(server, targets.paths[name])
+                print(f"  /{name:<11} {result['rps']:8.1f} req/s, p50 {result['p50_ms']:.1f} "
+                      f"ms, p99 {result['p99_ms']:.1f} ms, {result['errors']} errors, server "
+                      f"{result['server_cpu_ms_per_req']:.2f} CPU ms/request, wrk "
+                      f"{result['wrk_cores']:.2f} cores", flush=True)
+        else:
+            print("\nwrk not installed (apt-get install wrk): closed-loop check skipped",
+                  flush=True)
     out["server_restarts"] = server.restarts
     return out
 

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from core import __version__
 from core.settings import Settings
 from serving.bundle import Bundle
-from serving.runtime import ThreadLimits, warm
+from serving.runtime import ThreadLimits, WorkerReadiness, warm
 from serving.schemas import (
     INVALID,
     MAX_EVENTS,
@@ -68,6 +68,7 @@ class BundleSlot:
         self.bundle: Bundle | None = None
         self.loaded_at: float | None = None
         self.last_error: str = ""
+        self.on_loaded: Any = None  # called after each bundle taken into service
         self._reload_lock = threading.Lock()
 
     def load(self, settings: Settings, *, only_if_changed: bool = False) -> Bundle | None:
@@ -91,6 +92,8 @@ class BundleSlot:
                           f"v{self.bundle.version}" if self.bundle else "nothing")
                 raise
             self.bundle, self.loaded_at, self.last_error = bundle, time.time(), ""
+            if self.on_loaded is not None:
+                self.on_loaded()
             log.info("serving %s v%s (%d products; indexes %s; warmed in %s)", bundle.name,
                      bundle.version, bundle.size,
                      ", ".join(f"{n} {i.kind}" for n, i in bundle.indexes.items()),
@@ -349,6 +352,8 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
     """Build the API. ``uvicorn --factory serving.app:create_app`` serves it."""
     settings = settings or Settings.from_env()
     slot = BundleSlot()
+    workers = WorkerReadiness(settings.serving_workers)
+    slot.on_loaded = workers.mark_ready
     history = UserHistory(settings)
     metrics = Metrics()
 
@@ -366,6 +371,7 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         yield
         if poller is not None:
             poller.cancel()
+        workers.unmark()
         limits.restore()
 
     app = FastAPI(
@@ -418,10 +424,16 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
     @app.get("/readyz", response_model=Readiness, tags=["ops"],
              responses={503: {"model": Readiness, "description": "no bundle loaded"}})
     def readyz():
-        """Readiness: a model bundle is loaded (the detail says when a reload failed)."""
+        """Readiness: a model bundle is loaded and warmed, in every worker of the server
+        (the detail says when a reload failed)."""
         if slot.bundle is None:
             return JSONResponse(status_code=503, content=Readiness(
                 ready=False, detail=slot.last_error or "no bundle loaded").model_dump())
+        done, expected = workers.ready()
+        if done < expected:
+            return JSONResponse(status_code=503, content=Readiness(
+                ready=False, detail=f"waiting for workers: {done} of {expected} have loaded "
+                                    f"and warmed v{slot.bundle.version}").model_dump())
         detail = f"serving v{slot.bundle.version}"
         if slot.last_error:
             detail += f"; last reload failed, kept v{slot.bundle.version}: {slot.last_error}"

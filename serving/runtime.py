@@ -16,7 +16,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,3 +110,47 @@ def warm(bundle: Any, *, rounds: int = 3) -> dict[str, float]:
         if clear is not None:
             clear()  # the warm-up's queries are not the shop's
     return spent
+
+
+class WorkerReadiness:
+    """Whether every worker of a multi-process server (uvicorn ``--workers N``) is ready.
+
+    /readyz is answered by whichever worker accepts the connection: the first worker to
+    finish loading would say "ready" while the others still load, and a load balancer would
+    send the full traffic to one process. Each worker that has loaded and warmed its bundle
+    leaves a marker (its pid) in a folder named after the supervisor's pid; /readyz says ready
+    only when ``workers`` live workers have one. A process that is not a worker of a
+    multi-process server (one uvicorn process, an app inside a test) expects only itself.
+    """
+
+    def __init__(self, workers: int, folder: Path | None = None):
+        import multiprocessing
+
+        # uvicorn starts its workers with multiprocessing: they have a parent process
+        self.workers = workers if multiprocessing.parent_process() is not None else 1
+        self.folder = folder or Path(tempfile.gettempdir()) / f"shoprec-serving-{os.getppid()}"
+        self._marker = self.folder / str(os.getpid())
+
+    def mark_ready(self) -> None:
+        if self.workers > 1:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._marker.touch()
+
+    def unmark(self) -> None:
+        self._marker.unlink(missing_ok=True)
+
+    def ready(self) -> tuple[int, int]:
+        """(live workers with a marker, workers expected); (1, 1) with a single worker."""
+        if self.workers <= 1:
+            return 1, 1
+        alive = 0
+        for marker in self.folder.glob("*") if self.folder.is_dir() else []:
+            try:
+                os.kill(int(marker.name), 0)
+            except (ValueError, ProcessLookupError):
+                marker.unlink(missing_ok=True)  # a worker that died: the supervisor restarts it
+                continue
+            except PermissionError:
+                pass
+            alive += 1
+        return alive, self.workers

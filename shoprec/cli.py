@@ -304,7 +304,8 @@ def serve(
     settings = Settings.from_env().prepare()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvicorn.run("serving.app:create_app", factory=True, host=host or settings.serving_host,
-                port=port or settings.serving_port, log_level="info")
+                port=port or settings.serving_port, log_level="info",
+                workers=settings.serving_workers)  # /readyz waits for as many (runtime)
 
 
 @app.command("env")

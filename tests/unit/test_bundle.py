@@ -384,3 +384,21 @@ def test_a_users_views_are_kept_per_row_and_a_changed_row_is_computed_again(
     assert changed.digests != history.digests
     bundle.recommend(changed, k=6)
     assert cache.hits == hits and cache.misses == 2
+
+
+def test_readiness_waits_for_every_worker_of_the_server(tmp_path: Path) -> None:
+    from serving.runtime import WorkerReadiness
+
+    assert WorkerReadiness(2).ready() == (1, 1)  # not a worker of a multi-process server
+    readiness = WorkerReadiness(2, folder=tmp_path / "workers")
+    readiness.workers = 2  # as in a uvicorn worker
+    assert readiness.ready() == (0, 2)
+    readiness.mark_ready()
+    assert readiness.ready() == (1, 2)
+    (tmp_path / "workers" / "999999999").touch()  # a worker that died: not counted, removed
+    assert readiness.ready() == (1, 2)
+    assert not (tmp_path / "workers" / "999999999").exists()
+    (tmp_path / "workers" / "1").touch()  # pid 1 is alive: another worker, ready
+    assert readiness.ready() == (2, 2)
+    readiness.unmark()
+    assert readiness.ready() == (1, 2)
