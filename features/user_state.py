@@ -42,13 +42,14 @@ day's activity, not the number of users active in the month.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from features.contract import EVENT_TYPES
+from features.key_windows import latest, window_mean, window_sum
 
 # History
 HISTORY_LEN = 200  # events kept per user
@@ -116,9 +117,8 @@ def days_since_purchase(last_purchase: Any, read_at: Any) -> np.ndarray:
         (n,) int64: ``(start of read day - purchase) // 1 day``, at least 0 (a purchase
         pushed on the read day itself), ``NEVER`` without a purchase.
     """
-    stamps = pd.to_numeric(pd.Series(np.asarray(last_purchase, dtype=object)),
-                           errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    times = np.atleast_1d(_epoch_ns(np.atleast_1d(np.asarray(read_at, dtype=object))))
+    stamps = _numbers(last_purchase)
+    times = _read_times(read_at)
     day_start = (times // _DAY_NS) * 86_400  # (n,) or (1,) epoch seconds
     never = np.isnan(stamps) | (stamps == NEVER)
     safe = np.where(never, 0, stamps).astype(np.int64)
@@ -148,18 +148,38 @@ def read_profiles(stored: pd.DataFrame, read_at: Any) -> pd.DataFrame:
         The other columns, then ``PROFILE_COLUMNS`` (integers as nullable Int64; every
         column null where the row is unknown), in row order.
     """
-    n = len(stored)
-    rest = stored.drop(columns=[c for c in STORED_PROFILE_COLUMNS if c in stored.columns])
-    rest = rest.reset_index(drop=True)
-    times = np.atleast_1d(_epoch_ns(np.atleast_1d(np.asarray(read_at, dtype=object))))
+    values = profile_arrays({c: stored[c].to_numpy(dtype=object)
+                             for c in STORED_PROFILE_COLUMNS}, read_at)
+    unknown = np.isnan(values[DAYS_SINCE_PURCHASE])  # (n,) every number is NaN there
+    # One frame built from ready arrays (a request reads one row: astype, loc and concat
+    # cost milliseconds there).
+    columns: dict[str, Any] = {c: stored[c].array for c in stored.columns
+                               if c not in STORED_PROFILE_COLUMNS}  # in front, dtypes kept
+    for c, v in values.items():
+        columns[c] = v if c in (MEAN_BASKET, COUNTRY) else pd.arrays.IntegerArray(
+            np.nan_to_num(v).astype(np.int64), unknown.copy())
+    return pd.DataFrame(columns, index=pd.RangeIndex(len(stored)))
+
+
+def profile_arrays(stored: Mapping[str, Sequence[Any]], read_at: Any) -> dict[str, np.ndarray]:
+    """``read_profiles`` without pandas (a request's row: no frame to build): the
+    ``PROFILE_COLUMNS`` of stored rows at ``read_at``, numbers as (n,) float64 (NaN where the
+    row is unknown), the country as objects (None where unknown).
+
+    Args:
+        stored: ``STORED_PROFILE_COLUMNS`` -> one value per row (lists, or object arrays).
+        read_at: (n,) UTC read times, or one time for every row.
+    """
+    n = len(stored[ACTIVE_DAYS])
+    times = _read_times(read_at)
     last_day = np.broadcast_to(times // _DAY_NS - 1, (n,))  # (n,) D per row
-    days_col = stored[ACTIVE_DAYS].to_numpy(dtype=object)
-    known = np.array([isinstance(v, list | np.ndarray) for v in days_col], dtype=bool)  # (n,)
+    known = np.array([isinstance(v, list | np.ndarray) for v in stored[ACTIVE_DAYS]],
+                     dtype=bool)  # (n,)
 
     def flat(column: str, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
         """(values, row of each value) of a list column over the known rows."""
         values = [np.asarray(v if k else [], dtype=dtype)
-                  for v, k in zip(stored[column].to_numpy(dtype=object), known, strict=True)]
+                  for v, k in zip(stored[column], known, strict=True)]
         lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=n)
         return (np.concatenate(values) if n else np.zeros(0, dtype)), \
             np.repeat(np.arange(n), lengths)
@@ -171,24 +191,22 @@ def read_profiles(stored: pd.DataFrame, read_at: Any) -> pd.DataFrame:
     for w in WINDOWS_DAYS:
         for t in EVENT_TYPES:
             out[count_column(t, w)] = np.bincount(row[inside[w]], by_type[t][inside[w]],
-                                                  minlength=n).astype(np.int64)
+                                                  minlength=n)
     out[DAYS_SINCE_PURCHASE] = days_since_purchase(stored[LAST_PURCHASE_TS], read_at)
     cat_day, cat_row = flat(CATEGORY_DAYS, np.int64)
     recent = cat_day > last_day[cat_row] - MONTH_DAYS
-    out[DISTINCT_CATEGORIES] = np.bincount(cat_row[recent], minlength=n).astype(np.int64)
+    out[DISTINCT_CATEGORIES] = np.bincount(cat_row[recent], minlength=n)
     basket = flat(BASKET_BY_DAY, np.float64)[0]
     baskets = inside[MONTH_DAYS] & (by_type["purchase"] > 0)
     total = np.bincount(row[baskets], basket[baskets], minlength=n)
     count = np.bincount(row[baskets], minlength=n)
     out[MEAN_BASKET] = np.where(count > 0, total / np.maximum(count, 1), 0.0)
-
-    frame = pd.DataFrame({c: out[c] for c in PROFILE_COLUMNS if c != COUNTRY})
-    frame = frame.astype({c: "Int64" for c in frame.columns if c != MEAN_BASKET})
-    frame.loc[~known] = np.nan  # unknown: every column null
-    country = stored[COUNTRY].to_numpy(dtype=object)
-    frame[COUNTRY] = pd.Series([c if k and isinstance(c, str) else None
-                                for c, k in zip(country, known, strict=True)], dtype=object)
-    return pd.concat([rest, frame], axis=1)
+    values = {c: np.where(known, out[c], np.nan).astype(np.float64)
+              for c in PROFILE_COLUMNS if c != COUNTRY}
+    values[COUNTRY] = np.array([c if k and isinstance(c, str) else None
+                                for c, k in zip(stored[COUNTRY], known, strict=True)],
+                               dtype=object)
+    return values
 
 
 def history_events(events: pd.DataFrame) -> pd.DataFrame:
@@ -285,6 +303,24 @@ def latest_countries(users: pd.DataFrame | None) -> pd.Series:
     return known.set_index("user_id")[COUNTRY]
 
 
+def _numbers(values: Any) -> np.ndarray:
+    """(n,) float64 of numbers, NaN where null or not a number."""
+    array = np.asarray(values, dtype=object).ravel()
+    try:
+        return array.astype(np.float64)  # numbers and None (-> NaN): the usual case
+    except (TypeError, ValueError):
+        return pd.to_numeric(pd.Series(array), errors="coerce").to_numpy(
+            dtype=np.float64, na_value=np.nan)
+
+
+def _read_times(read_at: Any) -> np.ndarray:
+    """Read times (one, or one per row) -> (n,) or (1,) int64 epoch nanoseconds."""
+    if isinstance(read_at, pd.Timestamp):  # one time for every row: a request's case
+        return np.array([read_at.as_unit("ns").value if read_at.tzinfo is not None
+                         else read_at.tz_localize("UTC").as_unit("ns").value], np.int64)
+    return np.atleast_1d(_epoch_ns(np.atleast_1d(np.asarray(read_at, dtype=object))))
+
+
 def _epoch_ns(values: Any) -> np.ndarray:
     """Timestamps (naive = UTC) -> int64 nanoseconds since the epoch."""
     return pd.DatetimeIndex(pd.to_datetime(values, utc=True)).as_unit("ns").asi8
@@ -343,7 +379,7 @@ def profiles_as_of(
     # The latest snapshot at or before the query day: the day itself while the user had an
     # event in its lookback, else the last day of the lookback after their last event.
     active = np.sort(keys(ev_user, ev_day))  # (E,)
-    last, known = _latest(active, keys(q_user, query_day), q_user, span)  # (Q,), (Q,)
+    last, known = latest(active, keys(q_user, query_day), q_user, span)  # (Q,), (Q,)
     last_day = np.zeros(len(user_ids), dtype=np.int64)  # (Q,)
     last_day[known] = active[last[known]] % span
     snapshot_day = np.minimum(query_day, last_day + PROFILE_LOOKBACK_DAYS - 1)  # (Q,)
@@ -355,14 +391,14 @@ def profiles_as_of(
         mine = np.sort(keys(ev_user[kind == event_type], ev_day[kind == event_type]))
         cumulative = np.arange(len(mine) + 1)
         for w in WINDOWS_DAYS:
-            out[count_column(event_type, w)] = _window_sum(mine, cumulative, at, w)
+            out[count_column(event_type, w)] = window_sum(mine, cumulative, at, w)
 
     has_product = events["product_id"].notna().to_numpy()
     touched = has_product & np.isin(kind, HISTORY_EVENT_TYPES)  # (E,) history events
     if last_purchase is None:
         is_buy = touched & (kind == "purchase")  # (E,)
         order = np.lexsort((ev_ns[is_buy], ev_user[is_buy]))  # by user, then time
-        last_buy, bought = _latest(keys(ev_user[is_buy], ev_day[is_buy])[order], at, q_user,
+        last_buy, bought = latest(keys(ev_user[is_buy], ev_day[is_buy])[order], at, q_user,
                                    span)  # (Q,), (Q,)
         buy_ns = (ev_ns[is_buy][order][last_buy] if len(order)
                   else np.zeros(len(user_ids), dtype=np.int64))
@@ -386,7 +422,7 @@ def profiles_as_of(
         "key": keys(ev_user[kind == "purchase"], ev_day[kind == "purchase"]),
         "value": buys["quantity"].to_numpy(dtype=np.float64) * price,
     }).groupby("key", sort=True)["value"].sum()  # one basket per user and day
-    out[MEAN_BASKET] = _window_mean(baskets.index.to_numpy(dtype=np.int64),
+    out[MEAN_BASKET] = window_mean(baskets.index.to_numpy(dtype=np.int64),
                                     baskets.to_numpy(dtype=np.float64), at, MONTH_DAYS)
 
     frame = pd.DataFrame({c: out[c] for c in PROFILE_COLUMNS if c != COUNTRY})
@@ -486,65 +522,6 @@ def _split_by_user(owner: np.ndarray, columns: dict[str, np.ndarray],
     bounds = np.searchsorted(owner, np.arange(n + 1))  # (n + 1,)
     return {name: [values[bounds[i]:bounds[i + 1]].tolist() for i in range(n)]
             for name, values in columns.items()}
-
-
-def _window_sum(keys: np.ndarray, cumulative: np.ndarray, at: np.ndarray,
-                days: int) -> np.ndarray:
-    """Per query, the sum of the weights of entries with key in (at - days, at].
-
-    Args:
-        keys: (E,) sorted (user, day) keys.
-        cumulative: (E + 1,) cumulative weights, starting at 0.
-        at: (Q,) query keys.
-        days: window length.
-    """
-    return (cumulative[np.searchsorted(keys, at, side="right")]
-            - cumulative[np.searchsorted(keys, at - days, side="right")])
-
-
-def _window_mean(keys: np.ndarray, values: np.ndarray, at: np.ndarray,
-                 days: int) -> np.ndarray:
-    """Per query, the mean of the values of entries with key in (at - days, at], 0 without.
-
-    Averaged by pandas' grouped mean over the entries in key order, as a per-user mean of
-    one day's baskets is, so that a snapshot's value does not depend on the days around it
-    (a running sum's differences would, in the last bits).
-
-    Args:
-        keys: (E,) sorted (user, day) keys.
-        values: (E,) float64.
-        at: (Q,) query keys.
-        days: window length.
-
-    Returns:
-        (Q,) float64.
-    """
-    distinct, inverse = np.unique(at, return_inverse=True)  # (A,), (Q,)
-    lo = np.searchsorted(keys, distinct - days, side="right")  # (A,)
-    n = np.searchsorted(keys, distinct, side="right") - lo  # (A,) entries per window
-    group = np.repeat(np.arange(len(distinct)), n)  # (sum n,)
-    position = np.arange(len(group)) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
-    means = pd.Series(values[position]).groupby(group).mean()
-    return means.reindex(range(len(distinct)), fill_value=0.0).to_numpy(np.float64)[inverse]
-
-
-def _latest(keys: np.ndarray, at: np.ndarray, user: np.ndarray,
-            span: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per query, the position of the user's last entry with key <= the query key.
-
-    Args:
-        keys: (E,) sorted (user, day) keys.
-        at: (Q,) query keys.
-        user: (Q,) the queries' user codes.
-        span: the key's day range per user.
-
-    Returns:
-        (Q,) positions in ``keys`` (0 where there is none) and (Q,) whether there is one.
-    """
-    last = np.searchsorted(keys, at, side="right") - 1  # (Q,)
-    found = last >= 0
-    found[found] = keys[last[found]] // span == user[found]
-    return np.where(found, last, 0), found
 
 
 def _distinct_in_window(user: np.ndarray, category: np.ndarray, day: np.ndarray, span: int,

@@ -527,7 +527,7 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         """Products whose embeddings are nearest (text, category, brand, price, behaviour)."""
         row = _product(bundle, product_id)
         return _json(RelatedProducts(
-            product_id=product_id, title=str(bundle.products.title.iat[row]),
+            product_id=product_id, title=bundle.title(row),
             model_name=bundle.name, model_version=bundle.version,
             items=_items(bundle.similar(product_id, k))))
 
@@ -542,7 +542,7 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         row = _product(bundle, product_id)
         items, fallback = bundle.complementary(product_id, k)
         return _json(RelatedProducts(
-            product_id=product_id, title=str(bundle.products.title.iat[row]),
+            product_id=product_id, title=bundle.title(row),
             model_name=bundle.name, model_version=bundle.version, fallback=fallback,
             items=_items(items)))
 

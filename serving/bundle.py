@@ -141,9 +141,20 @@ class Bundle:
     def size(self) -> int:
         return len(self.products)
 
+    def _column(self, name: str) -> np.ndarray:
+        """A product column as a numpy array of str, made once (pandas' per-element
+        access costs microseconds a call on a request's path)."""
+        columns = self.__dict__.setdefault("_columns", {})
+        if name not in columns:
+            columns[name] = self.products[name].astype(str).to_numpy(dtype=object)
+        return columns[name]
+
+    def title(self, row: int) -> str:
+        return self._column("title")[row]
+
     def _result(self, row: int, score: float, reason: str) -> Recommendation:
-        return Recommendation(str(self.products.product_id.iat[row]),
-                              str(self.products.title.iat[row]), float(score), reason)
+        return Recommendation(self._column("product_id")[row], self.title(row), float(score),
+                              reason)
 
     def _allowed(self, category: str | None) -> np.ndarray | None:
         """(N,) bool: the rows of ``category`` (None: no restriction)."""
@@ -237,7 +248,7 @@ class Bundle:
         row = self.item_row[product_id]
         query = self.item_embeddings[row : row + 1].astype(np.float32)  # (1, D)
         scores, rows = self.indexes["two_tower"].search(query, k + 1)  # (1, k + 1)
-        title = self.products.title.iat[row]
+        title = self.title(row)
         return [self._result(int(r), float(sc), f"similar to {title}")
                 for sc, r in zip(scores[0], rows[0], strict=True) if r >= 0 and r != row][:k]
 
@@ -252,7 +263,7 @@ class Bundle:
         row = self.item_row[product_id]
         neighbours = self.scorer.state.neighbours[row]
         order = np.lexsort((neighbours.indices, -neighbours.data))[:k]
-        title = self.products.title.iat[row]
+        title = self.title(row)
         out = [self._result(int(neighbours.indices[i]), float(neighbours.data[i]),
                             f"often bought with {title}") for i in order]
         if len(out) >= k:
@@ -305,10 +316,10 @@ class Bundle:
             if recent:
                 if together[:, i].max(initial=0.0) > 0:
                     anchor = recent[int(np.argmax(together[:, i]))]
-                    out.append(f"often bought with {self.products.title.iat[anchor]}")
+                    out.append(f"often bought with {self.title(anchor)}")
                     continue
                 anchor = recent[int(np.argmax(similar[:, i]))]
-                out.append(f"similar to {self.products.title.iat[anchor]}")
+                out.append(f"similar to {self.title(anchor)}")
                 continue
             out.append("trending this week" if trend[row] > 0.1
                        else "popular with shoppers this month")

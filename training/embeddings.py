@@ -232,7 +232,8 @@ def encode_users(
     Raises:
         ValueError: ``user_features`` has another number of rows than ``histories``.
     """
-    model.eval()
+    if model.training:  # eval() walks every module: not on each request
+        model.eval()
     device = model.device
     rows, events = history_matrix(histories, event_types, item_index, model.history_len)
     numeric, country = model.user_inputs(user_features, len(rows))  # (U, P), (U,)

@@ -383,8 +383,10 @@ class TwoTowerModel(nn.Module):
             ValueError: ``user_features`` has another number of rows.
         """
         frame = user_features if user_features is not None else pd.DataFrame(index=range(n))
-        if len(frame) != n:
-            raise ValueError(f"{len(frame)} rows of user features for {n} users")
+        rows = len(frame) if isinstance(frame, pd.DataFrame) else \
+            len(next(iter(frame.values()), []))  # column -> array (``profile_arrays``)
+        if rows != n:
+            raise ValueError(f"{rows} rows of user features for {n} users")
         countries = country_values(frame)
         ids = np.array([self._country_ids.get(c, UNKNOWN) for c in countries], dtype=np.int64)
         return numeric_features(frame), ids

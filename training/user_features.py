@@ -18,7 +18,7 @@ rows read as missing, i.e. "unknown".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,25 +40,42 @@ def has_profile(frame: pd.DataFrame | None) -> bool:
     return frame is not None and any(c in frame.columns for c in PROFILE_COLUMNS)
 
 
-def numeric_features(frame: pd.DataFrame) -> np.ndarray:
+def numeric_features(frame: pd.DataFrame | Mapping[str, np.ndarray]) -> np.ndarray:
     """The tower's numeric inputs of each row of ``frame``.
 
     Args:
-        frame: profile columns (any may be absent; nulls allowed), one row per user.
+        frame: profile columns (any may be absent; nulls allowed), one row per user: a
+            frame, or column -> (n,) float64 array (NaN: null; ``profile_arrays``' output, a
+            request's path without pandas).
 
     Returns:
         (n, N_NUMERIC) float32: log1p of ``NUMERIC_COLUMNS`` as described in the module
         docstring, then the "profile missing" flag.
     """
+    if not isinstance(frame, pd.DataFrame):
+        raw = np.full((_rows(frame), len(NUMERIC_COLUMNS)), np.nan)  # (n, F)
+        for j, column in enumerate(NUMERIC_COLUMNS):
+            if column in frame:
+                raw[:, j] = np.asarray(frame[column], dtype=np.float64)
+        return _numeric(raw)
     raw = np.full((len(frame), len(NUMERIC_COLUMNS)), np.nan)  # (n, F)
     present = [j for j, column in enumerate(NUMERIC_COLUMNS) if column in frame.columns]
-    try:  # one conversion for the usual case (numbers and nulls): a request's hot path
+    try:  # one conversion for the usual case (numbers and nulls)
         raw[:, present] = frame[[NUMERIC_COLUMNS[j] for j in present]].to_numpy(
             dtype=np.float64, na_value=np.nan)
     except (TypeError, ValueError):  # something non-numeric: column by column, coerced
         for j in present:
             raw[:, j] = pd.to_numeric(frame[NUMERIC_COLUMNS[j]], errors="coerce").to_numpy(
                 dtype=np.float64, na_value=np.nan)
+    return _numeric(raw)
+
+
+def _rows(columns: Mapping[str, Any]) -> int:
+    return len(next(iter(columns.values()))) if columns else 0
+
+
+def _numeric(raw: np.ndarray) -> np.ndarray:
+    """(n, F) raw numeric columns (NaN: null) -> ``numeric_features``."""
     missing = np.isnan(raw).all(axis=1)  # (n,)
     values = np.nan_to_num(raw, nan=0.0).clip(min=0.0)  # (n, F)
     j = NUMERIC_COLUMNS.index(DAYS_SINCE_PURCHASE)
@@ -74,10 +91,12 @@ def unknown_numeric() -> np.ndarray:
     return numeric_features(pd.DataFrame(index=range(1)))[0]
 
 
-def country_values(frame: pd.DataFrame) -> list[Any]:
+def country_values(frame: pd.DataFrame | Mapping[str, np.ndarray]) -> list[Any]:
     """Each row's country (None where absent or null)."""
-    if COUNTRY not in frame.columns:
+    if isinstance(frame, pd.DataFrame) and COUNTRY not in frame.columns:
         return [None] * len(frame)
+    if not isinstance(frame, pd.DataFrame) and COUNTRY not in frame:
+        return [None] * _rows(frame)
     return [None if pd.isna(v) else str(v) for v in frame[COUNTRY]]
 
 

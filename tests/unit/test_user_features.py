@@ -21,6 +21,7 @@ from training.user_features import (
     NO_PURCHASE_DAYS,
     NUMERIC_COLUMNS,
     align_to_users,
+    country_values,
     country_vocabulary,
     has_profile,
     numeric_features,
@@ -74,6 +75,10 @@ def test_numeric_transform() -> None:
     # absent columns read as missing
     np.testing.assert_allclose(numeric_features(pd.DataFrame({"x": [1, 2]})),
                                np.stack([expected_missing] * 2))
+    # column -> float array (NaN: null; a request's path) reads as the frame does
+    arrays = {c: frame[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in frame.columns}
+    np.testing.assert_array_equal(numeric_features(arrays), out)
+    assert country_values({"x": np.zeros(2)}) == [None, None]
 
 
 def test_country_vocabulary_skips_unknowns() -> None:

@@ -29,6 +29,7 @@ from features.user_state import (
     first_purchases,
     history_events,
     keep_last,
+    profile_arrays,
     profiles_as_of,
     read_profiles,
     recent_histories,
@@ -239,6 +240,16 @@ def test_readers_compute_the_profile_from_a_stored_row_at_their_time() -> None:
     arrays = stored.iloc[:1].map(lambda v: np.asarray(v) if isinstance(v, list) else v)
     pd.testing.assert_frame_equal(read_profiles(arrays, T0 + 8 * DAY),
                                   got.iloc[[1]].reset_index(drop=True))
+    # a request's path without pandas: the same values, NaN where the row is unknown
+    fast = profile_arrays({c: [r.get(c) for r in [row, row, row, row, unknown]]
+                           for c in STORED_PROFILE_COLUMNS}, read_at)
+    for column in PROFILE_COLUMNS:
+        want = got[column].astype(object).where(got[column].notna(), None).tolist()
+        have = [None if (isinstance(v, float) and np.isnan(v)) or v is None else v
+                for v in fast[column].tolist()]
+        assert have == want, column
+    one = profile_arrays({c: [row[c]] for c in STORED_PROFILE_COLUMNS}, T0 + 8 * DAY)
+    assert {c: v[0] for c, v in one.items()} == {c: fast[c][1] for c in PROFILE_COLUMNS}
 
 
 def test_profiles_as_of_without_events_are_unknown() -> None:

@@ -22,6 +22,7 @@ from features.user_state import (
     PURCHASED,
     STORED_PROFILE_COLUMNS,
     is_stored,
+    profile_arrays,
     profiles_as_of,
     read_profiles,
     recent_histories,
@@ -91,6 +92,16 @@ class Histories:
         if self.profiles is None or not is_stored(self.profiles):
             return self.profiles
         return read_profiles(self.profiles, pd.Timestamp(now, unit="s", tz="UTC"))
+
+    def profile_values_at(self, now: float) -> pd.DataFrame | dict[str, np.ndarray] | None:
+        """``profiles_at`` without building a frame where the rows are stored ones
+        (``features.user_state.profile_arrays``: column -> array, NaN where unknown): what
+        the user tower reads on a request's path."""
+        if self.profiles is None or not is_stored(self.profiles):
+            return self.profiles
+        return profile_arrays({c: self.profiles[c].to_numpy(dtype=object)
+                               for c in STORED_PROFILE_COLUMNS},
+                              pd.Timestamp(now, unit="s", tz="UTC"))
 
     def take(self, rows: Sequence[int]) -> Histories:
         """These rows' histories (and profiles), in that order."""

@@ -129,7 +129,7 @@ class Scorer:
                 now = max(state.cut.timestamp(),
                           float(stamps[np.isfinite(stamps)].max(initial=0.0)))
             users = encode_users(self.model, histories.products, histories.event_types,
-                                 index, state.embeddings, user_features=histories.profiles_at(now))
+                                 index, state.embeddings, user_features=histories.profile_values_at(now))
         for row, view in enumerate(views):
             start, stop = together.indptr[row], together.indptr[row + 1]
             view.together_cols = together.indices[start:stop].astype(np.int64)
