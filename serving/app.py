@@ -12,6 +12,7 @@ leaves the old one serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import hmac
@@ -32,7 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from core import __version__
 from core.settings import Settings
 from serving.bundle import Bundle
-from serving.runtime import ThreadLimits, WorkerReadiness, warm
+from serving.runtime import QueryBatcher, ThreadLimits, WorkerReadiness, warm
 from serving.schemas import (
     INVALID,
     MAX_EVENTS,
@@ -69,6 +70,7 @@ class BundleSlot:
         self.loaded_at: float | None = None
         self.last_error: str = ""
         self.on_loaded: Any = None  # called after each bundle taken into service
+        self.one_loader: Any = contextlib.nullcontext  # held while loading (runtime)
         self._reload_lock = threading.Lock()
 
     def load(self, settings: Settings, *, only_if_changed: bool = False) -> Bundle | None:
@@ -84,8 +86,9 @@ class BundleSlot:
                 if only_if_changed and self.bundle is not None \
                         and champion_version(settings) == self.bundle.version:
                     return None
-                bundle = load_version_bundle(settings)
-                spent = warm(bundle)  # before it takes traffic: a bundle that fails is refused
+                with self.one_loader():
+                    bundle = load_version_bundle(settings)
+                    spent = warm(bundle)  # before it takes traffic: a failure is refused
             except Exception as exc:  # MLflow down, bad bundle, ...: keep serving the old one
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("could not load the champion: %s (serving %s)", self.last_error,
@@ -353,8 +356,9 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
     settings = settings or Settings.from_env()
     slot = BundleSlot()
     workers = WorkerReadiness(settings.serving_workers)
-    slot.on_loaded = workers.mark_ready
+    slot.on_loaded, slot.one_loader = workers.mark_ready, workers.one_loader
     history = UserHistory(settings)
+    queries = QueryBatcher()  # /search's queries encoded together when they arrive together
     metrics = Metrics()
 
     @asynccontextmanager
@@ -511,8 +515,11 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         meaning (the shared text encoder); personalised by the user's ranking when given."""
         if not q.strip():
             raise HTTPException(422, detail="the query is blank")
+        category = _category(bundle, category)  # 404 before any work
         user, degraded = history.get(user_id) if user_id else (None, None)
-        items = bundle.search(q, k, history=user, category=_category(bundle, category))
+        vector = (await queries.encode(bundle.query_encoder, q)
+                  if bundle.query_encoder is not None else None)
+        items = bundle.search(q, k, history=user, category=category, query_vector=vector)
         return _json(SearchResults(query=q, user_id=user_id, model_name=bundle.name,
                                    model_version=bundle.version, degraded=degraded,
                                    items=_items(items)))

@@ -18,7 +18,6 @@ A ``Bundle`` is immutable once loaded; the server swaps whole bundles, never edi
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -278,11 +278,14 @@ class Bundle:
                 out.append(self._result(int(r), 0.0, "popular with shoppers this month"))
         return out, True
 
-    def search(self, query: str, k: int, *, history: Any = None,
-               category: str | None = None) -> list[Recommendation]:
+    def search(self, query: str, k: int, *, history: Any = None, category: str | None = None,
+               query_vector: np.ndarray | None = None) -> list[Recommendation]:
         """Products for a search query: lexical + semantic match, personalised by the
-        served ranking when the user's ``history`` is given."""
-        vector = self.query_encoder.encode(query) if self.query_encoder is not None else None
+        served ranking when the user's ``history`` is given (``query_vector``: the query's
+        vector when already encoded, e.g. in a batch of concurrent queries)."""
+        vector = query_vector
+        if vector is None and self.query_encoder is not None:
+            vector = self.query_encoder.encode(query)
         personal = None
         if history is not None and any(p in self.item_row for p in history.products[0]):
             now = self._now(history)
@@ -357,6 +360,13 @@ class _LRU:
             self._items.clear()
             self.hits = self.misses = 0
 
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def pop(self, key: Any) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
 
 def _profile_country(history: Any) -> str | None:
     profiles = getattr(history, "profiles", None)
@@ -371,7 +381,10 @@ class QueryEncoder:
 
     Shoppers repeat queries ("gift", "christmas"): the vectors of the last ``cache_size``
     distinct queries (whitespace-normalised) are kept (``SHOPREC_QUERY_CACHE``, default
-    10,000 = about 15 MB of 384-float vectors; 0 disables it).
+    10,000 = about 15 MB of 384-float vectors; 0 disables it). ``encode_many`` encodes the
+    queries it has not seen in one forward pass: a small encoder on a CPU is bound by reading
+    its weights, so sixteen queries cost little more than one (``serving.runtime``'s
+    ``QueryBatcher`` gathers concurrent requests' queries for it).
     """
 
     def __init__(self, config: Any, cache_size: int | None = None):
@@ -380,25 +393,82 @@ class QueryEncoder:
         self.encoder = TextEncoder(config.replace(device="cpu"), progress=False)
         if cache_size is None:
             cache_size = int(os.environ.get("SHOPREC_QUERY_CACHE", "10000"))
-        self._encode = (functools.lru_cache(maxsize=cache_size)(self._encode_one)
-                        if cache_size > 0 else self._encode_one)
+        self._cache = _LRU(cache_size) if cache_size > 0 else None
 
-    def _encode_one(self, text: str) -> np.ndarray:
-        vector = self.encoder.encode([text], progress=False)[0]
-        vector.setflags(write=False)  # shared between requests through the cache
-        return vector
+    @staticmethod
+    def normalise(text: str) -> str:
+        return " ".join(text.split())
+
+    def cached(self, text: str) -> np.ndarray | None:
+        """The kept vector of ``text`` (None: not kept)."""
+        return None if self._cache is None else self._cache.get(self.normalise(text))
 
     def encode(self, text: str) -> np.ndarray:
         """(H,) unit vector of ``text`` (read-only)."""
-        return self._encode(" ".join(text.split()))
+        return self.encode_many([text])[0]
+
+    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+        """Unit vectors of ``texts`` (read-only; shared between requests through the cache),
+        the ones not kept computed in one forward pass."""
+        import torch
+
+        from training.text import mean_pool
+
+        keys = [self.normalise(t) for t in texts]
+        out: dict[str, np.ndarray] = {}
+        for key in dict.fromkeys(keys):
+            hit = self._cache.get(key) if self._cache is not None else None
+            if hit is not None:
+                out[key] = hit
+        missing = [key for key in dict.fromkeys(keys) if key not in out]
+        if missing:
+            encoder = self.encoder
+            ids, mask = encoder._tokenize_trimmed(missing)  # (B, T): padded to the longest
+            with torch.inference_mode():
+                hidden = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                vectors = mean_pool(hidden, mask).numpy()  # (B, H) unit rows
+            for key, vector in zip(missing, vectors, strict=True):
+                vector = np.array(vector, dtype=np.float32)
+                vector.setflags(write=False)
+                out[key] = vector
+                if self._cache is not None:
+                    self._cache.put(key, vector)
+        return [out[key] for key in keys]
 
     def clear_cache(self) -> None:
-        clear = getattr(self._encode, "cache_clear", None)
-        if clear is not None:
-            clear()
+        if self._cache is not None:
+            self._cache.clear()
+
+    def forget(self, texts: list[str]) -> None:
+        """Drop these queries' kept vectors."""
+        if self._cache is not None:
+            for text in texts:
+                self._cache.pop(self.normalise(text))
 
     def cache_info(self) -> Any:
-        return getattr(self._encode, "cache_info", lambda: None)()
+        """(hits, misses, currsize) of the query cache; None when it is off."""
+        if self._cache is None:
+            return None
+        return SimpleNamespace(hits=self._cache.hits, misses=self._cache.misses,
+                               currsize=len(self._cache))
+
+
+_QUERY_ENCODERS: dict[str, QueryEncoder] = {}
+_QUERY_ENCODERS_LOCK = threading.Lock()
+
+
+def shared_query_encoder(config: Any) -> QueryEncoder:
+    """The process's query encoder for ``config``'s text encoder, loaded once and shared by
+    every bundle that uses the same one (with its query cache: the same pretrained weights
+    give the same query vectors, whichever model version asks). Loading it took 4 s of a
+    100,000-product bundle's 10 s, with the longest pause of the serving thread (0.35 s)."""
+    from training.text import encoder_identity
+
+    key = f"{encoder_identity(config.replace(device='cpu'))}|{config.max_text_tokens}"
+    with _QUERY_ENCODERS_LOCK:
+        if key not in _QUERY_ENCODERS:
+            _QUERY_ENCODERS[key] = QueryEncoder(config)
+        return _QUERY_ENCODERS[key]
 
 
 def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
@@ -434,7 +504,7 @@ def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
         name=name, version=version, run_id=run_id, manifest=manifest, model=model,
         scorer=scorer, products=products,
         search_index=SearchIndex(products, text_vectors, indexes.get("text")),
-        query_encoder=QueryEncoder(config) if text_vectors is not None else None,
+        query_encoder=shared_query_encoder(config) if text_vectors is not None else None,
         categories=frozenset(products["category"].astype(str)),
         item_embeddings=embeddings, indexes=indexes,
         item_row={p: i for i, p in enumerate(products["product_id"])},

@@ -15,10 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ import numpy as np
 log = logging.getLogger("shoprec.serving")
 
 # Queries /search is warmed with: a few shapes (a word, words, a code, digits); their
-# vectors are not kept (the query cache is cleared after warming).
+# vectors are not kept (forgotten after warming, unless a shopper's query had left them).
 WARM_QUERIES = ("gift", "red metal lantern", "set of 3 heart cake tins", "85123A", "2011")
 
 
@@ -93,6 +95,8 @@ def warm(bundle: Any, *, rounds: int = 3) -> dict[str, float]:
                      event_types=[["purchase" if i % 4 == 0 else "view"
                                    for i in range(len(ids))]])
     stranger = Histories.empty(1)
+    encoder = bundle.query_encoder  # shared across bundles: keep what the shop's queries left
+    ours = [q for q in WARM_QUERIES if encoder is None or encoder.cached(q) is None]
     category = str(bundle.products["category"].mode().iat[0]) if bundle.size else None
     for _ in range(rounds):
         timed("recommend", lambda: bundle.recommend(user, 10))
@@ -105,10 +109,8 @@ def warm(bundle: Any, *, rounds: int = 3) -> dict[str, float]:
         for query in WARM_QUERIES:
             timed("search", lambda q=query: bundle.search(q, 10))
         timed("search", lambda: bundle.search(WARM_QUERIES[0], 10, history=user))
-    if bundle.query_encoder is not None:
-        clear = getattr(bundle.query_encoder, "clear_cache", None)
-        if clear is not None:
-            clear()  # the warm-up's queries are not the shop's
+    if encoder is not None:
+        encoder.forget(ours)  # the warm-up's queries are not the shop's
     return spent
 
 
@@ -130,6 +132,24 @@ class WorkerReadiness:
         self.workers = workers if multiprocessing.parent_process() is not None else 1
         self.folder = folder or Path(tempfile.gettempdir()) / f"shoprec-serving-{os.getppid()}"
         self._marker = self.folder / str(os.getpid())
+
+    @contextlib.contextmanager
+    def one_loader(self) -> Iterator[None]:
+        """Held while this worker loads a bundle: one worker of the server at a time, so a
+        swap never takes both cores (a load pauses its worker's requests, GIL-bound parts of
+        it up to a few hundred ms; the other worker answers in full meanwhile)."""
+        if self.workers <= 1:
+            yield
+            return
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (self.folder / "reload.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def mark_ready(self) -> None:
         if self.workers > 1:
@@ -154,3 +174,62 @@ class WorkerReadiness:
                 pass
             alive += 1
         return alive, self.workers
+
+
+class QueryBatcher:
+    """Encodes the queries of concurrent /search requests together.
+
+    One query through the text encoder on a CPU costs about as much as sixteen (the cost
+    is reading the weights), and a worker answers requests on one event loop: while a batch
+    encodes (in a thread: torch releases the GIL), the queries of requests that arrive meanwhile
+    wait and go together into the next batch. Under light load a batch is one query, under
+    heavy load it grows, so the encoder keeps up with the arrival rate instead of queueing.
+    Kept vectors (``QueryEncoder.cached``) are answered at once.
+
+    Args:
+        max_batch: queries per forward pass at most.
+    """
+
+    def __init__(self, max_batch: int = 32):
+        self.max_batch = max_batch
+        self._pending: list[tuple[Any, str, Any]] = []  # (encoder, text, future)
+        self._draining = False
+        self.batches = self.queries = 0  # for the log and tests
+
+    async def encode(self, encoder: Any, text: str) -> np.ndarray:
+        import asyncio
+
+        kept = encoder.cached(text)
+        if kept is not None:
+            return kept
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((encoder, text, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        from fastapi.concurrency import run_in_threadpool
+
+        try:
+            while self._pending:
+                batch = self._pending[:self.max_batch]
+                del self._pending[:self.max_batch]
+                for encoder in {id(e): e for e, _, _ in batch}.values():  # a swap: two encoders
+                    part = [(t, f) for e, t, f in batch if e is encoder]
+                    try:
+                        vectors = await run_in_threadpool(encoder.encode_many,
+                                                          [t for t, _ in part])
+                    except Exception as exc:  # noqa: BLE001 - each request reports it
+                        for _, future in part:
+                            if not future.done():
+                                future.set_exception(exc)
+                        continue
+                    self.batches += 1
+                    self.queries += len(part)
+                    for (_, future), vector in zip(part, vectors, strict=True):
+                        if not future.done():
+                            future.set_result(vector)
+        finally:
+            self._draining = False

@@ -402,3 +402,52 @@ def test_readiness_waits_for_every_worker_of_the_server(tmp_path: Path) -> None:
     assert readiness.ready() == (2, 2)
     readiness.unmark()
     assert readiness.ready() == (1, 2)
+
+
+def test_concurrent_queries_are_encoded_together_with_the_same_vectors() -> None:
+    import asyncio
+
+    from serving.bundle import QueryEncoder
+    from serving.runtime import QueryBatcher
+
+    encoder = QueryEncoder(CONFIG, cache_size=0)
+    texts = ["heart candle", "red mug for tea", "toy", "heart candle", "a much longer query "
+             "about a blue enamel mug"]
+    alone = [encoder.encode(t) for t in texts]
+    batcher = QueryBatcher(max_batch=3)
+
+    async def together() -> list[np.ndarray]:
+        return await asyncio.gather(*(batcher.encode(encoder, t) for t in texts))
+
+    vectors = asyncio.run(together())
+    for got, want in zip(vectors, alone, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)  # padding is masked out
+    assert batcher.queries == len(texts) and batcher.batches == 2  # 3 + 2, not 5 passes
+    kept = QueryEncoder(CONFIG, cache_size=8)
+    first = asyncio.run(QueryBatcher().encode(kept, "heart  candle"))
+    assert kept.cached("heart candle") is first  # kept: the next request skips the encoder
+
+
+def test_workers_load_bundles_one_at_a_time(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from serving.runtime import WorkerReadiness
+
+    first, second = (WorkerReadiness(2, folder=tmp_path / "w") for _ in range(2))
+    first.workers = second.workers = 2  # as in two uvicorn workers
+    order: list[str] = []
+
+    def load(worker: WorkerReadiness, name: str) -> None:
+        with worker.one_loader():
+            order.append(f"{name} in")
+            time.sleep(0.2)
+            order.append(f"{name} out")
+
+    with first.one_loader():
+        other = threading.Thread(target=load, args=(second, "second"))
+        other.start()
+        time.sleep(0.1)
+        assert order == []  # the second worker waits for the first one's load
+    other.join()
+    assert order == ["second in", "second out"]
