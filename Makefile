@@ -54,8 +54,8 @@ bench-push: $(STAMP)
 # Serving latency/throughput on a 100k-product shop (BENCH_ARGS="--products 2000 --users 1000
 # --seconds 3" for a smoke run). Builds its shop once under state/bench-serving. The setup's
 # evaluation step (every baseline over 100k products) is skipped by default: it is the
-# pipeline's cost, not serving's.
-BENCH_ARGS ?= --skip-evaluate --torch-threads 1
+# pipeline's cost, not serving's. The server limits its own threads (SHOPREC_SERVING_THREADS).
+BENCH_ARGS ?= --skip-evaluate --encoder minilm --seconds 30
 bench-serving: $(STAMP)
 	$(BIN)/python benchmarks/serving.py $(BENCH_ARGS)
 

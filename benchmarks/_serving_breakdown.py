@@ -71,6 +71,10 @@ def breakdown(settings: Any, targets: Targets, n: int,
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    else:  # as the server runs: SHOPREC_SERVING_THREADS per process
+        from serving.runtime import ThreadLimits
+
+        ThreadLimits(settings.serving_threads)
     started = time.perf_counter()
     bundle = load_version_bundle(settings)
     load_s = time.perf_counter() - started
