@@ -197,7 +197,8 @@ def search_pieces(bundle: Any, queries: list[str]) -> list[dict[str, Any]]:
     for query in queries:
         vector = None
         if encoder is not None:
-            vector = watch.time("query encoding (text encoder)", lambda q=query: encoder.encode(q))
+            vector = watch.time(f"query encoding (text encoder, {encoder.kind})",
+                                lambda q=query: encoder.encode(q))
         if index is not None:
             watch.time("lexical (BM25 over the catalogue)",
                        lambda q=query: index.lexical(tokens(q)))

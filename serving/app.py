@@ -20,7 +20,6 @@ import logging
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -33,6 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from core import __version__
 from core.settings import Settings
 from serving.bundle import Bundle
+from serving.cache import LRU
 from serving.runtime import QueryBatcher, ThreadLimits, WorkerReadiness, warm
 from serving.schemas import (
     INVALID,
@@ -223,7 +223,7 @@ class UserHistory:
         self._store = None
         self._reader = None
         self._lock = threading.Lock()
-        self._known: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._known = LRU(cache_size)  # user id -> last row the store gave
         self.down_since: float | None = None
         self.down_reason = ""
         self._last_try = 0.0
@@ -284,10 +284,7 @@ class UserHistory:
                     log.error("malformed online row for user %r, served without history: %s",
                               user_id, exc)
                     return Histories.empty(1), f"malformed online row: {exc}"
-                self._known[user_id] = row
-                self._known.move_to_end(user_id)
-                while len(self._known) > self.cache_size:
-                    self._known.popitem(last=False)
+                self._known.put(user_id, row)
                 return user, None
             known = self._known.get(user_id)
             if known is not None:

@@ -21,17 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from core.checksums import sha256_file
+from serving.cache import LRU
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +181,7 @@ class Bundle:
         cache = self.__dict__.get("_view_cache")
         if cache is None:
             size = int(os.environ.get("SHOPREC_SERVING_USER_CACHE", USER_CACHE))
-            cache = self.__dict__.setdefault("_view_cache", _LRU(size))
+            cache = self.__dict__.setdefault("_view_cache", LRU(size))
         if digest is None or cache.size <= 0:
             return self.scorer.views(history, now)
         views = cache.get(digest)
@@ -329,146 +327,12 @@ class Bundle:
         return out
 
 
-class _LRU:
-    """A thread-safe least-recently-used map of at most ``size`` entries."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self._items.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def pop(self, key: Any) -> None:
-        with self._lock:
-            self._items.pop(key, None)
-
-
 def _profile_country(history: Any) -> str | None:
     profiles = getattr(history, "profiles", None)
     if profiles is None or "country" not in profiles or profiles.empty:
         return None
     value = profiles["country"].iat[0]
     return str(value) if isinstance(value, str) and value else None
-
-
-class QueryEncoder:
-    """The shared (frozen) text encoder for search queries, loaded once per bundle.
-
-    Shoppers repeat queries ("gift", "christmas"): the vectors of the last ``cache_size``
-    distinct queries (whitespace-normalised) are kept (``SHOPREC_QUERY_CACHE``, default
-    10,000 = about 15 MB of 384-float vectors; 0 disables it). ``encode_many`` encodes the
-    queries it has not seen in one forward pass: a small encoder on a CPU is bound by reading
-    its weights, so sixteen queries cost little more than one (``serving.runtime``'s
-    ``QueryBatcher`` gathers concurrent requests' queries for it).
-    """
-
-    def __init__(self, config: Any, cache_size: int | None = None):
-        from training.text import TextEncoder
-
-        self.encoder = TextEncoder(config.replace(device="cpu"), progress=False)
-        if cache_size is None:
-            cache_size = int(os.environ.get("SHOPREC_QUERY_CACHE", "10000"))
-        self._cache = _LRU(cache_size) if cache_size > 0 else None
-
-    @staticmethod
-    def normalise(text: str) -> str:
-        return " ".join(text.split())
-
-    def cached(self, text: str) -> np.ndarray | None:
-        """The kept vector of ``text`` (None: not kept)."""
-        return None if self._cache is None else self._cache.get(self.normalise(text))
-
-    def encode(self, text: str) -> np.ndarray:
-        """(H,) unit vector of ``text`` (read-only)."""
-        return self.encode_many([text])[0]
-
-    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
-        """Unit vectors of ``texts`` (read-only; shared between requests through the cache),
-        the ones not kept computed in one forward pass."""
-        import torch
-
-        from training.text import mean_pool
-
-        keys = [self.normalise(t) for t in texts]
-        out: dict[str, np.ndarray] = {}
-        for key in dict.fromkeys(keys):
-            hit = self._cache.get(key) if self._cache is not None else None
-            if hit is not None:
-                out[key] = hit
-        missing = [key for key in dict.fromkeys(keys) if key not in out]
-        if missing:
-            encoder = self.encoder
-            ids, mask = encoder._tokenize_trimmed(missing)  # (B, T): padded to the longest
-            with torch.inference_mode():
-                hidden = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                vectors = mean_pool(hidden, mask).numpy()  # (B, H) unit rows
-            for key, vector in zip(missing, vectors, strict=True):
-                vector = np.array(vector, dtype=np.float32)
-                vector.setflags(write=False)
-                out[key] = vector
-                if self._cache is not None:
-                    self._cache.put(key, vector)
-        return [out[key] for key in keys]
-
-    def clear_cache(self) -> None:
-        if self._cache is not None:
-            self._cache.clear()
-
-    def forget(self, texts: list[str]) -> None:
-        """Drop these queries' kept vectors."""
-        if self._cache is not None:
-            for text in texts:
-                self._cache.pop(self.normalise(text))
-
-    def cache_info(self) -> Any:
-        """(hits, misses, currsize) of the query cache; None when it is off."""
-        if self._cache is None:
-            return None
-        return SimpleNamespace(hits=self._cache.hits, misses=self._cache.misses,
-                               currsize=len(self._cache))
-
-
-_QUERY_ENCODERS: dict[str, QueryEncoder] = {}
-_QUERY_ENCODERS_LOCK = threading.Lock()
-
-
-def shared_query_encoder(config: Any) -> QueryEncoder:
-    """The process's query encoder for ``config``'s text encoder, loaded once and shared by
-    every bundle that uses the same one (with its query cache: the same pretrained weights
-    give the same query vectors, whichever model version asks). Loading it took 4 s of a
-    100,000-product bundle's 10 s, with the longest pause of the serving thread (0.35 s)."""
-    from training.text import encoder_identity
-
-    key = f"{encoder_identity(config.replace(device='cpu'))}|{config.max_text_tokens}"
-    with _QUERY_ENCODERS_LOCK:
-        if key not in _QUERY_ENCODERS:
-            _QUERY_ENCODERS[key] = QueryEncoder(config)
-        return _QUERY_ENCODERS[key]
 
 
 def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
@@ -480,6 +344,7 @@ def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
         BundleError: checksum mismatch, missing index, or an index that does not match the
             version's vectors.
     """
+    from serving.query_encoder import shared_query_encoder
     from serving.search import SearchIndex
     from training.checkpoint import load_model
     from training.index import IndexLoadError, load_indexes

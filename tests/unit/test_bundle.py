@@ -308,7 +308,7 @@ def test_user_without_known_history_is_cold(bundle: Bundle, products: list[str])
 
 
 def test_query_vectors_are_cached_per_normalised_query_and_read_only() -> None:
-    from serving.bundle import QueryEncoder
+    from serving.query_encoder import QueryEncoder
 
     encoder = QueryEncoder(CONFIG, cache_size=8)
     first = encoder.encode("heart  candle")
@@ -412,7 +412,7 @@ def test_readiness_waits_for_every_worker_of_the_server(tmp_path: Path) -> None:
 def test_concurrent_queries_are_encoded_together_with_the_same_vectors() -> None:
     import asyncio
 
-    from serving.bundle import QueryEncoder
+    from serving.query_encoder import QueryEncoder
     from serving.runtime import QueryBatcher
 
     encoder = QueryEncoder(CONFIG, cache_size=0)

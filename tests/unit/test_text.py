@@ -14,7 +14,7 @@ import torch
 
 from features.contract import product_text
 from training import text_cache
-from training.config import TrainConfig
+from training.config import TrainConfig, autocast_dtype, native_bf16, text_dtype
 from training.text import TextEncoder, encode_tokens, encoder_dim, encoder_path, load_tokenizer
 from training.text_cache import embed_texts, token_ids
 
@@ -190,10 +190,23 @@ def test_token_ids_without_a_cache_or_texts() -> None:
 
 
 def test_frozen_encoder_gives_the_same_vectors_in_any_batching() -> None:
-    """Tokenizing one batch ahead keeps every vector in its place."""
-    one = TextEncoder(TINY.replace(text_batch_size=1), progress=False).encode(TEXTS,
+    """Tokenizing one batch ahead keeps every vector in its place (fp32: exact up to
+    rounding; the CPU's bf16 agrees to a cosine of 0.999)."""
+    fp32 = TINY.replace(precision="fp32")
+    one = TextEncoder(fp32.replace(text_batch_size=1), progress=False).encode(TEXTS,
                                                                               progress=False)
-    many = TextEncoder(TINY.replace(text_batch_size=64), progress=False).encode(TEXTS,
+    many = TextEncoder(fp32.replace(text_batch_size=64), progress=False).encode(TEXTS,
                                                                                 progress=False)
     np.testing.assert_allclose(one, many, atol=1e-5)
     assert not np.allclose(one[0], one[1])
+    bf16 = TextEncoder(TINY.replace(precision="bf16", text_batch_size=2), progress=False)
+    assert bf16.autocast == torch.bfloat16 and bf16.identity.split("|")[1] == "bfloat16"
+    assert np.all((bf16.encode(TEXTS, progress=False) * one).sum(1) >= 0.999)
+
+
+def test_text_dtype_is_bf16_on_the_cpu_only_where_native_and_asked() -> None:
+    cpu = torch.device("cpu")
+    assert text_dtype(cpu, "fp32") is None
+    assert text_dtype(cpu, "bf16") == torch.bfloat16
+    assert text_dtype(cpu, "auto") == (torch.bfloat16 if native_bf16() else None)
+    assert autocast_dtype(cpu, "auto") is None  # training stays fp32 on the CPU
