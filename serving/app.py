@@ -33,7 +33,16 @@ from core import __version__
 from core.settings import Settings
 from serving.bundle import Bundle
 from serving.cache import LRU
-from serving.runtime import QueryBatcher, ThreadLimits, WorkerReadiness, warm
+from serving.metrics import Metrics
+from serving.runtime import (
+    SWAP_WARM_USERS,
+    QueryBatcher,
+    ThreadLimits,
+    WorkerReadiness,
+    no_gc_pauses,
+    short_gil_slices,
+    warm,
+)
 from serving.schemas import (
     INVALID,
     MAX_EVENTS,
@@ -71,6 +80,7 @@ class BundleSlot:
         self.last_error: str = ""
         self.on_loaded: Any = None  # called after each bundle taken into service
         self.one_loader: Any = contextlib.nullcontext  # held while loading (runtime)
+        self.recent_users: Any = list  # -> the users to warm a swapped-in bundle for
         self._reload_lock = threading.Lock()
 
     def load(self, settings: Settings, *, only_if_changed: bool = False) -> Bundle | None:
@@ -86,9 +96,12 @@ class BundleSlot:
                 if only_if_changed and self.bundle is not None \
                         and champion_version(settings) == self.bundle.version:
                     return None
-                with self.one_loader():
+                swap = self.bundle is not None  # requests are being served meanwhile
+                with self.one_loader(), no_gc_pauses(), (
+                        short_gil_slices() if swap else contextlib.nullcontext()):
                     bundle = load_version_bundle(settings)
-                    spent = warm(bundle)  # before it takes traffic: a failure is refused
+                    # before it takes traffic (a failure is refused), for the users served last
+                    spent = warm(bundle, users=self.recent_users() if swap else ())
             except Exception as exc:  # MLflow down, bad bundle, ...: keep serving the old one
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("could not load the champion: %s (serving %s)", self.last_error,
@@ -111,71 +124,6 @@ class BundleSlot:
                 await run_in_threadpool(self.load, settings, only_if_changed=True)
             except Exception:  # logged in load(); try again next time
                 pass
-
-
-class Metrics:
-    """Prometheus metrics of one app: request counts and latency histograms per endpoint,
-    the bundle served.
-
-    Kept in plain counters behind a lock and exposed through a custom collector on the app's
-    own registry, so they never depend on process-global prometheus_client state (Feast
-    switches prometheus_client to multiprocess file storage when it is imported).
-    """
-
-    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry
-
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.latency: dict[str, list[float]] = {}  # endpoint -> bucket counts, then sum
-        self.bundle: tuple[float, int] | None = None  # (version, products)
-        self.malformed_rows = 0  # online rows refused as malformed (UserHistory.malformed)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
-
-    def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (endpoint, method, str(status))
-            self.requests[key] = self.requests.get(key, 0) + 1
-            row = self.latency.setdefault(endpoint, [0.0] * (len(self.BUCKETS) + 2))
-            for i, bound in enumerate(self.BUCKETS):
-                if seconds <= bound:
-                    row[i] += 1
-            row[-2] += 1  # +Inf
-            row[-1] += seconds
-
-    def collect(self):
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
-
-        with self._lock:
-            requests = dict(self.requests)
-            latency = {k: list(v) for k, v in self.latency.items()}
-            bundle = self.bundle
-        counter = CounterMetricFamily("shoprec_requests", "HTTP requests",
-                                      labels=["endpoint", "method", "status"])
-        for labels, value in sorted(requests.items()):
-            counter.add_metric(list(labels), value)
-        yield counter
-        histogram = HistogramMetricFamily("shoprec_request_seconds", "HTTP request latency",
-                                          labels=["endpoint"])
-        for endpoint, row in sorted(latency.items()):
-            buckets = [(repr(b), row[i]) for i, b in enumerate(self.BUCKETS)]
-            histogram.add_metric([endpoint], buckets + [("+Inf", row[-2])], sum_value=row[-1])
-        yield histogram
-        yield CounterMetricFamily("shoprec_malformed_online_rows",
-                                  "online history rows refused as malformed (served without "
-                                  "history, flagged degraded)", value=self.malformed_rows)
-        if bundle is not None:
-            yield GaugeMetricFamily("shoprec_bundle_version", "model version being served",
-                                    value=bundle[0])
-            yield GaugeMetricFamily("shoprec_bundle_products",
-                                    "products in the served catalogue", value=bundle[1])
 
 
 @functools.cache
@@ -244,6 +192,15 @@ class UserHistory:
             return None
         since = dt.datetime.fromtimestamp(self.down_since, dt.UTC).isoformat(timespec="seconds")
         return f"online store unavailable since {since} ({self.down_reason})"
+
+    def recent(self, n: int) -> list[Histories]:
+        """The last ``n`` users read from the store, most recent first (their histories as
+        last read; malformed rows left out)."""
+        out = []
+        for row in self._known.recent(n):
+            with contextlib.suppress(MalformedHistory):
+                out.append(Histories.from_row(row))
+        return out
 
     def warm(self) -> None:
         """Open the store and read one (unknown) user, so the first request does not pay
@@ -355,6 +312,7 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
     workers = WorkerReadiness(settings.serving_workers)
     slot.on_loaded, slot.one_loader = workers.mark_ready, workers.one_loader
     history = UserHistory(settings)
+    slot.recent_users = functools.partial(history.recent, SWAP_WARM_USERS)
     queries = QueryBatcher()  # /search's queries encoded together when they arrive together
     metrics = Metrics()
 

@@ -45,3 +45,9 @@ class LRU:
     def pop(self, key: Any) -> None:
         with self._lock:
             self._items.pop(key, None)
+
+    def recent(self, n: int) -> list[Any]:
+        """The values of the ``n`` most recently used keys, most recent first."""
+        with self._lock:
+            values = list(self._items.values())
+        return values[::-1][:n]

@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ log = logging.getLogger("shoprec.serving")
 
 # Queries /search is warmed with: a few shapes (a word, words, a code, digits); their
 # vectors are not kept (forgotten after warming, unless a shopper's query had left them).
+SWAP_WARM_USERS = 2000  # a swapped-in bundle is warmed for up to this many recent users ...
+SWAP_WARM_SECONDS = 3.0  # ... for at most this long
+SWAP_SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval while a swap loads
 WARM_QUERIES = ("gift", "red metal lantern", "set of 3 heart cake tins", "85123A", "2011")
 
 
@@ -62,7 +65,53 @@ class ThreadLimits:
         self._restore = []
 
 
-def warm(bundle: Any, *, rounds: int = 3) -> dict[str, float]:
+@contextlib.contextmanager
+def short_gil_slices(seconds: float = SWAP_SWITCH_INTERVAL) -> Iterator[None]:
+    """Let a serving thread take the GIL back sooner while a background load runs.
+
+    A thread that wants the GIL waits until the holder drops it, at the latest after
+    ``sys.getswitchinterval()`` (5 ms by default); a request that releases and retakes the
+    GIL around each numpy/FAISS call can wait that long each time while another thread
+    loads a bundle. Lowered to ``seconds`` for the duration, then restored.
+    """
+    import sys
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+@contextlib.contextmanager
+def no_gc_pauses() -> Iterator[None]:
+    """Load a bundle without the cyclic collector's pauses, then take what is alive out of
+    its scans.
+
+    A full collection walks every tracked object of the process (the frameworks, the loaded
+    bundle: millions) with the GIL held; building a bundle allocates enough survivors to
+    trigger several, and each stalled the serving thread for up to 0.34 s during a swap
+    (``benchmarks/load_stalls.py`` at 100,000 products). The collector is paused for the
+    load, and ``gc.freeze()`` at the end moves everything alive into the permanent
+    generation, so later collections (a swap's, the requests' own) only walk what is new.
+    Frozen objects are still freed by reference counting when their bundle is dropped (a
+    dropped, warmed bundle leaves no cyclic garbage: checked at 100,000 products).
+    """
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+def warm(bundle: Any, *, rounds: int = 3, users: Sequence[Any] = (),
+         user_seconds: float = SWAP_WARM_SECONDS) -> dict[str, float]:
     """Run the bundle's request paths a few times off the request path.
 
     Every endpoint's code runs on this bundle's own data: /recommend for a user with a history
@@ -70,6 +119,11 @@ def warm(bundle: Any, *, rounds: int = 3) -> dict[str, float]:
     category), for a visitor without one; /similar and /complementary of the most popular
     product; /search for ``WARM_QUERIES``, with and without a user. The arrays every request
     reads (embeddings, vectors, facts) are read through once, so their pages are resident.
+
+    ``users`` (one-user ``Histories``, most wanted first: on a swap, the users the old
+    bundle served last) are then recommended for until ``user_seconds`` have passed, so
+    their views and retrieval answers (``Bundle._views``) are ready when the new bundle
+    takes their requests instead of all being computed at once after the swap.
 
     Returns:
         Seconds spent per path (for the log).
@@ -111,6 +165,14 @@ def warm(bundle: Any, *, rounds: int = 3) -> dict[str, float]:
         timed("search", lambda: bundle.search(WARM_QUERIES[0], 10, history=user))
     if encoder is not None:
         encoder.forget(ours)  # the warm-up's queries are not the shop's
+    if users:
+        started, done = time.perf_counter(), 0
+        for history in users:
+            if time.perf_counter() - started >= user_seconds:
+                break
+            bundle.recommend(history, 10)
+            done += 1
+        spent[f"{done} recent users"] = time.perf_counter() - started
     return spent
 
 

@@ -391,6 +391,34 @@ def test_a_users_views_are_kept_per_row_and_a_changed_row_is_computed_again(
     assert cache.hits == hits and cache.misses == 2
 
 
+def test_a_swapped_in_bundle_is_warmed_for_the_users_served_last(bundle: Bundle) -> None:
+    import sys
+
+    from serving.cache import LRU
+    from serving.runtime import short_gil_slices, warm
+
+    served = LRU(3)  # as UserHistory keeps the rows it read
+    for i, products in enumerate([["mugs-0"], ["toys-1", "mugs-2"], ["candles-3"], ["toys-0"]]):
+        served.put(f"u{i}", _row(products, ["view"] * len(products)))
+    rows = served.recent(5)
+    assert len(rows) == 3 and rows[0] == served.get("u3")  # most recent first, u0 evicted
+    users = [Histories.from_row(r) for r in rows]
+    bundle.__dict__.pop("_view_cache", None)
+    spent = warm(bundle, rounds=1, users=users)
+    assert "3 recent users" in spent
+    cache = bundle.__dict__["_view_cache"]
+    misses = cache.misses
+    for user in users:  # their views and retrieval answers are ready
+        views = bundle._views(user, bundle._now(user))
+        assert views[0].retrieved
+    assert cache.misses == misses and cache.hits >= len(users)
+    assert "0 recent users" in warm(bundle, rounds=1, users=users, user_seconds=0.0)
+    before = sys.getswitchinterval()
+    with short_gil_slices(0.0005):
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    assert sys.getswitchinterval() == before
+
+
 def test_readiness_waits_for_every_worker_of_the_server(tmp_path: Path) -> None:
     from serving.runtime import WorkerReadiness
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import generate_latest
 
-from serving.app import Metrics
+from serving.metrics import Metrics
 
 pytestmark = pytest.mark.fast
 
