@@ -72,6 +72,7 @@ class SearchIndex:
         weights = tf.data * (k1 + 1) / (tf.data + norm[tf.row]) * idf[tf.col]
         self.bm25 = sparse.csc_matrix((weights.astype(np.float32), (tf.row, tf.col)),
                                       shape=(n, v))  # (N, V)
+        self.bm25.sort_indices()  # each column's rows ascending (``postings``, ``_members``)
         self.ids = {str(p).lower(): i for i, p in enumerate(products["product_id"])}
         self.text_vectors = text_vectors
         if text_vectors is not None and retrieval is None:
@@ -80,13 +81,21 @@ class SearchIndex:
             retrieval = VectorIndex(text_vectors, exact_max=len(text_vectors))
         self.retrieval = retrieval
 
+    def postings(self, token: str) -> tuple[np.ndarray, np.ndarray]:
+        """The rows whose document holds ``token`` (ascending) and their BM25 weights (read
+        straight from the CSC arrays: scipy's slicing costs more than the sums here)."""
+        col = self.vocabulary[token]
+        start, stop = self.bm25.indptr[col], self.bm25.indptr[col + 1]
+        return self.bm25.indices[start:stop], self.bm25.data[start:stop]
+
     def lexical(self, query_tokens: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """(N,) BM25 scores and the query tokens the catalogue knows."""
         known = [t for t in dict.fromkeys(query_tokens) if t in self.vocabulary]
-        if not known:
-            return np.zeros(self.bm25.shape[0], np.float32), []
-        cols = [self.vocabulary[t] for t in known]
-        return np.asarray(self.bm25[:, cols].sum(axis=1)).ravel(), known  # (N,)
+        scores = np.zeros(self.bm25.shape[0], np.float32)  # (N,)
+        for token in known:
+            rows, weights = self.postings(token)
+            scores[rows] += weights  # a row appears once per column
+        return scores, known
 
     def search(self, query: str, k: int, *, query_vector: np.ndarray | None = None,
                personal: np.ndarray | None = None,
@@ -136,10 +145,15 @@ class SearchIndex:
             score[rows == exact] += 10.0
         order = rows[np.lexsort((rows, -score))][:k]
         best = dict(zip(rows.tolist(), score.tolist(), strict=True))
-        doc_terms = self.bm25[order][:, [self.vocabulary[t] for t in known]] if known else None
-        hits = []
-        for i, row in enumerate(order):
-            matched = ([t for j, t in enumerate(known) if doc_terms[i, j] > 0]
-                       if doc_terms is not None else [])
-            hits.append(SearchHit(int(row), float(best[int(row)]), matched))
-        return hits
+        holds = {t: _members(order, self.postings(t)[0]) for t in known}  # token -> (k,) bool
+        return [SearchHit(int(row), float(best[int(row)]), [t for t in known if holds[t][i]])
+                for i, row in enumerate(order)]
+
+
+def _members(items: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
+    """(len(items),) bool: which items are in ``sorted_rows`` (ascending). A binary search
+    per item: ``np.isin`` would hash the whole posting list of a common word."""
+    if not len(sorted_rows):
+        return np.zeros(len(items), bool)
+    at = np.minimum(np.searchsorted(sorted_rows, items), len(sorted_rows) - 1)
+    return sorted_rows[at] == items
