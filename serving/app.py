@@ -62,6 +62,7 @@ from serving.schemas import (
     VersionInfo,
 )
 from serving.search import MAX_QUERY_CHARS
+from serving.watchdog import LoopWatchdog
 from training.ranking.histories import Histories, MalformedHistory
 from training.registry import CHAMPION
 
@@ -315,10 +316,12 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
     slot.recent_users = functools.partial(history.recent, SWAP_WARM_USERS)
     queries = QueryBatcher()  # /search's queries encoded together when they arrive together
     metrics = Metrics()
+    watchdog = LoopWatchdog()  # logs where the event loop stalled, and counts it
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         limits = ThreadLimits(settings.serving_threads)
+        watchdog.start()
         await run_in_threadpool(history.warm)  # the store's first read, before /readyz
         if load_on_start:
             try:
@@ -331,6 +334,7 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
         if poller is not None:
             poller.cancel()
         workers.unmark()
+        watchdog.stop()
         limits.restore()
 
     app = FastAPI(
@@ -421,12 +425,13 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def prometheus_metrics() -> PlainTextResponse:
         """Prometheus text format: requests and latency per endpoint, the bundle served, online
-        rows refused as malformed."""
+        rows refused as malformed, event-loop stalls."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         if slot.bundle is not None:
             metrics.bundle = (float(slot.bundle.version), slot.bundle.size)
         metrics.malformed_rows = history.malformed
+        metrics.loop_stalls = watchdog.stalls
         return PlainTextResponse(generate_latest(metrics.registry),
                                  media_type=CONTENT_TYPE_LATEST)
 

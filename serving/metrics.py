@@ -24,6 +24,7 @@ class Metrics:
         self.latency: dict[str, list[float]] = {}  # endpoint -> bucket counts, then sum
         self.bundle: tuple[float, int] | None = None  # (version, products)
         self.malformed_rows = 0  # online rows refused as malformed (UserHistory.malformed)
+        self.loop_stalls = 0  # event-loop stalls (serving.watchdog.LoopWatchdog)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -63,6 +64,9 @@ class Metrics:
         yield CounterMetricFamily("shoprec_malformed_online_rows",
                                   "online history rows refused as malformed (served without "
                                   "history, flagged degraded)", value=self.malformed_rows)
+        yield CounterMetricFamily("shoprec_event_loop_stalls",
+                                  "times this process's event loop did not run for 250 ms or "
+                                  "more (the log says where)", value=self.loop_stalls)
         if bundle is not None:
             yield GaugeMetricFamily("shoprec_bundle_version", "model version being served",
                                     value=bundle[0])

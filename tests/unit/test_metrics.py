@@ -28,3 +28,33 @@ def test_metrics_count_requests_and_bucket_latency(monkeypatch) -> None:
         in text
     assert 'shoprec_request_seconds_count{endpoint="/similar/{product_id}"} 3.0' in text
     assert "shoprec_bundle_version 7.0" in text and "shoprec_bundle_products 1234.0" in text
+
+
+def test_a_stalled_event_loop_is_logged_with_where_it_was_and_counted(caplog) -> None:
+    import asyncio
+    import logging
+    import time
+
+    from serving.watchdog import LoopWatchdog
+
+    caplog.set_level(logging.WARNING, logger="serving.watchdog")
+    watchdog = LoopWatchdog(threshold=0.1, interval=0.01)
+
+    def block_the_loop() -> None:
+        time.sleep(0.3)  # a blocking call on the loop, as a bug would make
+
+    async def serve() -> None:
+        watchdog.start()
+        await asyncio.sleep(0.1)  # beats: no stall
+        assert watchdog.stalls == 0
+        block_the_loop()
+        await asyncio.sleep(0.1)  # the loop runs again
+        watchdog.stop()
+
+    asyncio.run(serve())
+    assert watchdog.stalls == 1 and 0.2 <= watchdog.longest < 1.0
+    assert "[event loop]" in caplog.text and "block_the_loop" in caplog.text
+    assert "ran again after a" in caplog.text
+    metrics = Metrics()
+    metrics.loop_stalls = watchdog.stalls
+    assert "shoprec_event_loop_stalls_total 1.0" in generate_latest(metrics.registry).decode()
