@@ -6,7 +6,9 @@ blocking call on the loop, or another thread holding the GIL (a bundle load, the
 explain. A task on the loop beats every ``interval`` seconds; a thread checks the beat, and
 when the loop has not run for ``threshold`` seconds it logs a warning with where each
 thread of the process is (the loop thread's stack first), once per stall, and again with the
-stall's length when the loop runs again. ``stalls`` counts them for ``/metrics``.
+stall's length when the loop runs again. ``stalls`` counts them for ``/metrics``. Garbage
+collections that take half the threshold or more are logged too (their generation and
+length): the collector holds the GIL for all of it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,21 @@ log = logging.getLogger(__name__)
 THRESHOLD = 0.25  # seconds without a beat that count as a stall
 
 
+PROJECT = str(Path(__file__).resolve().parents[1])
+
+
 def _where(frame, limit: int = 4) -> str:  # noqa: ANN001
-    stack = traceback.extract_stack(frame)[-limit:]
-    return " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack))
+    """The innermost ``limit`` frames, then the innermost two of this project's code (what
+    of ours led there) when they are not among them."""
+    stack = traceback.extract_stack(frame)
+    shown = stack[-limit:]
+    ours = [f for f in stack[:-limit] if f.filename.startswith(PROJECT)
+            and "site-packages" not in f.filename][-2:]
+    text = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(shown))
+    if ours:
+        text += " << " + " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                                    for f in reversed(ours))
+    return text
 
 
 class LoopWatchdog:
@@ -35,6 +49,7 @@ class LoopWatchdog:
     def __init__(self, threshold: float = THRESHOLD, interval: float = 0.05):
         self.threshold, self.interval = threshold, interval
         self.stalls = 0
+        self.gc_pauses = 0  # collections that took threshold / 2 or more (logged)
         self.longest = 0.0
         self._beat = time.monotonic()
         self._loop_thread = threading.get_ident()
@@ -42,7 +57,21 @@ class LoopWatchdog:
         self._task: asyncio.Task | None = None
         self._thread: threading.Thread | None = None
 
+    def _gc_timer(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        took = time.perf_counter() - getattr(self, "_gc_started", time.perf_counter())
+        if took >= self.threshold / 2:
+            self.gc_pauses += 1
+            log.warning("garbage collection of generation %s took %.0f ms (%s collected)",
+                        info.get("generation"), took * 1e3, info.get("collected"))
+
     def start(self) -> None:
+        import gc
+
+        if self._gc_timer not in gc.callbacks:
+            gc.callbacks.append(self._gc_timer)
         self._loop_thread = threading.get_ident()
         self._beat = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._beating())
@@ -50,6 +79,10 @@ class LoopWatchdog:
         self._thread.start()
 
     def stop(self) -> None:
+        import gc
+
+        if self._gc_timer in gc.callbacks:
+            gc.callbacks.remove(self._gc_timer)
         self._stop.set()
         if self._task is not None:
             self._task.cancel()
