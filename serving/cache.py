@@ -39,6 +39,9 @@ class LRU:
             self._items.clear()
             self.hits = self.misses = 0
 
+    def __contains__(self, key: Any) -> bool:  # neither a hit nor a miss, nor a use
+        return key in self._items
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -121,9 +121,9 @@ def warm(bundle: Any, *, rounds: int = 3, users: Sequence[Any] = (),
     reads (embeddings, vectors, facts) are read through once, so their pages are resident.
 
     ``users`` (one-user ``Histories``, most wanted first: on a swap, the users the old
-    bundle served last) are then recommended for until ``user_seconds`` have passed, so
-    their views and retrieval answers (``Bundle._views``) are ready when the new bundle
-    takes their requests instead of all being computed at once after the swap.
+    bundle served last) then get their views and retrieval answers computed in batches
+    (``Bundle.prepare``) until ``user_seconds`` have passed, so they are ready when the new
+    bundle takes their requests instead of all being computed at once after the swap.
 
     Returns:
         Seconds spent per path (for the log).
@@ -166,13 +166,9 @@ def warm(bundle: Any, *, rounds: int = 3, users: Sequence[Any] = (),
     if encoder is not None:
         encoder.forget(ours)  # the warm-up's queries are not the shop's
     if users:
-        started, done = time.perf_counter(), 0
-        for history in users:
-            if time.perf_counter() - started >= user_seconds:
-                break
-            bundle.recommend(history, 10)
-            done += 1
-        spent[f"{done} recent users"] = time.perf_counter() - started
+        started = time.perf_counter()
+        ready = bundle.prepare(list(users), seconds=user_seconds)
+        spent[f"{ready} recent users"] = time.perf_counter() - started
     return spent
 
 

@@ -412,7 +412,15 @@ def test_a_swapped_in_bundle_is_warmed_for_the_users_served_last(bundle: Bundle)
         views = bundle._views(user, bundle._now(user))
         assert views[0].retrieved
     assert cache.misses == misses and cache.hits >= len(users)
+    prepared = [bundle.recommend(u, k=6) for u in users]  # from views computed together
+    bundle.__dict__.pop("_view_cache")
+    alone = [bundle.recommend(u, k=6) for u in users]  # as computed one by one
+    for (got, _), (want, _) in zip(prepared, alone, strict=True):  # (a batched user tower
+        assert [r.product_id for r in got] == [r.product_id for r in want]  # rounds apart)
+        assert [r.score for r in got] == pytest.approx([r.score for r in want], rel=1e-5)
+    bundle.__dict__.pop("_view_cache")
     assert "0 recent users" in warm(bundle, rounds=1, users=users, user_seconds=0.0)
+    assert bundle.prepare(users, seconds=60) == 3 and bundle.prepare(users, seconds=0) == 3
     before = sys.getswitchinterval()
     with short_gil_slices(0.0005):
         assert sys.getswitchinterval() == pytest.approx(0.0005)
