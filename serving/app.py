@@ -35,7 +35,6 @@ from serving.bundle import Bundle
 from serving.cache import LRU
 from serving.metrics import Metrics
 from serving.runtime import (
-    SWAP_WARM_USERS,
     QueryBatcher,
     ThreadLimits,
     WorkerReadiness,
@@ -81,7 +80,6 @@ class BundleSlot:
         self.last_error: str = ""
         self.on_loaded: Any = None  # called after each bundle taken into service
         self.one_loader: Any = contextlib.nullcontext  # held while loading (runtime)
-        self.recent_users: Any = list  # -> the users to warm a swapped-in bundle for
         self._reload_lock = threading.Lock()
 
     def load(self, settings: Settings, *, only_if_changed: bool = False) -> Bundle | None:
@@ -101,8 +99,7 @@ class BundleSlot:
                 with self.one_loader(), no_gc_pauses(), (
                         short_gil_slices() if swap else contextlib.nullcontext()):
                     bundle = load_version_bundle(settings)
-                    # before it takes traffic (a failure is refused), for the users served last
-                    spent = warm(bundle, users=self.recent_users() if swap else ())
+                    spent = warm(bundle)  # before it takes traffic: a failure is refused
             except Exception as exc:  # MLflow down, bad bundle, ...: keep serving the old one
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("could not load the champion: %s (serving %s)", self.last_error,
@@ -193,15 +190,6 @@ class UserHistory:
             return None
         since = dt.datetime.fromtimestamp(self.down_since, dt.UTC).isoformat(timespec="seconds")
         return f"online store unavailable since {since} ({self.down_reason})"
-
-    def recent(self, n: int) -> list[Histories]:
-        """The last ``n`` users read from the store, most recent first (their histories as
-        last read; malformed rows left out)."""
-        out = []
-        for row in self._known.recent(n):
-            with contextlib.suppress(MalformedHistory):
-                out.append(Histories.from_row(row))
-        return out
 
     def warm(self) -> None:
         """Open the store and read one (unknown) user, so the first request does not pay
@@ -313,7 +301,6 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
     workers = WorkerReadiness(settings.serving_workers)
     slot.on_loaded, slot.one_loader = workers.mark_ready, workers.one_loader
     history = UserHistory(settings)
-    slot.recent_users = functools.partial(history.recent, SWAP_WARM_USERS)
     queries = QueryBatcher()  # /search's queries encoded together when they arrive together
     metrics = Metrics()
     watchdog = LoopWatchdog()  # logs where the event loop stalled, and counts it

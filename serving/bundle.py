@@ -194,45 +194,6 @@ class Bundle:
             cache = self.__dict__.setdefault("_view_cache", LRU(size))
         return cache
 
-    def prepare(self, users: list[Any], *, seconds: float, batch: int = 64) -> int:
-        """Compute and keep the views and retrieval answers of these one-user histories
-        (``_views``' cache) before their requests come: ``batch`` users with the same
-        moment of scoring at a time (one user-tower pass and one search per index for all
-        of them), in the order given, until ``seconds`` have passed.
-
-        Returns:
-            How many users are ready (already kept ones count).
-        """
-        import time
-
-        from training.ranking.histories import Histories
-
-        cache = self._kept_views()
-        if cache.size <= 0:
-            return 0
-        started, ready = time.perf_counter(), 0
-        groups: dict[float, list[Any]] = {}
-        for user in users:
-            digest = user.digests[0] if user.digests else None
-            if digest is None:
-                continue
-            if digest in cache:
-                ready += 1
-            else:
-                groups.setdefault(self._now(user), []).append(user)
-        for now, group in groups.items():
-            for start in range(0, len(group), batch):
-                if time.perf_counter() - started >= seconds:
-                    return ready
-                part = group[start:start + batch]
-                joined = Histories.concat(part)
-                views = self.scorer.views(joined, now)
-                self.scorer.candidates(joined, views=views)  # fills each view's ``retrieved``
-                for user, view in zip(part, views, strict=True):
-                    cache.put(user.digests[0], [view])
-                ready += len(part)
-        return ready
-
     def _now(self, history: Any) -> float:
         stamps = history.timestamps[0]
         known_times = stamps[np.isfinite(stamps)]

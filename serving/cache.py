@@ -39,18 +39,9 @@ class LRU:
             self._items.clear()
             self.hits = self.misses = 0
 
-    def __contains__(self, key: Any) -> bool:  # neither a hit nor a miss, nor a use
-        return key in self._items
-
     def __len__(self) -> int:
         return len(self._items)
 
     def pop(self, key: Any) -> None:
         with self._lock:
             self._items.pop(key, None)
-
-    def recent(self, n: int) -> list[Any]:
-        """The values of the ``n`` most recently used keys, most recent first."""
-        with self._lock:
-            values = list(self._items.values())
-        return values[::-1][:n]

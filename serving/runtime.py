@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,6 @@ log = logging.getLogger("shoprec.serving")
 
 # Queries /search is warmed with: a few shapes (a word, words, a code, digits); their
 # vectors are not kept (forgotten after warming, unless a shopper's query had left them).
-SWAP_WARM_USERS = 2000  # a swapped-in bundle is warmed for up to this many recent users ...
-SWAP_WARM_SECONDS = 3.0  # ... for at most this long
 SWAP_SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval while a swap loads
 WARM_QUERIES = ("gift", "red metal lantern", "set of 3 heart cake tins", "85123A", "2011")
 
@@ -110,8 +108,7 @@ def no_gc_pauses() -> Iterator[None]:
             gc.enable()
 
 
-def warm(bundle: Any, *, rounds: int = 3, users: Sequence[Any] = (),
-         user_seconds: float = SWAP_WARM_SECONDS) -> dict[str, float]:
+def warm(bundle: Any, *, rounds: int = 3) -> dict[str, float]:
     """Run the bundle's request paths a few times off the request path.
 
     Every endpoint's code runs on this bundle's own data: /recommend for a user with a history
@@ -119,11 +116,6 @@ def warm(bundle: Any, *, rounds: int = 3, users: Sequence[Any] = (),
     category), for a visitor without one; /similar and /complementary of the most popular
     product; /search for ``WARM_QUERIES``, with and without a user. The arrays every request
     reads (embeddings, vectors, facts) are read through once, so their pages are resident.
-
-    ``users`` (one-user ``Histories``, most wanted first: on a swap, the users the old
-    bundle served last) then get their views and retrieval answers computed in batches
-    (``Bundle.prepare``) until ``user_seconds`` have passed, so they are ready when the new
-    bundle takes their requests instead of all being computed at once after the swap.
 
     Returns:
         Seconds spent per path (for the log).
@@ -165,10 +157,6 @@ def warm(bundle: Any, *, rounds: int = 3, users: Sequence[Any] = (),
         timed("search", lambda: bundle.search(WARM_QUERIES[0], 10, history=user))
     if encoder is not None:
         encoder.forget(ours)  # the warm-up's queries are not the shop's
-    if users:
-        started = time.perf_counter()
-        ready = bundle.prepare(list(users), seconds=user_seconds)
-        spent[f"{ready} recent users"] = time.perf_counter() - started
     return spent
 
 

@@ -40,3 +40,14 @@ def shop_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for key in ("SHOPREC_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(key, raising=False)
     return home
+
+
+@pytest.fixture(autouse=True)
+def _collector_unfrozen():
+    """A served bundle's load ends with ``gc.freeze()`` (``serving.runtime.no_gc_pauses``);
+    a test process loads many apps, so what they froze goes back to the collector after
+    each test (frozen objects that later become cyclic garbage are never collected)."""
+    yield
+    import gc
+
+    gc.unfreeze()

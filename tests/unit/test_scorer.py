@@ -249,12 +249,6 @@ def test_one_online_row_reads_as_its_one_row_frame() -> None:
         else:
             pd.testing.assert_frame_equal(fast.profiles, frame.profiles, check_dtype=False)
     assert np.isnan(Histories.from_row(rows[1]).timestamps[0]).all()
-    both = Histories.concat([Histories.from_row(rows[0]), Histories.from_row(rows[1])])
-    joined = Histories.from_feast(pd.DataFrame(rows[:2]))
-    assert both.products == joined.products and len(both.digests) == 2
-    pd.testing.assert_frame_equal(both.profiles, joined.profiles, check_dtype=False)
-    assert Histories.concat([Histories.from_row(rows[0]), Histories.from_row(rows[2])]
-                            ).profiles is None  # a part without a profile: none kept
 
 
 @pytest.mark.parametrize(("field", "value", "reason"), [

@@ -124,23 +124,6 @@ class Histories:
         return out
 
     @classmethod
-    def concat(cls, parts: Sequence[Histories]) -> Histories:
-        """These histories one after another (profiles, purchases and digests kept where
-        every part has them)."""
-        def joined(name: str) -> list | None:
-            lists = [getattr(p, name) for p in parts]
-            return None if any(v is None for v in lists) else [x for v in lists for x in v]
-
-        profiles = [p.profiles for p in parts]
-        same = profiles and all(f is not None and list(f.columns) == list(profiles[0].columns)
-                                for f in profiles)
-        return cls([x for p in parts for x in p.products],
-                   [x for p in parts for x in p.event_types],
-                   [x for p in parts for x in p.timestamps],
-                   pd.concat(profiles, ignore_index=True) if same else None,
-                   joined("purchased"), joined("digests"))
-
-    @classmethod
     def empty(cls, n: int) -> Histories:
         return cls([[] for _ in range(n)], [[] for _ in range(n)],
                    [np.zeros(0) for _ in range(n)])
