@@ -41,6 +41,7 @@ from serving.runtime import (
     no_gc_pauses,
     short_gil_slices,
     warm,
+    worker_logging,
 )
 from serving.schemas import (
     INVALID,
@@ -296,6 +297,7 @@ async def current_bundle(request: Request) -> Bundle:
 
 def create_app(settings: Settings | None = None, *, load_on_start: bool = True) -> FastAPI:
     """Build the API. ``uvicorn --factory serving.app:create_app`` serves it."""
+    worker_logging()  # a uvicorn worker process starts without the CLI's logging
     settings = settings or Settings.from_env()
     slot = BundleSlot()
     workers = WorkerReadiness(settings.serving_workers)

@@ -34,6 +34,24 @@ SWAP_SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval while a swap loa
 WARM_QUERIES = ("gift", "red metal lantern", "set of 3 heart cake tins", "85123A", "2011")
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def worker_logging() -> bool:
+    """Give a serving process the CLI's log format when nobody configured logging.
+
+    ``shoprec serve`` configures logging in its own process, but uvicorn starts each of
+    ``--workers N`` in a fresh (spawned) interpreter: without this, a worker's INFO lines
+    (bundle loaded and warmed) are dropped and its warnings (stalls, degraded store) print
+    without time or logger. Returns whether it configured anything.
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        return False
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    return True
+
+
 class ThreadLimits:
     """Limit torch, BLAS/OpenMP and FAISS to ``threads`` each (0: leave them); ``restore``
     puts back what was there."""

@@ -302,7 +302,9 @@ def serve(
     import uvicorn
 
     settings = Settings.from_env().prepare()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from serving.runtime import LOG_FORMAT
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     uvicorn.run("serving.app:create_app", factory=True, host=host or settings.serving_host,
                 port=port or settings.serving_port, log_level="info",
                 workers=settings.serving_workers)  # /readyz waits for as many (runtime)

@@ -58,3 +58,16 @@ def test_a_stalled_event_loop_is_logged_with_where_it_was_and_counted(caplog) ->
     metrics = Metrics()
     metrics.loop_stalls = watchdog.stalls
     assert "shoprec_event_loop_stalls_total 1.0" in generate_latest(metrics.registry).decode()
+
+
+def test_a_worker_without_logging_gets_the_clis_format(monkeypatch) -> None:
+    import logging
+
+    from serving.runtime import LOG_FORMAT, worker_logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # a spawned uvicorn worker: nothing configured
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    assert worker_logging()
+    assert root.level == logging.INFO and root.handlers[0].formatter._fmt == LOG_FORMAT
+    assert not worker_logging()  # configured once; a configured process is left alone
