@@ -21,7 +21,6 @@ import contextlib
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,16 +29,12 @@ if str(PROJECT_ROOT) not in sys.path:
 
 
 def where(thread_id: int) -> str:
-    """The loading thread's innermost project frames, or its innermost frame."""
+    """Where the loading thread is (``serving.watchdog.where``: its innermost frames, then
+    ours)."""
+    from serving.watchdog import where as frame_where
+
     frame = sys._current_frames().get(thread_id)
-    if frame is None:
-        return "(done)"
-    stack = traceback.extract_stack(frame)
-    ours = [f for f in stack if str(PROJECT_ROOT) in f.filename and "benchmarks" not in f.filename]
-    shown = ours[-2:] or stack[-1:]
-    inner = stack[-1]
-    text = " < ".join(f"{Path(f.filename).stem}.{f.name}:{f.lineno}" for f in reversed(shown))
-    return f"{text}  [in {Path(inner.filename).name}:{inner.name}]"
+    return "(done)" if frame is None else frame_where(frame)
 
 
 def watch(label: str, work, top: int) -> None:  # noqa: ANN001

@@ -11,7 +11,8 @@ bf16, cosine to the fp32 vectors >= 0.9999 (``benchmarks/serving.py`` quotes the
 The graph is checked against the eager fp32 encoder on texts of several lengths and batch
 sizes when it is built; if tracing fails or any vector strays (cosine < ``MIN_COSINE``),
 the eager encoder is used and the reason logged. ``SHOPREC_QUERY_GRAPH``: ``auto``
-(default: traced, bf16 where native), ``fp32`` (traced fp32), ``eager`` (plain torch).
+(default: traced, in the dtype the catalogue texts are encoded in: bf16 where native),
+``fp32`` (traced fp32), ``eager`` (plain torch).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from serving.cache import LRU
-from training.config import native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def build_forward(encoder: Any, mode: str) -> tuple[Any, str]:
     eager = _pooled_module(encoder.model)
     if mode == "eager":
         return eager, "eager"
-    dtype = torch.bfloat16 if mode == "auto" and native_bf16() else torch.float32
+    # "auto": the dtype the catalogue's texts are encoded in (``training.config.text_dtype``)
+    dtype = (encoder.autocast or torch.float32) if mode == "auto" else torch.float32
     kind = f"traced-{'bf16' if dtype == torch.bfloat16 else 'fp32'}"
     try:
         model = copy.deepcopy(encoder.model).to(dtype).eval()

@@ -29,7 +29,7 @@ THRESHOLD = 0.25  # seconds without a beat that count as a stall
 PROJECT = str(Path(__file__).resolve().parents[1])
 
 
-def _where(frame, limit: int = 4) -> str:  # noqa: ANN001
+def where(frame, limit: int = 4) -> str:  # noqa: ANN001
     """The innermost ``limit`` frames, then the innermost two of this project's code (what
     of ours led there) when they are not among them."""
     stack = traceback.extract_stack(frame)
@@ -51,6 +51,7 @@ class LoopWatchdog:
         self.stalls = 0
         self.gc_pauses = 0  # collections that took threshold / 2 or more (logged)
         self.longest = 0.0
+        self._gc_started = 0.0
         self._beat = time.monotonic()
         self._loop_thread = threading.get_ident()
         self._stop = threading.Event()
@@ -61,7 +62,7 @@ class LoopWatchdog:
         if phase == "start":
             self._gc_started = time.perf_counter()
             return
-        took = time.perf_counter() - getattr(self, "_gc_started", time.perf_counter())
+        took = time.perf_counter() - self._gc_started
         if took >= self.threshold / 2:
             self.gc_pauses += 1
             log.warning("garbage collection of generation %s took %.0f ms (%s collected)",
@@ -114,5 +115,5 @@ class LoopWatchdog:
         order = sorted(frames, key=lambda ident: ident != self._loop_thread)
         return "; ".join(
             f"[{'event loop' if ident == self._loop_thread else names.get(ident, ident)}] "
-            f"{_where(frames[ident])}"
+            f"{where(frames[ident])}"
             for ident in order if ident != threading.get_ident())
