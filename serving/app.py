@@ -100,7 +100,9 @@ class BundleSlot:
                 with self.one_loader(), no_gc_pauses(), (
                         short_gil_slices() if swap else contextlib.nullcontext()):
                     bundle = load_version_bundle(settings)
-                    spent = warm(bundle)  # before it takes traffic: a failure is refused
+                    # before it takes traffic (a failure is refused); on a swap once: each
+                    # extra round is GIL time taken from this worker's requests
+                    spent = warm(bundle, rounds=1 if swap else 3)
             except Exception as exc:  # MLflow down, bad bundle, ...: keep serving the old one
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("could not load the champion: %s (serving %s)", self.last_error,

@@ -339,6 +339,16 @@ def _profile_country(history: Any) -> str | None:
     return str(value) if isinstance(value, str) and value else None
 
 
+def _item_rows(products: pd.DataFrame, state: Any) -> dict[str, int]:
+    """Product id -> row: the item state's own map when the product table lists the same ids
+    in the same order (a bundle as ``write_bundle`` writes it), so a load builds no second
+    100,000-entry dict beside the traffic; built otherwise."""
+    ids = products["product_id"].tolist()
+    if ids == list(state.product_ids):
+        return state.item_index
+    return {p: i for i, p in enumerate(ids)}
+
+
 def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
                 run_id: str) -> Bundle:
     """Verify and load a bundle from its two artifact folders (the model, and the indexes
@@ -349,7 +359,7 @@ def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
             version's vectors.
     """
     from serving.query_encoder import shared_query_encoder
-    from serving.search import SearchIndex
+    from serving.search import load_search_index
     from training.checkpoint import load_model
     from training.index import IndexLoadError, load_indexes
     from training.ranking.scorer import Scorer
@@ -372,9 +382,10 @@ def load_bundle(model_dir: Path, index_dir: Path, *, name: str, version: str,
     return Bundle(
         name=name, version=version, run_id=run_id, manifest=manifest, model=model,
         scorer=scorer, products=products,
-        search_index=SearchIndex(products, text_vectors, indexes.get("text")),
+        search_index=load_search_index(index_dir, products, text_vectors,
+                                       indexes.get("text")),
         query_encoder=shared_query_encoder(config) if text_vectors is not None else None,
         categories=frozenset(products["category"].astype(str)),
         item_embeddings=embeddings, indexes=indexes,
-        item_row={p: i for i, p in enumerate(products["product_id"])},
+        item_row=_item_rows(products, scorer.state),
     )

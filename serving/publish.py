@@ -12,8 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from core.settings import Settings
-from serving.bundle import MANIFEST, SCORER_DIR, Bundle, BundleError
+from serving.bundle import MANIFEST, PRODUCTS, SCORER_DIR, Bundle, BundleError
+from serving.search import save_lexical
 from training.index import INDEX_META
 from training.ranking.scorer import Scorer
 from training.registry import alias_version, mlflow_client
@@ -81,6 +84,8 @@ def build_index_for_version(settings: Settings, version: str) -> dict[str, Any]:
                                "not stored, the version cannot serve")
     with tempfile.TemporaryDirectory() as tmp:
         meta = save_indexes(indexes, Path(tmp))
+        # the lexical side of /search, so that a server's load does not tokenize the catalogue
+        lexical = save_lexical(pd.read_parquet(folder / PRODUCTS), Path(tmp))
         client.log_artifacts(mv.run_id, tmp, artifact_path="index")
     # A rebuilt version must not be served from this machine's copy of its old indexes.
     shutil.rmtree(index_cache(settings, mv.run_id), ignore_errors=True)
@@ -95,7 +100,8 @@ def build_index_for_version(settings: Settings, version: str) -> dict[str, Any]:
     return {"version": str(version), "index_kind": main.kind, "size": main.size,
             f"recall_at_{RECALL_K}": main.recall,
             "indexes": {name: {k: v for k, v in info.items() if k != "sha256"}
-                        for name, info in meta.items()}}
+                        for name, info in meta.items()},
+            "lexical": {k: v for k, v in lexical.items() if k != "sha256"}}
 
 
 def champion_version(settings: Settings, alias: str = "champion") -> str | None:

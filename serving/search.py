@@ -9,9 +9,12 @@ depends on sales.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,8 @@ SEMANTIC_CANDIDATES = 200
 LEXICAL_CANDIDATES = 500  # a common word matches thousands: only the best BM25 scores
 MAX_QUERY_CHARS = 200
 
+log = logging.getLogger(__name__)
+
 
 def tokens(text: str) -> list[str]:
     """Lower-case alphanumeric runs ("85123A White Heart" -> ["85123a", "white", "heart"])."""
@@ -39,8 +44,57 @@ class SearchHit:
     matched: list[str]
 
 
+class SortedKeys:
+    """A read-only ``str -> int`` map over one sorted array of keys.
+
+    A dict of the catalogue's 100,000 product ids and words is 100,000 Python objects to
+    build while a bundle loads, with the GIL held (a serving thread of the same worker waits);
+    this is two arrays, loaded from disk as they are, and a lookup is a binary search.
+    """
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray):
+        self.keys = keys  # (K,) str, ascending
+        self.values = values  # (K,) int
+
+    @classmethod
+    def of(cls, keys: Sequence[str], values: Sequence[int] | None = None) -> SortedKeys:
+        """From keys in any order; values default to the keys' positions, and a repeated
+        key keeps its last value (as a dict would)."""
+        pairs = dict(zip(keys, range(len(keys)) if values is None else values, strict=True))
+        array = np.asarray(list(pairs), dtype=str)
+        order = np.argsort(array, kind="stable")
+        return cls(array[order], np.asarray(list(pairs.values()), np.int64)[order])
+
+    def get(self, key: str, default: int | None = None) -> int | None:
+        at = int(np.searchsorted(self.keys, key))
+        if at < len(self.keys) and self.keys[at] == key:
+            return int(self.values[at])
+        return default
+
+    def __getitem__(self, key: str) -> int:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+LEXICAL_FILE = "lexical.npz"
+LEXICAL_META = "lexical.json"  # {"file", "sha256", "rows"}: what build_index stored
+
+
 class SearchIndex:
     """BM25 over product documents plus cosine of unit text vectors.
+
+    Built from the products (``SearchIndex(products, ...)``: every document tokenized, ~1-2 s
+    of pure Python at 100,000 products) or loaded from what ``save`` wrote (arrays only: the
+    DAG's build_index step stores it with the version's indexes, so a server's load does not
+    tokenize the catalogue beside the traffic).
 
     Args:
         products: product_id, title, category, brand (rows in bundle order).
@@ -50,36 +104,46 @@ class SearchIndex:
         k1, b: BM25 parameters.
     """
 
-    def __init__(self, products: pd.DataFrame, text_vectors: np.ndarray | None,
-                 retrieval: Any = None, k1: float = 1.2, b: float = 0.75):
-        docs = [tokens(" ".join(str(v) for v in row if v is not None and v == v))
-                for row in products[["product_id", "title", "category", "brand"]]
-                .itertuples(index=False)]
-        self.vocabulary: dict[str, int] = {}
-        rows, cols = [], []
-        for r, doc in enumerate(docs):
-            for t in doc:
-                rows.append(r)
-                cols.append(self.vocabulary.setdefault(t, len(self.vocabulary)))
-        n, v = len(docs), len(self.vocabulary)
-        tf = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n, v))
-        tf.sum_duplicates()
-        lengths = np.asarray(tf.sum(axis=1)).ravel()  # (N,)
-        df = np.asarray((tf > 0).sum(axis=0)).ravel()  # (V,)
-        idf = np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)  # (V,)
-        norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1e-9))  # (N,)
-        tf = tf.tocoo()
-        weights = tf.data * (k1 + 1) / (tf.data + norm[tf.row]) * idf[tf.col]
-        self.bm25 = sparse.csc_matrix((weights.astype(np.float32), (tf.row, tf.col)),
-                                      shape=(n, v))  # (N, V)
-        self.bm25.sort_indices()  # each column's rows ascending (``postings``, ``_members``)
-        self.ids = {str(p).lower(): i for i, p in enumerate(products["product_id"])}
+    def __init__(self, products: pd.DataFrame | None, text_vectors: np.ndarray | None,
+                 retrieval: Any = None, k1: float = 1.2, b: float = 0.75, *,
+                 lexical: tuple[SortedKeys, sparse.csc_matrix, SortedKeys] | None = None):
+        if lexical is None:
+            if products is None:
+                raise ValueError("SearchIndex needs the products or a saved lexical part")
+            lexical = _lexical(products, k1, b)
+        self.vocabulary, self.bm25, self.ids = lexical  # token -> column, (N, V), id -> row
         self.text_vectors = text_vectors
         if text_vectors is not None and retrieval is None:
             from training.index import VectorIndex
 
             retrieval = VectorIndex(text_vectors, exact_max=len(text_vectors))
         self.retrieval = retrieval
+
+    def save(self, folder: Any) -> Any:
+        """Write the lexical part (vocabulary, BM25 matrix, product ids) to
+        ``folder/LEXICAL_FILE``; returns its path."""
+        path = Path(folder) / LEXICAL_FILE
+        with path.open("wb") as fh:  # np.savez would append ".npz" to a str path
+            np.savez(fh, tokens=self.vocabulary.keys, columns=self.vocabulary.values,
+                     indptr=self.bm25.indptr, indices=self.bm25.indices, data=self.bm25.data,
+                     shape=np.asarray(self.bm25.shape), ids=self.ids.keys,
+                     id_rows=self.ids.values)
+        return path
+
+    @classmethod
+    def load(cls, path: Any, text_vectors: np.ndarray | None,
+             retrieval: Any = None) -> SearchIndex:
+        """The index ``save`` wrote (no pickle: arrays of numbers and fixed-width strings)."""
+        with np.load(path, allow_pickle=False) as saved:
+            bm25 = sparse.csc_matrix((saved["data"], saved["indices"], saved["indptr"]),
+                                     shape=tuple(int(v) for v in saved["shape"]))
+            lexical = (SortedKeys(saved["tokens"], saved["columns"]), bm25,
+                       SortedKeys(saved["ids"], saved["id_rows"]))
+        return cls(None, text_vectors, retrieval, lexical=lexical)
+
+    @property
+    def rows(self) -> int:
+        return self.bm25.shape[0]
 
     def postings(self, token: str) -> tuple[np.ndarray, np.ndarray]:
         """The rows whose document holds ``token`` (ascending) and their BM25 weights (read
@@ -157,3 +221,64 @@ def _members(items: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
         return np.zeros(len(items), bool)
     at = np.minimum(np.searchsorted(sorted_rows, items), len(sorted_rows) - 1)
     return sorted_rows[at] == items
+
+
+def _lexical(products: pd.DataFrame, k1: float, b: float
+             ) -> tuple[SortedKeys, sparse.csc_matrix, SortedKeys]:
+    """The lexical part of a ``SearchIndex``: vocabulary, (N, V) BM25 weights with each
+    column's rows ascending, and the lower-cased product ids."""
+    docs = [tokens(" ".join(str(v) for v in row if v is not None and v == v))
+            for row in products[["product_id", "title", "category", "brand"]]
+            .itertuples(index=False)]
+    vocabulary: dict[str, int] = {}
+    rows, cols = [], []
+    for r, doc in enumerate(docs):
+        for t in doc:
+            rows.append(r)
+            cols.append(vocabulary.setdefault(t, len(vocabulary)))
+    n, v = len(docs), len(vocabulary)
+    tf = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n, v))
+    tf.sum_duplicates()
+    lengths = np.asarray(tf.sum(axis=1)).ravel()  # (N,)
+    df = np.asarray((tf > 0).sum(axis=0)).ravel()  # (V,)
+    idf = np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)  # (V,)
+    norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1e-9))  # (N,)
+    tf = tf.tocoo()
+    weights = tf.data * (k1 + 1) / (tf.data + norm[tf.row]) * idf[tf.col]
+    bm25 = sparse.csc_matrix((weights.astype(np.float32), (tf.row, tf.col)), shape=(n, v))
+    bm25.sort_indices()  # each column's rows ascending (``postings``, ``_members``)
+    ids = [str(p).lower() for p in products["product_id"]]
+    return SortedKeys.of(list(vocabulary)), bm25, SortedKeys.of(ids)
+
+
+def save_lexical(products: pd.DataFrame, folder: Path) -> dict[str, Any]:
+    """Build the lexical part of the products' ``SearchIndex`` and store it in ``folder``
+    with its checksum (the DAG's build_index step, beside the vector indexes)."""
+    from core.checksums import sha256_file
+
+    path = SearchIndex(products, None).save(folder)
+    meta = {"file": path.name, "sha256": sha256_file(path), "rows": len(products)}
+    (Path(folder) / LEXICAL_META).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def load_search_index(folder: Path, products: pd.DataFrame, text_vectors: np.ndarray | None,
+                 retrieval: Any = None) -> SearchIndex:
+    """The bundle's ``SearchIndex``: loaded from what ``save_lexical`` stored in ``folder``
+    when it is there, intact and of these products; built from ``products`` otherwise (a
+    version indexed before the lexical part was stored, or a damaged file: logged)."""
+    from core.checksums import sha256_file
+
+    meta_path = Path(folder) / LEXICAL_META
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        path = Path(folder) / meta["file"]
+        if (path.exists() and meta.get("rows") == len(products)
+                and sha256_file(path) == meta["sha256"]):
+            return SearchIndex.load(path, text_vectors, retrieval)
+        log.warning("%s does not match the bundle's %d products or its checksum: building "
+                    "the lexical index instead", path, len(products))
+    else:
+        log.info("no stored lexical index in %s: building it (%d products)", folder,
+                 len(products))
+    return SearchIndex(products, text_vectors, retrieval)

@@ -5,7 +5,8 @@ rebuilt by the DAG's build_index step with ``SHOPREC_INDEX_EXACT_MAX=10``: every
 (two-tower, text, ALS) gets an HNSW index, checked against exact search. The HTTP app then
 answers ``/recommend``, ``/search`` and ``/similar`` from those indexes (each request moves
 the query counter of the index it should use), and ``/version`` reports each one's kind,
-size and recall.
+size and recall. The step also stores the lexical side of /search, which the server loads
+instead of tokenizing the catalogue.
 """
 
 from __future__ import annotations
@@ -56,6 +57,22 @@ def test_build_index_makes_an_hnsw_index_per_space_and_checks_it(ann_shop) -> No
     for info in result["indexes"].values():
         assert info["kind"] == "hnsw" and info["size"] == result["size"] > 10
         assert info["recall_at_50"] >= settings.index_min_recall
+    assert result["lexical"] == {"file": "lexical.npz", "rows": result["size"]}
+
+
+def test_the_server_loads_the_stored_lexical_index(ann_shop, monkeypatch) -> None:
+    import serving.search as search
+    from serving.publish import load_version_bundle
+
+    settings, version, _ = ann_shop
+    monkeypatch.setattr(search, "_lexical", lambda *a: pytest.fail("tokenized at load"))
+    bundle = load_version_bundle(settings, version)
+    monkeypatch.undo()
+    built = search.SearchIndex(bundle.products, None)
+    assert bundle.search_index.rows == built.rows == bundle.size
+    for query in ("gift", "red heart", str(bundle.products.product_id.iat[3])):
+        want = [(h.row, h.matched) for h in built.search(query, 10)]
+        assert [(h.row, h.matched) for h in bundle.search_index.search(query, 10)] == want
 
 
 def test_version_reports_every_index(ann_shop, api) -> None:

@@ -195,8 +195,19 @@ def test_load_bundle_reads_what_was_written(bundle: Bundle, trained: TrainResult
     assert all(bundle.scorer.state.indexes()[n] is i for n, i in bundle.indexes.items())
     assert list(bundle.products["product_id"]) == trained.product_ids
     assert bundle.item_row == trained.item_index
+    assert bundle.item_row is bundle.scorer.state.item_index  # the same order: one map, shared
     assert bundle.scorer.state.product_ids == trained.product_ids
     np.testing.assert_allclose(bundle.item_embeddings, trained.item_embeddings, atol=1e-5)
+
+
+def test_item_rows_follow_the_product_table_when_its_order_differs(bundle: Bundle) -> None:
+    from serving.bundle import _item_rows
+
+    state = bundle.scorer.state
+    reordered = bundle.products.iloc[::-1].reset_index(drop=True)
+    rows = _item_rows(reordered, state)
+    assert rows is not state.item_index
+    assert rows == {p: i for i, p in enumerate(reordered["product_id"])}
 
 
 def test_load_bundle_refuses_a_tampered_model_folder(bundle_dir: Path, index_dir: Path,

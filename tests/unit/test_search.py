@@ -1,4 +1,5 @@
-"""serving.search.SearchIndex: BM25 read from its posting lists agrees with the matrix."""
+"""serving.search.SearchIndex: BM25 read from its posting lists agrees with the matrix; the
+index saved at publish time loads as arrays and answers the same."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.search import SearchIndex, _members, tokens
+from serving.search import SearchIndex, SortedKeys, _members, tokens
 
 pytestmark = pytest.mark.fast
 
@@ -44,3 +45,58 @@ def test_members_is_isin_on_sorted_rows() -> None:
     items = rng.integers(0, 520, 40)
     np.testing.assert_array_equal(_members(items, rows), np.isin(items, rows))
     assert not _members(items, rows[:0]).any()
+
+
+def test_a_saved_index_loads_as_arrays_and_answers_the_same(tmp_path) -> None:
+    products = _products()
+    vectors = np.random.default_rng(1).normal(size=(len(products), 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    built = SearchIndex(products, vectors)
+    path = built.save(tmp_path)
+    with np.load(path, allow_pickle=False) as saved:  # nothing in it needs pickle
+        assert {saved[k].dtype.kind for k in saved.files} <= {"U", "i", "f"}
+    loaded = SearchIndex.load(path, vectors)
+    assert loaded.rows == built.rows == len(products)
+    query_vector = vectors[5]
+    for query in ["red heart", "acme lantern gift", "P007", "p007", "nothing known", ""]:
+        want = built.search(query, 8, query_vector=query_vector)
+        got = loaded.search(query, 8, query_vector=query_vector)
+        assert [(h.row, h.matched) for h in got] == [(h.row, h.matched) for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want])
+
+
+def test_sorted_keys_is_a_read_only_dict() -> None:
+    keys = ["mug", "85123a", "heart", "mug", "zebra"]
+    mapping = SortedKeys.of(keys)
+    want = {k: i for i, k in enumerate(keys)}  # a repeated key keeps its last position
+    assert len(mapping) == len(want)
+    for key, value in want.items():
+        assert key in mapping and mapping[key] == value and mapping.get(key) == value
+    for missing in ["", "aaa", "mu", "mugs", "zzz"]:
+        assert missing not in mapping and mapping.get(missing) is None
+        with pytest.raises(KeyError):
+            mapping[missing]
+    assert 3 not in mapping
+    assert SortedKeys.of([]).get("x") is None
+
+
+def test_the_bundle_loads_the_stored_lexical_index_and_builds_it_when_it_cannot(
+        tmp_path, monkeypatch, caplog) -> None:
+    import serving.search as search
+
+    products = _products()
+    search.save_lexical(products, tmp_path)
+    built = []
+    real = search._lexical
+    monkeypatch.setattr(search, "_lexical", lambda *a: built.append(1) or real(*a))
+    loaded = search.load_search_index(tmp_path, products, None)
+    assert not built and loaded.search("red heart", 5)  # read from the file
+    assert len(search.load_search_index(tmp_path, products.iloc[:-1], None).ids) == \
+        len(products) - 1 and built == [1]  # not these products: built
+    (tmp_path / search.LEXICAL_FILE).write_bytes(b"damaged")
+    with caplog.at_level("WARNING", logger="serving.search"):
+        again = search.load_search_index(tmp_path, products, None)
+    assert built == [1, 1] and "checksum" in caplog.text
+    assert [h.row for h in again.search("red heart", 5)] == \
+        [h.row for h in loaded.search("red heart", 5)]
+    assert search.load_search_index(tmp_path / "absent", products, None).rows == len(products)
