@@ -36,6 +36,8 @@ class Tally:
     latencies_ms: list[float] = field(default_factory=list)  # successful requests only
     elapsed_ms: list[float] = field(default_factory=list)  # every request, failed ones too
     send_lag_ms: list[float] = field(default_factory=list)  # actual send - scheduled send
+    # (scheduled second of the recorded window, elapsed ms) of every recorded request
+    by_second: list[tuple[int, float]] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)  # "HTTP 503", "TimeoutError", ...
     sent: int = 0
     ok: int = 0
@@ -45,6 +47,20 @@ class Tally:
     def error(self, kind: str) -> None:
         """Count one failed request of this kind."""
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def note(self, elapsed_ms: float, scheduled: float) -> None:
+        """One recorded request's elapsed time (failed ones at the time they failed)."""
+        self.elapsed_ms.append(elapsed_ms)
+        self.by_second.append((int(scheduled - self.first_scheduled), elapsed_ms))
+
+    def timeline(self) -> list[dict[str, float]]:
+        """Per second of the window (by scheduled send time): requests, p99 and max ms --
+        where in a cold start or a swap the slow requests were."""
+        seconds: dict[int, list[float]] = {}
+        for second, ms in self.by_second:
+            seconds.setdefault(second, []).append(ms)
+        return [{"second": s, "requests": len(v), "p99_ms": round(percentile(v, 99), 1),
+                 "max_ms": round(max(v), 1)} for s, v in sorted(seconds.items())]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -168,7 +184,7 @@ async def _one(pool: ConnectionPool, path: str, scheduled: float, timeout: float
             await pool.discard(conn)
         if record:
             tally.error(type(exc).__name__)
-            tally.elapsed_ms.append((time.perf_counter() - scheduled) * 1e3)
+            tally.note((time.perf_counter() - scheduled) * 1e3, scheduled)
         return
     done = time.perf_counter()
     if reusable:
@@ -178,7 +194,7 @@ async def _one(pool: ConnectionPool, path: str, scheduled: float, timeout: float
     if not record:
         return
     tally.last_done = max(tally.last_done, done)
-    tally.elapsed_ms.append((done - scheduled) * 1e3)
+    tally.note((done - scheduled) * 1e3, scheduled)
     if 200 <= status < 300:
         tally.ok += 1
         tally.latencies_ms.append((done - scheduled) * 1e3)
@@ -198,7 +214,8 @@ async def run_load(spec: dict[str, Any]) -> dict[str, Any]:
         {"rate", "seconds", "sent", "ok", "errors", "error_kinds", "p50_ms", "p95_ms",
          "p99_ms", "max_ms" (every request, failed ones at the time they failed),
          "ok_p50_ms", "ok_p99_ms", "mean_ms" (successful ones), "achieved_rps",
-         "send_lag_p99_ms", "max_connections_used", "client_cpu_s"}.
+         "send_lag_p99_ms", "max_connections_used", "client_cpu_s", "timeline" (per
+         second: requests, p99_ms, max_ms)}.
     """
     parts = urlsplit(spec["url"])
     pool = ConnectionPool(parts.hostname or "127.0.0.1", parts.port or 80,
@@ -242,6 +259,7 @@ async def run_load(spec: dict[str, Any]) -> dict[str, Any]:
         "send_lag_p99_ms": percentile(tally.send_lag_ms, 99),
         "max_connections_used": pool.max_open,
         "client_cpu_s": time.process_time(),
+        "timeline": tally.timeline(),
     }
 
 

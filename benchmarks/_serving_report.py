@@ -77,6 +77,11 @@ def print_load(name: str, result: dict[str, Any]) -> None:
           f"{fmt(result['send_lag_p99_ms'], '.1f')} ms, "
           f"{result['max_connections_used']} connections, load driver "
           f"{result['client_cpu_s'] / result['driver_wall_s']:.2f} cores", flush=True)
+    slowest = sorted(result.get("timeline", []), key=lambda t: -t["p99_ms"])[:3]
+    if slowest:
+        print(f"  {'':<11} slowest seconds of the window: " + ", ".join(
+            f"s{t['second']} p99 {t['p99_ms']:.0f} ms (max {t['max_ms']:.0f})"
+            for t in slowest), flush=True)
 
 
 def print_breakdown(parts: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """The serving benchmark's setup: a synthetic shop through the pipeline's functions.
 
-A synthetic shop (``features.synth.generate_shop``), its features built and materialized into
-the Feast SQLite online store for every day, then the last day trained, evaluated, registered,
+A synthetic shop (``features.synth.generate_shop``), its history loaded as a backfill leaves it
+(``shoprec.history.load_history``: every day's features built, then one materialization into
+the Feast SQLite online store), then the last day trained, evaluated, registered,
 indexed and made champion -- the DAG's functions, called in the DAG's order. Each step is
 recorded with its inputs' signature under the benchmark's home, so a rerun with the same
 arguments reuses it (the full-size setup takes minutes; the load runs are what is repeated).
@@ -214,8 +215,6 @@ def setup(spec: ShopSpec, home: Path, minilm_sample: int, *, data_only: bool = F
           ) -> tuple[Any, dict[str, Any]]:
     """Build (or reuse) the shop and its champion (``data_only``: the shop and its features
     only). Returns (settings, step timings)."""
-    from tqdm.auto import tqdm
-
     settings = use_state(home, spec.encoder)
     steps = StepLog(home / "bench-setup.json")
     data, model = spec.data_signature, spec.model_signature
@@ -233,24 +232,12 @@ def setup(spec: ShopSpec, home: Path, minilm_sample: int, *, data_only: bool = F
                                  products=spec.products, seed=spec.seed, start=START,
                                  progress=True))
 
-    def build() -> dict[str, Any]:
-        from features.build import build_interval
+    def load() -> dict[str, Any]:
+        from shoprec.history import load_history
 
-        rows = {}
-        for day in tqdm(days, desc="build features", unit="day"):
-            out = build_interval(settings, day)
-            rows = {k: v for k, v in out.items() if isinstance(v, int)}
-        return {"last_day_rows": rows}
-
-    def materialize() -> dict[str, Any]:
-        from features.store import apply_repo, materialize_interval
-
-        started = time.perf_counter()
-        apply_repo(settings)  # materialize_day applies per day; once is enough here
-        apply_s = time.perf_counter() - started
-        for day in tqdm(days, desc="materialize", unit="day"):
-            materialize_interval(settings, day)
-        return {"apply_s": round(apply_s, 2)}
+        out = load_history(settings, days[0], days[-1], validate=False)
+        return {"seconds": {k: round(v, 1) for k, v in out["seconds"].items()},
+                "rows": out["materialized"]["rows"]}
 
     def train() -> dict[str, Any]:
         from shoprec.pipeline import train_interval
@@ -296,9 +283,9 @@ def setup(spec: ShopSpec, home: Path, minilm_sample: int, *, data_only: bool = F
               f"~{probe['catalogue_estimate_s'] / 60:.0f} min for {spec.products:,} product "
               f"texts; one query p50: {singles}", flush=True)
     run_step(steps, "generate shop", data, generate)
-    run_step(steps, "build features", data, build, f"{spec.days} days")
-    run_step(steps, "materialize", data, materialize,
-             f"feast apply + {spec.days} days to SQLite", step_log)
+    run_step(steps, "load history", data, load,
+             f"{spec.days} days built, one materialization to SQLite "
+             f"(shoprec.history, as a backfill leaves them)", step_log)
     if data_only:
         return settings, steps.steps
 
