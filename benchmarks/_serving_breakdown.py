@@ -116,7 +116,7 @@ def recommend_pieces(bundle: Any, store: Any, users: list[str]
                               lambda r=row: Histories.from_row(r))
         # without its row digest: the bundle computes the user's view (a first request)
         history = Histories(served.products, served.event_types, served.timestamps,
-                            served.profiles, served.purchased)
+                            served.profiles, served.purchased, profile_row=served.profile_row)
         known = any(p in bundle.item_row for p in history.products[0])
         watch = known_watch if known else cold_watch
         for name, values in fetch_w.times.items():

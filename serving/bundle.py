@@ -311,7 +311,7 @@ class Bundle:
         recent = list(dict.fromkeys(reversed(known)))[:20]  # most recent first, distinct
         trend = state.facts["trend"]
         if recent and rows:
-            together = state.neighbours[recent][:, rows].toarray()  # (R, k)
+            together = dense_block(state.neighbours, recent, rows)  # (R, k)
             similar = self.item_embeddings[recent] @ self.item_embeddings[rows].T  # (R, k)
         out = []
         for i, row in enumerate(rows):
@@ -331,11 +331,41 @@ class Bundle:
         return out
 
 
+def dense_block(matrix: Any, rows: list[int], cols: list[int]) -> np.ndarray:
+    """``matrix[rows][:, cols].toarray()`` of a CSR matrix, read straight from its arrays:
+    scipy's two fancy-indexing passes cost ~0.5 ms for a (20, 10) block, this ~30 us.
+
+    Args:
+        matrix: (N, M) scipy CSR (duplicates summed, as every matrix of the item state).
+        rows: R row numbers (any order, repeats allowed).
+        cols: C distinct column numbers.
+
+    Returns:
+        (R, C) array of the matrix's dtype.
+    """
+    out = np.zeros((len(rows), len(cols)), dtype=matrix.dtype)
+    if not len(rows) or not len(cols):
+        return out
+    rows_a = np.asarray(rows, dtype=np.int64)
+    starts, stops = matrix.indptr[rows_a], matrix.indptr[rows_a + 1]  # (R,) each
+    lengths = stops - starts
+    total = int(lengths.sum())
+    if not total:
+        return out
+    owner = np.repeat(np.arange(len(rows_a)), lengths)  # (T,) block row of each entry
+    offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    at = np.repeat(starts, lengths) + offsets  # (T,) positions in indices/data
+    columns = matrix.indices[at]
+    order = np.argsort(np.asarray(cols, dtype=np.int64), kind="stable")
+    wanted = np.asarray(cols, dtype=np.int64)[order]  # sorted
+    pos = np.minimum(np.searchsorted(wanted, columns), len(wanted) - 1)
+    hit = wanted[pos] == columns
+    out[owner[hit], order[pos[hit]]] = matrix.data[at[hit]]
+    return out
+
+
 def _profile_country(history: Any) -> str | None:
-    profiles = getattr(history, "profiles", None)
-    if profiles is None or "country" not in profiles or profiles.empty:
-        return None
-    value = profiles["country"].iat[0]
+    value = history.profile_value("country")
     return str(value) if isinstance(value, str) and value else None
 
 

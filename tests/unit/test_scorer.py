@@ -244,11 +244,35 @@ def test_one_online_row_reads_as_its_one_row_frame() -> None:
         fast, frame = Histories.from_row(row), Histories.from_feast(pd.DataFrame([row]))
         assert fast.products == frame.products and fast.event_types == frame.event_types
         np.testing.assert_array_equal(fast.timestamps[0], frame.timestamps[0])
+        assert fast.profiles is None  # not built by from_row: on first read
         if frame.profiles is None:
-            assert fast.profiles is None
+            assert fast.profile_frame() is None and fast.profile_value("country") is None
         else:
-            pd.testing.assert_frame_equal(fast.profiles, frame.profiles, check_dtype=False)
+            assert fast.profile_value("country") == frame.profiles["country"].iat[0]
+            pd.testing.assert_frame_equal(fast.profile_frame(), frame.profiles,
+                                          check_dtype=False)
     assert np.isnan(Histories.from_row(rows[1]).timestamps[0]).all()
+
+
+def test_a_stored_online_profile_reads_the_same_from_the_row_and_from_its_frame() -> None:
+    from features.user_state import STORED_PROFILE_COLUMNS
+
+    stored = {"active_days": [20450, 20455], "view_by_day": [3, 1],
+              "add_to_cart_by_day": [1, 0], "purchase_by_day": [1, 0],
+              "search_by_day": [0, 2], "basket_value_by_day": [12.5, 0.0],
+              "recent_categories": ["mugs", "toys"], "recent_category_days": [20450, 20455],
+              "last_purchase_epoch_s": 20450 * 86400.0, "country": "France"}
+    assert set(stored) == set(STORED_PROFILE_COLUMNS)
+    row = {"recent_product_ids": ["a"], "recent_event_types": ["view"],
+           "recent_timestamps": [20455 * 86400.0], **stored}
+    now = 20457 * 86400.0
+    from_row = Histories.from_row(row).profile_values_at(now)  # arrays, no frame
+    framed = Histories.from_row(row)
+    framed.profile_frame()
+    from_frame = framed.profile_values_at(now)
+    assert set(from_row) == set(from_frame)
+    for column, values in from_row.items():
+        np.testing.assert_array_equal(values, from_frame[column], err_msg=column)
 
 
 @pytest.mark.parametrize(("field", "value", "reason"), [
@@ -283,3 +307,22 @@ def test_served_recommender_ranks_each_user_as_alone_whatever_the_batch() -> Non
         alone = [served.recommend([u], 5, exclude=setting)[0] for u in users]
         assert lists[64] == alone
     assert not set(served.recommend(["u4"], 12, exclude=exclude)[0]) & {"p4", "p5"}
+
+
+def test_a_rows_digest_follows_its_profile_lists() -> None:
+    from features.user_state import STORED_PROFILE_COLUMNS
+
+    def row(views: list[float], country: str = "France") -> dict:
+        stored = {c: [1.0, 2.0] for c in STORED_PROFILE_COLUMNS}
+        stored.update(view_by_day=views, recent_categories=["mugs", "toys"],
+                      last_purchase_epoch_s=float("nan"), country=country)
+        return {"recent_product_ids": ["a"], "recent_event_types": ["view"],
+                "recent_timestamps": [1.0], **stored}
+
+    digest = Histories.from_row(row([3.0, 1.0])).digests[0]
+    assert Histories.from_row(row([3.0, 1.0])).digests[0] == digest  # read again: equal
+    assert Histories.from_row(row([3.0, 2.0])).digests[0] != digest  # a day's count moved
+    assert Histories.from_row(row([3.0, 1.0], "Spain")).digests[0] != digest
+    nested = row([3.0, 1.0])
+    nested["recent_categories"] = [["mugs"], ["toys"]]  # not a stored shape; still hashable
+    assert isinstance(Histories.from_row(nested).digests[0], int)
