@@ -305,6 +305,8 @@ class Bundle:
                  products: list[str]) -> list[str]:
         """A short reason per result: bought before, bought together with / similar to a
         product of the history, or popular / trending."""
+        from training.ranking.rows import dense_block
+
         state = self.scorer.state
         bought = {self.item_row[p] for p, t in zip(products, types, strict=True)
                   if t == "purchase" and p in self.item_row}
@@ -329,39 +331,6 @@ class Bundle:
             out.append("trending this week" if trend[row] > 0.1
                        else "popular with shoppers this month")
         return out
-
-
-def dense_block(matrix: Any, rows: list[int], cols: list[int]) -> np.ndarray:
-    """``matrix[rows][:, cols].toarray()`` of a CSR matrix, read straight from its arrays:
-    scipy's two fancy-indexing passes cost ~0.5 ms for a (20, 10) block, this ~30 us.
-
-    Args:
-        matrix: (N, M) scipy CSR (duplicates summed, as every matrix of the item state).
-        rows: R row numbers (any order, repeats allowed).
-        cols: C distinct column numbers.
-
-    Returns:
-        (R, C) array of the matrix's dtype.
-    """
-    out = np.zeros((len(rows), len(cols)), dtype=matrix.dtype)
-    if not len(rows) or not len(cols):
-        return out
-    rows_a = np.asarray(rows, dtype=np.int64)
-    starts, stops = matrix.indptr[rows_a], matrix.indptr[rows_a + 1]  # (R,) each
-    lengths = stops - starts
-    total = int(lengths.sum())
-    if not total:
-        return out
-    owner = np.repeat(np.arange(len(rows_a)), lengths)  # (T,) block row of each entry
-    offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    at = np.repeat(starts, lengths) + offsets  # (T,) positions in indices/data
-    columns = matrix.indices[at]
-    order = np.argsort(np.asarray(cols, dtype=np.int64), kind="stable")
-    wanted = np.asarray(cols, dtype=np.int64)[order]  # sorted
-    pos = np.minimum(np.searchsorted(wanted, columns), len(wanted) - 1)
-    hit = wanted[pos] == columns
-    out[owner[hit], order[pos[hit]]] = matrix.data[at[hit]]
-    return out
 
 
 def _profile_country(history: Any) -> str | None:

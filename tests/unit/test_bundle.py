@@ -484,21 +484,3 @@ def test_workers_load_bundles_one_at_a_time(tmp_path: Path) -> None:
         assert order == []  # the second worker waits for the first one's load
     other.join()
     assert order == ["second in", "second out"]
-
-
-def test_dense_block_is_scipys_fancy_indexing() -> None:
-    from scipy import sparse
-
-    from serving.bundle import dense_block
-
-    rng = np.random.default_rng(5)
-    matrix = sparse.random(40, 30, density=0.2, format="csr", dtype=np.float32, random_state=7)
-    matrix.sum_duplicates()
-    for _ in range(20):
-        rows = rng.integers(0, 40, rng.integers(0, 8)).tolist()  # repeats allowed
-        cols = rng.choice(30, rng.integers(0, 6), replace=False).tolist()
-        want = matrix[rows][:, cols].toarray() if rows and cols else \
-            np.zeros((len(rows), len(cols)), np.float32)
-        np.testing.assert_array_equal(dense_block(matrix, rows, cols), want)
-    empty = sparse.csr_matrix((5, 5), dtype=np.float32)
-    assert not dense_block(empty, [0, 4], [1, 2]).any()

@@ -326,3 +326,22 @@ def test_a_rows_digest_follows_its_profile_lists() -> None:
     nested = row([3.0, 1.0])
     nested["recent_categories"] = [["mugs"], ["toys"]]  # not a stored shape; still hashable
     assert isinstance(Histories.from_row(nested).digests[0], int)
+
+
+def test_one_users_co_occurrence_is_the_batch_sparse_product_to_the_bit() -> None:
+    from training.ranking.scorer import FEW_USERS
+
+    scorer, cut = _fitted()
+    ids = scorer.state.product_ids
+    rng = np.random.default_rng(4)
+    kinds = ["view", "add_to_cart", "purchase"]
+    users = 2 * FEW_USERS
+    histories = Histories([list(rng.choice(ids, 7)) for _ in range(users)],
+                          [list(rng.choice(kinds, 7)) for _ in range(users)],
+                          [np.full(7, cut.timestamp()) for _ in range(users)])
+    batch = scorer.views(histories, cut.timestamp())  # one sparse product
+    assert sum(len(v.together_cols) for v in batch) > 0
+    for i, want in enumerate(batch):
+        alone = scorer.views(histories.take([i]), cut.timestamp())[0]  # read row by row
+        np.testing.assert_array_equal(alone.together_cols, want.together_cols)
+        assert alone.together_vals.tobytes() == want.together_vals.tobytes()

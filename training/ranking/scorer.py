@@ -47,8 +47,13 @@ from training.ranking.config import FEATURE_NAMES, SOURCE_NAMES, ScorerConfig
 from training.ranking.histories import Histories, UserView
 from training.ranking.items import ItemState
 from training.ranking.pair import PairScorer, train_scorer
+from training.ranking.rows import summed_rows
 
 log = logging.getLogger(__name__)
+
+# Up to this many users at once (a request's), ``views`` reads the co-occurrence sums row by
+# row (``training.ranking.rows``); above, as one sparse product (evaluation's batches).
+FEW_USERS = 8
 
 
 class Scorer:
@@ -115,13 +120,17 @@ class Scorer:
             views.append(UserView(known=known, interactions=np.asarray(interaction, np.int64),
                                   buy_cols=np.asarray([c for c, _ in buys], np.int64),
                                   buy_times=np.asarray([t for _, t in buys], np.float64)))
-        # co-occurrence: the (binary) interacted products' neighbour rows, summed -- sparse
-        indicator = sparse.csr_matrix((np.ones(len(inter_r), np.float32), (inter_r, inter_c)),
-                                      shape=(len(histories), n))
-        indicator.sum_duplicates()
-        indicator.data[:] = 1.0
-        together = sparse.csr_matrix(indicator @ state.neighbours)  # (b, N) sparse
-        together.sort_indices()
+        # co-occurrence: the (binary) interacted products' neighbour rows, summed -- sparse;
+        # for a request's few users straight from the arrays (the same bits, without
+        # scipy's ~1 ms of building and checking matrices), for a batch as one product
+        together = None
+        if len(histories) > FEW_USERS:
+            indicator = sparse.csr_matrix((np.ones(len(inter_r), np.float32),
+                                           (inter_r, inter_c)), shape=(len(histories), n))
+            indicator.sum_duplicates()
+            indicator.data[:] = 1.0
+            together = sparse.csr_matrix(indicator @ state.neighbours)  # (b, N) sparse
+            together.sort_indices()
         users = None
         if self.model is not None and state.embeddings is not None:
             if now is None:
@@ -131,9 +140,13 @@ class Scorer:
             users = encode_users(self.model, histories.products, histories.event_types,
                                  index, state.embeddings, user_features=histories.profile_values_at(now))
         for row, view in enumerate(views):
-            start, stop = together.indptr[row], together.indptr[row + 1]
-            view.together_cols = together.indices[start:stop].astype(np.int64)
-            view.together_vals = together.data[start:stop]
+            if together is None:
+                view.together_cols, view.together_vals = summed_rows(
+                    state.neighbours, np.unique(view.interactions))
+            else:
+                start, stop = together.indptr[row], together.indptr[row + 1]
+                view.together_cols = together.indices[start:stop].astype(np.int64)
+                view.together_vals = together.data[start:stop]
             if not len(view.known):
                 continue
             if users is not None:
