@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.checksums import sha256_file
+from core.checksums import sha256_file, sha256_files
 from serving.cache import LRU
 
 log = logging.getLogger(__name__)
@@ -98,14 +98,16 @@ def verify(folder: Path) -> dict[str, Any]:
     if not path.exists():
         raise BundleError(f"no {MANIFEST} in {folder}: not a shoprec bundle")
     manifest = json.loads(path.read_text())
-    for name, expected in manifest.get("files", {}).items():
-        file = folder / name
-        if not file.exists():
+    files = manifest.get("files", {})
+    for name in files:
+        if not (folder / name).is_file():
             raise BundleError(f"bundle {folder}: {name} is missing")
-        actual = sha256_file(file)
-        if actual != expected:
+    # hashed in a child process: a worker verifying a swap's bundle keeps its GIL
+    actual = sha256_files([folder / name for name in files])
+    for (name, expected), got in zip(files.items(), actual, strict=True):
+        if got != expected:
             raise BundleError(f"bundle {folder}: checksum mismatch for {name} "
-                              f"(manifest {expected[:12]}, file {actual[:12]}); refusing to load")
+                              f"(manifest {expected[:12]}, file {got[:12]}); refusing to load")
     return manifest
 
 

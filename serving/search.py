@@ -267,14 +267,14 @@ def load_search_index(folder: Path, products: pd.DataFrame, text_vectors: np.nda
     """The bundle's ``SearchIndex``: loaded from what ``save_lexical`` stored in ``folder``
     when it is there, intact and of these products; built from ``products`` otherwise (a
     version indexed before the lexical part was stored, or a damaged file: logged)."""
-    from core.checksums import sha256_file
+    from core.checksums import sha256_files
 
     meta_path = Path(folder) / LEXICAL_META
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         path = Path(folder) / meta["file"]
         if (path.exists() and meta.get("rows") == len(products)
-                and sha256_file(path) == meta["sha256"]):
+                and sha256_files([path]) == [meta["sha256"]]):
             return SearchIndex.load(path, text_vectors, retrieval)
         log.warning("%s does not match the bundle's %d products or its checksum: building "
                     "the lexical index instead", path, len(products))

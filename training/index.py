@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from core.checksums import sha256_file
+from core.checksums import sha256_file, sha256_files
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -197,15 +197,20 @@ def load_indexes(folder: Path, matrices: Mapping[str, np.ndarray | None]
     if not meta_path.exists():
         raise IndexLoadError(f"no {INDEX_META} in {folder}")
     meta = json.loads(meta_path.read_text())
-    out = {}
-    for name, matrix in matrices.items():
-        if matrix is None:
-            continue
+    wanted = {name: matrix for name, matrix in matrices.items() if matrix is not None}
+    for name in wanted:
         info = meta.get(name)
         if info is None:
             raise IndexLoadError(f"{folder}: no index for the {name} space")
+        if not (folder / info["file"]).is_file():
+            raise IndexLoadError(f"{folder}: {info['file']} is missing or its checksum differs")
+    # hashed in a child process: a serving worker loading a swap's indexes keeps its GIL
+    digests = sha256_files([folder / meta[name]["file"] for name in wanted])
+    out = {}
+    for (name, matrix), digest in zip(wanted.items(), digests, strict=True):
+        info = meta[name]
         path = folder / info["file"]
-        if not path.exists() or sha256_file(path) != info["sha256"]:
+        if digest != info["sha256"]:
             raise IndexLoadError(f"{folder}: {info['file']} is missing or its checksum differs")
         index = faiss.read_index(str(path))
         if index.ntotal != len(matrix):
