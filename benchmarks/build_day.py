@@ -22,6 +22,7 @@ import argparse
 import cProfile
 import datetime as dt
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -141,6 +142,9 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=100_000)
     parser.add_argument("--profile", type=int, default=0, help="print cProfile's top N")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the generated state here and reuse it on the next run with the "
+                             "same arguments (each run measures a copy)")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     # Today's users are the shop's active ones: ~1.1 history events and ~0.2 active days per
@@ -154,18 +158,33 @@ def main() -> None:
     first = today - dt.timedelta(days=2)
     day_users = users[np.sort(rng.choice(min(args.users, 3 * args.day_users), args.day_users,
                                          replace=False))]
+    kept = None
+    if args.keep is not None:
+        kept = args.keep / (f"age{args.age}-u{args.users}-d{args.day_users}-p{args.products}"
+                            f"-s{args.seed}")
     with tempfile.TemporaryDirectory(prefix="build-day-") as tmp:
         offline, running = Path(tmp) / "offline", Path(tmp) / "running"
         t0 = time.perf_counter()
-        for day, who in ((first, users), (yesterday, day_users[::2])):
-            end = pd.Timestamp(Interval.for_day(day).end)
-            _write(offline, "user_recent_products", day,
-                   recent_rows(rng, who, products, mean_events, end))
-            _write(offline, "user_profile", day, profile_rows(rng, who, mean_days, end))
+        if kept is not None and (kept / "ready").exists():
+            shutil.copytree(kept / "offline", offline)
+            shutil.copytree(kept / "running", running)
+            rng = np.random.default_rng([args.seed, 1])
+        else:
+            for day, who in ((first, users), (yesterday, day_users[::2])):
+                end = pd.Timestamp(Interval.for_day(day).end)
+                _write(offline, "user_recent_products", day,
+                       recent_rows(rng, who, products, mean_events, end))
+                _write(offline, "user_profile", day, profile_rows(rng, who, mean_days, end))
+            # the indexes as they stand before yesterday's partition: folded through ``first``
+            previous_state(offline, yesterday, running, users=day_users[:1])
+            previous_profiles(offline, yesterday, running, USER_PROFILE_SCHEMA, day_users[:1])
+            if kept is not None:
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.copytree(offline, kept / "offline")
+                shutil.copytree(running, kept / "running")
+                (kept / "ready").touch()
+            rng = np.random.default_rng([args.seed, 1])
         events = day_events(rng, day_users, products, args.events, today)
-        # the indexes as they stand before yesterday's partition: folded through ``first``
-        previous_state(offline, yesterday, running, users=day_users[:1])
-        previous_profiles(offline, yesterday, running, USER_PROFILE_SCHEMA, day_users[:1])
         print(f"setup: {time.perf_counter() - t0:.1f} s ({args.users:,} users, age "
               f"{args.age} days, {args.day_users:,} users today)", flush=True)
 

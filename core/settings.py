@@ -113,6 +113,7 @@ class Settings:
     serving_url: str = ""
     admin_token: str = field(default="", repr=False)  # a secret: never in repr or logs
     serving_poll_seconds: float = 60.0
+    user_vectors_days: int = 7
     index_exact_max: int = 50_000
     index_min_recall: float = 0.95
     text_trainable_layers: str = "auto"
@@ -184,6 +185,7 @@ class Settings:
             or (_read_secret(secrets_dir, "serving_admin_token") if prod else ""),
             serving_poll_seconds=float(env.get("SHOPREC_SERVING_POLL_SECONDS",
                                                cls.serving_poll_seconds)),
+            user_vectors_days=int(env.get("SHOPREC_USER_VECTORS_DAYS", cls.user_vectors_days)),
             index_exact_max=int(env.get("SHOPREC_INDEX_EXACT_MAX", cls.index_exact_max)),
             index_min_recall=float(env.get("SHOPREC_INDEX_MIN_RECALL",
                                            cls.index_min_recall)),

@@ -10,13 +10,18 @@ One run per day of shop data (one data interval = one landing partition):
    `shoprec data release YYYY-MM-DD`, then clear this task to rerun the interval;
 2. **build_features**: the day's offline feature partitions (user histories, catalogue);
 3. **materialize** exactly the interval (plus the allowed lateness) into the online store;
+   then, beside training, **user_vectors** writes the champion's user-side vectors for the
+   users whose rows the interval changed (`serving/user_vectors.py`; skipped without a
+   champion or with `SHOPREC_USER_VECTORS_DAYS=0`);
 4. **train** the two-tower model on point-in-time features (skipped, not failed, while the
    history is too short to train on, or when the run's training policy says so);
 5. **evaluate** Recall@10/50 on the temporal holdout, for the challenger and the champion;
 6. **register** the model version in MLflow with alias `challenger`;
 7. **build_index**: a FAISS index per vector space the model retrieves from (two-tower,
    text, ALS), each checked against exact search;
-8. **promote** to `champion` when the gate passes (or when the run forces it);
+8. **promote** to `champion` when the gate passes (or when the run forces it); before the
+   alias moves, the new version's user vectors are written for the users of the last
+   `SHOPREC_USER_VECTORS_DAYS` intervals, so that servers following the alias find them;
 9. **reload_serving**: tell a running server to load the new champion.
 
 #### Run parameters (the trigger form)
@@ -226,17 +231,23 @@ def shoprec_daily():
 
     @task
     def promote(indexed: dict) -> dict:
+        from serving.user_vectors import before_promotion
         from training.registry import promote_if_better, set_champion
 
         context = get_current_context()
         params = context["params"]
         settings = _settings()
-        result = promote_if_better(settings, indexed["version"])
+        day = _interval_day()
+
+        def prepare(version: str) -> None:  # the new champion's user vectors, then the alias
+            before_promotion(settings, version, day)
+
+        result = promote_if_better(settings, indexed["version"], before=prepare)
         if params.get("force_promotion") and not result["promoted"]:
             run_id = context["dag_run"].run_id
             forced = set_champion(settings, indexed["version"],
                                   reason=f"forced by {run_id}: {params['promotion_reason']}",
-                                  actor=f"shoprec_daily {run_id}")
+                                  actor=f"shoprec_daily {run_id}", before=prepare)
             result = {**result, "promoted": True, "champion": forced["version"],
                       "reason": f"forced: {params['promotion_reason']} "
                                 f"(gate said: {result['reason']})"}
@@ -248,8 +259,29 @@ def shoprec_daily():
 
         return notify_serving(_settings(), promoted)
 
-    reload_serving(promote(build_index(register(evaluate(train(materialize(
-        build_features(validate()))))))))
+    @task
+    def user_vectors(materialized: dict) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from shoprec.params import later_intervals
+
+        context = get_current_context()
+        dag_run = context["dag_run"]
+        day = _interval_day()
+        later = later_intervals(
+            day, context["params"], dag_run.conf or {}, str(dag_run.run_type),
+            queued_runs=lambda: context["ti"].get_dr_count(dag_id=dag_run.dag_id,
+                                                           states=["queued"]))
+        if later:  # the rows change again before anyone reads them
+            raise AirflowSkipException(f"user vectors are written on a backfill's last "
+                                       f"interval: {later}")
+        from serving.user_vectors import refresh_interval
+
+        return refresh_interval(_settings(), day)
+
+    materialized = materialize(build_features(validate()))
+    user_vectors(materialized)
+    reload_serving(promote(build_index(register(evaluate(train(materialized))))))
 
 
 shoprec_daily()

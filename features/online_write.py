@@ -79,12 +79,14 @@ def _string_entries(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return out, bounds
 
 
-def _packed_entries(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Packed numbers (int64 varints, or float64 little-endian): their bytes in order and
-    (n + 1,) offsets of each number in them."""
+def _packed_entries(values: pa.Array, floats: str = "<f8") -> tuple[np.ndarray, np.ndarray]:
+    """Packed numbers (int64 varints, or floats little-endian: ``floats`` "<f8" for a
+    double list, "<f4" for a float list): their bytes in order and (n + 1,) offsets of each
+    number in them."""
     if pa.types.is_floating(values.type):
-        raw = values.cast(pa.float64()).to_numpy(zero_copy_only=False).astype("<f8")
-        return raw.view(np.uint8), np.arange(len(raw) + 1, dtype=np.int64) * 8
+        raw = values.to_numpy(zero_copy_only=False).astype(floats)
+        width = raw.dtype.itemsize
+        return raw.view(np.uint8), np.arange(len(raw) + 1, dtype=np.int64) * width
     numbers = values.cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64)
     unsigned = numbers.view(np.uint64)  # negatives: ten-byte two's complement, as protobuf
     sizes = _varint_sizes(unsigned)
@@ -101,7 +103,7 @@ def _header_positions(at: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 def list_values(column: pa.Array | pa.ChunkedArray, field_number: int,
-                packed: bool) -> list[Any]:
+                packed: bool, floats: str = "<f8") -> list[Any]:
     """The ``Value`` protos of a list column: its field set to the row's list, or empty for
     a null row (as Feast writes them). Each row's message is laid out in one buffer with
     numpy (field tag, length, for packed numbers the list's own tag and length, the
@@ -111,7 +113,7 @@ def list_values(column: pa.Array | pa.ChunkedArray, field_number: int,
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     flat = column.flatten()  # the entries of the non-null rows, in order
-    data, bounds = (_packed_entries if packed else _string_entries)(flat)
+    data, bounds = _packed_entries(flat, floats) if packed else _string_entries(flat)
     sizes = column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     body = bounds[starts[1:]] - bounds[starts[:-1]]  # (R,) the entries' bytes per row
@@ -165,8 +167,10 @@ def _scalar_values(column: pa.ChunkedArray, value_type: Any) -> list[Any] | None
     return None
 
 
-_LIST_FIELDS = {"STRING_LIST": ("string_list_val", False), "INT64_LIST": ("int64_list_val", True),
-                "DOUBLE_LIST": ("double_list_val", True)}
+_LIST_FIELDS = {"STRING_LIST": ("string_list_val", False, ""),
+                "INT64_LIST": ("int64_list_val", True, ""),
+                "DOUBLE_LIST": ("double_list_val", True, "<f8"),
+                "FLOAT_LIST": ("float_list_val", True, "<f4")}
 
 
 def _fast_column(column: pa.ChunkedArray, value_type: Any) -> list[Any] | None:
@@ -183,8 +187,11 @@ def _fast_column(column: pa.ChunkedArray, value_type: Any) -> list[Any] | None:
     combined = column.combine_chunks()
     if combined.flatten().null_count:  # Feast puts defaults in place of null entries
         return None
-    name, packed = field
-    return list_values(combined, Value.DESCRIPTOR.fields_by_name[name].number, packed)
+    name, packed, floats = field
+    if floats and not pa.types.is_floating(combined.type.value_type):
+        return None
+    return list_values(combined, Value.DESCRIPTOR.fields_by_name[name].number, packed,
+                       floats or "<f8")
 
 
 def online_rows(table: pa.Table, view: Any) -> list[tuple[Any, dict[str, Any], Any, Any]]:

@@ -20,7 +20,7 @@ from core.settings import FEATURE_REPO, Settings
 from features.contract import Interval, parse_day
 from features.online_write import write_online
 from features.partitions import partitions
-from features.user_state import PURCHASED, STORED_PROFILE_COLUMNS, read_profiles
+from features.user_state import PURCHASED, STORED_PROFILE_COLUMNS, VECTORS, read_profiles
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -39,6 +39,9 @@ TRAINING_SERVICE = "two_tower_training_v1"
 # The user-tower inputs: the history (user_recent_products) and the profile (user_profile),
 # read point in time for training and evaluation, online per request for serving.
 SERVING_SERVICE = "two_tower_serving_v1"
+# The user-side vectors of the served bundle, written online when a user's row changes
+# (``serving.user_vectors``) and read with the serving row (``OnlineUserReader``).
+VECTORS_SERVICE = "user_vectors_v1"
 
 
 def feature_store(settings: Settings) -> FeatureStore:
@@ -331,7 +334,9 @@ class OnlineUserReader:
     the provider's ``online_read`` (the online store's own lookup, the same rows: a test
     checks them field by field against ``online_user_history``) in well under a
     millisecond. The views are looked up again every ``refresh_seconds`` so that a
-    ``feast apply`` is picked up.
+    ``feast apply`` is picked up. Each row also carries, under ``VECTORS``, the user's
+    stored vectors (``VECTORS_SERVICE``: the ``user_vectors`` values, None without), which
+    ``online_user_history`` does not read.
 
     Args:
         store: the Feast store.
@@ -342,16 +347,26 @@ class OnlineUserReader:
         self.store = store
         self.refresh_seconds = refresh_seconds
         self._views: list[tuple[Any, list[str]]] = []
+        self._vectors: list[tuple[Any, list[str]]] = []
         self._resolved_at = -float("inf")
 
     def _resolve(self) -> list[tuple[Any, list[str]]]:
         import time
 
+        from feast.errors import FeatureServiceNotFoundException
+
         now = time.monotonic()
         if now - self._resolved_at > self.refresh_seconds:
-            service = self.store.get_feature_service(SERVING_SERVICE, allow_cache=True)
-            self._views = [(self.store.get_feature_view(p.name), [f.name for f in p.features])
-                           for p in service.feature_view_projections]
+            def views(name: str) -> list[tuple[Any, list[str]]]:
+                service = self.store.get_feature_service(name, allow_cache=True)
+                return [(self.store.get_feature_view(p.name), [f.name for f in p.features])
+                        for p in service.feature_view_projections]
+
+            self._views = views(SERVING_SERVICE)
+            try:  # a registry applied before the service existed: no stored vectors
+                self._vectors = views(VECTORS_SERVICE)
+            except FeatureServiceNotFoundException:
+                self._vectors = []
             self._resolved_at = now
         return self._views
 
@@ -367,19 +382,27 @@ class OnlineUserReader:
                 for u in user_ids]
         provider = self.store._get_provider()  # noqa: SLF001 - the online store's own read
         values: list[dict[str, Any]] = [{} for _ in user_ids]
+        vectors: list[dict[str, Any] | None] = [None for _ in user_ids]
         for view, names in self._resolve():
             rows = provider.online_read(self.store.config, view, keys, names)
             for out, (_, row) in zip(values, rows, strict=True):
                 for name in names:
                     proto = (row or {}).get(name)
                     out[name] = None if proto is None else feast_value_type_to_python_type(proto)
+        for view, names in self._vectors:
+            rows = provider.online_read(self.store.config, view, keys, names)
+            for at, (_, row) in enumerate(rows):
+                if row:
+                    vectors[at] = {n: feast_value_type_to_python_type(row[n])
+                                   for n in names if n in row}
         return {
             u: {"recent_product_ids": _as_list(v.get("recent_product_ids")),
                 "recent_event_types": _as_list(v.get("recent_event_types")),
                 "recent_timestamps": [int(t) for t in v.get("recent_timestamps") or []],
                 PURCHASED: _maybe_list(v.get(PURCHASED)),
-                **{c: v.get(c) for c in STORED_PROFILE_COLUMNS}}
-            for u, v in zip(user_ids, values, strict=True)
+                **{c: v.get(c) for c in STORED_PROFILE_COLUMNS},
+                VECTORS: vectors[at]}
+            for at, (u, v) in enumerate(zip(user_ids, values, strict=True))
         }
 
 

@@ -59,6 +59,9 @@ HISTORY_EVENT_TYPES = ("view", "add_to_cart", "purchase")  # with a product: his
 # first purchases are dropped (a row stays bounded for a wholesale buyer).
 PURCHASED_LEN = 5_000
 PURCHASED = "purchased_product_ids"
+# The key of an online row's stored user vectors (``features.store.OnlineUserReader``: the
+# ``user_vectors`` view's values, None without).
+VECTORS = "user_vectors"
 # Events that say "this user wants this product": training targets, interaction matrices.
 TARGET_EVENT_TYPES = ("purchase", "add_to_cart")
 

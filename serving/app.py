@@ -259,6 +259,22 @@ class UserHistory:
                 raise HTTPException(503, detail=f"online store unavailable: {exc}") from exc
 
 
+    def write_vectors(self, bundle: Any, users: list[str]) -> None:
+        """The user vectors of ``bundle`` for these users' rows just written
+        (``serving.user_vectors``): their next request reads them instead of computing.
+        A failure is logged only: the events are in, and a request computes what is missing."""
+        if bundle is None or not users or self.settings.user_vectors_days <= 0:
+            return
+        from serving.user_vectors import write_user_vectors
+
+        with self._lock:
+            try:
+                write_user_vectors(self._open(), self._reader, bundle, users)
+            except Exception as exc:  # noqa: BLE001 - a cache: never fail the events for it
+                log.warning("user vectors not written for %d users: %s: %s", len(users),
+                            type(exc).__name__, exc)
+
+
 class MeasureRequests:
     """ASGI middleware: count and time every HTTP request by route, method and status (a
     plain ASGI wrapper, cheaper per request than ``@app.middleware("http")``)."""
@@ -520,6 +536,7 @@ def create_app(settings: Settings | None = None, *, load_on_start: bool = True) 
             result = history.ingest([e.model_dump() for e in batch], ingest_events)
         except InvalidEvent as exc:
             raise HTTPException(422, detail=str(exc)) from exc
+        history.write_vectors(slot.bundle, result.users)
         return IngestReport(events=result.events, users=result.users)
 
     @app.post("/admin/reload", response_model=ReloadResult, tags=["ops"],

@@ -18,6 +18,7 @@ A ``Bundle`` is immutable once loaded; the server swaps whole bundles, never edi
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -42,6 +43,10 @@ PERSONAL_TOP = 500  # /search with a user: the user's top products that get a bo
 # Users whose views (vectors, co-occurrence sums, retrieved candidates) a bundle keeps
 # (``SHOPREC_SERVING_USER_CACHE``; 0: none): ~20 KB each at 100,000 products.
 USER_CACHE = 10_000
+# Where this process's requests found their users' views, across bundles (/metrics):
+# "kept" (the worker's cache), "stored" (vectors written with the row:
+# ``serving.user_vectors``), "computed" (on the request).
+VIEW_SOURCES: collections.Counter = collections.Counter()
 
 
 class BundleError(RuntimeError):
@@ -181,13 +186,27 @@ class Bundle:
         digest, so an event that changes the row is seen at once."""
         digest = history.digests[0] if history.digests else None
         cache = self._kept_views()
-        if digest is None or cache.size <= 0:
-            return self.scorer.views(history, now)
-        views = cache.get(digest)
-        if views is None:
-            views = self.scorer.views(history, now)
+        views = cache.get(digest) if digest is not None and cache.size > 0 else None
+        if views is not None:
+            self.view_sources["kept"] += 1
+            return views
+        # vectors written with the row (``serving.user_vectors``) by this bundle, if any
+        stored = history.vectors_for(self.identity) if history.stored else None
+        self.view_sources["stored" if stored else "computed"] += 1
+        views = self.scorer.views(history, now, stored)
+        if digest is not None and cache.size > 0:
             cache.put(digest, views)
         return views
+
+    @property
+    def identity(self) -> str:
+        """What stored user vectors are bound to (``serving.user_vectors.bundle_identity``)."""
+        return f"{self.name}/{self.version}/{self.run_id}"
+
+    @property
+    def view_sources(self) -> collections.Counter:
+        """``VIEW_SOURCES``: where this process's requests found their users' views."""
+        return VIEW_SOURCES
 
     def _kept_views(self) -> LRU:
         cache = self.__dict__.get("_view_cache")
@@ -196,7 +215,9 @@ class Bundle:
             cache = self.__dict__.setdefault("_view_cache", LRU(size))
         return cache
 
-    def _now(self, history: Any) -> float:
+    def view_time(self, history: Any) -> float:
+        """The moment a one-user history's view is computed at: the cut, or the row's
+        latest event when later (not the request's time: a row's view is fixed)."""
         stamps = history.timestamps[0]
         known_times = stamps[np.isfinite(stamps)]
         return max(self.scorer.state.cut.timestamp(), float(known_times.max(initial=0.0)))
@@ -232,7 +253,7 @@ class Bundle:
                 rows = [int(r) for r in top_k(scores[None, :], k)[0] if np.isfinite(scores[r])]
                 return [self._result(r, scores[r], f"popular in {country} this month")
                         for r in rows], True
-        now = self._now(history)
+        now = self.view_time(history)
         [(rows, scores)] = self.scorer.rank(history, now, k,
                                             exclude_purchased=exclude_purchased,
                                             exclude=[set(exclude)],
@@ -292,7 +313,7 @@ class Bundle:
             vector = self.query_encoder.encode(query)
         personal = None
         if history is not None and any(p in self.item_row for p in history.products[0]):
-            now = self._now(history)
+            now = self.view_time(history)
             [(rows, scores)] = self.scorer.rank(history, now, PERSONAL_TOP,
                                                 views=self._views(history, now))
             personal = np.full(self.size, -np.inf)  # (N,) the user's top products only

@@ -64,6 +64,15 @@ class Metrics:
         yield CounterMetricFamily("shoprec_malformed_online_rows",
                                   "online history rows refused as malformed (served without "
                                   "history, flagged degraded)", value=self.malformed_rows)
+        from serving.bundle import VIEW_SOURCES
+
+        views = CounterMetricFamily("shoprec_user_views",
+                                    "users' views by where a request found them: kept by this "
+                                    "worker, stored with the row, or computed on the request",
+                                    labels=["source"])
+        for source in ("kept", "stored", "computed"):
+            views.add_metric([source], VIEW_SOURCES.get(source, 0))
+        yield views
         yield CounterMetricFamily("shoprec_event_loop_stalls",
                                   "times this process's event loop did not run for 250 ms or "
                                   "more (the log says where)", value=self.loop_stalls)

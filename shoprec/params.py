@@ -86,15 +86,24 @@ def training_decision(day: str, params: Mapping[str, Any], conf: Mapping[str, An
         return f"training is off for this run ({why}): data stages only"
     if policy == "each":
         return None
+    later = later_intervals(day, params, conf, run_type, queued_runs)
+    return None if later is None else f"train=last: {later}"
+
+
+def later_intervals(day: str, params: Mapping[str, Any], conf: Mapping[str, Any],
+                    run_type: Any, queued_runs: Callable[[], int] | None = None) -> str | None:
+    """Why this interval is not the last of its backfill (``training_decision``'s rule:
+    the conf's ``backfill_end``, else the backfill's queued runs), or None when it is the
+    last, or no backfill's."""
     end = params.get("backfill_end") or conf.get("backfill_end")
     if end:
         if day < str(end):
-            return f"train=last: this backfill trains once, on its last interval {end}"
+            return f"this backfill ends with interval {end}"
         return None
     if _run_type_value(run_type) != BACKFILL_RUN_TYPE or queued_runs is None:
         return None
     waiting = queued_runs()
     if waiting > 0:
-        return f"train=last: {waiting} later interval(s) of this backfill still queued"
+        return f"{waiting} later interval(s) of this backfill still queued"
     return None
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -288,8 +289,14 @@ def _record(client: MlflowClient, name: str, version: str, key: str, value: dict
 
 
 def set_champion(settings: Settings, version: str, *, reason: str,
-                 actor: str | None = None) -> dict[str, Any]:
+                 actor: str | None = None,
+                 before: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Point `champion` at ``version`` and record who, when, why and what it replaced.
+
+    Args:
+        before: called with the version before the alias moves when it moves (e.g.
+            ``serving.user_vectors.before_promotion``: what the servers that follow the
+            alias will read); a failure there is logged and the alias moves anyway.
 
     Returns:
         {"version", "previous", "reason"}
@@ -304,6 +311,12 @@ def set_champion(settings: Settings, version: str, *, reason: str,
     _record(client, name, version, TAG_PROMOTION, {
         "by": actor or getpass.getuser(), "at": dt.datetime.now(dt.UTC).isoformat(),
         "reason": reason, "previous": previous})
+    if before is not None and previous != str(version):
+        try:
+            before(str(version))
+        except Exception as exc:  # noqa: BLE001 - preparation only: servers compute it
+            log.warning("before the champion moves to v%s: %s: %s (moving it anyway)",
+                        version, type(exc).__name__, exc)
     client.set_registered_model_alias(name, CHAMPION, version)
     log.info("champion of %s: v%s (was v%s): %s", name, version, previous, reason)
     return {"version": str(version), "previous": previous, "reason": reason}
@@ -329,8 +342,11 @@ def rollback(settings: Settings, *, to: str | None = None, reason: str,
 
 
 def promote_if_better(settings: Settings, version: str,
-                      policy: PromotionPolicy | None = None) -> dict[str, Any]:
+                      policy: PromotionPolicy | None = None, *,
+                      before: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """The pipeline's promotion step: apply the gate to a registered challenger.
+
+    ``before`` is ``set_champion``'s (called before the alias moves).
 
     The challenger's evaluation measured it, the champion and the baselines on the same
     temporal holdout, so every comparison is like for like. The decision and its reason are
@@ -352,7 +368,8 @@ def promote_if_better(settings: Settings, version: str,
     _record(client, name, version, TAG_GATE, {"promoted": promote, "reason": reason,
                                                "policy": asdict(policy)})
     if promote and (current is None or str(current.version) != str(version)):
-        set_champion(settings, version, reason=f"gate: {reason}", actor="shoprec_daily")
+        set_champion(settings, version, reason=f"gate: {reason}", actor="shoprec_daily",
+                     before=before)
     champ = version if promote else (current.version if current is not None else None)
     log.info("promotion of %s v%s: %s (%s)", name, version, promote, reason)
     return {"version": str(version), "promoted": promote,

@@ -11,6 +11,7 @@ from feature_views import (
     product_text,
     user_profile,
     user_recent_products,
+    user_vectors,
 )
 
 two_tower_training_v1 = FeatureService(
@@ -36,4 +37,11 @@ product_catalog_v1 = FeatureService(
     name="product_catalog_v1",
     features=[product_catalog],
     description="Product attributes shown with results.",
+)
+
+user_vectors_v1 = FeatureService(
+    name="user_vectors_v1",
+    features=[user_vectors],
+    description="User-side vectors of the served bundle, written online when a user's row "
+                "changes (daily and real time); read with the serving row, version 1.",
 )

@@ -16,10 +16,11 @@ from data_sources import (
     product_text_source,
     user_profile_push,
     user_recent_products_push,
+    user_vectors_source,
 )
 from entities import product, user
 from feast import FeatureView, Field
-from feast.types import Array, Float64, Int64, String
+from feast.types import Array, Float32, Float64, Int64, String
 
 EVENT_TYPES = ("view", "add_to_cart", "purchase", "search")
 WINDOWS_DAYS = (7, 30)
@@ -129,4 +130,32 @@ product_catalog = FeatureView(
     source=product_catalog_source,
     online=True,
     tags={"team": "recsys", "tower": "item"},
+)
+
+user_vectors = FeatureView(
+    name="user_vectors",
+    entities=[user],
+    ttl=FOREVER,
+    schema=[
+        Field(name="user_id", dtype=String),
+        Field(name="vectors_bundle", dtype=String,
+              description="The served bundle these were computed with (model name, version "
+                          "and run): another bundle computes its own."),
+        Field(name="vectors_row", dtype=String,
+              description="Digest of the user's online row they were computed from "
+                          "(training.ranking.histories.row_digest): a changed row is "
+                          "computed again."),
+        Field(name="two_tower_vector", dtype=Array(Float32),
+              description="The user tower's embedding of the row (empty: none)."),
+        Field(name="text_vector", dtype=Array(Float32),
+              description="Unit mean text vector of the row's products (empty: none)."),
+        Field(name="als_vector", dtype=Array(Float32),
+              description="ALS user factors solved from the row (empty: none)."),
+        *[Field(name=f"retrieved_{space}", dtype=Array(Int64),
+                description=f"Catalogue rows the {space} index returned for that vector.")
+          for space in ("two_tower", "text", "als")],
+    ],
+    source=user_vectors_source,
+    online=True,
+    tags={"team": "recsys", "tower": "user", "written_by": "serving.user_vectors"},
 )

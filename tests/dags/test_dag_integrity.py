@@ -72,8 +72,9 @@ def test_no_heavy_imports_at_parse_time(parsed: dict) -> None:
 def test_daily_pipeline_shape(parsed: dict) -> None:
     dag = parsed["dags"]["shoprec_daily"]
     assert dag["catchup"] is False
-    assert dag["tasks"] == ["validate", "build_features", "materialize", "train", "evaluate",
-                            "register", "build_index", "promote", "reload_serving"]
+    assert dag["tasks"] == ["validate", "build_features", "materialize", "user_vectors",
+                            "train", "evaluate", "register", "build_index", "promote",
+                            "reload_serving"]
 
 
 def test_index_consumer_is_data_aware(parsed: dict) -> None:

@@ -36,6 +36,7 @@ from features.user_state import (
     DAYS_SINCE_PURCHASE,
     PROFILE_COLUMNS,
     STORED_PROFILE_COLUMNS,
+    VECTORS,
     history_events,
     profiles_as_of,
     read_profiles,
@@ -245,6 +246,7 @@ def test_the_servers_reader_returns_exactly_what_feast_returns(settings: Setting
     got = reader.read(users)
     assert list(got) == users
     for user in users:
+        assert got[user].pop(VECTORS) is None  # none stored here (test_user_vectors.py)
         assert got[user].keys() == expected[user].keys()
         for column, value in expected[user].items():
             if isinstance(value, float) and np.isnan(value):

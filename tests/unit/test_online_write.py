@@ -40,11 +40,13 @@ def _column(kind: str, rows: int, rng: np.random.Generator, edge: bool) -> pa.Ar
         return pa.array([one_list(lambda: int(rng.choice(extremes)) if edge and rng.random()
                                   < 0.3 else int(rng.integers(-10**6, 10**12)))
                          for _ in range(rows)], pa.list_(pa.int64()))
-    if kind == "Array(Float64)":
-        extremes = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-300]
+    if kind in ("Array(Float64)", "Array(Float32)"):
+        extremes = [0.0, -0.0, float("inf"), float("-inf"), float("nan"),
+                    1e-300 if kind == "Array(Float64)" else 1e-30]
+        kind_type = pa.float64() if kind == "Array(Float64)" else pa.float32()
         return pa.array([one_list(lambda: float(rng.choice(extremes)) if edge and rng.random()
                                   < 0.3 else float(rng.normal() * 100))
-                         for _ in range(rows)], pa.list_(pa.float64()))
+                         for _ in range(rows)], pa.list_(kind_type))
     if kind == "String":
         return pa.array([None if edge and rng.random() < 0.1 else f"v{rng.integers(1e6)}é"
                          for _ in range(rows)], pa.string())
@@ -86,7 +88,7 @@ def _feast_rows(table: pa.Table, view) -> list:
 
 @pytest.mark.parametrize("edge", [False, True], ids=["plain", "edge-cases"])
 @pytest.mark.parametrize("name", ["user_recent_products", "user_profile", "product_stats",
-                                  "product_catalog"])
+                                  "product_catalog", "user_vectors"])
 def test_rows_equal_feasts_byte_for_byte(name, edge):
     from features.online_write import online_rows
 
@@ -105,7 +107,7 @@ def test_list_columns_are_encoded_here_not_by_feast():
 
     kinds = {str(f.dtype): f for v in _views().values() for f in v.features
              if str(f.dtype).startswith("Array")}
-    assert set(kinds) == {"Array(String)", "Array(Int64)", "Array(Float64)"}
+    assert set(kinds) == {"Array(String)", "Array(Int64)", "Array(Float64)", "Array(Float32)"}
     rng = np.random.default_rng(0)
     for kind, field in kinds.items():
         assert _fast_column(pa.chunked_array([_column(kind, 20, rng, True)]),

@@ -345,3 +345,74 @@ def test_one_users_co_occurrence_is_the_batch_sparse_product_to_the_bit() -> Non
         alone = scorer.views(histories.take([i]), cut.timestamp())[0]  # read row by row
         np.testing.assert_array_equal(alone.together_cols, want.together_cols)
         assert alone.together_vals.tobytes() == want.together_vals.tobytes()
+
+
+def test_a_rows_stable_digest_is_the_same_in_another_process_and_follows_the_row() -> None:
+    """``row_digest`` binds stored vectors to a row: equal in every process (``hash`` is
+    salted per process), different when the history or the profile changes."""
+    import json
+    import subprocess
+    import sys
+
+    from features.user_state import STORED_PROFILE_COLUMNS
+    from training.ranking.histories import row_digest
+
+    row = {"recent_product_ids": ["a", "b"], "recent_event_types": ["view", "purchase"],
+           "recent_timestamps": [1, 2], **{c: [1, 2] for c in STORED_PROFILE_COLUMNS},
+           "country": "France", "last_purchase_epoch_s": float("nan")}
+    digest = row_digest(row)
+    code = ("import json, sys; from training.ranking.histories import row_digest; "
+            "row = json.loads(sys.argv[1]); row['last_purchase_epoch_s'] = float('nan'); "
+            "print(row_digest(row))")
+    other = subprocess.run([sys.executable, "-c", code, json.dumps(
+        {k: v for k, v in row.items() if k != "last_purchase_epoch_s"})],
+        capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123",
+                                                        "PYTHONPATH": "."}).stdout.strip()
+    assert other == digest
+    assert row_digest({**row, "recent_timestamps": [1, 3]}) != digest
+    assert row_digest({**row, "country": "Spain"}) != digest
+    assert row_digest({**row, "user_vectors": {"anything": 1}}) == digest  # not part of it
+
+
+def test_views_from_stored_vectors_are_the_computed_views() -> None:
+    """What ``serving.user_vectors`` stores of a batch's views (through the feature values,
+    float32) gives each user the view, candidates and ranking computed for them alone."""
+    from training.ranking.histories import StoredVectors
+
+    scorer, cut = _fitted()
+    ids = scorer.state.product_ids
+    rng = np.random.default_rng(9)
+    kinds = ["view", "add_to_cart", "purchase"]
+    n = 12
+    histories = Histories([list(rng.choice(ids, 6)) for _ in range(n)] + [["unknown"]],
+                          [list(rng.choice(kinds, 6)) for _ in range(n)] + [["view"]],
+                          [np.full(6, cut.timestamp()) for _ in range(n)]
+                          + [np.full(1, cut.timestamp())])
+    now = cut.timestamp()
+    batch = scorer.views(histories, now)
+    scorer.retrieve(batch)
+    stored = [StoredVectors.from_values(StoredVectors.of_view(v, "b/1/run", "row").values())
+              for v in batch]
+    assert stored[-1] is None or not stored[-1].vectors  # no catalogue product: nothing
+    assert all(s is not None and s.vectors for s in stored[:n])
+    read = scorer.views(histories, now, stored)
+    for user in range(n):
+        alone = histories.take([user])
+        [computed] = scorer.views(alone, now)
+        for attribute in ("user_vector", "text_vector", "als_vector"):
+            a, b = getattr(computed, attribute), getattr(read[user], attribute)
+            assert (a is None) == (b is None), attribute
+            if a is not None:
+                np.testing.assert_allclose(a, b, atol=1e-5)
+        want = scorer.rank(alone, now, 5, views=[computed])[0]
+        got = scorer.rank(alone, now, 5, views=[read[user]])[0]
+        assert list(want[0]) == list(got[0])
+        np.testing.assert_allclose(want[1], got[1], atol=1e-5)
+    # another bundle's or an older row's vectors are not used
+    for vector in stored[:n]:
+        vector.row_now = "row"
+    mine = Histories([["x"]], [["view"]], [np.zeros(1)], stored=[stored[0]])
+    assert mine.vectors_for("b/1/run") == [stored[0]]
+    assert mine.vectors_for("b/2/run") is None
+    stored[0].row_now = "changed"
+    assert mine.vectors_for("b/1/run") is None

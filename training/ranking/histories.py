@@ -8,6 +8,7 @@ is one history in catalogue columns.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from features.user_state import (
     PROFILE_COLUMNS,
     PURCHASED,
     STORED_PROFILE_COLUMNS,
+    VECTORS,
     is_stored,
     profile_arrays,
     profiles_as_of,
@@ -86,6 +88,20 @@ class Histories:
     # is built from them only when something reads the frame (a request whose view is
     # kept reads only the country, if anything: a one-row frame costs ~0.5 ms)
     profile_row: dict[str, Any] | None = field(default=None, repr=False)
+    # per user, the vectors the online store holds for the row (``StoredVectors``, None:
+    # none), written when the row changed (``serving.user_vectors``); ``vectors_for`` keeps
+    # those of one bundle computed from this very row
+    stored: list[StoredVectors | None] | None = field(default=None, repr=False)
+
+    def vectors_for(self, bundle: str) -> list[StoredVectors | None] | None:
+        """Per user, the stored vectors computed by ``bundle`` from the row as it is now
+        (None where there are none, or they are another bundle's or an older row's); None
+        when no user has usable ones."""
+        if not self.stored:
+            return None
+        usable = [v if v is not None and v.bundle == bundle and v.row == v.row_now else None
+                  for v in self.stored]
+        return usable if any(v is not None for v in usable) else None
 
     def __len__(self) -> int:
         return len(self.products)
@@ -140,6 +156,22 @@ class Histories:
                          [self.timestamps[r] for r in rows], profiles,
                          None if self.purchased is None else [self.purchased[r] for r in rows],
                          None if self.digests is None else [self.digests[r] for r in rows])
+
+    @classmethod
+    def concat(cls, parts: Sequence[Histories]) -> Histories:
+        """One-user histories (``from_row``'s) as one batch, profiles and stored vectors
+        included."""
+        rows = [p.profile_row for p in parts]
+        profiles = None
+        if any(r is not None for r in rows):
+            columns = next(r for r in rows if r is not None)
+            profiles = pd.DataFrame([r if r is not None else dict.fromkeys(columns)
+                                     for r in rows])
+        return cls([p.products[0] for p in parts], [p.event_types[0] for p in parts],
+                   [p.timestamps[0] for p in parts], profiles,
+                   [None if p.purchased is None else p.purchased[0] for p in parts],
+                   [None if p.digests is None else p.digests[0] for p in parts],
+                   stored=[None if p.stored is None else p.stored[0] for p in parts])
 
     def bought(self, row: int) -> set[str]:
         """Everything user ``row`` is known to have bought: ``purchased`` where known, and
@@ -201,9 +233,12 @@ class Histories:
                 break
         bought = row.get(PURCHASED)
         digest = hash((tuple(products), tuple(types), stamps.tobytes(), profile_values))
+        stored = StoredVectors.from_values(row.get(VECTORS))
+        if stored is not None:
+            stored.row_now = row_digest(row)
         return cls([products], [types], [stamps], None,
                    [None if bought is None else [str(p) for p in bought]], [digest],
-                   profile_row=profile)
+                   profile_row=profile, stored=None if stored is None else [stored])
 
     @classmethod
     def from_feast(cls, frame: pd.DataFrame) -> Histories:
@@ -229,6 +264,91 @@ class Histories:
             purchased = [None if v is None or (isinstance(v, float) and np.isnan(v))
                          else [str(p) for p in v] for v in frame[PURCHASED]]
         return cls(products, types, stamps, profiles, purchased)
+
+
+# UserView attribute -> ``user_vectors`` feature, and retrieval space -> feature.
+VECTOR_FEATURES = {"user_vector": "two_tower_vector", "text_vector": "text_vector",
+                   "als_vector": "als_vector"}
+RETRIEVED_FEATURES = {space: f"retrieved_{space}" for space in ("two_tower", "text", "als")}
+
+
+def row_digest(row: Mapping[str, Any]) -> str:
+    """A digest of what a user's view is computed from in an online row (the history's
+    lists and the profile), the same in every process (``hash`` is salted per process):
+    stored vectors carry the digest of the row they came from, so a row changed since is
+    computed again."""
+    columns = next((c for c in (STORED_PROFILE_COLUMNS, PROFILE_COLUMNS)
+                    if all(k in row for k in c)), ())
+    content = repr((list(row.get("recent_product_ids") or []),
+                    list(row.get("recent_event_types") or []),
+                    [int(t) for t in row.get("recent_timestamps") or []],
+                    [_hashable(row[c]) for c in columns]))
+    return hashlib.blake2b(content.encode(), digest_size=16).hexdigest()
+
+
+@dataclass
+class StoredVectors:
+    """A user's vectors and retrieval answers as ``user_vectors`` holds them online: what
+    ``Scorer.views`` would compute for the row ``row`` with the bundle ``bundle``.
+
+    Attributes:
+        bundle: the bundle that computed them (``serving.user_vectors.bundle_identity``).
+        row: ``row_digest`` of the online row they were computed from.
+        vectors: UserView attribute (``VECTOR_FEATURES``) -> vector, absent where the view
+            had none.
+        retrieved: retrieval space -> catalogue rows the bundle's index returned.
+        row_now: ``row_digest`` of the row read with them (set by the reader).
+    """
+
+    bundle: str
+    row: str
+    vectors: dict[str, np.ndarray]
+    retrieved: dict[str, np.ndarray]
+    row_now: str | None = None
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any] | None) -> StoredVectors | None:
+        """From the ``user_vectors`` features of one user (None: none stored)."""
+        if not values or not values.get("vectors_bundle") or not values.get("vectors_row"):
+            return None
+        vectors = {attr: np.asarray(values[name], np.float32)
+                   for attr, name in VECTOR_FEATURES.items() if _filled(values.get(name))}
+        retrieved = {space: np.asarray(values[name], np.int64)
+                     for space, name in RETRIEVED_FEATURES.items()
+                     if values.get(name) is not None and space in _spaces(values)}
+        return cls(str(values["vectors_bundle"]), str(values["vectors_row"]), vectors,
+                   retrieved)
+
+    @classmethod
+    def of_view(cls, view: UserView, bundle: str, row: str) -> StoredVectors:
+        """What to store of a computed (and retrieved) view."""
+        vectors = {attr: np.asarray(getattr(view, attr), np.float32)
+                   for attr in VECTOR_FEATURES if getattr(view, attr) is not None}
+        return cls(bundle, row, vectors, dict(view.retrieved or {}))
+
+    def values(self) -> dict[str, Any]:
+        """The ``user_vectors`` features (empty lists where absent)."""
+        out: dict[str, Any] = {"vectors_bundle": self.bundle, "vectors_row": self.row}
+        for attr, name in VECTOR_FEATURES.items():
+            vector = self.vectors.get(attr)
+            out[name] = [] if vector is None else vector.astype(np.float32)
+        for space, name in RETRIEVED_FEATURES.items():
+            found = self.retrieved.get(space)
+            out[name] = [] if found is None else found.astype(np.int64)
+        return out
+
+
+def _spaces(values: Mapping[str, Any]) -> set[str]:
+    """The spaces whose retrieval was stored: an empty list is an answer only where the
+    space's vector was stored (an index may return nothing), else "not retrieved"."""
+    attr_of = {"two_tower": "user_vector", "text": "text_vector", "als": "als_vector"}
+    return {space for space, attr in attr_of.items()
+            if _filled(values.get(VECTOR_FEATURES[attr]))}
+
+
+def _filled(value: Any) -> bool:
+    """A stored list feature with entries (lists from the store, arrays when built here)."""
+    return value is not None and len(value) > 0
 
 
 def _hashable(value: Any) -> Any:

@@ -44,7 +44,7 @@ from training.data import SETTINGS, Split, TrainData
 from training.index import EXACT_MAX
 from training.metrics import tuning_metrics
 from training.ranking.config import FEATURE_NAMES, SOURCE_NAMES, ScorerConfig
-from training.ranking.histories import Histories, UserView
+from training.ranking.histories import Histories, StoredVectors, UserView
 from training.ranking.items import ItemState
 from training.ranking.pair import PairScorer, train_scorer
 from training.ranking.rows import summed_rows
@@ -90,16 +90,24 @@ class Scorer:
 
     # -- features ------------------------------------------------------------------------
 
-    def views(self, histories: Histories, now: float | None = None) -> list[UserView]:
+    def views(self, histories: Histories, now: float | None = None,
+              stored: Sequence[StoredVectors | None] | None = None) -> list[UserView]:
         """What ``rank`` computes of each user before retrieving (``_views``): the user's
         vectors and co-occurrence sums. The same history gives the same views on the same
         day (a server may keep them)."""
-        return self._views(histories, now)
+        return self._views(histories, now, stored)
 
-    def _views(self, histories: Histories, now: float | None = None) -> list[UserView]:
+    def _views(self, histories: Histories, now: float | None = None,
+               stored: Sequence[StoredVectors | None] | None = None) -> list[UserView]:
         """What the candidates and features of each user are computed from, at ``now``
         (epoch seconds; default: the cut or the histories' latest event, whichever is later:
-        the profiles' days since the last purchase count to that day)."""
+        the profiles' days since the last purchase count to that day).
+
+        Args:
+            stored: per user, vectors and retrieval answers this item side computed for
+                the same row before (``StoredVectors``, written when the row changed), used
+                instead of encoding and solving again; None where there are none.
+        """
         from training.embeddings import encode_users
 
         state, config = self.state, self.config
@@ -131,14 +139,19 @@ class Scorer:
             indicator.data[:] = 1.0
             together = sparse.csr_matrix(indicator @ state.neighbours)  # (b, N) sparse
             together.sort_indices()
-        users = None
-        if self.model is not None and state.embeddings is not None:
+        kept = list(stored) if stored is not None else [None] * len(histories)
+        todo = (list(range(len(histories))) if stored is None  # one batch, as always
+                else [r for r, v in enumerate(views) if kept[r] is None and len(v.known)])
+        users: dict[int, np.ndarray] = {}
+        if self.model is not None and state.embeddings is not None and todo:
             if now is None:
                 stamps = np.concatenate([np.zeros(0), *histories.timestamps])
                 now = max(state.cut.timestamp(),
                           float(stamps[np.isfinite(stamps)].max(initial=0.0)))
-            users = encode_users(self.model, histories.products, histories.event_types,
-                                 index, state.embeddings, user_features=histories.profile_values_at(now))
+            some = histories if len(todo) == len(histories) else histories.take(todo)
+            encoded = encode_users(self.model, some.products, some.event_types, index,
+                                   state.embeddings, user_features=some.profile_values_at(now))
+            users = dict(zip(todo, encoded, strict=True))
         for row, view in enumerate(views):
             if together is None:
                 view.together_cols, view.together_vals = summed_rows(
@@ -149,7 +162,12 @@ class Scorer:
                 view.together_vals = together.data[start:stop]
             if not len(view.known):
                 continue
-            if users is not None:
+            if kept[row] is not None:  # computed when the row was written
+                for attribute, vector in kept[row].vectors.items():
+                    setattr(view, attribute, vector)
+                view.retrieved = dict(kept[row].retrieved)
+                continue
+            if row in users:
                 view.user_vector = users[row]
             if state.text_vectors is not None:
                 mean = state.text_vectors[view.known].mean(axis=0)  # (H,)
@@ -188,19 +206,7 @@ class Scorer:
         """
         state, config = self.state, self.config
         views = views if views is not None else self._views(histories)
-        retrievers = state.indexes(self.index_exact_max)
-        wanted = {"two_tower": "user_vector", "text": "text_vector", "als": "als_vector"}
-        found: dict[str, list[np.ndarray | None]] = {}
-        for name, attribute in wanted.items():
-            found[name] = [(v.retrieved or {}).get(name) for v in views]
-            rows = [r for r, v in enumerate(views) if getattr(v, attribute) is not None
-                    and found[name][r] is None]
-            if name in retrievers and rows:
-                queries = np.stack([getattr(views[r], attribute) for r in rows])
-                for r, top in zip(rows, retrievers[name].top(queries, config.candidates),
-                                  strict=True):
-                    found[name][r] = top
-                    views[r].retrieved = {**(views[r].retrieved or {}), name: top}
+        found = self.retrieve(views)
         popular = state.popular_rows(config.popular_candidates)
         order = state.popularity_order()
         out = []
@@ -227,6 +233,29 @@ class Scorer:
                 cols = np.unique(np.concatenate([cols, extra]))
             out.append(cols)
         return out
+
+    def retrieve(self, views: list[UserView]) -> dict[str, list[np.ndarray | None]]:
+        """The nearest products of each view's two-tower, text and ALS vectors
+        (``config.candidates`` each, one batched search per space), kept on the views
+        (``UserView.retrieved``: a kept or stored view is not searched for again).
+
+        Returns:
+            space -> per view, the columns found (None: no vector, or no such index).
+        """
+        retrievers = self.state.indexes(self.index_exact_max)
+        wanted = {"two_tower": "user_vector", "text": "text_vector", "als": "als_vector"}
+        found: dict[str, list[np.ndarray | None]] = {}
+        for name, attribute in wanted.items():
+            found[name] = [(v.retrieved or {}).get(name) for v in views]
+            rows = [r for r, v in enumerate(views) if getattr(v, attribute) is not None
+                    and found[name][r] is None]
+            if name in retrievers and rows:
+                queries = np.stack([getattr(views[r], attribute) for r in rows])
+                for r, top in zip(rows, retrievers[name].top(queries, self.config.candidates),
+                                  strict=True):
+                    found[name][r] = top
+                    views[r].retrieved = {**(views[r].retrieved or {}), name: top}
+        return found
 
     def features(self, histories: Histories, now: float,
                  candidates: Sequence[np.ndarray] | None = None,
