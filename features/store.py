@@ -392,9 +392,10 @@ class OnlineUserReader:
         for view, names in self._vectors:
             rows = provider.online_read(self.store.config, view, keys, names)
             for at, (_, row) in enumerate(rows):
-                if row:
-                    vectors[at] = {n: feast_value_type_to_python_type(row[n])
-                                   for n in names if n in row}
+                found = {n: feast_value_type_to_python_type(row[n])
+                         for n in names if row and row.get(n) is not None}
+                # Redis answers a key it does not hold with every field null
+                vectors[at] = found if found.get("vectors_bundle") else None
         return {
             u: {"recent_product_ids": _as_list(v.get("recent_product_ids")),
                 "recent_event_types": _as_list(v.get("recent_event_types")),

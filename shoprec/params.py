@@ -98,7 +98,7 @@ def later_intervals(day: str, params: Mapping[str, Any], conf: Mapping[str, Any]
     end = params.get("backfill_end") or conf.get("backfill_end")
     if end:
         if day < str(end):
-            return f"this backfill ends with interval {end}"
+            return f"later intervals follow, up to this backfill's last interval {end}"
         return None
     if _run_type_value(run_type) != BACKFILL_RUN_TYPE or queued_runs is None:
         return None
