@@ -122,6 +122,15 @@ def recommend_pieces(bundle: Any, store: Any, users: list[str]
         for name, values in fetch_w.times.items():
             watch.add(name, values[0])
         result = watch.time(TOTALS["recommend"], lambda h=history: bundle.recommend(h, K))
+        if known and served.vectors_for(bundle.identity):
+            # a first request whose row carries the vectors written with it (user_vectors)
+            stored = Histories(served.products, served.event_types, served.timestamps,
+                               served.profiles, served.purchased,
+                               profile_row=served.profile_row, stored=served.stored)
+            watch.time("  a first request, vectors stored with the row (user_vectors)",
+                       lambda h=stored: bundle.recommend(h, K))
+            rank_pieces(watch, bundle, stored, "  stored: ",
+                        served.vectors_for(bundle.identity))
         if known:  # the same row again: the view the bundle kept (SHOPREC_SERVING_USER_CACHE)
             bundle.recommend(served, K)
             watch.time("  the same row again (view kept by the bundle)",
@@ -135,22 +144,25 @@ def recommend_pieces(bundle: Any, store: Any, users: list[str]
     return known_watch.rows(), cold_watch.rows()
 
 
-def rank_pieces(watch: Stopwatch, bundle: Any, history: Any) -> None:
+def rank_pieces(watch: Stopwatch, bundle: Any, history: Any, prefix: str = "",
+                stored: Any = None) -> None:
     """The pieces of ``Scorer.rank`` (and the bundle's reasons), re-run one by one on one
-    user's history; stops at the first piece the scorer lacks."""
+    user's history; stops at the first piece the scorer lacks. With ``stored`` (the
+    row's ``StoredVectors``), only the view and the candidates, from them (``prefix``
+    names the rows)."""
     import numpy as np
 
     scorer = bundle.scorer
     stamps = history.timestamps[0]
     now = max(scorer.state.cut.timestamp(),
               float(stamps[np.isfinite(stamps)].max(initial=0.0)))
-    views = watch.time("user view: user tower, text mean, ALS solve, co-occurrence",
-                       lambda: scorer._views(history))
+    views = watch.time(f"{prefix}user view: user tower, text mean, ALS solve, co-occurrence",
+                       lambda: scorer._views(history, None, stored))
     if views is None:
         return
-    candidates = watch.time("candidates (retrieval x3, neighbours, popular)",
+    candidates = watch.time(f"{prefix}candidates (retrieval x3, neighbours, popular)",
                             lambda: scorer.candidates(history, views=views))
-    if candidates is None:
+    if candidates is None or stored is not None:
         return
     watch.add("  candidates per request (count, not ms)", float(len(candidates[0])))
     built = watch.time("features of the candidates (Scorer.features)",

@@ -400,6 +400,13 @@ def swap_under_load(server: Server, targets: Targets, settings: Any,
               if str(v.version) != str(champion.version)]
     other = (str(max(others)) if others
              else mlflow_register_again(settings, champion.run_id))
+    # what a promotion does before the alias moves (serving.user_vectors.before_promotion):
+    # the new version's vectors for the users of the last SHOPREC_USER_VECTORS_DAYS days
+    from serving.user_vectors import before_promotion
+
+    started = time.perf_counter()
+    prepared = before_promotion(settings, other, last_interval(settings))
+    prepared["wall_s"] = round(time.perf_counter() - started, 1)
 
     def move() -> None:
         time.sleep(3.0)
@@ -414,8 +421,18 @@ def swap_under_load(server: Server, targets: Targets, settings: Any,
     with httpx.Client(base_url=server.url, timeout=30) as http:
         seen = sorted({str(http.get("/version").json()["model_version"]) for _ in range(20)})
     result.update({"from_version": str(champion.version), "to_version": other,
-                   "versions_after": seen})
+                   "versions_after": seen, "prepared": prepared})
     return verdict("recommend", result)
+
+
+def last_interval(settings: Any) -> Any:
+    """The last interval the shop's feature build wrote."""
+    import datetime as dt
+
+    from features.partitions import partitions
+
+    return max(p.day for p in partitions(str(settings.offline_root / "user_recent_products"),
+                                         dt.date.max))
 
 
 def mlflow_register_again(settings: Any, run_id: str) -> str:

@@ -273,6 +273,17 @@ def setup(spec: ShopSpec, home: Path, minilm_sample: int, *, data_only: bool = F
             result = {**result, "champion": version, "forced": True}
         return result
 
+    def user_vectors(spec: ShopSpec) -> dict[str, Any]:
+        from features.store import OnlineUserReader, feature_store
+        from serving.publish import load_version_bundle
+        from serving.user_vectors import changed_users, write_user_vectors
+
+        store = feature_store(settings)
+        users = changed_users(settings, dt.date.min, spec.last_day)
+        result = write_user_vectors(store, OnlineUserReader(store), load_version_bundle(settings),
+                                    users, progress=True)
+        return {**result, "ms_per_user": 1e3 * result["seconds"] / max(result["users"], 1)}
+
     if spec.encoder == "tiny" and minilm_sample:
         probe = run_step(steps, "minilm probe", f"{data}-minilm{minilm_sample}-threads",
                          lambda: minilm_probe(spec.products, minilm_sample),
@@ -302,6 +313,9 @@ def setup(spec: ShopSpec, home: Path, minilm_sample: int, *, data_only: bool = F
              log_path=step_log)
     run_step(steps, "champion", model, lambda: champion(registered["version"]),
              log_path=step_log)
+    run_step(steps, "user vectors", f"{model}-vectors", lambda: user_vectors(spec),
+             "the champion's user vectors for every user with a history (serving.user_vectors, "
+             "what the DAG's user_vectors step and a promotion write)", step_log)
 
     from serving.publish import load_version_bundle
 

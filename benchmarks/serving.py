@@ -159,6 +159,12 @@ def measure_server(server: Server, targets: Targets, args: argparse.Namespace, w
               f"under /recommend at {args.rate:.0f} req/s ({SWAP_WINDOW_S:.0f} s window; "
               f"versions answering after: {', '.join(out['swap']['versions_after'])})",
               flush=True)
+        prepared = out["swap"]["prepared"]
+        if "written" in prepared:
+            print(f"  before the alias moved: the new version's user vectors for "
+                  f"{prepared['written']:,} of {prepared['users']:,} users of "
+                  f"{prepared['first']} .. {prepared['last']} in {prepared['wall_s']} s "
+                  f"(serving.user_vectors.before_promotion)", flush=True)
         print_load("recommend", out["swap"])
 
     if not args.skip_throughput:
