@@ -66,7 +66,13 @@ from serving.watchdog import LoopWatchdog
 from training.ranking.histories import Histories, MalformedHistory
 from training.registry import CHAMPION
 
+# POST /events writes the user vectors of at most this many users it changed (a bulk
+# import's batch is left to the requests: computing it would hold the worker up).
+REALTIME_VECTOR_USERS = 64
+
 log = logging.getLogger("shoprec.serving")
+
+
 class BundleSlot:
     """The current bundle, swapped whole; readers never lock.
 
@@ -262,17 +268,23 @@ class UserHistory:
     def write_vectors(self, bundle: Any, users: list[str]) -> None:
         """The user vectors of ``bundle`` for these users' rows just written
         (``serving.user_vectors``): their next request reads them instead of computing.
-        A failure is logged only: the events are in, and a request computes what is missing."""
-        if bundle is None or not users or self.settings.user_vectors_days <= 0:
+        The store's lock is held for the read and the write only, so this worker's requests
+        go on meanwhile; a batch of more than ``REALTIME_VECTOR_USERS`` users is left to the
+        requests. A failure is logged only: the events are in, and a request computes what
+        is missing."""
+        if bundle is None or not users or self.settings.user_vectors_days <= 0 \
+                or len(users) > REALTIME_VECTOR_USERS:
             return
         from serving.user_vectors import write_user_vectors
 
-        with self._lock:
-            try:
-                write_user_vectors(self._open(), self._reader, bundle, users)
-            except Exception as exc:  # noqa: BLE001 - a cache: never fail the events for it
-                log.warning("user vectors not written for %d users: %s: %s", len(users),
-                            type(exc).__name__, exc)
+        try:
+            with self._lock:
+                self._open()
+            write_user_vectors(self._store, self._reader, bundle, users,
+                               guard=lambda: self._lock)
+        except Exception as exc:  # noqa: BLE001 - a cache: never fail the events for it
+            log.warning("user vectors not written for %d users: %s: %s", len(users),
+                        type(exc).__name__, exc)
 
 
 class MeasureRequests:

@@ -24,11 +24,13 @@ view as before. Missing or stale vectors cost time, never a wrong answer.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +119,9 @@ def compute(bundle: Any, rows: Mapping[str, Mapping[str, Any]]) -> tuple[list[st
 
 
 def write_user_vectors(store: Any, reader: Any, bundle: Any, user_ids: Iterable[str], *,
-                       progress: bool = False) -> dict[str, Any]:
+                       progress: bool = False,
+                       guard: Callable[[], AbstractContextManager] = contextlib.nullcontext
+                       ) -> dict[str, Any]:
     """Compute and store the vectors of ``bundle`` for these users' current online rows.
 
     Args:
@@ -126,6 +130,8 @@ def write_user_vectors(store: Any, reader: Any, bundle: Any, user_ids: Iterable[
         bundle: the bundle the vectors are for (``serving.bundle.Bundle``).
         user_ids: the users.
         progress: show a tqdm bar.
+        guard: held around each read and write of the store, not while computing (a
+            server's store lock: its requests read meanwhile).
 
     Returns:
         {"users": asked, "written": rows written, "seconds": ...}.
@@ -138,9 +144,13 @@ def write_user_vectors(store: Any, reader: Any, bundle: Any, user_ids: Iterable[
     bar = tqdm(total=len(wanted), desc="user vectors", unit="user", disable=not progress)
     for at in range(0, len(wanted), READ_USERS):
         chunk = wanted[at:at + READ_USERS]
-        users, stored = compute(bundle, reader.read(chunk))
+        with guard():
+            rows = reader.read(chunk)
+        users, stored = compute(bundle, rows)
         if users:
-            written += write_online(store, VIEW, _table(users, stored), READ_USERS)
+            table = _table(users, stored)
+            with guard():
+                written += write_online(store, VIEW, table, READ_USERS)
         bar.update(len(chunk))
     bar.close()
     return {"users": len(wanted), "written": written,
