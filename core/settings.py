@@ -113,7 +113,7 @@ class Settings:
     serving_url: str = ""
     admin_token: str = field(default="", repr=False)  # a secret: never in repr or logs
     serving_poll_seconds: float = 60.0
-    user_vectors_days: int = 7
+    user_vectors_days: int = 1
     index_exact_max: int = 50_000
     index_min_recall: float = 0.95
     text_trainable_layers: str = "auto"
