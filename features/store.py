@@ -370,8 +370,10 @@ class OnlineUserReader:
             self._resolved_at = now
         return self._views
 
-    def read(self, user_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """The rows ``online_user_history`` returns for ``user_ids``."""
+    def read(self, user_ids: list[str], *, vectors: bool = True) -> dict[str, dict[str, Any]]:
+        """The rows ``online_user_history`` returns for ``user_ids``, with the stored
+        vectors under ``VECTORS`` (without them, and without reading them, with
+        ``vectors=False``: ``read_vectors`` reads them when needed)."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
         from feast.type_map import feast_value_type_to_python_type
@@ -382,29 +384,45 @@ class OnlineUserReader:
                 for u in user_ids]
         provider = self.store._get_provider()  # noqa: SLF001 - the online store's own read
         values: list[dict[str, Any]] = [{} for _ in user_ids]
-        vectors: list[dict[str, Any] | None] = [None for _ in user_ids]
         for view, names in self._resolve():
             rows = provider.online_read(self.store.config, view, keys, names)
             for out, (_, row) in zip(values, rows, strict=True):
                 for name in names:
                     proto = (row or {}).get(name)
                     out[name] = None if proto is None else feast_value_type_to_python_type(proto)
-        for view, names in self._vectors:
-            rows = provider.online_read(self.store.config, view, keys, names)
-            for at, (_, row) in enumerate(rows):
-                found = {n: feast_value_type_to_python_type(row[n])
-                         for n in names if row and row.get(n) is not None}
-                # Redis answers a key it does not hold with every field null
-                vectors[at] = found if found.get("vectors_bundle") else None
+        stored = self._read_vectors(provider, keys) if vectors else None
         return {
             u: {"recent_product_ids": _as_list(v.get("recent_product_ids")),
                 "recent_event_types": _as_list(v.get("recent_event_types")),
                 "recent_timestamps": [int(t) for t in v.get("recent_timestamps") or []],
                 PURCHASED: _maybe_list(v.get(PURCHASED)),
                 **{c: v.get(c) for c in STORED_PROFILE_COLUMNS},
-                VECTORS: vectors[at]}
+                **({VECTORS: stored[at]} if stored is not None else {})}
             for at, (u, v) in enumerate(zip(user_ids, values, strict=True))
         }
+
+    def read_vectors(self, user_ids: list[str]) -> list[dict[str, Any] | None]:
+        """The users' stored vectors (``VECTORS_SERVICE``'s values; None: none stored)."""
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        keys = [EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=u)])
+                for u in user_ids]
+        self._resolve()
+        return self._read_vectors(self.store._get_provider(), keys)  # noqa: SLF001
+
+    def _read_vectors(self, provider: Any, keys: list[Any]) -> list[dict[str, Any] | None]:
+        from feast.type_map import feast_value_type_to_python_type
+
+        out: list[dict[str, Any] | None] = [None] * len(keys)
+        for view, names in self._vectors:
+            rows = provider.online_read(self.store.config, view, keys, names)
+            for at, (_, row) in enumerate(rows):
+                found = {n: feast_value_type_to_python_type(row[n])
+                         for n in names if row and row.get(n) is not None}
+                # Redis answers a key it does not hold with every field null
+                out[at] = found if found.get("vectors_bundle") else None
+        return out
 
 
 def _maybe_list(value: Any) -> list[str] | None:

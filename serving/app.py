@@ -63,7 +63,7 @@ from serving.schemas import (
 )
 from serving.search import MAX_QUERY_CHARS
 from serving.watchdog import LoopWatchdog
-from training.ranking.histories import Histories, MalformedHistory
+from training.ranking.histories import Histories, MalformedHistory, StoredVectors, row_digest
 from training.registry import CHAMPION
 
 # POST /events writes the user vectors of at most this many users it changed (a bulk
@@ -218,7 +218,7 @@ class UserHistory:
                 self._last_try = now
                 try:
                     self._open()
-                    row = self._reader.read([user_id])[user_id]
+                    row = self._reader.read([user_id], vectors=False)[user_id]
                 except store_outages() as exc:  # a failing store must not take the API down
                     if self.down_since is None:
                         log.warning("online store unavailable (%s: %s); serving last-known "
@@ -234,6 +234,7 @@ class UserHistory:
             if row is not None:
                 try:
                     user = Histories.from_row(row)
+                    user.load_stored = functools.partial(self._stored, user_id, row)
                 except MalformedHistory as exc:  # a writer's bug: say so, never guess
                     self.malformed += 1
                     log.error("malformed online row for user %r, served without history: %s",
@@ -264,6 +265,22 @@ class UserHistory:
                 log.error("could not write events to the online store: %s", exc)
                 raise HTTPException(503, detail=f"online store unavailable: {exc}") from exc
 
+
+    def _stored(self, user_id: str, row: dict[str, Any]) -> StoredVectors | None:
+        """The user's stored vectors (``serving.user_vectors``), read only when a request
+        computes a view (not for a kept view or a cold user); None when there are none or the
+        store fails now (the request computes)."""
+        with self._lock:
+            try:
+                [values] = self._reader.read_vectors([user_id])
+            except store_outages() as exc:
+                log.warning("stored user vectors not read (%s: %s): computing",
+                            type(exc).__name__, exc)
+                return None
+        stored = StoredVectors.from_values(values)
+        if stored is not None:
+            stored.row_now = row_digest(row)
+        return stored
 
     def write_vectors(self, bundle: Any, users: list[str]) -> None:
         """The user vectors of ``bundle`` for these users' rows just written

@@ -191,7 +191,7 @@ class Bundle:
             self.view_sources["kept"] += 1
             return views
         # vectors written with the row (``serving.user_vectors``) by this bundle, if any
-        stored = history.vectors_for(self.identity) if history.stored else None
+        stored = history.vectors_for(self.identity)
         self.view_sources["stored" if stored else "computed"] += 1
         views = self.scorer.views(history, now, stored)
         if digest is not None and cache.size > 0:

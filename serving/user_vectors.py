@@ -145,7 +145,7 @@ def write_user_vectors(store: Any, reader: Any, bundle: Any, user_ids: Iterable[
     for at in range(0, len(wanted), READ_USERS):
         chunk = wanted[at:at + READ_USERS]
         with guard():
-            rows = reader.read(chunk)
+            rows = reader.read(chunk, vectors=False)
         users, stored = compute(bundle, rows)
         if users:
             table = _table(users, stored)

@@ -92,11 +92,17 @@ class Histories:
     # none), written when the row changed (``serving.user_vectors``); ``vectors_for`` keeps
     # those of one bundle computed from this very row
     stored: list[StoredVectors | None] | None = field(default=None, repr=False)
+    # one user's stored vectors read only when asked (``vectors_for``): a request whose view
+    # is kept, or a cold user's, does not read them (a server sets it, ``serving.app``)
+    load_stored: Any = field(default=None, repr=False)
 
     def vectors_for(self, bundle: str) -> list[StoredVectors | None] | None:
         """Per user, the stored vectors computed by ``bundle`` from the row as it is now
         (None where there are none, or they are another bundle's or an older row's); None
         when no user has usable ones."""
+        if self.stored is None and self.load_stored is not None:
+            self.stored = [self.load_stored()]
+            self.load_stored = None
         if not self.stored:
             return None
         usable = [v if v is not None and v.bundle == bundle and v.row == v.row_now else None
