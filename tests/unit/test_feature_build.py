@@ -564,6 +564,8 @@ def test_feast_views_declare_the_built_columns(tmp_path: Path,
 
     monkeypatch.setenv("SHOPREC_OFFLINE_ROOT", str(tmp_path))
     views = {o.name: o for o in _declarations() if isinstance(o, FeatureView)}
+    # user_vectors is written online only (serving.user_vectors), never built offline
+    assert views.pop("user_vectors").tags["written_by"] == "serving.user_vectors"
     assert set(MATERIALIZED_VIEWS) == set(views) == set(TABLE_SCHEMAS)
     arrow_to_feast = {"string": "String", "int64": "Int64", "double": "Float64",
                       "list<item: string>": "Array(String)", "list<item: int64>": "Array(Int64)",
