@@ -114,6 +114,15 @@ def _interval_day() -> str:
     return start.date().isoformat()
 
 
+def _run_policy_inputs() -> tuple:
+    """(params, conf, run type, queued-runs counter) of the running task's DAG run: what
+    ``shoprec.params.training_decision`` and ``later_intervals`` decide on."""
+    context = get_current_context()
+    dag_run = context["dag_run"]
+    return (context["params"], dag_run.conf or {}, str(dag_run.run_type),
+            lambda: context["ti"].get_dr_count(dag_id=dag_run.dag_id, states=["queued"]))
+
+
 def _settings():
     """Settings for this run: the environment's, with the run's landing root if it sets one."""
     from dataclasses import replace
@@ -191,13 +200,8 @@ def shoprec_daily():
 
         from shoprec.params import training_decision
 
-        context = get_current_context()
-        dag_run = context["dag_run"]
         day = _interval_day()
-        reason = training_decision(
-            day, context["params"], dag_run.conf or {}, str(dag_run.run_type),
-            queued_runs=lambda: context["ti"].get_dr_count(dag_id=dag_run.dag_id,
-                                                           states=["queued"]))
+        reason = training_decision(day, *_run_policy_inputs())
         if reason:  # the run's policy: skipped, not failed (downstream skips too)
             raise AirflowSkipException(reason)
         from shoprec.pipeline import NotEnoughHistory, train_interval  # torch: only if training
@@ -265,13 +269,8 @@ def shoprec_daily():
 
         from shoprec.params import later_intervals
 
-        context = get_current_context()
-        dag_run = context["dag_run"]
         day = _interval_day()
-        later = later_intervals(
-            day, context["params"], dag_run.conf or {}, str(dag_run.run_type),
-            queued_runs=lambda: context["ti"].get_dr_count(dag_id=dag_run.dag_id,
-                                                           states=["queued"]))
+        later = later_intervals(day, *_run_policy_inputs())
         if later:  # the rows change again before anyone reads them
             raise AirflowSkipException(f"user vectors are written on a backfill's last "
                                        f"interval: {later}")

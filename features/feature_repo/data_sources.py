@@ -67,10 +67,5 @@ user_profile_push = PushSource(
 
 # Online only: the user-side vectors of the served model are written to the online store when
 # a user's row changes (serving/user_vectors.py); no partition is ever written here.
-user_vectors_source = FileSource(
-    name="user_vectors_source",
-    path=_partitions("user_vectors"),
-    file_format=ParquetFormat(),
-    timestamp_field="event_timestamp",
-    description="Never written offline: user vectors live in the online store only.",
-)
+user_vectors_source = _daily(
+    "user_vectors", "Never written offline: user vectors live in the online store only.")
