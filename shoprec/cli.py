@@ -89,17 +89,32 @@ def import_generic(
         help="events export file(s), replacing the mapping's path; products=FILE and "
              "users=FILE for the other sources")] = None,
     root: Annotated[str | None, typer.Option(help="landing root")] = None,
+    max_drop_share: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="refuse (exit 1, nothing written) when any source would lose "
+                               "more than this share of its rows")] = 0.01,
+    allow_drops: Annotated[bool, typer.Option(
+        "--allow-drops", help="write whatever the import keeps, however much it drops")] = False,
 ) -> None:
-    """Import any shop's CSV/parquet export through a YAML mapping; prints kept and dropped."""
+    """Import any shop's CSV/parquet export through a YAML mapping; prints kept and dropped.
+
+    Exits 2 on a bad mapping or input, 1 when a source would lose more than --max-drop-share
+    of its rows (the report and the reasons are printed; nothing is written).
+    """
+    from features.importers.generic import TooManyDrops
     from features.importers.generic import import_generic as run_import
     from features.importers.generic_mapping import MappingError
 
     settings = _settings(root)
     try:
-        report = run_import(mapping, settings.landing_root, inputs=inputs or (), progress=True)
+        report = run_import(mapping, settings.landing_root, inputs=inputs or (), progress=True,
+                            max_drop_share=None if allow_drops else max_drop_share)
     except MappingError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except TooManyDrops as exc:
+        typer.echo(str(exc.report))
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(str(report))
 
 

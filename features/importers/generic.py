@@ -83,6 +83,36 @@ class ImportReport:
         return "\n".join(lines)
 
 
+DEFAULT_MAX_DROP_SHARE = 0.01
+
+
+class TooManyDrops(ValueError):
+    """An import would drop more than its allowed share of a source's rows; nothing was written.
+
+    ``report`` is what the import would have kept and dropped; ``over`` names each source above
+    the share with its dropped share and its reasons (most rows first).
+    """
+
+    def __init__(self, report: ImportReport, max_share: float):
+        self.report = report
+        self.max_share = max_share
+        self.over = [s for s in report.sources if _dropped_share(s) > max_share]
+        lines = [f"the import would drop more than {max_share:.1%} of the rows of "
+                 f"{len(self.over)} source(s); nothing was written:"]
+        for s in self.over:
+            reasons = sorted((-n, r) for r, n in s.dropped.items() if n)
+            named = ", ".join(f"{r} {-n:,}" for n, r in reasons)
+            lines.append(f"  {s.label}: {s.rows_in - s.rows_kept:,} of {s.rows_in:,} rows "
+                         f"({_dropped_share(s):.1%}): {named}")
+        lines.append("fix the mapping or the export (docs/importing.md lists each reason), or "
+                     "accept the loss with --allow-drops (or a higher --max-drop-share)")
+        super().__init__("\n".join(lines))
+
+
+def _dropped_share(source: SourceReport) -> float:
+    return (source.rows_in - source.rows_kept) / source.rows_in if source.rows_in else 0.0
+
+
 def _salt(m: ImportMapping) -> str | None:
     """The salt that hashes user ids (``$SHOPREC_ID_SALT``, else the mapping's ``id_salt``);
     None when the mapping keeps them as they are."""
@@ -103,7 +133,8 @@ def _by_day(frame: pd.DataFrame) -> dict[dt.date, pd.DataFrame]:
 
 
 def import_generic(mapping: str | Path | ImportMapping, root: str, *, inputs: Sequence[str] = (),
-                   progress: bool = False) -> ImportReport:
+                   progress: bool = False,
+                   max_drop_share: float | None = DEFAULT_MAX_DROP_SHARE) -> ImportReport:
     """Import a shop's export through a mapping and write daily contract partitions.
 
     Args:
@@ -112,11 +143,15 @@ def import_generic(mapping: str | Path | ImportMapping, root: str, *, inputs: Se
         inputs: files that replace the mapping's source paths: plain paths are events files,
             ``products=PATH`` and ``users=PATH`` those of the other sources.
         progress: show a progress bar over the days written.
+        max_drop_share: the largest share of any source's rows (events, products, users, and
+            what is derived from the events) that may be dropped; above it nothing is written
+            and ``TooManyDrops`` names the sources and reasons. None accepts any loss.
 
     Returns:
         Rows read, kept and dropped (by reason) per source, and what was written.
 
     Raises:
+        TooManyDrops: a source lost more than ``max_drop_share`` of its rows.
         MappingError: a bad mapping, a missing file or column, or user ids that are direct
             identifiers without ``hash_user_id`` (``DirectIdentifierError``).
     """
@@ -182,13 +217,16 @@ def import_generic(mapping: str | Path | ImportMapping, root: str, *, inputs: Se
     pr_days = _by_day(products)
     us_days = _by_day(users)
     days = sorted(ev_days)  # products and users were placed on days of events
+    result = ImportReport(
+        name=m.name, root=root, sources=tuple(reports), days=len(days),
+        first_day=days[0] if days else None, last_day=days[-1] if days else None,
+        users=len(users), products=len(products), events=len(events),
+    )
+    if max_drop_share is not None and any(_dropped_share(s) > max_drop_share for s in reports):
+        raise TooManyDrops(result, max_drop_share)
     empty = {t: pd.DataFrame(columns=list(contract.SCHEMAS[t].names)) for t in contract.TABLES}
     for day in tqdm(days, desc=f"import {m.name}", unit="day", disable=not progress):
         contract.write_partition(root, "events", day, ev_days[day])
         contract.write_partition(root, "products", day, pr_days.get(day, empty["products"]))
         contract.write_partition(root, "users", day, us_days.get(day, empty["users"]))
-    return ImportReport(
-        name=m.name, root=root, sources=tuple(reports), days=len(days),
-        first_day=days[0] if days else None, last_day=days[-1] if days else None,
-        users=len(users), products=len(products), events=len(events),
-    )
+    return result

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from features import contract
-from features.importers.generic import ImportReport, import_generic
+from features.importers.generic import ImportReport, TooManyDrops, import_generic
 from features.importers.generic_mapping import (
     DirectIdentifierError,
     MappingError,
@@ -66,7 +66,7 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def csv_import(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ImportReport]:
     root = str(tmp_path_factory.mktemp("csv") / "landing")
-    return root, import_generic(CSV_MAPPING, root)
+    return root, import_generic(CSV_MAPPING, root, max_drop_share=None)
 
 
 def test_csv_rows_land_on_their_utc_day(csv_import):
@@ -143,7 +143,7 @@ def test_csv_products_and_users_are_derived_from_events(csv_import):
 
 def test_catalogue_and_customer_sources(tmp_path):
     root = str(tmp_path / "landing")
-    report = import_generic(CATALOG_MAPPING, root)
+    report = import_generic(CATALOG_MAPPING, root, max_drop_share=None)
     assert report.source("products").dropped == {
         "missing_product_id": 1, "missing_title": 1, "unparsable_timestamp": 0,
         "missing_price": 0, "no_event_day": 0, "duplicate_product_id": 1,
@@ -185,7 +185,7 @@ def test_dated_catalogue_rows_land_on_days_with_events(tmp_path):
     }
     del doc["users"]
     root = str(tmp_path / "landing")
-    report = import_generic(parse_mapping(doc, FIXTURES), root)
+    report = import_generic(parse_mapping(doc, FIXTURES), root, max_drop_share=None)
     products = _read_all(root, "products")
     rows = {(r.product_id, r.day): r for r in products.itertuples()}
     assert sorted(rows) == [("SKU-A", MAR1), ("SKU-A", MAR2), ("SKU-B", MAR1), ("SKU-C", MAR1)]
@@ -217,9 +217,10 @@ def test_price_default_prices_products_the_catalogue_lacks(tmp_path):
             "product_id": "sku", "title": "name", "price": {"default": 2.5}}},
     }
     root = str(tmp_path / "landing")
-    report = import_generic(parse_mapping(doc, tmp_path), root)
+    report = import_generic(parse_mapping(doc, tmp_path), root)  # the default drop guard: 1 %
     products = _read_all(root, "products").set_index("product_id")
     assert products["price"].to_dict() == {"SKU-A": 2.5, "SKU-B": 2.5, "SKU-Z": 2.5}
+    assert sorted(_read_all(root, "events")["event_id"]) == ["1", "2", "3"]  # every event kept
     assert products.loc["SKU-Z", "title"] == "SKU-Z"  # derived: the product id as title
     assert report.source("products from events").dropped == {"missing_price": 0}
     assert report.dropped["product_not_in_catalog"] == 0
@@ -231,7 +232,7 @@ def test_price_default_prices_products_the_catalogue_lacks(tmp_path):
 
 def test_sequence_numbers_become_dates(tmp_path):
     root = str(tmp_path / "landing")
-    report = import_generic(SEQUENCE_MAPPING, root)
+    report = import_generic(SEQUENCE_MAPPING, root, max_drop_share=None)
     ev = _read_all(root, "events").set_index("event_id")
     # start + (n - 1) * 7 days + order_hour_of_day; n is the user's n-th order
     assert ev["ts"].to_dict() == {
@@ -263,7 +264,7 @@ def test_sequence_rule_anchored_on_signup_dates(tmp_path):
     doc = _doc(SEQUENCE_MAPPING)
     doc["events"]["columns"]["ts"]["anchor"] = "signup"  # start stays, for users without one
     root = str(tmp_path / "landing")
-    import_generic(parse_mapping(doc, FIXTURES), root)
+    import_generic(parse_mapping(doc, FIXTURES), root, max_drop_share=None)
     ts = _read_all(root, "events").set_index("event_id")["ts"]
     assert ts["11-0"] == pd.Timestamp("2023-12-01 08:00", tz=UTC)
     assert ts["13-0"] == pd.Timestamp("2023-12-15 09:00", tz=UTC)
@@ -278,11 +279,11 @@ def test_sequence_rule_anchored_on_signup_dates(tmp_path):
                          ids=lambda p: p.stem)
 def test_same_input_gives_the_same_bytes(tmp_path, mapping):
     first, second = tmp_path / "a", tmp_path / "b"
-    import_generic(mapping, str(first))
-    import_generic(mapping, str(second))
+    import_generic(mapping, str(first), max_drop_share=None)
+    import_generic(mapping, str(second), max_drop_share=None)
     files = _files(first)
     assert files and files == _files(second)
-    import_generic(mapping, str(first))  # a rerun replaces its own partitions
+    import_generic(mapping, str(first), max_drop_share=None)  # a rerun replaces its own partitions
     assert _files(first) == files
 
 
@@ -374,6 +375,21 @@ def test_no_file_matches_the_path(tmp_path):
     assert "no file matches 'exports/*.csv'" in str(err.value)
 
 
+def test_import_dropping_more_than_its_share_writes_nothing(tmp_path):
+    # the fixture drops 10 of 20 event rows (one per reason) and 1 of 4 derived products
+    root = tmp_path / "landing"
+    with pytest.raises(TooManyDrops) as caught:
+        import_generic(CSV_MAPPING, str(root))
+    assert [s.label for s in caught.value.over] == ["events", "products from events"]
+    message = str(caught.value)
+    assert "events: 10 of 20 rows (50.0%)" in message
+    assert "products from events: 1 of 4 rows (25.0%): missing_price 1" in message
+    assert "nothing was written" in message and not root.exists()
+    # a share above every source's loss lets it through; None accepts any loss
+    assert import_generic(CSV_MAPPING, str(root), max_drop_share=0.5).rows_kept == 10
+    assert contract.list_days(str(root), "events") == [MAR1, MAR2, MAR3]
+
+
 def test_cli_imports_and_exits_2_on_a_bad_mapping(tmp_path, shop_home):
     from typer.testing import CliRunner
 
@@ -384,8 +400,16 @@ def test_cli_imports_and_exits_2_on_a_bad_mapping(tmp_path, shop_home):
     shutil.copy(FIXTURES / "shop_export.csv", export)
     root = tmp_path / "landing"
     runner = CliRunner()
-    ok = runner.invoke(app, ["data", "import", "generic", "--mapping", str(CSV_MAPPING),
-                             "--root", str(root), str(export)])
+    args = ["data", "import", "generic", "--mapping", str(CSV_MAPPING), "--root", str(root),
+            str(export)]
+    # half the rows would be lost: exit 1, the reasons named, nothing written
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1, refused.output
+    assert "20 rows in, 10 kept" in refused.output
+    assert "events: 10 of 20 rows (50.0%): duplicate_event_id 1, missing_event_id 1" in refused.output
+    assert "--allow-drops" in refused.output
+    assert not root.exists()
+    ok = runner.invoke(app, [*args, "--allow-drops"])
     assert ok.exit_code == 0, ok.output
     assert "20 rows in, 10 kept" in ok.output
     assert contract.list_days(str(root), "events") == [MAR1, MAR2, MAR3]
@@ -447,7 +471,7 @@ def test_email_values_are_refused_whatever_the_column_is_called(tmp_path, monkey
 def test_hash_user_id_imports_salted_hashes(tmp_path, monkeypatch):
     monkeypatch.setenv("SHOPREC_ID_SALT", "pepper-from-env")
     root = str(tmp_path / "landing")
-    report = import_generic(parse_mapping(_pii_doc(hash_user_id=True), FIXTURES), root)
+    report = import_generic(parse_mapping(_pii_doc(hash_user_id=True), FIXTURES), root, max_drop_share=None)
     assert report.rows_kept == 3
     ev = _read_all(root, "events").set_index("event_id")
     expected = hmac.new(b"pepper-from-env", b"ann@example.com", hashlib.sha256).hexdigest()
@@ -468,11 +492,11 @@ def test_salt_from_env_wins_over_the_mapping_and_one_is_required(tmp_path, monke
     assert err.value.key == "mapping.hash_user_id" and "SHOPREC_ID_SALT" in str(err.value)
 
     doc = _pii_doc(hash_user_id=True, id_salt="salt-in-file")
-    import_generic(parse_mapping(doc, FIXTURES), str(tmp_path / "file"))
+    import_generic(parse_mapping(doc, FIXTURES), str(tmp_path / "file"), max_drop_share=None)
     from_file = set(_read_all(str(tmp_path / "file"), "events")["user_id"])
     assert hmac.new(b"salt-in-file", b"bob@example.org", hashlib.sha256).hexdigest() in from_file
     monkeypatch.setenv("SHOPREC_ID_SALT", "salt-in-env")
-    import_generic(parse_mapping(doc, FIXTURES), str(tmp_path / "env"))
+    import_generic(parse_mapping(doc, FIXTURES), str(tmp_path / "env"), max_drop_share=None)
     from_env = set(_read_all(str(tmp_path / "env"), "events")["user_id"])
     assert from_env.isdisjoint(from_file)
 
@@ -498,7 +522,7 @@ def test_time_formats_convert_to_utc(tmp_path, raw, fmt, tz, expected):
         "event_id": "id", "user_id": "user", "product_id": "sku",
         "event_type": {"value": "view"}, "ts": ts, "price": {"default": 1.0}}}}
     root = str(tmp_path / "landing")
-    report = import_generic(parse_mapping(doc, tmp_path), root)
+    report = import_generic(parse_mapping(doc, tmp_path), root, max_drop_share=None)
     assert report.rows_kept == 1, report
     assert _read_all(root, "events")["ts"].tolist() == [pd.Timestamp(expected, tz=UTC)]
 
@@ -519,7 +543,7 @@ def test_imported_partitions_pass_validation(tmp_path, mapping):
     from features.validation import validate_day
 
     root = str(tmp_path / "landing")
-    import_generic(mapping, root)
+    import_generic(mapping, root, max_drop_share=None)
     for day in contract.list_days(root, "events"):
         report = validate_day(root, day, tmp_path / "validation")
         assert report.success, report.summary()
