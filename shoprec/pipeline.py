@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import tempfile
 from dataclasses import asdict, dataclass
@@ -476,6 +477,15 @@ def interval_metrics(result: Any, against: float, gate_metric: str,
     return metrics
 
 
+def tuning_tags(params: dict[str, Any]) -> dict[str, str]:
+    """``tuned.<baseline>.<setting>`` -> the parameters the baseline chose on validation
+    (``training.evaluation.tuning``), e.g. ``tuned.als.new: factors=128, alpha=20.0``: tags,
+    so a re-evaluation against another champion may write them again."""
+    return {f"tuned.{method}.{setting}": ", ".join(f"{k}={v}" for k, v in chosen.items())
+            for method, p in params.items() if p.get("tuned")
+            for setting, chosen in p["chosen"].items()}
+
+
 def uncertainty_metrics(result: Any, gate_metric: str, champion: str | None,
                         baselines: tuple[str, ...] = BASELINES) -> dict[str, float]:
     """The evaluation's bootstrap figures, as MLflow metrics.
@@ -525,11 +535,10 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
     import mlflow
 
     from training.data import SETTING_TITLES, SETTINGS, temporal_split
-    from training.evaluation.baselines import ItemKNN, Popularity, Repeat, TextCosine
     from training.evaluation.models import ServedRecommender, TwoTowerRanker
     from training.evaluation.protocol import evaluate_split
     from training.evaluation.report import recall_at_k_plot
-    from training.ranking.als import ALS
+    from training.evaluation.tuning import tuned_baselines
 
     day = parse_day(day)
     client = mlflow_client(settings)
@@ -555,7 +564,8 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
     if champion is not None:
         methods.append(ServedRecommender(scorer=load_scorer(settings, champion.run_id),
                                          cache_dir=cache, users=data.users, name="champion"))
-    methods += [Popularity(), Repeat(), ItemKNN(), ALS(), TextCosine(scorer.model_config, cache)]
+    # the bar: each baseline tuned on the validation window just before the test cut
+    methods += tuned_baselines(scorer.model_config, cache, validation_days=data.test_days)
     policy = PromotionPolicy.from_env()
     result = evaluate_split(split, methods, holdout.ks, test_days=data.test_days,
                             curve_k=CURVE_MAX_K, max_users=settings.eval_max_users,
@@ -572,8 +582,11 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
             "two-tower model alone; `champion` the current champion's ranking, refitted at "
             "the same cut.\n\n" + result.to_markdown())
         result.to_json(folder / "metrics.json")
-        mlflow.log_artifact(str(folder / "metrics.md"), artifact_path="evaluation")
-        mlflow.log_artifact(str(folder / "metrics.json"), artifact_path="evaluation")
+        (folder / "tuning.json").write_text(json.dumps(
+            {m: p for m, p in result.params.items() if p.get("tuned")}, indent=1, default=str))
+        for name in ("metrics.md", "metrics.json", "tuning.json"):
+            mlflow.log_artifact(str(folder / name), artifact_path="evaluation")
+        mlflow.set_tags(tuning_tags(result.params))
         for setting in SETTINGS:
             curves = {m: np.asarray(c[setting]) for m, c in result.curves.items()}
             title = (f"{SETTING_TITLES[setting]}: test {data.test_cut:%Y-%m-%d} .. {day} "

@@ -101,16 +101,19 @@ class ItemKNN(ScoredRecommender):
             them when the matrix fits ``ITEM_KNN_MAX_ENTRIES``, else ``auto_neighbours``).
         weight: user × product cell value: "binary", "count" or "quantity".
         self_similarity: keep a product's similarity to itself (scores repeat purchases).
+        shrink: cosine shrinkage (``dot / (|a| |b| + shrink)``): damps the similarities of
+            rarely bought products (0: plain cosine).
         event_types: events that count as interactions.
         name: method name.
     """
 
     def __init__(self, neighbours: int | None = None, weight: str = "binary",
-                 self_similarity: bool = False,
+                 self_similarity: bool = False, shrink: float = 0.0,
                  event_types: Sequence[str] = TARGET_EVENT_TYPES, name: str = "item_knn"):
         self.neighbours = neighbours
         self.weight = weight
         self.self_similarity = self_similarity
+        self.shrink = shrink
         self.event_types = tuple(event_types)
         self.name = name
 
@@ -119,7 +122,8 @@ class ItemKNN(ScoredRecommender):
         self.kept = (self.neighbours if self.neighbours is not None
                      else auto_neighbours(self.matrix.shape[1]))
         self.similarity = cosine_similarity(self.matrix, self.kept,
-                                            self_similarity=self.self_similarity)  # (N, N)
+                                            self_similarity=self.self_similarity,
+                                            shrink=self.shrink)  # (N, N)
         self.fill = unit_fill(popularity_scores(data))  # (N,)
 
     def scores(self, user_ids: Sequence[str]) -> np.ndarray:
@@ -133,12 +137,12 @@ class ItemKNN(ScoredRecommender):
 
     def params(self) -> dict[str, object]:
         return {"neighbours": getattr(self, "kept", self.neighbours), "weight": self.weight,
-                "self_similarity": self.self_similarity}
+                "self_similarity": self.self_similarity, "shrink": self.shrink}
 
 
 def cosine_similarity(
     matrix: sparse.csr_matrix, neighbours: int | None = None, *, self_similarity: bool = True,
-    max_entries: int = BLOCK_ENTRIES,
+    max_entries: int = BLOCK_ENTRIES, shrink: float = 0.0,
 ) -> sparse.csr_matrix:
     """Product × product cosine similarity of the columns of a user × product matrix,
     computed sparse a block of rows at a time (``training.ranking.items.cosine_blocks``):
@@ -149,12 +153,14 @@ def cosine_similarity(
         neighbours: keep each row's top ``neighbours`` entries (None: all).
         self_similarity: keep the diagonal.
         max_entries: entries of one block, at most.
+        shrink: cosine shrinkage (``training.ranking.items.cosine_blocks``).
 
     Returns:
         (N, N) CSR float32.
     """
     keep = neighbours if neighbours is not None and neighbours < matrix.shape[1] else None
-    return cosine_top(matrix, keep, drop_self=not self_similarity, max_entries=max_entries)
+    return cosine_top(matrix, keep, drop_self=not self_similarity, max_entries=max_entries,
+                      shrink=shrink)
 
 
 class TextCosine(ScoredRecommender):

@@ -494,32 +494,44 @@ def standard_recommenders(
     two_tower: bool = True,
     validation_days: int = VALIDATION_DAYS,
     users: pd.DataFrame | None = None,
+    tuned: bool = True,
 ) -> list[Recommender]:
     """Every baseline, the two-tower model, both blends and the served ranking, in fitting
     order.
 
-    The blends' sources are the same objects as the stand-alone methods, so each is
-    trained once on the training period and once on the validation split.
+    The baselines are tuned on the validation window (``training.evaluation.tuning``): they
+    are what every report compares with. The blends combine the untuned baselines (each
+    tunes its own weights on the same window) and share the two-tower model, trained once.
 
     Args:
         config: two-tower and text-encoder hyper-parameters.
         cache_dir: text-embedding cache folder.
         progress: training progress bars.
         two_tower: include the two-tower model (alone and in the blends).
-        validation_days: the blends' validation window.
+        validation_days: the validation window of the tuning and the blends.
         users: user rows (country) for the two-tower model's user profiles.
+        tuned: tune the baselines (False: their default parameters, as before tuning).
 
     Returns:
         popularity, repeat, item_knn, als, text_cosine, [two_tower,] blend_weights, blend,
         served (``training.evaluation.models.ServedRecommender``: what the pipeline trains and serves).
     """
+    from training.evaluation.tuning import tuned_baselines
+
     config = config or TrainConfig()
-    methods: list[ScoredRecommender] = [
-        Popularity(), Repeat(), ItemKNN(), ALS(), TextCosine(config, cache_dir),
-    ]
+
+    def plain() -> list[ScoredRecommender]:
+        return [Popularity(), Repeat(), ItemKNN(), ALS(), TextCosine(config, cache_dir)]
+
+    sources = plain()
+    methods: list[ScoredRecommender] = (
+        list(tuned_baselines(config, cache_dir, validation_days=validation_days)) if tuned
+        else sources)
     if two_tower:
-        methods.append(TwoTowerRecommender(config, cache_dir, progress=progress, users=users))
-    sources = [*methods, Popularity(days=7, name="popularity_7d")]
+        model = TwoTowerRecommender(config, cache_dir, progress=progress, users=users)
+        methods.append(model)
+        sources = [*sources, model]
+    sources = [*sources, Popularity(days=7, name="popularity_7d")]
     return [*methods,
             Blend(sources, learner="weights", validation_days=validation_days,
                   name="blend_weights"),

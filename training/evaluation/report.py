@@ -145,7 +145,28 @@ class ProtocolResult:
                 rows = [(m, self.metrics[m][setting][segment], None) for m in self.methods]
                 lines += _markdown_table(seg_cols, rows)
                 lines.append("")
+        lines += self.tuning_lines()
         return "\n".join(lines).rstrip() + "\n"
+
+    def tuning_lines(self) -> list[str]:
+        """The tuned baselines (``training.evaluation.tuning.Tuned``): per setting, the
+        parameters chosen on validation and their validation figure; empty when none."""
+        tuned = {m: p for m, p in self.params.items() if isinstance(p, Mapping) and p.get("tuned")}
+        if not tuned:
+            return []
+        lines = ["### Tuned baselines", "",
+                 "Each baseline's parameters, chosen per setting on the validation window "
+                 "(objective: " + next(iter(tuned.values()))["objective"] + ").", "",
+                 "| method | setting | chosen | validation | points | tuning s |",
+                 "|---|---|---|---:|---:|---:|"]
+        for method, p in tuned.items():
+            for setting, chosen in p["chosen"].items():
+                trial = next((t for t in p["trials"] if t["params"] == chosen), None)
+                value = f"{trial[setting]:.3f}" if trial else "–"
+                shown = ", ".join(f"{k}={v}" for k, v in chosen.items())
+                lines.append(f"| {method} | {SETTING_TITLES[setting]} | {shown} | {value} | "
+                             f"{len(p['trials'])} | {p['tuning_seconds']:.0f} |")
+        return [*lines, ""]
 
 
     def interval_lines(self, setting: str) -> list[str]:

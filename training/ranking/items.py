@@ -28,8 +28,8 @@ DAY_SECONDS = 86_400.0
 BLOCK_ENTRIES = 2**24  # co-occurrence entries of one cosine block, at most (~200 MB)
 
 
-def cosine_blocks(matrix: sparse.csr_matrix, max_entries: int = BLOCK_ENTRIES
-                  ) -> Iterator[tuple[int, sparse.csr_matrix]]:
+def cosine_blocks(matrix: sparse.csr_matrix, max_entries: int = BLOCK_ENTRIES,
+                  shrink: float = 0.0) -> Iterator[tuple[int, sparse.csr_matrix]]:
     """Product × product cosine of the columns of a user × product matrix, a block of rows
     at a time: (first row, (c, N) CSR float32 block of the non-zero similarities).
 
@@ -42,6 +42,8 @@ def cosine_blocks(matrix: sparse.csr_matrix, max_entries: int = BLOCK_ENTRIES
         matrix: (U, N) non-negative user × product matrix.
         max_entries: entries of one block, at most (a single product over it gets a
             block of its own).
+        shrink: shrinkage ``s``: each cosine becomes ``dot / (|a| |b| + s)``, pulling the
+            similarities of products with few interactions towards 0 (0: plain cosine).
     """
     items = sparse.csc_matrix(matrix, dtype=np.float32)  # (U, N)
     norms = np.sqrt(np.asarray(items.multiply(items).sum(axis=0)).ravel())  # (N,)
@@ -61,6 +63,10 @@ def cosine_blocks(matrix: sparse.csr_matrix, max_entries: int = BLOCK_ENTRIES
         stop = max(start + 1, int(np.searchsorted(ends, base + max_entries, side="right")))
         block = (unit_t[start:stop] @ unit).tocsr()  # (c, N)
         block.sort_indices()
+        if shrink > 0:
+            rows = np.repeat(np.arange(start, stop), np.diff(block.indptr))  # (nnz,)
+            both = norms[rows] * norms[block.indices]  # (nnz,) |a| |b|
+            block.data *= (both / (both + shrink)).astype(np.float32)
         yield start, block
         start = stop
 
@@ -87,17 +93,17 @@ def top_per_row(block: sparse.csr_matrix, keep: int | None, first_row: int = 0, 
 
 
 def cosine_top(matrix: sparse.csr_matrix, keep: int | None, *, drop_self: bool,
-               max_entries: int = BLOCK_ENTRIES) -> sparse.csr_matrix:
+               max_entries: int = BLOCK_ENTRIES, shrink: float = 0.0) -> sparse.csr_matrix:
     """Product × product cosine of the columns of a user × product matrix, each row's
     ``keep`` largest entries (None: all; ``top_per_row``), block by block
-    (``cosine_blocks``); ``drop_self`` removes the diagonal first.
+    (``cosine_blocks``, with its ``shrink``); ``drop_self`` removes the diagonal first.
 
     Returns:
         (N, N) CSR float32.
     """
     n = matrix.shape[1]
     blocks = [] if keep == 0 else [top_per_row(block, keep, start, drop_self=drop_self)
-                                   for start, block in cosine_blocks(matrix, max_entries)]
+                                   for start, block in cosine_blocks(matrix, max_entries, shrink)]
     if not blocks:
         return sparse.csr_matrix((n, n), dtype=np.float32)
     return sparse.vstack(blocks, format="csr").astype(np.float32)
