@@ -391,7 +391,11 @@ def train_interval(settings: Settings, day: str | dt.date,
             "catalog_products": len(products),
             **({"best_epoch": result.best_epoch} if result.best_epoch is not None else {}),
             **{f"validation_{s}_{k}": v for s, m in validation.items() for k, v in m.items()},
+            # the ranking stages' held-out figures, from which each setting's was chosen
+            **{f"stage_{s}_{stage}_{k}": v for s, table in scorer.stage_choice.items()
+               for stage, m in table.items() for k, v in m.items()},
         })
+        mlflow.set_tags({f"ranking_stage.{s}": stage for s, stage in scorer.stages.items()})
         with tempfile.TemporaryDirectory() as tmp:
             bundle = write_bundle(Path(tmp) / "bundle", model=result.model, config=config,
                                   scorer=scorer, products=products,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -101,12 +102,12 @@ def test_als_user_factors_solve_the_weighted_least_squares() -> None:
     np.testing.assert_allclose(gradient, 0.0, atol=1e-4)
 
 
-def _fitted(days: int = 40) -> tuple[Scorer, pd.Timestamp]:
+def _fitted(days: int = 40, config: ScorerConfig = SMALL) -> tuple[Scorer, pd.Timestamp]:
     events = loyal_shop(days)
     split = temporal_split(events, catalog_frame(PRODUCTS), T0 + pd.Timedelta(days=days - 6),
                            test_days=6)
     tuning = validation_split(split.train, 6)
-    scorer = Scorer(SMALL).fit_items(tuning.train)
+    scorer = Scorer(config).fit_items(tuning.train)
     scorer.tune(tuning)
     return scorer.fit_items(split.train), split.cut
 
@@ -137,14 +138,28 @@ def test_cold_users_get_the_facts_alone() -> None:
     assert np.isfinite(scores).all()
 
 
-def test_save_and_load_give_the_same_scores(tmp_path) -> None:
-    scorer, cut = _fitted()
+@pytest.mark.parametrize("stage", ["mlp", "trees", "blend"])
+def test_save_and_load_give_the_same_scores(tmp_path, stage: str) -> None:
+    scorer, cut = _fitted(config=replace(SMALL, stage=stage))
+    assert scorer.stages == {"all": stage, "new": stage}
+    assert set(scorer.tree_rankers) == (set() if stage == "mlp" else {"all", "new"})
     hist = Histories.from_events(loyal_shop(), ["u1", "u2", "stranger"])
     before = scorer.scores(hist, cut.timestamp())
     loaded = Scorer.load(scorer.save(tmp_path / "scorer"))
     np.testing.assert_array_equal(loaded.scores(hist, cut.timestamp()), before)
     assert loaded.state.product_ids == scorer.state.product_ids
     assert loaded.validation == scorer.validation
+    assert loaded.stages == scorer.stages and set(loaded.tree_rankers) == set(scorer.tree_rankers)
+    # every stage learns the shop's repeat buying
+    own = [scorer.state.item_index[PRODUCTS[u]] for u in (1, 2)]
+    assert (before[:2].argmax(axis=1) == own).all()
+
+
+def test_a_small_shop_keeps_the_pair_scorer_and_an_unknown_stage_is_refused() -> None:
+    scorer, _ = _fitted(config=replace(SMALL, stage="auto"))
+    assert scorer.stages == {"all": "mlp", "new": "mlp"}  # 12 users: too few to choose
+    with pytest.raises(ValueError, match="scorer.stage 'forest'"):
+        _fitted(config=replace(SMALL, stage="forest"))
 
 
 def test_the_numpy_pair_scorer_is_the_torch_module() -> None:

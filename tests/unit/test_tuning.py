@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import sparse
+from unit.test_baselines import train_data
 
-from tests.unit.test_baselines import train_data
 from training.config import TrainConfig
 from training.evaluation.baselines import ItemKNN, Popularity, cosine_similarity
 from training.evaluation.tuning import GRIDS, Tuned, tuned_baselines

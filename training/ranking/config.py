@@ -34,6 +34,9 @@ class ScorerConfig:
         popular_candidates: the most popular products over 30 and over 7 days, each.
         min_candidates: candidate lists shorter than this (a narrow category, an unknown
             user) are topped up by popularity.
+        stage: what ranks the candidates (``training.ranking.ltr``): "auto" (chosen per
+            setting on held-out validation users), or "mlp" (the pair scorer), "trees"
+            (lambdarank) or "blend" (both) for every setting.
     """
 
     history_len: int = HISTORY_LEN
@@ -51,6 +54,7 @@ class ScorerConfig:
     neighbour_candidates: int = 300
     popular_candidates: int = 100
     min_candidates: int = 100
+    stage: str = "auto"
 
     def to_params(self) -> dict[str, Any]:
         return {f"scorer.{k}": v for k, v in asdict(self).items()}

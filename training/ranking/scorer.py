@@ -12,9 +12,11 @@ ALS indexes, item co-occurrence and popularity, describes each candidate by
   product, its repurchase rate, popularity over 7 and 30 days, trend and newness, and how
   active the user is;
 
-and ranks them with a pair scorer (``training.ranking.pair``) trained on the validation
-window only, one per setting: "all" (repeat buying counts) and "new" (the user's purchases
-left out). Users with no history get the facts alone.
+and ranks them with a stage trained on the validation window only, one per setting: "all"
+(repeat buying counts) and "new" (the user's purchases left out). The stage is the pair
+scorer (``training.ranking.pair``), lambdarank trees or both, chosen per shop and setting on
+held-out validation users (``training.ranking.ltr``). Users with no history get the facts
+alone.
 
 The item side (``training.ranking.items``) is fitted on the data before a cut; the learned
 parts (the two-tower weights and the pair scorers) are the model. Evaluation fits the item
@@ -25,6 +27,7 @@ served.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -46,6 +49,7 @@ from training.metrics import tuning_metrics
 from training.ranking.config import FEATURE_NAMES, SOURCE_NAMES, ScorerConfig
 from training.ranking.histories import Histories, StoredVectors, UserView
 from training.ranking.items import ItemState
+from training.ranking.ltr import STAGES, TreeRanker, choose_stage, stage_scores
 from training.ranking.pair import PairScorer, train_scorer
 from training.ranking.rows import summed_rows
 
@@ -77,6 +81,10 @@ class Scorer:
         # the pair scorers as numpy (``NumpyPairScorer``), each with the module it was made of
         self._numpy_scorers: dict[str, tuple[Any, Any]] = {}
         self.validation: dict[str, dict[str, float]] = {}
+        # the ranking stage of each setting, its trees, and the held-out figures it won with
+        self.stages: dict[str, str] = {}
+        self.tree_rankers: dict[str, TreeRanker] = {}
+        self.stage_choice: dict[str, dict[str, dict[str, float]]] = {}
         self.state: ItemState | None = None
 
     # -- the item side -------------------------------------------------------------------
@@ -365,9 +373,7 @@ class Scorer:
                           if p in state.item_index]
                 sizes[row] = len(split.truth[setting][user])
                 truth[row] = np.isin(columns[row], wanted) & ~padding[row]
-            scorer = train_scorer(features, padding, truth, hidden=self.config.hidden,
-                                  epochs=self.config.epochs, seed=self.config.seed)
-            self.pair_scorers[setting] = scorer
+            self._train_stage(setting, features, padding, truth, sizes)
             self.validation[setting] = {
                 **tuning_metrics(self._apply(setting, features, padding), truth, sizes),
                 "candidate_recall": float((truth.sum(axis=1) / sizes).mean()),
@@ -377,9 +383,36 @@ class Scorer:
                      {k: round(v, 4) for k, v in self.validation[setting].items()})
         return self.validation
 
+    def _train_stage(self, setting: str, features: np.ndarray, padding: np.ndarray,
+                     truth: np.ndarray, sizes: np.ndarray) -> None:
+        """Choose the setting's stage (``config.stage``, or on held-out users when "auto")
+        and train it on every validation user."""
+        config = self.config
+
+        def mlp(f: np.ndarray, p: np.ndarray, t: np.ndarray) -> Any:
+            return train_scorer(f, p, t, hidden=config.hidden, epochs=config.epochs,
+                                seed=config.seed).as_numpy()
+
+        if config.stage == "auto":
+            stage, self.stage_choice[setting] = choose_stage(features, padding, truth, sizes,
+                                                             mlp, seed=config.seed)
+        elif config.stage in STAGES:
+            stage = config.stage
+        else:
+            raise ValueError(f"scorer.stage {config.stage!r} not in auto, {', '.join(STAGES)}")
+        self.stages[setting] = stage
+        self.pair_scorers[setting] = train_scorer(features, padding, truth, hidden=config.hidden,
+                                                  epochs=config.epochs, seed=config.seed)
+        self.tree_rankers.pop(setting, None)
+        if stage != "mlp" and (truth & ~padding).any():
+            self.tree_rankers[setting] = TreeRanker.train(features, padding, truth,
+                                                          seed=config.seed)
+
     def _apply(self, setting: str, features: np.ndarray, excluded: np.ndarray) -> np.ndarray:
         """(b, C) scores of (b, C, F) features; -inf where ``excluded`` (b, C)."""
-        scorer = self.pair_scorers.get(setting) or self.pair_scorers.get("all")
+        if setting not in self.pair_scorers:
+            setting = "all"
+        scorer = self.pair_scorers.get(setting)
         if scorer is None:  # untuned: rank by the sources and popularity
             scores = features[..., : len(SOURCE_NAMES)].sum(axis=-1) \
                 + features[..., FEATURE_NAMES.index("popularity_30d")] * 1e-3
@@ -387,7 +420,8 @@ class Scorer:
             fast = self._numpy_scorers.get(setting)
             if fast is None or fast[0] is not scorer:  # tuned or loaded since: convert again
                 fast = self._numpy_scorers[setting] = (scorer, scorer.as_numpy())
-            scores = fast[1](features)  # (b, C)
+            scores = stage_scores(self.stages.get(setting, "mlp"), features, excluded, fast[1],
+                                  self.tree_rankers.get(setting))  # (b, C)
         scores = np.asarray(scores, dtype=np.float64)
         scores[excluded] = -np.inf
         return scores
@@ -454,7 +488,8 @@ class Scorer:
 
     def params(self) -> dict[str, Any]:
         return {**self.config.to_params(), "scorer.features": list(FEATURE_NAMES),
-                "scorer.validation": self.validation}
+                "scorer.validation": self.validation, "scorer.stages": self.stages,
+                "scorer.stage_choice": self.stage_choice}
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -467,7 +502,11 @@ class Scorer:
                    folder / "pair_scorers.pt")
         with (folder / "scorer.pkl").open("wb") as fh:
             pickle.dump({"config": asdict(self.config), "validation": self.validation,
-                         "state": self.state, "hidden": self.config.hidden}, fh)
+                         "state": self.state, "hidden": self.config.hidden,
+                         "stages": self.stages, "stage_choice": self.stage_choice}, fh)
+        if self.tree_rankers:
+            (folder / "tree_rankers.json").write_text(json.dumps(
+                {s: t.to_string() for s, t in self.tree_rankers.items()}))
         return folder
 
     @classmethod
@@ -482,6 +521,12 @@ class Scorer:
         scorer = cls(config, model, model_config, index_exact_max=index_exact_max)
         scorer.validation = saved["validation"]
         scorer.state = saved["state"]
+        scorer.stages = saved.get("stages", {})  # a bundle from before the stages: the MLP
+        scorer.stage_choice = saved.get("stage_choice", {})
+        trees = folder / "tree_rankers.json"
+        if trees.is_file():
+            scorer.tree_rankers = {s: TreeRanker.from_string(text)
+                                   for s, text in json.loads(trees.read_text()).items()}
         weights = torch.load(folder / "pair_scorers.pt", weights_only=True)
         for setting, state_dict in weights.items():
             module = PairScorer(len(FEATURE_NAMES), saved["hidden"])
