@@ -28,7 +28,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 START = dt.date(2026, 1, 1)
 # Bytes per (user, candidate, feature) float32 in Scorer.features, and how many copies of that
 # tensor tuning holds at its peak (the features and the training copy).
-FEATURE_BYTES, FEATURE_COPIES, FEATURE_COUNT = 4, 2, 17
+FEATURE_BYTES, FEATURE_COPIES = 4, 2
 TUNE_MEMORY_BUDGET = 3e9  # bytes for the pair-scorer tuning tensor, well under this box's RAM
 MODEL_STEPS = ("train", "evaluate", "register", "build index", "champion")
 
@@ -56,7 +56,16 @@ class ShopSpec:
 
     @property
     def model_signature(self) -> str:
-        return f"{self.key}-tune{self.tune_users}"
+        """The model's inputs: the shop, the tuning users, and the ranking's features and
+        settings (so a code change to either trains again)."""
+        import hashlib
+        from dataclasses import asdict
+
+        from training.ranking.config import FEATURE_NAMES, ScorerConfig
+
+        ranking = hashlib.blake2b(repr((FEATURE_NAMES, asdict(ScorerConfig()))).encode(),
+                                  digest_size=4).hexdigest()
+        return f"{self.key}-tune{self.tune_users}-rank{ranking}"
 
     @property
     def last_day(self) -> dt.date:
@@ -66,12 +75,12 @@ class ShopSpec:
 def default_tune_users(products: int) -> int:
     """Validation users for tuning the pair scorers, capped so the (users, candidates, F)
     float32 feature tensor fits in memory (``ScorerConfig.max_users`` default otherwise)."""
-    from training.ranking.config import ScorerConfig
+    from training.ranking.config import FEATURE_NAMES, ScorerConfig
 
     config = ScorerConfig()
     candidates = min(products, 3 * config.candidates + config.neighbour_candidates
                      + 2 * config.popular_candidates + config.history_len)  # at most
-    per_user = candidates * FEATURE_COUNT * FEATURE_BYTES * FEATURE_COPIES
+    per_user = candidates * len(FEATURE_NAMES) * FEATURE_BYTES * FEATURE_COPIES
     return max(50, min(config.max_users, int(TUNE_MEMORY_BUDGET // per_user)))
 
 

@@ -265,8 +265,12 @@ def dataset_fingerprint(products: pd.DataFrame, events: pd.DataFrame) -> str:
 
 def _fingerprint(config: TrainConfig, scorer: ScorerConfig, holdout: HoldoutConfig,
                  data_fingerprint: str) -> str:
-    """Identity of a training run: hyper-parameters + protocol + exactly its data."""
-    blob = f"{config.fingerprint()}|{asdict(scorer)!r}|{asdict(holdout)!r}|{data_fingerprint}"
+    """Identity of a training run: hyper-parameters + the ranking's features + protocol +
+    exactly its data (a code change that adds a feature trains again instead of reusing)."""
+    from training.ranking.config import FEATURE_NAMES
+
+    blob = (f"{config.fingerprint()}|{asdict(scorer)!r}|{FEATURE_NAMES!r}|{asdict(holdout)!r}"
+            f"|{data_fingerprint}")
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

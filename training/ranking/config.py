@@ -13,7 +13,17 @@ FACT_NAMES = ("own", "log_count", "log_count_30d", "recency_30d", "recency_180d"
               "trend", "newness", "user_occasions", "own_x_user_occasions")
 
 
-FEATURE_NAMES = (*SOURCE_NAMES, *FACT_NAMES)
+# The ranking stage's richer features (``Scorer.features``): how often the history shows the
+# candidate at all and in carts or purchases, the share of the history in its category, its
+# log price against the history's median, how close the time since the user's last purchase
+# of it is to its repurchase cycle, its co-occurrence with the last basket, and each
+# source's rank among the user's candidates (1 / log2(2 + rank)).
+CONTEXT_NAMES = ("log_seen", "log_interacted", "category_share", "price_vs_user", "due",
+                 "last_basket", *(f"{s}_rank" for s in SOURCE_NAMES))
+
+FEATURE_NAMES = (*SOURCE_NAMES, *FACT_NAMES, *CONTEXT_NAMES)
+# what bundles trained before the richer features read (their pair scorers' inputs)
+LEGACY_FEATURE_NAMES = (*SOURCE_NAMES, *FACT_NAMES)
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,11 @@ def item_facts(data: TrainData, prior: float) -> dict[str, np.ndarray]:
     order: repurchase_rate (share of buyers who bought on 2+ occasions, smoothed towards the
     overall share with ``prior`` pseudo-buyers), popularity_7d / popularity_30d (log purchases,
     scaled to [0, 1]), trend (log of the 7-day over the 30-day rate, / 3), newness
-    (1 / (1 + days since first sale / 30)) and popularity (raw 30-day purchases)."""
+    (1 / (1 + days since first sale / 30)), popularity (raw 30-day purchases), and for the
+    ranking stage's richer features: category (an integer code per distinct category),
+    log_price (log1p of the catalogue price, 0 where unknown) and cycle_days (the median
+    days between a buyer's successive purchase occasions of the product, the shop's median
+    where nobody bought it twice)."""
     buys = data.purchases
     occasions = buys.drop_duplicates(["user_id", "product_id", "ts"])
     per_pair = occasions.groupby(["user_id", "product_id"]).size()
@@ -150,7 +154,30 @@ def item_facts(data: TrainData, prior: float) -> dict[str, np.ndarray]:
         "trend": (np.log((raw7 + 1.0) / (raw30 * 7.0 / 30.0 + 1.0)) / 3.0).astype(np.float32),
         "newness": (1.0 / (1.0 + first_age.fillna(1e4).to_numpy() / 30.0)).astype(np.float32),
         "popularity": raw30.astype(np.float32),
+        **catalogue_facts(data),
+        "cycle_days": repurchase_cycles(occasions, data.product_ids),
     }
+
+
+def catalogue_facts(data: TrainData) -> dict[str, np.ndarray]:
+    """(N,) float32 ``category`` codes and ``log_price`` of the candidates."""
+    rows = (data.catalog.drop_duplicates("product_id", keep="last").set_index("product_id")
+            .reindex(data.product_ids))
+    codes = pd.factorize(rows["category"].fillna("").astype(str), sort=True)[0]
+    price = pd.to_numeric(rows["price"], errors="coerce").clip(lower=0).fillna(0.0)
+    return {"category": codes.astype(np.float32),
+            "log_price": np.log1p(price.to_numpy(np.float64)).astype(np.float32)}
+
+
+def repurchase_cycles(occasions: pd.DataFrame, product_ids: list[str]) -> np.ndarray:
+    """(N,) float32 median days between a buyer's successive occasions of each product."""
+    ordered = occasions.sort_values(["user_id", "product_id", "ts"], kind="stable")
+    same = ((ordered["user_id"] == ordered["user_id"].shift())
+            & (ordered["product_id"] == ordered["product_id"].shift()))
+    gaps = (ordered["ts"].diff().dt.total_seconds() / DAY_SECONDS)[same]
+    per_product = gaps.groupby(ordered["product_id"][same]).median()
+    overall = float(gaps.median()) if len(gaps) else 30.0
+    return per_product.reindex(product_ids).fillna(overall).clip(lower=1.0).to_numpy(np.float32)
 
 
 @dataclass

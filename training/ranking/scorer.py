@@ -46,7 +46,13 @@ from training.config import TrainConfig
 from training.data import SETTINGS, Split, TrainData
 from training.index import EXACT_MAX
 from training.metrics import tuning_metrics
-from training.ranking.config import FEATURE_NAMES, SOURCE_NAMES, ScorerConfig
+from training.ranking.config import (
+    FEATURE_NAMES,
+    LEGACY_FEATURE_NAMES,
+    SOURCE_NAMES,
+    ScorerConfig,
+)
+from training.ranking.context import context_features
 from training.ranking.histories import Histories, StoredVectors, UserView
 from training.ranking.items import ItemState
 from training.ranking.ltr import STAGES, TreeRanker, choose_stage, stage_scores
@@ -85,6 +91,9 @@ class Scorer:
         self.stages: dict[str, str] = {}
         self.tree_rankers: dict[str, TreeRanker] = {}
         self.stage_choice: dict[str, dict[str, dict[str, float]]] = {}
+        # the features the stages read, in ``FEATURE_NAMES`` columns (a loaded older bundle
+        # reads fewer: ``_model_columns``)
+        self.feature_names: tuple[str, ...] = FEATURE_NAMES
         self.state: ItemState | None = None
 
     # -- the item side -------------------------------------------------------------------
@@ -320,6 +329,7 @@ class Scorer:
                     facts["trend"][cols], facts["newness"][cols],
                     np.full(c, occ), own * occ,
                 ]
+            block += context_features(view, cols, now, state, sources, count, age)
             out[row, :c] = np.stack(block, axis=-1)
         return out, columns
 
@@ -383,6 +393,13 @@ class Scorer:
                      {k: round(v, 4) for k, v in self.validation[setting].items()})
         return self.validation
 
+    def _model_columns(self) -> list[int]:
+        columns = self.__dict__.get("_columns")
+        if columns is None:
+            columns = self.__dict__["_columns"] = [FEATURE_NAMES.index(n)
+                                                   for n in self.feature_names]
+        return columns
+
     def _train_stage(self, setting: str, features: np.ndarray, padding: np.ndarray,
                      truth: np.ndarray, sizes: np.ndarray) -> None:
         """Choose the setting's stage (``config.stage``, or on held-out users when "auto")
@@ -412,6 +429,8 @@ class Scorer:
         """(b, C) scores of (b, C, F) features; -inf where ``excluded`` (b, C)."""
         if setting not in self.pair_scorers:
             setting = "all"
+        if self.feature_names != FEATURE_NAMES:
+            features = features[..., self._model_columns()]
         scorer = self.pair_scorers.get(setting)
         if scorer is None:  # untuned: rank by the sources and popularity
             scores = features[..., : len(SOURCE_NAMES)].sum(axis=-1) \
@@ -487,7 +506,7 @@ class Scorer:
         return out
 
     def params(self) -> dict[str, Any]:
-        return {**self.config.to_params(), "scorer.features": list(FEATURE_NAMES),
+        return {**self.config.to_params(), "scorer.features": list(self.feature_names),
                 "scorer.validation": self.validation, "scorer.stages": self.stages,
                 "scorer.stage_choice": self.stage_choice}
 
@@ -503,7 +522,8 @@ class Scorer:
         with (folder / "scorer.pkl").open("wb") as fh:
             pickle.dump({"config": asdict(self.config), "validation": self.validation,
                          "state": self.state, "hidden": self.config.hidden,
-                         "stages": self.stages, "stage_choice": self.stage_choice}, fh)
+                         "stages": self.stages, "stage_choice": self.stage_choice,
+                         "features": list(self.feature_names)}, fh)
         if self.tree_rankers:
             (folder / "tree_rankers.json").write_text(json.dumps(
                 {s: t.to_string() for s, t in self.tree_rankers.items()}))
@@ -521,6 +541,12 @@ class Scorer:
         scorer = cls(config, model, model_config, index_exact_max=index_exact_max)
         scorer.validation = saved["validation"]
         scorer.state = saved["state"]
+        names = tuple(saved.get("features", LEGACY_FEATURE_NAMES))
+        unknown = sorted(set(names) - set(FEATURE_NAMES))
+        if unknown:
+            raise ValueError(f"{folder}: the scorer reads features this code does not compute "
+                             f"({', '.join(unknown)}); serve it with the version that trained it")
+        scorer.feature_names = names
         scorer.stages = saved.get("stages", {})  # a bundle from before the stages: the MLP
         scorer.stage_choice = saved.get("stage_choice", {})
         trees = folder / "tree_rankers.json"
@@ -529,7 +555,7 @@ class Scorer:
                                    for s, text in json.loads(trees.read_text()).items()}
         weights = torch.load(folder / "pair_scorers.pt", weights_only=True)
         for setting, state_dict in weights.items():
-            module = PairScorer(len(FEATURE_NAMES), saved["hidden"])
+            module = PairScorer(len(names), saved["hidden"])
             module.load_state_dict(state_dict)
             scorer.pair_scorers[setting] = module.eval()
         return scorer
