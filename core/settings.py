@@ -117,6 +117,7 @@ class Settings:
     index_exact_max: int = 50_000
     index_min_recall: float = 0.95
     text_trainable_layers: str = "auto"
+    ranking_stage: str = "auto"
     train_max_examples: int = 500_000
     train_max_minutes: float = 0.0
     train_max_events: int = 12_000_000
@@ -191,6 +192,9 @@ class Settings:
                                            cls.index_min_recall)),
             text_trainable_layers=env.get("SHOPREC_TEXT_TRAINABLE_LAYERS",
                                           cls.text_trainable_layers).strip().lower(),
+            ranking_stage=_choice("SHOPREC_RANKING_STAGE",
+                                  env.get("SHOPREC_RANKING_STAGE", cls.ranking_stage),
+                                  ("auto", "mlp", "trees", "blend")),
             train_max_examples=int(env.get("SHOPREC_TRAIN_MAX_EXAMPLES",
                                            cls.train_max_examples)),
             train_max_minutes=float(env.get("SHOPREC_TRAIN_MAX_MINUTES",
@@ -388,6 +392,13 @@ class Settings:
         for key, value in self.client_credentials().items():
             os.environ.setdefault(key, value)
         return self
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    value = value.strip().lower()
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+    return value
 
 
 def _read_secret(secrets_dir: Path, name: str) -> str:

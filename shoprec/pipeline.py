@@ -329,7 +329,7 @@ def train_interval(settings: Settings, day: str | dt.date,
 
     day = parse_day(day)
     config = train_config(settings)
-    scorer_config = scorer_config or ScorerConfig()
+    scorer_config = scorer_config or ScorerConfig(stage=settings.ranking_stage)
     data = load_interval(settings, day, holdout)
     examples = training_examples(settings, data.events[data.events["ts"] < data.validation_cut],
                                  config.max_examples)

@@ -118,3 +118,13 @@ def test_importing_settings_has_no_side_effects(tmp_path: Path) -> None:
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert not home.exists()
+
+
+def test_the_ranking_stage_is_one_of_the_four(shop_home: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings.from_env().ranking_stage == "auto"
+    monkeypatch.setenv("SHOPREC_RANKING_STAGE", " Trees ")
+    assert Settings.from_env().ranking_stage == "trees"
+    monkeypatch.setenv("SHOPREC_RANKING_STAGE", "forest")
+    with pytest.raises(ValueError, match="SHOPREC_RANKING_STAGE='forest': expected one of auto"):
+        Settings.from_env()
