@@ -13,6 +13,8 @@ their defaults instead.
     .venv/bin/python benchmarks/quality.py                    # minilm encoder, 2 epochs
     .venv/bin/python benchmarks/quality.py --no-two-tower     # baselines and blends only
     .venv/bin/python benchmarks/quality.py --out quality.json  # also quality.json / .md
+    .venv/bin/python benchmarks/quality.py --ablation          # + the served ranking without
+                                                               #   its parts (validation/test)
 
 Skips (exit 0, with a message) when the data file is absent.
 """
@@ -93,6 +95,53 @@ def target_report(result, model: str = "blend") -> list[str]:
     return lines
 
 
+def ablations(config, cache, users, *, two_tower: bool) -> list:
+    """The served ranking without each of its parts (same validation window, same code)."""
+    from dataclasses import replace
+
+    from training.evaluation.models import ServedRecommender
+    from training.ranking.config import ScorerConfig
+
+    base = ScorerConfig()
+    tower = config if two_tower else None
+    out = [ServedRecommender(replace(base, context=False), tower, cache, users=users,
+                             name="served_without_context_features"),
+           ServedRecommender(replace(base, stage="mlp"), tower, cache, users=users,
+                             name="served_pair_scorer_only")]
+    if two_tower:
+        out.append(ServedRecommender(base, None, cache, users=users,
+                                     name="served_without_two_tower"))
+    return out
+
+
+def ablation_table(result) -> list[str]:
+    """Validation (the stage's held-out users, else in-sample) and test figures of the served
+    ranking and its ablations."""
+    names = [m for m in result.methods if m.startswith("served")]
+    lines = ["", "Ablation (validation: the ranking stage's own figures on validation users; "
+             "test: the protocol's):", "",
+             "| method | stages | val (a) R@50 | val (b) R@50 | test (a) R@50 | test (a) NDCG@10 "
+             "| test (b) R@50 | test (b) NDCG@10 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        params = result.params.get(name, {})
+        stages = params.get("scorer.stages", {})
+        choice = params.get("scorer.stage_choice", {})
+        valid = params.get("scorer.validation", {})
+
+        def val(setting, stages=stages, choice=choice, valid=valid):
+            held = choice.get(setting, {}).get(stages.get(setting, "mlp"), {})
+            figure = held.get("recall_at_50", valid.get(setting, {}).get("recall_at_50"))
+            return "–" if figure is None else f"{figure:.3f}" + ("" if held else "*")
+
+        cells = [name, "/".join(stages.get(s, "mlp") for s in ("all", "new")), val("all"),
+                 val("new")]
+        for setting in ("all", "new"):
+            cells += [f"{result.value(name, setting, m):.3f}"
+                      for m in ("recall_at_50", "ndcg_at_10")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", "* in-sample (the stage was not chosen on held-out users)"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="online_retail.parquet")
@@ -101,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None,
                         help="text-embedding cache (default: $SHOPREC_HOME/cache/text)")
     parser.add_argument("--no-two-tower", action="store_true", help="skip the two-tower model")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also the served ranking without the richer features, with the "
+                             "pair scorer as its only stage, and without the two-tower")
     parser.add_argument("--untuned", action="store_true",
                         help="baselines with their default parameters (no validation grid)")
     parser.add_argument("--out", type=Path, default=None, help="also write FILE.json, FILE.md")
@@ -136,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = standard_recommenders(config, cache_dir=cache, progress=True,
                                     two_tower=not args.no_two_tower, users=users,
                                     tuned=not args.untuned)
+    if args.ablation:
+        methods += ablations(config, cache, users, two_tower=not args.no_two_tower)
     result = run_protocol(events, catalog, methods, progress=True,
                           max_users=args.max_users or None, bootstrap=args.bootstrap)
     seconds = time.perf_counter() - started
@@ -158,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if "two_tower" in result.methods:
         print(*target_report(result, "two_tower"), sep="\n")
+    if args.ablation:
+        print(*ablation_table(result), sep="\n")
     if "blend_weights" in result.params:
         print(f"blend_weights weights: {result.params['blend_weights']['weights']}")
     if args.out is not None:

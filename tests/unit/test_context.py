@@ -91,3 +91,18 @@ def test_a_bundle_trained_before_the_richer_features_scores_as_it_did(tmp_path) 
     (folder / "scorer.pkl").write_bytes(pickle.dumps(saved))
     with pytest.raises(ValueError, match=r"does not compute \(mood\)"):
         Scorer.load(folder)
+
+
+def test_without_context_the_stage_reads_the_17_and_saves_that(tmp_path) -> None:
+    from dataclasses import replace
+
+    from unit.test_scorer import SMALL
+
+    scorer, cut = _fitted(config=replace(SMALL, context=False))
+    assert scorer.feature_names == LEGACY_FEATURE_NAMES
+    assert next(iter(scorer.pair_scorers["all"].parameters())).shape[-1] == 17
+    hist = Histories.from_events(loyal_shop(), ["u1", "u2"])
+    loaded = Scorer.load(scorer.save(tmp_path / "scorer"))
+    assert loaded.feature_names == LEGACY_FEATURE_NAMES
+    np.testing.assert_array_equal(loaded.scores(hist, cut.timestamp()),
+                                  scorer.scores(hist, cut.timestamp()))

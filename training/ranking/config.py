@@ -47,6 +47,8 @@ class ScorerConfig:
         stage: what ranks the candidates (``training.ranking.ltr``): "auto" (chosen per
             setting on held-out validation users), or "mlp" (the pair scorer), "trees"
             (lambdarank) or "blend" (both) for every setting.
+        context: read the richer features of the user's own history (``CONTEXT_NAMES``);
+            False trains on the 17 before them (an ablation).
     """
 
     history_len: int = HISTORY_LEN
@@ -65,6 +67,7 @@ class ScorerConfig:
     popular_candidates: int = 100
     min_candidates: int = 100
     stage: str = "auto"
+    context: bool = True
 
     def to_params(self) -> dict[str, Any]:
         return {f"scorer.{k}": v for k, v in asdict(self).items()}

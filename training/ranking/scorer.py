@@ -93,7 +93,8 @@ class Scorer:
         self.stage_choice: dict[str, dict[str, dict[str, float]]] = {}
         # the features the stages read, in ``FEATURE_NAMES`` columns (a loaded older bundle
         # reads fewer: ``_model_columns``)
-        self.feature_names: tuple[str, ...] = FEATURE_NAMES
+        self.feature_names: tuple[str, ...] = (FEATURE_NAMES if config.context
+                                               else LEGACY_FEATURE_NAMES)
         self.state: ItemState | None = None
 
     # -- the item side -------------------------------------------------------------------
@@ -405,6 +406,8 @@ class Scorer:
         """Choose the setting's stage (``config.stage``, or on held-out users when "auto")
         and train it on every validation user."""
         config = self.config
+        if self.feature_names != FEATURE_NAMES:
+            features = features[..., self._model_columns()]
 
         def mlp(f: np.ndarray, p: np.ndarray, t: np.ndarray) -> Any:
             return train_scorer(f, p, t, hidden=config.hidden, epochs=config.epochs,
@@ -420,6 +423,7 @@ class Scorer:
         self.stages[setting] = stage
         self.pair_scorers[setting] = train_scorer(features, padding, truth, hidden=config.hidden,
                                                   epochs=config.epochs, seed=config.seed)
+        self._numpy_scorers.pop(setting, None)
         self.tree_rankers.pop(setting, None)
         if stage != "mlp" and (truth & ~padding).any():
             self.tree_rankers[setting] = TreeRanker.train(features, padding, truth,
