@@ -175,8 +175,12 @@ def rank_pieces(watch: Stopwatch, bundle: Any, history: Any, prefix: str = "",
     if built is None:
         return
     features, columns = built
-    scores = watch.time("pair scorer (MLP over the candidates)",
-                        lambda: scorer._apply("all", features, columns < 0))
+    for setting in ("all", "new"):  # "new": what exclude_purchased=true ranks with
+        stage = getattr(scorer, "stages", {}).get(setting, "mlp")
+        ranked = watch.time(f"ranking stage, setting {setting} ({stage})",
+                            lambda setting=setting: scorer._apply(setting, features, columns < 0))
+        if setting == "all":
+            scores = ranked
     if scores is None:
         return
     picked = watch.time("top-k", lambda: columns[0][np.lexsort((columns[0], -scores[0]))][:K])

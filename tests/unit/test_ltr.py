@@ -80,9 +80,37 @@ def test_stage_scores_refuse_an_unknown_stage() -> None:
     features, padding, _, _ = band_shop(users=4)
     trees = lambda x: x[..., 0]  # noqa: E731
     mlp = lambda x: x[..., 1]  # noqa: E731
-    np.testing.assert_array_equal(stage_scores("trees", features, padding, mlp, trees),
-                                  features[..., 0])
+    got = stage_scores("trees", features, padding, mlp, trees)
+    np.testing.assert_array_equal(got[~padding], features[..., 0][~padding])
+    assert (got[padding] < -1e5).all()
     np.testing.assert_array_equal(stage_scores("blend", features, padding, mlp, None),
                                   features[..., 1])  # no trees: the pair scorer
     with pytest.raises(ValueError, match="stage 'forest'"):
         stage_scores("forest", features, padding, mlp, trees)
+
+
+def test_the_trees_rerank_only_the_pair_scorers_top() -> None:
+    from training.ranking import ltr
+
+    features = np.random.default_rng(1).random((3, 400, 2)).astype(np.float32)
+    padding = np.zeros((3, 400), dtype=bool)
+    padding[:, :10] = True
+    mlp = lambda x: x[..., 1]  # noqa: E731
+    seen = []
+
+    def trees(x):
+        seen.append(len(x))
+        return -x[..., 0]
+
+    got = stage_scores("trees", features, padding, mlp, trees)
+    assert seen == [3 * ltr.TREE_TOP]  # one call, the top of each row only
+    top = ltr.cascade_top(features[..., 1].astype(np.float64), padding)
+    assert top.sum(axis=1).tolist() == [ltr.TREE_TOP] * 3 and not (top & padding).any()
+    for row in range(3):
+        order = np.argsort(-got[row], kind="stable")
+        inside = order[: ltr.TREE_TOP]
+        assert set(inside) == set(np.flatnonzero(top[row]))  # the top stays on top...
+        np.testing.assert_array_equal(got[row, inside], -features[row, inside, 0])  # ...re-ranked
+        rest = order[ltr.TREE_TOP:]  # and the rest keeps the pair scorer's order
+        rest = rest[~padding[row, rest]]
+        assert (np.diff(features[row, rest, 1]) <= 0).all()

@@ -2,10 +2,14 @@
 candidates' features, and the per-shop choice of the stage that is served.
 
 ``TreeRanker`` is LightGBM's lambdarank (queries = users, label = bought in the window),
-trained on the validation window like the pair scorer (``training.ranking.pair``). Which
-stage ranks a shop's candidates is chosen on that shop's own validation users, per setting
-(``choose_stage``): the pair scorer (``mlp``), the trees (``trees``) or both (``blend``: the
-sum of each one's scores standardised over the user's candidates). Both learners are fitted
+trained on the validation window like the pair scorer (``training.ranking.pair``). The trees
+are a second stage: they re-rank the pair scorer's best ``TREE_TOP`` candidates of each user
+(the rest keep the pair scorer's order below them), which keeps a request's cost at a few
+hundred tree walks instead of one per candidate (~1.8 ms for 776 candidates and 100 trees
+on 2 cores, ~0.35 ms for 150). Which stage ranks a shop's candidates is chosen on that
+shop's own validation users, per setting (``choose_stage``): the pair scorer alone
+(``mlp``), the trees over its top (``trees``) or both there (``blend``: the sum of each
+one's scores standardised over those candidates). Both learners are fitted
 on three quarters of the validation users and compared on the remaining quarter, so trees,
 which fit their training users closely, are not favoured by an in-sample figure; ties keep
 the pair scorer. The choice and its figures are logged with the run.
@@ -36,7 +40,9 @@ TREE_PARAMS: dict[str, Any] = {
     "min_data_in_leaf": 20, "feature_fraction": 0.9, "lambda_l2": 1.0,
     "deterministic": True, "force_row_wise": True, "verbose": -1,
 }
-TREE_ROUNDS = 200
+TREE_ROUNDS = 100
+TREE_TOP = 150  # the trees re-rank each user's best candidates by the pair scorer
+BELOW = 1e6  # what the candidates outside that top lose, so that they rank after it
 
 Scores = Callable[[np.ndarray], np.ndarray]  # (..., F) features -> (...) scores
 
@@ -77,6 +83,14 @@ class TreeRanker:
             return np.zeros(x.shape[:-1])
         return self.booster.predict(flat, num_threads=1).reshape(x.shape[:-1])
 
+    @classmethod
+    def train_over(cls, mlp: Scores, features: np.ndarray, padding: np.ndarray,
+                   truth: np.ndarray, *, seed: int = 0) -> TreeRanker:
+        """Fit on the pair scorer ``mlp``'s top ``TREE_TOP`` candidates of each user: what
+        the trees will re-rank."""
+        top = cascade_top(np.asarray(mlp(features), dtype=np.float64), padding)
+        return cls.train(features, ~top, truth, seed=seed)
+
     def to_string(self) -> str:
         return self.booster.model_to_string()
 
@@ -97,17 +111,33 @@ def standardised(scores: np.ndarray, padding: np.ndarray) -> np.ndarray:
     return centred / np.where(std > 0, std, 1.0)
 
 
+def cascade_top(scores: np.ndarray, padding: np.ndarray, top: int = TREE_TOP) -> np.ndarray:
+    """(b, C) bool: each row's ``top`` best non-padding entries of ``scores``."""
+    if scores.shape[1] <= top:
+        return ~padding
+    masked = np.where(padding, -np.inf, scores)
+    best = np.argpartition(-masked, top - 1, axis=1)[:, :top]  # (b, top)
+    out = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(out, best, True, axis=1)
+    return out & ~padding
+
+
 def stage_scores(stage: str, features: np.ndarray, padding: np.ndarray, mlp: Scores,
                  trees: Scores | None) -> np.ndarray:
-    """(b, C) float64 scores of a stage (the pair scorer where there are no trees)."""
+    """(b, C) float64 scores of a stage (the pair scorer where there are no trees): the
+    trees score only the pair scorer's top ``TREE_TOP`` of each row, the rest rank below."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} not in {STAGES}")
+    first = np.asarray(mlp(features), dtype=np.float64)
     if stage == "mlp" or trees is None:
-        return np.asarray(mlp(features), dtype=np.float64)
-    if stage == "trees":
-        return np.asarray(trees(features), dtype=np.float64)
+        return first
+    top = cascade_top(first, padding)
+    rows, cols = np.nonzero(top)
+    second = np.zeros(first.shape)
+    second[rows, cols] = trees(features[rows, cols])
     if stage == "blend":
-        return (standardised(np.asarray(mlp(features), dtype=np.float64), padding)
-                + standardised(trees(features), padding))
-    raise ValueError(f"stage {stage!r} not in {STAGES}")
+        second = standardised(first, ~top) + standardised(second, ~top)
+    return np.where(top, second, first - BELOW)
 
 
 def choose_stage(features: np.ndarray, padding: np.ndarray, truth: np.ndarray,
@@ -135,7 +165,7 @@ def choose_stage(features: np.ndarray, padding: np.ndarray, truth: np.ndarray,
     if hits[held].sum() < MIN_CHOICE_USERS or hits[fit].sum() < MIN_CHOICE_USERS:
         return "mlp", {"mlp": {"n_users": float(len(held))}}
     mlp = train_mlp(features[fit], padding[fit], truth[fit])
-    trees = TreeRanker.train(features[fit], padding[fit], truth[fit], seed=seed)
+    trees = TreeRanker.train_over(mlp, features[fit], padding[fit], truth[fit], seed=seed)
     table = {}
     for stage in STAGES:
         scores = stage_scores(stage, features[held], padding[held], mlp, trees)

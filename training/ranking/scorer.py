@@ -426,8 +426,9 @@ class Scorer:
         self._numpy_scorers.pop(setting, None)
         self.tree_rankers.pop(setting, None)
         if stage != "mlp" and (truth & ~padding).any():
-            self.tree_rankers[setting] = TreeRanker.train(features, padding, truth,
-                                                          seed=config.seed)
+            self.tree_rankers[setting] = TreeRanker.train_over(
+                self.pair_scorers[setting].as_numpy(), features, padding, truth,
+                seed=config.seed)
 
     def _apply(self, setting: str, features: np.ndarray, excluded: np.ndarray) -> np.ndarray:
         """(b, C) scores of (b, C, F) features; -inf where ``excluded`` (b, C)."""
