@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None,
                         help="text-embedding cache (default: $SHOPREC_HOME/cache/text)")
     parser.add_argument("--no-two-tower", action="store_true", help="skip the two-tower model")
+    parser.add_argument("--no-blends", action="store_true",
+                        help="skip the two blends (reference methods; most of the memory)")
     parser.add_argument("--ablation", action="store_true",
                         help="also the served ranking without the richer features, with the "
                              "pair scorer as its only stage, and without the two-tower")
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(text_encoder=args.encoder, epochs=args.epochs, device="cpu")
     methods = standard_recommenders(config, cache_dir=cache, progress=True,
                                     two_tower=not args.no_two_tower, users=users,
-                                    tuned=not args.untuned)
+                                    tuned=not args.untuned, blends=not args.no_blends)
     if args.ablation:
         methods += ablations(config, cache, users, two_tower=not args.no_two_tower)
     result = run_protocol(events, catalog, methods, progress=True,
@@ -207,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"setting ({'a' if setting == 'all' else 'b'}):", *result.interval_lines(setting),
                   sep="\n")
     print(*result.tuning_lines(), sep="\n")
-    for line in (target_report(result, "served") + target_report(result, "blend")
-                 + target_report(result, "blend_weights")):
-        print(line)
+    for model in ("served", "blend", "blend_weights"):
+        if model in result.methods:
+            print(*target_report(result, model), sep="\n")
     if "two_tower" in result.methods:
         print(*target_report(result, "two_tower"), sep="\n")
     if args.ablation:

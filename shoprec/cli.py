@@ -218,8 +218,12 @@ def model_evaluate(
     test_days: Annotated[int, typer.Option(min=1, help="test (and validation) window")] = 30,
     epochs: Annotated[int | None, typer.Option(min=0, help="two-tower epochs")] = None,
     two_tower: Annotated[bool, typer.Option(help="train the two-tower model")] = True,
+    blends: Annotated[bool, typer.Option(
+        "--blends", help="also the two blends (reference methods; most of the time and memory)")]
+    = False,
 ) -> None:
-    """Temporal-split evaluation: baselines, two-tower and blends in both settings."""
+    """Temporal-split evaluation in both settings: the tuned baselines, the two-tower model
+    alone, [the blends,] and the served ranking."""
     from training.evaluation.protocol import evaluate_root
 
     settings = _settings(root)
@@ -228,7 +232,7 @@ def model_evaluate(
         result = evaluate_root(settings.landing_root, _day(cut) if cut else None,
                                test_days=test_days, text_encoder=settings.text_encoder,
                                cache_dir=settings.cache_dir / "text", epochs=epochs,
-                               two_tower=two_tower, progress=True)
+                               two_tower=two_tower, progress=True, blends=blends)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

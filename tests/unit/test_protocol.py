@@ -285,7 +285,7 @@ def test_cli_model_evaluate_writes_json_and_markdown(shop_home, tmp_path) -> Non
     out = tmp_path / "report" / "quality.json"
     result = CliRunner().invoke(app, [
         "model", "evaluate", "--root", str(root), "--cut", "2026-01-15", "--test-days", "7",
-        "--epochs", "1", "--out", str(out),
+        "--epochs", "1", "--out", str(out), "--blends",
     ])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())

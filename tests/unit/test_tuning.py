@@ -79,3 +79,18 @@ def test_the_tuned_baselines_fit_and_answer(tmp_path) -> None:
         assert set(method.chosen) == {"all", "new"}
         assert len(method.recommend(["me", "stranger"], 2)) == 2
         assert all(set(t["params"]) == set(GRIDS[method.name]) for t in method.trials)
+
+
+def test_the_standard_methods_are_tuned_and_the_blends_opt_in() -> None:
+    from training.evaluation.blends import standard_recommenders
+
+    config = TrainConfig(text_encoder="tiny")
+    methods = standard_recommenders(config, two_tower=False)
+    assert [m.name for m in methods] == [*GRIDS, "served"]
+    assert all(isinstance(m, Tuned) for m in methods[:-1])
+    with_blends = standard_recommenders(config, two_tower=False, blends=True)
+    assert [m.name for m in with_blends][-3:] == ["blend_weights", "blend", "served"]
+    # the blends combine untuned sources of their own, not the tuned baselines
+    assert not any(isinstance(s, Tuned) for s in with_blends[-2].sources)
+    assert [m.name for m in standard_recommenders(config, two_tower=False, tuned=False)][:5] \
+        == list(GRIDS)

@@ -207,10 +207,13 @@ def evaluate_root(
     epochs: int | None = None,
     two_tower: bool = True,
     progress: bool = True,
+    blends: bool = False,
 ) -> ProtocolResult:
-    """The protocol on a landing root: every baseline, the two-tower model and the blends.
+    """The protocol on a landing root: every baseline (tuned), the two-tower model, [the
+    blends,] and the served ranking.
 
-    The blends tune on a validation window as long as the test window, just before the cut.
+    Tuning and the served ranking's stage use a validation window as long as the test
+    window, just before the cut.
 
     Args:
         root: landing-zone root (what the importers and the synthetic shop write).
@@ -222,6 +225,7 @@ def evaluate_root(
         epochs: overrides the two-tower's epochs.
         two_tower: include the two-tower model (alone and as a blend source).
         progress: progress bars.
+        blends: include the two blends (``standard_recommenders``).
 
     Returns:
         The table.
@@ -246,5 +250,5 @@ def evaluate_root(
     users = read_upto(root, "users", user_days[-1]) if user_days else None
     recommenders = standard_recommenders(config, cache_dir=cache_dir, progress=progress,
                                          two_tower=two_tower, validation_days=test_days,
-                                         users=users)
+                                         users=users, blends=blends)
     return run_protocol(events, catalog, recommenders, cut, ks, test_days, progress=progress)
