@@ -485,15 +485,6 @@ def interval_metrics(result: Any, against: float, gate_metric: str,
     return metrics
 
 
-def tuning_tags(params: dict[str, Any]) -> dict[str, str]:
-    """``tuned.<baseline>.<setting>`` -> the parameters the baseline chose on validation
-    (``training.evaluation.tuning``), e.g. ``tuned.als.new: factors=128, alpha=20.0``: tags,
-    so a re-evaluation against another champion may write them again."""
-    return {f"tuned.{method}.{setting}": ", ".join(f"{k}={v}" for k, v in chosen.items())
-            for method, p in params.items() if p.get("tuned")
-            for setting, chosen in p["chosen"].items()}
-
-
 def uncertainty_metrics(result: Any, gate_metric: str, champion: str | None,
                         baselines: tuple[str, ...] = BASELINES) -> dict[str, float]:
     """The evaluation's bootstrap figures, as MLflow metrics.
@@ -546,7 +537,7 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
     from training.evaluation.models import ServedRecommender, TwoTowerRanker
     from training.evaluation.protocol import evaluate_split
     from training.evaluation.report import recall_at_k_plot
-    from training.evaluation.tuning import tuned_baselines
+    from training.evaluation.tuning import tuned_baselines, tuned_params, tuning_tags
 
     day = parse_day(day)
     client = mlflow_client(settings)
@@ -590,8 +581,8 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
             "two-tower model alone; `champion` the current champion's ranking, refitted at "
             "the same cut.\n\n" + result.to_markdown())
         result.to_json(folder / "metrics.json")
-        (folder / "tuning.json").write_text(json.dumps(
-            {m: p for m, p in result.params.items() if p.get("tuned")}, indent=1, default=str))
+        (folder / "tuning.json").write_text(json.dumps(tuned_params(result.params), indent=1,
+                                                       default=str))
         for name in ("metrics.md", "metrics.json", "tuning.json"):
             mlflow.log_artifact(str(folder / name), artifact_path="evaluation")
         mlflow.set_tags(tuning_tags(result.params))

@@ -9,7 +9,7 @@ from unit.test_baselines import train_data
 
 from training.config import TrainConfig
 from training.evaluation.baselines import ItemKNN, Popularity, cosine_similarity
-from training.evaluation.tuning import GRIDS, Tuned, tuned_baselines
+from training.evaluation.tuning import GRIDS, Tuned, tuned_baselines, tuning_tags
 
 pytestmark = pytest.mark.fast
 
@@ -58,6 +58,10 @@ def test_each_setting_gets_the_parameters_that_win_its_validation() -> None:
     assert trials[0]["all"] == pytest.approx(1 / 3) and trials[1]["all"] == pytest.approx(2 / 3)
     assert trials[0]["new"] == trials[1]["new"] == 1.0
     assert tuned.params()["chosen"] == tuned.chosen
+    # what the evaluation tags the MLflow run with (other methods' params left out)
+    assert tuning_tags({"item_knn": tuned.params(), "served": {"stage": "mlp"}}) == {
+        "tuned.item_knn.all": "self_similarity=True",
+        "tuned.item_knn.new": "self_similarity=False"}
     # refitted on all the training data, not the validation part
     assert tuned.models["all"].data is data
 

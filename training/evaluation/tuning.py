@@ -206,3 +206,17 @@ def tuned_baselines(config: TrainConfig | None = None,
     }
     return [Tuned(make, GRIDS[name], name=name, validation_days=validation_days,
                   max_users=max_users) for name, make in makers.items()]
+
+
+def tuned_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The tuned baselines' ``params()`` among a result's methods (grids, trials, choices)."""
+    return {m: p for m, p in params.items() if isinstance(p, Mapping) and p.get("tuned")}
+
+
+def tuning_tags(params: Mapping[str, Any]) -> dict[str, str]:
+    """``tuned.<baseline>.<setting>`` -> the parameters the baseline chose on validation,
+    e.g. ``tuned.als.new: factors=32, regularization=0.5, ...``: MLflow tags, so that a
+    re-evaluation against another champion may write them again."""
+    return {f"tuned.{method}.{setting}": ", ".join(f"{k}={v}" for k, v in chosen.items())
+            for method, p in tuned_params(params).items()
+            for setting, chosen in p["chosen"].items()}
