@@ -536,8 +536,8 @@ def evaluate_interval(settings: Settings, mlflow_run_id: str, day: str | dt.date
     from training.data import SETTING_TITLES, SETTINGS, temporal_split
     from training.evaluation.models import ServedRecommender, TwoTowerRanker
     from training.evaluation.protocol import evaluate_split
-    from training.evaluation.report import recall_at_k_plot
-    from training.evaluation.tuning import tuned_baselines, tuned_params, tuning_tags
+    from training.evaluation.report import recall_at_k_plot, tuned_params
+    from training.evaluation.tuning import tuned_baselines, tuning_tags
 
     day = parse_day(day)
     client = mlflow_client(settings)

@@ -525,10 +525,8 @@ def standard_recommenders(
 
     config = config or TrainConfig()
 
-    def plain() -> list[ScoredRecommender]:
-        return [Popularity(), Repeat(), ItemKNN(), ALS(), TextCosine(config, cache_dir)]
-
-    sources = plain()
+    sources: list[ScoredRecommender] = [Popularity(), Repeat(), ItemKNN(), ALS(),
+                                        TextCosine(config, cache_dir)]
     methods: list[ScoredRecommender] = (
         list(tuned_baselines(config, cache_dir, validation_days=validation_days)) if tuned
         else sources)

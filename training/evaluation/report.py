@@ -151,7 +151,7 @@ class ProtocolResult:
     def tuning_lines(self) -> list[str]:
         """The tuned baselines (``training.evaluation.tuning.Tuned``): per setting, the
         parameters chosen on validation and their validation figure; empty when none."""
-        tuned = {m: p for m, p in self.params.items() if isinstance(p, Mapping) and p.get("tuned")}
+        tuned = tuned_params(self.params)
         if not tuned:
             return []
         lines = ["### Tuned baselines", "",
@@ -183,6 +183,11 @@ class ProtocolResult:
                      for c in cols]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         return [*lines, ""]
+
+
+def tuned_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The tuned baselines' ``params()`` among a result's methods (grids, trials, choices)."""
+    return {m: p for m, p in params.items() if isinstance(p, Mapping) and p.get("tuned")}
 
 
 def _header(metric: str) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 from training.config import TrainConfig
 from training.data import SETTINGS, VALIDATION_DAYS, Split, TrainData, validation_split
 from training.evaluation.baselines import ItemKNN, Popularity, Repeat, TextCosine
+from training.evaluation.report import tuned_params
 from training.metrics import recall_at_k
 from training.ranking.als import ALS
 from training.recommender import ScoredRecommender
@@ -206,11 +207,6 @@ def tuned_baselines(config: TrainConfig | None = None,
     }
     return [Tuned(make, GRIDS[name], name=name, validation_days=validation_days,
                   max_users=max_users) for name, make in makers.items()]
-
-
-def tuned_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The tuned baselines' ``params()`` among a result's methods (grids, trials, choices)."""
-    return {m: p for m, p in params.items() if isinstance(p, Mapping) and p.get("tuned")}
 
 
 def tuning_tags(params: Mapping[str, Any]) -> dict[str, str]:

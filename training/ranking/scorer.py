@@ -423,7 +423,6 @@ class Scorer:
         self.stages[setting] = stage
         self.pair_scorers[setting] = train_scorer(features, padding, truth, hidden=config.hidden,
                                                   epochs=config.epochs, seed=config.seed)
-        self._numpy_scorers.pop(setting, None)
         self.tree_rankers.pop(setting, None)
         if stage != "mlp" and (truth & ~padding).any():
             self.tree_rankers[setting] = TreeRanker.train_over(
