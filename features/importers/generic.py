@@ -1,8 +1,9 @@
 """Import any shop's CSV or parquet export into the landing-zone contract, through a YAML mapping.
 
 ``import_generic`` is what callers use: it checks the mapping (``generic_mapping``), reads the
-export's files (``generic_reading``), builds the contract tables and drops the rows that break
-the contract, by reason (``generic_tables``), and writes each UTC day that has events as
+export's files (``generic_reading``), filters out the rows the mapping's filters remove
+(``generic_rules``), builds the contract tables and drops the rows that break the contract,
+by reason (``generic_tables``), and writes each UTC day that has events as
 ``events``, ``products`` and ``users`` partitions (all three, empty frames allowed) through
 ``contract.write_partition``: same files and mapping, same bytes.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +23,22 @@ from tqdm.auto import tqdm
 from features import contract
 from features.importers.generic_mapping import (
     ID_SALT_ENV,
+    ColumnSpec,
     ImportMapping,
     MappingError,
     load_mapping,
 )
-from features.importers.generic_reading import input_files, read_source
+from features.importers.generic_reading import filter_rows, input_files, read_source, text_values
+from features.importers.generic_rules import Condition
 from features.importers.generic_tables import (
+    EventJoins,
     SourceReport,
     build_events,
     drop_uncatalogued,
     place_products,
     product_rows,
     products_from_events,
+    pseudonymize,
     users_from_events,
     users_from_source,
 )
@@ -65,6 +70,10 @@ class ImportReport:
     def dropped(self) -> dict[str, int]:
         return self.sources[0].dropped
 
+    @property
+    def filtered(self) -> dict[str, int]:
+        return self.sources[0].filtered
+
     def source(self, label: str) -> SourceReport | None:
         """The report of one source by label ("events", "products", "users from events"...)."""
         return next((s for s in self.sources if s.label == label), None)
@@ -73,9 +82,11 @@ class ImportReport:
         lines = [f"Generic import {self.name!r}:"]
         for s in self.sources:
             share = s.rows_kept / s.rows_in if s.rows_in else 0.0
+            filtered = f"{s.rows_filtered:,} filtered out, " if s.filtered else ""
             lines.append(f"  {s.label}: {s.rows_in:,} rows in, {s.rows_kept:,} kept ({share:.1%}), "
-                         f"{s.rows_in - s.rows_kept:,} dropped")
-            width = max((len(r) for r in s.dropped), default=0)
+                         f"{filtered}{s.rows_dropped:,} dropped")
+            width = max((len(r) for r in (*s.filtered, *s.dropped)), default=0)
+            lines += [f"    filtered {r:<{width}} {n:>9,}" for r, n in s.filtered.items()]
             lines += [f"    dropped {r:<{width}}  {n:>9,}" for r, n in s.dropped.items()]
         span = f" ({self.first_day}..{self.last_day})" if self.first_day else ""
         lines.append(f"wrote {self.days:,} days{span}: {self.events:,} events, {self.users:,} "
@@ -102,7 +113,7 @@ class TooManyDrops(ValueError):
         for s in self.over:
             reasons = sorted((-n, r) for r, n in s.dropped.items() if n)
             named = ", ".join(f"{r} {-n:,}" for n, r in reasons)
-            lines.append(f"  {s.label}: {s.rows_in - s.rows_kept:,} of {s.rows_in:,} rows "
+            lines.append(f"  {s.label}: {s.rows_dropped:,} of {s.rows_in - s.rows_filtered:,} rows "
                          f"({_dropped_share(s):.1%}): {named}")
         lines.append("fix the mapping or the export (docs/importing.md lists each reason), or "
                      "accept the loss with --allow-drops (or a higher --max-drop-share)")
@@ -110,7 +121,9 @@ class TooManyDrops(ValueError):
 
 
 def _dropped_share(source: SourceReport) -> float:
-    return (source.rows_in - source.rows_kept) / source.rows_in if source.rows_in else 0.0
+    """The share of the rows the mapping meant to keep (not filtered out) that were dropped."""
+    meant = source.rows_in - source.rows_filtered
+    return source.rows_dropped / meant if meant else 0.0
 
 
 def _salt(m: ImportMapping) -> str | None:
@@ -145,10 +158,13 @@ def import_generic(mapping: str | Path | ImportMapping, root: str, *, inputs: Se
         progress: show a progress bar over the days written.
         max_drop_share: the largest share of any source's rows (events, products, users, and
             what is derived from the events) that may be dropped; above it nothing is written
-            and ``TooManyDrops`` names the sources and reasons. None accepts any loss.
+            and ``TooManyDrops`` names the sources and reasons. None accepts any loss. Rows
+            the mapping filters out on purpose are not counted, neither as dropped nor in
+            the rows the share is of.
 
     Returns:
-        Rows read, kept and dropped (by reason) per source, and what was written.
+        Rows read, kept, filtered out and dropped (by reason) per source, and what was
+        written.
 
     Raises:
         TooManyDrops: a source lost more than ``max_drop_share`` of its rows.
@@ -159,21 +175,40 @@ def import_generic(mapping: str | Path | ImportMapping, root: str, *, inputs: Se
     files = input_files(m, inputs)
     salt = _salt(m)
     # sections without a source read their columns from the events file
-    event_specs = list(m.events.columns.values())
+    event_specs: list[ColumnSpec | Condition] = [*m.events.columns.values(), *m.events.filter]
     for section in (m.products, m.users):
         if section.source is None:
             event_specs += list(section.columns.values())
     raw = read_source(files["events"], m.events.source, event_specs, "events")
-    events, ev_reason = build_events(raw, m, salt)
     reports: list[SourceReport] = []
 
-    # the catalogue first: events whose product cannot enter it are dropped
+    # the products and users files first: what their filters remove takes its events along
+    joins = EventJoins()
+    if m.products.source is not None:
+        praw = read_source(files["products"], m.products.source,
+                           [*m.products.columns.values(), *m.products.filter], "products")
+        p_filtered = filter_rows(praw, m.products)
+        pids = text_values(praw, m.products.columns["product_id"])
+        in_file = None
+        if m.events.require_product_in_catalog:
+            in_file = set(pids[~p_filtered.out].dropna())
+        joins = replace(joins, products=p_filtered.by_id(pids), product_names=p_filtered.names,
+                        listed_products=in_file)
+    if m.users.source is not None:
+        uraw = read_source(files["users"], m.users.source,
+                           [*m.users.columns.values(), *m.users.filter], "users")
+        u_filtered = filter_rows(uraw, m.users)
+        uids = text_values(uraw, m.users.columns["user_id"])
+        uids = pseudonymize(uids, salt) if salt is not None else uids
+        joins = replace(joins, users=u_filtered.by_id(uids), user_names=u_filtered.names)
+    events, ev_reason, ev_filtered = build_events(raw, m, salt, filter_rows(raw, m.events),
+                                                  joins)
+
+    # the catalogue next: events whose product cannot enter it are dropped
     price_spec = m.products.columns.get("price")
     price_default = price_spec.default if price_spec is not None else None
     if m.products.source is not None:
-        praw = read_source(files["products"], m.products.source,
-                           list(m.products.columns.values()), "products")
-        prows, p_reason = product_rows(praw, m.products, events)
+        prows, p_reason = product_rows(praw, m.products, events, p_filtered)
         listed = set(prows["product_id"][p_reason < 0])
         unlisted = set(events["product_id"].dropna()) - listed
         extra, extra_report = products_from_events(events, raw, None, unlisted,
@@ -181,14 +216,16 @@ def import_generic(mapping: str | Path | ImportMapping, root: str, *, inputs: Se
         catalogue = listed | set(extra["product_id"])
     else:
         extra, extra_report = products_from_events(events, raw, m.products, None,
-                                                   "products from events", price_default)
+                                                   "products from events", price_default,
+                                                   m.events.source)
         catalogue = set(extra["product_id"])
-    events, report = drop_uncatalogued(events, ev_reason, catalogue, len(raw))
+    events, report = drop_uncatalogued(events, ev_reason, catalogue, ev_filtered)
     reports.append(report)
     event_days = np.array(sorted(set(events["day"])), dtype="datetime64[D]")
 
     if m.products.source is not None:
-        products, report = place_products(prows, p_reason, events, event_days)
+        products, report = place_products(prows, p_reason, events, event_days, p_filtered,
+                                          m.products.only_with_events)
         reports.append(report)
         products = pd.concat([products, extra], ignore_index=True)
         if extra_report.rows_in:
@@ -198,9 +235,7 @@ def import_generic(mapping: str | Path | ImportMapping, root: str, *, inputs: Se
         reports.append(extra_report)
 
     if m.users.source is not None:
-        uraw = read_source(files["users"], m.users.source, list(m.users.columns.values()),
-                           "users")
-        users, report = users_from_source(uraw, m.users, events, event_days, salt)
+        users, report = users_from_source(uraw, m.users, events, event_days, salt, u_filtered)
         reports.append(report)
         unlisted = set(events["user_id"]) - set(users["user_id"])
         extra, report = users_from_events(events, raw, None, unlisted, event_days,

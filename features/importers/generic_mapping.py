@@ -10,7 +10,6 @@ a typo never silently does nothing. User ids read from columns named like direct
 from __future__ import annotations
 
 import codecs
-import datetime as dt
 import difflib
 import re
 import string
@@ -23,6 +22,16 @@ from typing import Any
 import yaml
 
 from features import contract
+from features.importers.generic_rules import (
+    Condition,
+    Expr,
+    RuleError,
+    SequenceRule,
+    parse_expr,
+    parse_filter,
+    parse_sequence,
+)
+from features.validation_suites import MAX_PRICE, MAX_QUANTITY
 
 TIME_FORMATS = ("iso", "epoch_s", "epoch_ms")
 ID_SALT_ENV = "SHOPREC_ID_SALT"
@@ -47,13 +56,14 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 # Without a source, products and users are made from events, which give these.
 _FROM_EVENTS = {"products": ("product_id", "updated_at"), "users": ("user_id",)}
-_SEQUENCE_KEYS = ("from_sequence", "per", "start", "step_days", "anchor", "anchor_format", "hour")
+_SEQUENCE_KEYS = ("from_sequence", "per", "start", "step_days", "gap_days_column", "align_end",
+                  "anchor", "anchor_format", "hour")
 _KIND_OPTIONS: dict[str, tuple[str, ...]] = {
     "id": ("column", "value", "template", "concat", "sep", "default"),
     "text": ("column", "value", "template", "concat", "sep", "default"),
     "event_type": ("column", "value", "map", "default"),
-    "quantity": ("column", "value", "default"),
-    "price": ("column", "value", "default"),
+    "quantity": ("column", "value", "expr", "default"),
+    "price": ("column", "value", "expr", "default"),
     "time": ("column", "format", "timezone", *_SEQUENCE_KEYS),
     "date": ("column", "format"),
 }
@@ -61,6 +71,14 @@ _CSV_OPTIONS = ("delimiter", "encoding", "decimal", "thousands", "quotechar", "n
                 "skip_rows")
 _SOURCE_KEYS = ("path", "format", *_CSV_OPTIONS)
 _TOP_KEYS = ("version", "name", "hash_user_id", "id_salt", "events", "products", "users")
+# Keys of each section besides source and columns.
+_SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "events": ("filter", "require_product_in_catalog"),
+    "products": ("filter", "only_with_events"),
+    "users": ("filter",),
+}
+# Kinds whose column may be a list of fallbacks (the first non-empty value wins).
+_FALLBACK_KINDS = ("id", "text", "quantity", "price")
 ROW_FIELDS = ("_row", "_line")  # template fields that are not source columns
 _STRFTIME_CODES = frozenset("aAbBcdfGHIjmMpSuUVwWxXyYzZ%")
 
@@ -89,19 +107,6 @@ class DirectIdentifierError(MappingError):
 
 
 @dataclass(frozen=True)
-class SequenceRule:
-    """Synthetic timestamps from an order sequence number (see ``docs/importing.md``)."""
-
-    column: str
-    per: str
-    start: dt.date | None
-    step_days: int
-    anchor: str | None
-    anchor_format: str
-    hour: str | None
-
-
-@dataclass(frozen=True)
 class ColumnSpec:
     """How one contract column is made from source columns; ``key`` is its YAML path."""
 
@@ -114,14 +119,18 @@ class ColumnSpec:
     format: str = "iso"
     timezone: str = "UTC"
     sequence: SequenceRule | None = None
+    fallback: tuple[str, ...] | None = None  # column: [a, b]: the first non-empty value
+    expr: Expr | None = None  # expr: "line_value / quantity"
+    optional: frozenset[int] = frozenset()  # template parts whose field may be missing ({x?})
 
     def source_columns(self) -> list[str]:
         """Source columns this spec reads (``_row``/``_line`` and ``per: user_id`` excluded)."""
         cols = [self.column] if self.column else []
+        cols += list(self.fallback or ()) + list(self.expr.columns if self.expr else ())
         cols += [f for _, f in self.template or () if f and f not in ROW_FIELDS]
         if self.sequence:
             rule = self.sequence
-            cols += [rule.column, *(c for c in (rule.anchor, rule.hour) if c)]
+            cols += [rule.column, *(c for c in (rule.anchor, rule.hour, rule.gap_column) if c)]
             if rule.per != "user_id":
                 cols.append(rule.per)
         return list(dict.fromkeys(cols))
@@ -139,11 +148,16 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class TableMapping:
-    """One table's section: its source (None: derived from events) and its columns."""
+    """One table's section: its source (None: derived from events), its columns, and the
+    rows it keeps (``filter``; events: ``require_product_in_catalog``, products:
+    ``only_with_events``)."""
 
     table: str
     source: SourceSpec | None
     columns: dict[str, ColumnSpec]
+    filter: tuple[Condition, ...] = ()
+    require_product_in_catalog: bool = False
+    only_with_events: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,6 +234,10 @@ def parse_mapping(doc: Any, base_dir: Path, default_name: str = "mapping") -> Im
             spec = sections[table].columns.get("user_id")
             if spec is not None:
                 _refuse_direct_identifier_columns(spec)
+    if sections["events"].require_product_in_catalog and sections["products"].source is None:
+        raise MappingError("mapping.events.require_product_in_catalog", "needs a products file: "
+                           "add mapping.products.source (without one, every product of the "
+                           "events is in the catalogue)")
     if "price" not in sections["events"].columns and "price" not in sections["products"].columns:
         raise MappingError("mapping.products.columns.price", "missing: the events carry no price "
                            "and every product needs one; map a price column or give "
@@ -246,11 +264,28 @@ def _parse_section(node: Any, table: str) -> TableMapping:
     node = {} if node is None else node
     if not isinstance(node, dict):
         raise MappingError(key, "expected a mapping with 'source' and 'columns'")
-    _check_keys(node, ("source", "columns"), key, "key")
+    _check_keys(node, ("source", "columns", *_SECTION_KEYS[table]), key, "key")
     if table == "events" or "source" in node:
         source: SourceSpec | None = _parse_source(node.get("source"), f"{key}.source")
     else:
         source = None
+    flags = {}
+    for flag in ("require_product_in_catalog", "only_with_events"):
+        flags[flag] = node.get(flag, False)
+        if not isinstance(flags[flag], bool):
+            raise MappingError(f"{key}.{flag}", f"expected true or false, got {flags[flag]!r}")
+    if source is None:
+        for k in ("filter", "only_with_events"):
+            if k in node:
+                raise MappingError(f"{key}.{k}", f"{table} without a source are derived from "
+                                   "the kept events; filter the events instead, or add "
+                                   f"{key}.source")
+    conditions: tuple[Condition, ...] = ()
+    if "filter" in node:
+        try:
+            conditions = parse_filter(node["filter"], f"{key}.filter")
+        except RuleError as exc:
+            raise MappingError(exc.key, exc.problem) from None
     cols_node = node.get("columns") or {}
     if not isinstance(cols_node, dict):
         raise MappingError(f"{key}.columns", "expected a mapping of contract column -> source")
@@ -274,7 +309,7 @@ def _parse_section(node: Any, table: str) -> TableMapping:
             if name not in columns:
                 raise MappingError(f"{key}.columns.{name}", f"missing: {table} need a mapping "
                                    f"for {name!r} (a source column, or value/template/concat)")
-    return TableMapping(table, source, columns)
+    return TableMapping(table, source, columns, conditions, **flags)
 
 
 def _no_sequence(spec: Any, key: str) -> Any:
@@ -334,21 +369,28 @@ def _parse_column(spec: Any, kind: str, key: str) -> ColumnSpec:
     if kind == "time" and any(k in spec for k in _SEQUENCE_KEYS):
         k = next(k for k in _SEQUENCE_KEYS if k in spec)
         raise MappingError(f"{key}.{k}", "only with from_sequence (the sequence-number rule)")
-    given = [k for k in ("column", "value", "template", "concat") if k in spec]
+    forms = ("column", "value", "template", "concat", "expr")
+    given = [k for k in forms if k in spec]
     # a price may be only a default: "no such column; use the median event price, else this"
     price_default_only = kind == "price" and not given and "default" in spec
     if len(given) != 1 and not price_default_only:
-        allowed = [k for k in ("column", "value", "template", "concat") if k in _KIND_OPTIONS[kind]]
+        allowed = [k for k in forms if k in _KIND_OPTIONS[kind]]
         if kind == "time":
             allowed.append("from_sequence")
         what = "none" if not given else " and ".join(given)
         raise MappingError(key, f"give exactly one of {', '.join(allowed)} (got {what})")
-    column = spec.get("column")
-    if column is not None and (not isinstance(column, str) or not column):
-        raise MappingError(f"{key}.column", f"expected a source column name, got {column!r}")
-    template = None
+    column, fallback = _parse_column_name(spec.get("column"), kind, f"{key}.column")
+    if fallback is not None and "map" in spec:
+        raise MappingError(f"{key}.column", "map reads one column; give a single column name")
+    expr = None
+    if "expr" in spec:
+        try:
+            expr = parse_expr(spec["expr"], f"{key}.expr")
+        except RuleError as exc:
+            raise MappingError(exc.key, exc.problem) from None
+    template, optional = None, frozenset[int]()
     if "template" in spec:
-        template = _parse_template(spec["template"], f"{key}.template")
+        template, optional = _parse_template(spec["template"], f"{key}.template")
     elif "concat" in spec:
         template = _parse_concat(spec["concat"], spec.get("sep", "-"), key)
     elif "sep" in spec:
@@ -368,7 +410,26 @@ def _parse_column(spec: Any, kind: str, key: str) -> ColumnSpec:
         if "timezone" in spec and fmt in ("epoch_s", "epoch_ms"):
             raise MappingError(f"{key}.timezone", "epoch times are UTC by definition; remove it")
     return ColumnSpec(key, column=column, value=value, template=template, map=mapping,
-                      default=default, format=fmt, timezone=tz)
+                      default=default, format=fmt, timezone=tz, fallback=fallback, expr=expr,
+                      optional=optional)
+
+
+def _parse_column_name(column: Any, kind: str,
+                       key: str) -> tuple[str | None, tuple[str, ...] | None]:
+    """A ``column`` option: one source column, or a list of fallbacks (the first non-empty
+    value wins); returns (column, None) or (None, fallbacks)."""
+    if isinstance(column, list):
+        if kind not in _FALLBACK_KINDS:
+            raise MappingError(key, "a list of fallback columns is only for ids, text, "
+                               "quantities and prices; give one source column name")
+        if not column or not all(isinstance(c, str) and c for c in column):
+            raise MappingError(key, f"expected source column names, got {column!r}")
+        if len(column) > 1:
+            return None, tuple(column)
+        column = column[0]
+    if column is not None and (not isinstance(column, str) or not column):
+        raise MappingError(key, f"expected a source column name, got {column!r}")
+    return column, None
 
 
 def _checked_value(value: Any, kind: str, key: str) -> Any:
@@ -378,25 +439,36 @@ def _checked_value(value: Any, kind: str, key: str) -> Any:
             raise MappingError(key, f"{value!r} is not an event type; expected one of "
                                f"{', '.join(contract.EVENT_TYPES)}")
         return value
+    # the daily validation's bounds (features.validation_suites), so imports pass it
     if kind == "quantity":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MappingError(key, f"expected a whole number >= 1, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int)
+                or not 1 <= value <= MAX_QUANTITY):
+            raise MappingError(key, f"expected a whole number in 1..{MAX_QUANTITY}, got "
+                               f"{value!r}")
         return value
     if kind == "price":
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise MappingError(key, f"expected a number > 0, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not 0 < value <= MAX_PRICE):
+            raise MappingError(key, f"expected a number > 0 and <= {MAX_PRICE:.0f}, got "
+                               f"{value!r}")
         return float(value)
     if isinstance(value, bool) or not isinstance(value, str | int | float) or str(value) == "":
         raise MappingError(key, f"expected a non-empty string, got {value!r}")
     return str(value)
 
 
-def _parse_template(text: Any, key: str) -> tuple[tuple[str, str | None], ...]:
+def _parse_template(text: Any,
+                    key: str) -> tuple[tuple[tuple[str, str | None], ...], frozenset[int]]:
+    """A template's (literal, field) parts, and the positions of optional fields (``{x?}``)."""
     if not isinstance(text, str) or not text:
         raise MappingError(key, "expected a string like '{order_id}-{_line}'")
     parts: list[tuple[str, str | None]] = []
+    optional: set[int] = set()
     try:
         for literal, name, spec, conversion in string.Formatter().parse(text):
+            if name is not None and name.endswith("?"):
+                name = name[:-1]
+                optional.add(len(parts))
             if name is not None and not name:
                 raise MappingError(key, "empty {} in template; name a source column in the braces")
             if spec or conversion:
@@ -409,7 +481,7 @@ def _parse_template(text: Any, key: str) -> tuple[tuple[str, str | None], ...]:
         raise MappingError(key, f"bad template {text!r}: {exc}") from None
     if not any(name for _, name in parts):
         raise MappingError(key, "the template uses no column; use value: for a constant")
-    return tuple(parts)
+    return tuple(parts), frozenset(optional)
 
 
 def _parse_concat(cols: Any, sep: Any, key: str) -> tuple[tuple[str, str | None], ...]:
@@ -464,35 +536,12 @@ def _parse_sequence(spec: dict, key: str) -> SequenceRule:
     for k in ("column", "format", "timezone"):
         if k in spec:
             raise MappingError(f"{key}.{k}", "not with from_sequence: the rule makes the times")
-    names = {}
-    for k in ("from_sequence", "per", "anchor", "hour"):
-        v = spec.get(k)
-        if v is not None and (not isinstance(v, str) or not v):
-            raise MappingError(f"{key}.{k}", f"expected a source column name, got {v!r}")
-        names[k] = v
-    start = spec.get("start")
-    if start is not None:
-        if isinstance(start, dt.datetime):
-            start = start.date()
-        elif not isinstance(start, dt.date):
-            try:
-                start = dt.date.fromisoformat(str(start))
-            except ValueError:
-                raise MappingError(f"{key}.start", f"{start!r} is not a date (YYYY-MM-DD)") from None
-    step = spec.get("step_days")
-    if step is None:
-        raise MappingError(f"{key}.step_days", "missing: days between a user's consecutive orders")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise MappingError(f"{key}.step_days", f"expected a whole number >= 1, got {step!r}")
-    anchor_format = spec.get("anchor_format", "iso")
-    _check_time_format(anchor_format, key, "anchor_format")
-    if start is None and names["anchor"] is None:
-        raise MappingError(f"{key}.start", "missing: the rule needs start (a date) or anchor "
-                           "(a signup-date column), or both")
-    return SequenceRule(
-        column=names["from_sequence"], per=names["per"] or "user_id", start=start, step_days=step,
-        anchor=names["anchor"], anchor_format=anchor_format, hour=names["hour"],
-    )
+    try:
+        rule = parse_sequence(spec, key)
+    except RuleError as exc:
+        raise MappingError(exc.key, exc.problem) from None
+    _check_time_format(rule.anchor_format, key, "anchor_format")
+    return rule
 
 
 def _direct_identifier_kind(column: str) -> str | None:

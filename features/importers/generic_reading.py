@@ -28,9 +28,15 @@ from features.importers.generic_mapping import (
     ColumnSpec,
     ImportMapping,
     MappingError,
-    SequenceRule,
     SourceSpec,
     TableMapping,
+)
+from features.importers.generic_rules import (
+    Condition,
+    RowFilter,
+    SequenceRule,
+    condition_holds,
+    evaluate_expr,
 )
 
 # CSV strings that mean "missing" unless a source's na_values replaces the list.
@@ -118,9 +124,10 @@ def _csv_kwargs(path: Path, source: SourceSpec) -> dict[str, Any]:
     }
 
 
-def read_source(files: list[Path], source: SourceSpec, specs: list[ColumnSpec],
+def read_source(files: list[Path], source: SourceSpec, specs: Sequence[ColumnSpec | Condition],
                 what: str) -> pd.DataFrame:
-    """Read the columns ``specs`` use from every file, in file order, checking they exist."""
+    """Read the columns ``specs`` (column specs and filter conditions) use from every file, in
+    file order, checking they exist."""
     needed = list(dict.fromkeys(c for s in specs for c in s.source_columns()))
     frames = []
     for path in files:
@@ -180,6 +187,10 @@ def text_values(raw: pd.DataFrame, spec: ColumnSpec) -> pd.Series:
         out = pd.Series([spec.value] * n, dtype="string")
     elif spec.column is not None:
         out = _as_text(raw[spec.column])
+    elif spec.fallback is not None:
+        out = pd.Series(pd.NA, index=range(n), dtype="string")
+        for col in spec.fallback:  # the first non-empty value
+            out = out.fillna(_as_text(raw[col]).reset_index(drop=True))
     else:
         fields = list(dict.fromkeys(f for _, f in spec.template or ()
                                     if f and f not in ROW_FIELDS))
@@ -192,27 +203,55 @@ def text_values(raw: pd.DataFrame, spec: ColumnSpec) -> pd.Series:
             line = row
         pieces["_row"] = row.astype("string")
         pieces["_line"] = pd.Series(line.to_numpy(), dtype="int64").astype("string")
-        out = pd.Series([""] * n, dtype="string")
-        for literal, name in spec.template or ():
-            if literal:
-                out = out + literal
-            if name is not None:
-                out = out + pieces[name]
+        pieces = {k: v.reset_index(drop=True) for k, v in pieces.items()}
+        out = _fill_template(spec, pieces, n)
     if spec.default is not None:
         out = out.fillna(spec.default)
     return out.reset_index(drop=True)
 
 
-def number_values(raw: pd.DataFrame, spec: ColumnSpec, source: SourceSpec | None,
-                  *, use_default: bool = True) -> tuple[pd.Series, pd.Series]:
-    """Floats per row (NaN where missing) and a mask of values given but not numbers."""
-    n = len(raw)
-    if spec.value is not None:
-        return pd.Series(float(spec.value), index=range(n)), pd.Series(False, index=range(n))
-    if spec.column is None:  # only a default
-        fill = float(spec.default) if use_default else np.nan
-        return pd.Series(fill, index=range(n)), pd.Series(False, index=range(n))
-    col = raw[spec.column].reset_index(drop=True)
+def _fill_template(spec: ColumnSpec, pieces: dict[str, pd.Series], n: int) -> pd.Series:
+    """A template's text per row: NA where a required field is missing.
+
+    A missing optional field (``{x?}``) is left out with the literal text just before it (when
+    no field before it has a value in that row, with the text just after it instead) and, if
+    it is the last field, with the text after it: ``"{brand?} {name}"`` gives ``"Acme Mug"``
+    or ``"Mug"``, ``"{name} ({size?})"`` ``"Mug (large)"`` or ``"Mug"``. All missing: NA.
+    """
+    parts = spec.template or ()
+    out = pd.Series([""] * n, dtype="string")
+    if not spec.optional:  # the plain rule, and the fast path
+        for literal, name in parts:
+            if literal:
+                out = out + literal
+            if name is not None:
+                out = out + pieces[name]
+        return out
+    missing = {i: pieces[name].isna() for i, (_, name) in enumerate(parts)
+               if name is not None and i in spec.optional}
+    no_value = pd.Series(False, index=range(n))
+    seen = no_value.copy()  # some field before this part has a value in the row
+    cut_after = no_value.copy()  # the previous field was missing with nothing before it
+    prev_gone = no_value.copy()  # the previous field was missing
+    for i, (literal, name) in enumerate(parts):
+        gone = missing.get(i, no_value)
+        if literal:
+            keep = ~((gone & seen) | cut_after) if name is not None else ~prev_gone
+            out = out + pd.Series(np.where(keep, literal, ""), dtype="string")
+        if name is None:
+            continue
+        value = pieces[name].fillna("") if i in missing else pieces[name]
+        out = out + value
+        cut_after = gone & ~seen
+        prev_gone = gone
+        seen = seen | ~gone
+    return out.str.strip().mask(lambda s: s == "")
+
+
+def _numbers(col: pd.Series, source: SourceSpec | None) -> tuple[pd.Series, pd.Series]:
+    """A source column as floats (NaN where missing or not a finite number), and which rows
+    have a value at all; text is read with the source's decimal mark and thousands sign."""
+    col = col.reset_index(drop=True)
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
         vals = col.astype("float64")
         given = col.notna()
@@ -225,7 +264,34 @@ def number_values(raw: pd.DataFrame, spec: ColumnSpec, source: SourceSpec | None
         if csv.get("decimal", ".") != ".":
             s = s.str.replace(csv["decimal"], ".", regex=False)
         vals = pd.to_numeric(s, errors="coerce").astype("float64")
-    vals = vals.where(np.isfinite(vals))
+    return vals.where(np.isfinite(vals)), given.astype(bool)
+
+
+def number_values(raw: pd.DataFrame, spec: ColumnSpec, source: SourceSpec | None,
+                  *, use_default: bool = True) -> tuple[pd.Series, pd.Series]:
+    """Floats per row (NaN where missing) and a mask of values given but not numbers.
+
+    A list of fallback columns takes the first that is a number; an ``expr`` is computed
+    where all its columns have a value, and is bad where one is not a number or the result
+    is not finite (a division by zero).
+    """
+    n = len(raw)
+    if spec.value is not None:
+        return pd.Series(float(spec.value), index=range(n)), pd.Series(False, index=range(n))
+    if spec.expr is not None:
+        read = {c: _numbers(raw[c], source) for c in spec.expr.columns}
+        vals = evaluate_expr(spec.expr, {c: v for c, (v, _) in read.items()}, n)
+        given = np.logical_and.reduce([g.to_numpy() for _, g in read.values()])
+        given = pd.Series(given, index=range(n))
+    elif spec.column is not None or spec.fallback is not None:
+        vals = pd.Series(np.nan, index=range(n))
+        given = pd.Series(False, index=range(n))
+        for col in spec.fallback or (spec.column,):
+            v, g = _numbers(raw[col], source)
+            vals, given = vals.fillna(v), given | g
+    else:  # only a default
+        fill = float(spec.default) if use_default else np.nan
+        return pd.Series(fill, index=range(n)), pd.Series(False, index=range(n))
     bad = given & vals.isna()
     if use_default and spec.default is not None:
         vals = vals.where(given, float(spec.default))
@@ -272,12 +338,16 @@ def _localize(naive: pd.Series, tz: str) -> pd.Series:
     return local.dt.tz_convert("UTC")
 
 
-def sequence_times(raw: pd.DataFrame, rule: SequenceRule, user_ids: pd.Series,
-                   key: str) -> pd.Series:
-    """The sequence rule: the n-th order of a group happens on base + (n - 1) * step_days.
+def sequence_times(raw: pd.DataFrame, rule: SequenceRule, user_ids: pd.Series, key: str,
+                   source: SourceSpec | None = None) -> pd.Series:
+    """The sequence rule: each group's orders, in sequence order, on a synthetic calendar.
 
-    n is the dense rank of the sequence number inside its ``per`` group (1 for the smallest),
-    base the group's earliest anchor date or else ``start``; ``hour`` adds hours of the day.
+    n is the dense rank of the sequence number inside its ``per`` group (1 for the smallest).
+    The n-th order lies ``offset`` days after the group's first: (n - 1) * step_days, or with
+    ``gap_column`` the sum of the gaps of orders 2..n (a missing or negative gap counts as
+    step_days; without step_days that order's rows get no time). The first order is on the
+    group's earliest anchor date, else ``start``; with ``align_end`` the group's last order
+    is on that date instead. ``hour`` adds hours of the day.
     """
     n = len(raw)
     seq = raw[rule.column].reset_index(drop=True)
@@ -289,7 +359,14 @@ def sequence_times(raw: pd.DataFrame, rule: SequenceRule, user_ids: pd.Series,
     ok = seq.notna() & group.notna()
     rank = pd.Series(np.nan, index=range(n))
     rank[ok] = seq[ok].groupby(group[ok].to_numpy()).rank(method="dense").to_numpy()
-    if rule.start is not None:
+    if rule.gap_column is not None:
+        offset = _gap_offsets(raw, rule, group, rank, ok, source)
+    else:
+        offset = (rank - 1) * rule.step_days
+    if rule.align_end is not None:
+        last = offset.groupby(group.to_numpy()).transform("max")
+        base = pd.Timestamp(rule.align_end, tz="UTC") - pd.to_timedelta(last, unit="D")
+    elif rule.start is not None:
         base = pd.Series(pd.Timestamp(rule.start, tz="UTC"), index=range(n))
     else:
         base = pd.Series(pd.NaT, index=range(n), dtype="datetime64[ns, UTC]")
@@ -298,12 +375,48 @@ def sequence_times(raw: pd.DataFrame, rule: SequenceRule, user_ids: pd.Series,
         anchor = anchor.dt.floor("D")
         earliest = anchor.groupby(group.to_numpy()).transform("min")
         base = earliest.where(earliest.notna(), base)
-    ts = base + pd.to_timedelta((rank - 1) * rule.step_days, unit="D")
+    ts = base + pd.to_timedelta(offset, unit="D")
     if rule.hour is not None:
         hour = pd.to_numeric(_as_text(raw[rule.hour]), errors="coerce")
         good = hour.between(0, 23) & (hour == hour.round())
         ts = ts + pd.to_timedelta(hour.where(good), unit="h")
     return ts
+
+
+def _gap_offsets(raw: pd.DataFrame, rule: SequenceRule, group: pd.Series, rank: pd.Series,
+                 ok: pd.Series, source: SourceSpec | None) -> pd.Series:
+    """Days from each row's group's first order to the row's order, summing the gap column
+    (whole days, rounded) over the group's orders 2..n; NaN where the order's gap is unusable
+    and there is no step_days to use instead."""
+    gap, _ = _numbers(raw[rule.gap_column], source)
+    gap = gap.where(gap >= 0).round()
+    orders = pd.DataFrame({"g": group[ok].to_numpy(), "r": rank[ok].to_numpy(),
+                           "gap": gap[ok].to_numpy()})
+    # one gap per order: the first its rows give
+    orders = orders.groupby(["g", "r"], sort=True)["gap"].first().reset_index()
+    orders.loc[orders["r"] == 1, "gap"] = 0.0
+    if rule.step_days is not None:
+        orders["gap"] = orders["gap"].fillna(float(rule.step_days))
+    unusable = orders["gap"].isna()
+    orders["offset"] = orders["gap"].fillna(0.0).groupby(orders["g"]).cumsum()
+    orders.loc[unusable, "offset"] = np.nan
+    rows = pd.DataFrame({"g": group.to_numpy(), "r": rank.to_numpy()})
+    merged = rows.merge(orders[["g", "r", "offset"]], on=["g", "r"], how="left")
+    return pd.Series(merged["offset"].to_numpy(), index=range(len(raw)))
+
+
+def filter_rows(raw: pd.DataFrame, section: TableMapping) -> RowFilter:
+    """Which rows a section's ``filter`` removes, and under which condition's reason.
+
+    Every condition's reason is reported, zero or not; a row counts under the first
+    condition it fails. Numbers are read with the source's decimal mark and thousands sign.
+    """
+    rows = RowFilter.keep_all(len(raw))
+    for cond in section.filter:
+        text = _as_text(raw[cond.column]).reset_index(drop=True)
+        numbers, _ = _numbers(raw[cond.column], section.source)
+        rows = rows.add(cond.reason, ~condition_holds(cond, text, numbers))
+    return rows
 
 
 def event_types(raw: pd.DataFrame, spec: ColumnSpec) -> pd.Series:

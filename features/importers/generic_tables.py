@@ -15,13 +15,24 @@ Event rows are checked in this order; a dropped row counts under the FIRST reaso
 6. ``unparsable_timestamp``    ts missing or not in the mapped format; for the sequence rule,
                                no usable sequence number, anchor date or hour.
 7. ``non_positive_quantity``   a purchase whose quantity is not a whole number >= 1.
-8. ``non_positive_price``      a purchase whose price is given but not a number > 0.
-9. ``duplicate_event_id``      an id already taken by an earlier kept row (file order).
-10. ``product_not_in_catalog`` its product could not be written to the catalogue (no title
+8. ``quantity_out_of_bounds``  a purchase whose quantity is above ``MAX_QUANTITY``.
+9. ``non_positive_price``      a purchase whose price is given but not a number > 0.
+10. ``price_out_of_bounds``    a purchase whose price is above ``MAX_PRICE``.
+11. ``duplicate_event_id``     an id already taken by an earlier kept row (file order).
+12. ``product_not_in_catalog`` its product could not be written to the catalogue (no title
                                or price from the products file, the events or a default).
 
-Other event types keep their row: a bad quantity becomes 1, a bad price becomes null (on a
-view or a cart add they are informational; the contract needs quantity >= 1).
+The bounds are the daily validation's own (``features.validation_suites``), as is the
+products' ``title_too_long`` (``MAX_TITLE_CHARS``): what the importer keeps, validation
+accepts. Other event types keep their row: a bad or out-of-bounds quantity becomes 1, such a
+price becomes null (on a view or a cart add they are informational; the contract needs
+quantity >= 1).
+
+Rows a mapping removes on purpose (its ``filter`` conditions; events whose product or user
+the products or users filter removed, or, with ``require_product_in_catalog``, whose product
+the products file lacks; with ``only_with_events``, catalogue rows without kept events) are
+*filtered*, not dropped: reported by reason apart (``SourceReport.filtered``) and not counted
+as loss.
 
 Products and users come from their own source files when the mapping has one, else they are
 derived from the kept events (one row per product or user, on the day of its first event).
@@ -37,7 +48,7 @@ import datetime as dt
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -47,6 +58,7 @@ from features.importers.generic_mapping import (
     ColumnSpec,
     DirectIdentifierError,
     ImportMapping,
+    SourceSpec,
     TableMapping,
 )
 from features.importers.generic_reading import (
@@ -56,6 +68,8 @@ from features.importers.generic_reading import (
     text_values,
     time_values,
 )
+from features.importers.generic_rules import RowFilter
+from features.validation_suites import MAX_PRICE, MAX_QUANTITY, MAX_TITLE_CHARS
 
 DROP_REASONS = (
     "missing_event_id",
@@ -65,19 +79,28 @@ DROP_REASONS = (
     "missing_query",
     "unparsable_timestamp",
     "non_positive_quantity",
+    "quantity_out_of_bounds",
     "non_positive_price",
+    "price_out_of_bounds",
     "duplicate_event_id",
     "product_not_in_catalog",
 )
 PRODUCT_DROP_REASONS = (
     "missing_product_id",
     "missing_title",
+    "title_too_long",
     "unparsable_timestamp",
+    "price_out_of_bounds",
     "missing_price",
     "no_event_day",
     "duplicate_product_id",
 )
-DERIVED_PRODUCT_DROP_REASONS = ("missing_price",)
+DERIVED_PRODUCT_DROP_REASONS = ("title_too_long", "missing_price")
+# Reasons of rows filtered out on purpose by a mapping's joins (besides its own conditions).
+NOT_IN_PRODUCTS_FILE = "product_not_in_products_file"
+WITHOUT_EVENTS = "without_events"
+# The drop reason of a row a mapping filtered out: past every real reason, so not counted.
+FILTERED = np.iinfo(np.int64).max
 USER_DROP_REASONS = ("missing_user_id", "duplicate_user_id", "no_event_day")
 
 DEFAULT_CATEGORY = "unknown"
@@ -93,9 +116,49 @@ class SourceReport:
     rows_in: int
     rows_kept: int
     dropped: dict[str, int]  # reason -> rows, every reason of the source kind, in order
+    filtered: dict[str, int] = field(default_factory=dict)  # on purpose, by the mapping
+
+    @property
+    def rows_filtered(self) -> int:
+        """Rows the mapping's filters removed (not a loss)."""
+        return sum(self.filtered.values())
+
+    @property
+    def rows_dropped(self) -> int:
+        """Rows dropped for breaking the contract (a loss)."""
+        return self.rows_in - self.rows_kept - self.rows_filtered
 
 
-def _pseudonymize(ids: pd.Series, salt: str) -> pd.Series:
+@dataclass(frozen=True)
+class EventJoins:
+    """What the products and users files' filters say about the events' products and users.
+
+    ``products`` and ``users`` map each id whose every row its file's filter removed to the
+    reason of its first row (``names``: the filters' reasons, to list them all);
+    ``listed_products`` (with ``require_product_in_catalog``) the product ids the products
+    file has after its filter.
+    """
+
+    products: dict[str, str] = field(default_factory=dict)
+    product_names: tuple[str, ...] = ()
+    users: dict[str, str] = field(default_factory=dict)
+    user_names: tuple[str, ...] = ()
+    listed_products: set[str] | None = None
+
+    def apply(self, rows: RowFilter, product_id: pd.Series, user_id: pd.Series) -> RowFilter:
+        """Filter out the events of filtered products and users, then of unlisted products."""
+        for ids, by_id, names in ((product_id, self.products, self.product_names),
+                                  (user_id, self.users, self.user_names)):
+            reason = ids.map(by_id)
+            for name in names:
+                rows = rows.add(name, (reason == name).fillna(False))
+        if self.listed_products is not None:
+            rows = rows.add(NOT_IN_PRODUCTS_FILE,
+                            product_id.notna() & ~product_id.isin(self.listed_products))
+        return rows
+
+
+def pseudonymize(ids: pd.Series, salt: str) -> pd.Series:
     """HMAC-SHA256 of each stripped, lower-cased id, keyed with the salt (hex digest)."""
     key = salt.encode("utf-8")
     uniq = ids.dropna().unique()
@@ -143,10 +206,22 @@ def _counts(reason: np.ndarray, reasons: tuple[str, ...]) -> dict[str, int]:
     return {r: int((reason == i).sum()) for i, r in enumerate(reasons)}
 
 
-def build_events(raw: pd.DataFrame, m: ImportMapping,
-                 salt: str | None) -> tuple[pd.DataFrame, np.ndarray]:
-    """Events that pass the row checks (``_pos``: source row, ``day``: UTC date) and each
-    source row's drop reason (index into ``DROP_REASONS``, -1 where it passes)."""
+def build_events(raw: pd.DataFrame, m: ImportMapping, salt: str | None,
+                 filtered: RowFilter | None = None,
+                 joins: EventJoins | None = None) -> tuple[pd.DataFrame, np.ndarray, RowFilter]:
+    """Events that pass the row checks (``_pos``: source row, ``day``: UTC date).
+
+    Args:
+        raw: the events source's rows.
+        m: the mapping.
+        salt: the user-id salt (None: ids as they are).
+        filtered: the rows the events' own ``filter`` removes (None: none).
+        joins: what the products and users files' filters remove (None: nothing).
+
+    Returns:
+        The events, each source row's drop reason (index into ``DROP_REASONS``, -1 where it
+        passes, ``FILTERED`` where the mapping filtered it out) and the filtered rows.
+    """
     cols = m.events.columns
     n = len(raw)
     event_id = text_values(raw, cols["event_id"])
@@ -157,7 +232,7 @@ def build_events(raw: pd.DataFrame, m: ImportMapping,
     event_type = event_types(raw, cols["event_type"])
     ts_spec = cols["ts"]
     if ts_spec.sequence is not None:
-        ts = sequence_times(raw, ts_spec.sequence, user_id, ts_spec.key)
+        ts = sequence_times(raw, ts_spec.sequence, user_id, ts_spec.key, m.events.source)
     else:
         ts = time_values(raw[ts_spec.column], ts_spec.format, ts_spec.timezone, ts_spec.key,
                          ts_spec.column)
@@ -173,9 +248,16 @@ def build_events(raw: pd.DataFrame, m: ImportMapping,
     query = (text_values(raw, cols["query"]) if "query" in cols
              else pd.Series(pd.NA, index=range(n), dtype="string"))
 
+    hashed_user_id = pseudonymize(user_id, salt) if salt is not None else user_id
+    filtered = filtered if filtered is not None else RowFilter.keep_all(n)
+    if joins is not None:
+        filtered = joins.apply(filtered, product_id, hashed_user_id)
+
     purchase = (event_type == "purchase").fillna(False).astype(bool)
     quantity_ok = (quantity >= 1) & (quantity == np.floor(quantity)) & ~quantity_bad
+    quantity_in = quantity <= MAX_QUANTITY
     price_ok = ~price_bad & (price.isna() | (price > 0))
+    price_in = price.isna() | (price <= MAX_PRICE)
     checks = {
         "missing_event_id": event_id.isna(),
         "missing_user_id": user_id.isna(),
@@ -184,42 +266,43 @@ def build_events(raw: pd.DataFrame, m: ImportMapping,
         "missing_query": query.isna() & (event_type == "search"),
         "unparsable_timestamp": ts.isna(),
         "non_positive_quantity": purchase & ~quantity_ok,
+        "quantity_out_of_bounds": purchase & ~quantity_in,
         "non_positive_price": purchase & ~price_ok,
+        "price_out_of_bounds": purchase & ~price_in,
     }
     reason = _first_reason(checks, DROP_REASONS, n)
+    reason[filtered.out] = FILTERED
     passing = np.flatnonzero(reason < 0)
     duplicate = event_id.iloc[passing].duplicated(keep="first").to_numpy()
     reason[passing[duplicate]] = DROP_REASONS.index("duplicate_event_id")
     keep = reason < 0
 
-    if salt is not None:
-        user_id = _pseudonymize(user_id, salt)
     events = pd.DataFrame({
         "event_id": event_id[keep].astype(object),
-        "user_id": user_id[keep].astype(object),
+        "user_id": hashed_user_id[keep].astype(object),
         "product_id": product_id[keep].astype(object),
         "event_type": event_type[keep].astype(object),
         "query": query[keep].astype(object),
         # other event types keep their row: quantity 1, no price where the source's was bad
-        "quantity": quantity.where(quantity_ok, 1.0)[keep].astype("int64"),
-        "price": price.where(price_ok)[keep].astype("float64"),
+        "quantity": quantity.where(quantity_ok & quantity_in, 1.0)[keep].astype("int64"),
+        "price": price.where(price_ok & price_in)[keep].astype("float64"),
         "ts": ts[keep],
         "_pos": np.flatnonzero(keep),
     })
     events = events.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
     events["day"] = events["ts"].dt.date
-    return events, reason
+    return events, reason, filtered
 
 
 def drop_uncatalogued(events: pd.DataFrame, reason: np.ndarray, catalogue: set[str],
-                      rows_in: int) -> tuple[pd.DataFrame, SourceReport]:
+                      filtered: RowFilter) -> tuple[pd.DataFrame, SourceReport]:
     """Drop the events whose product is not in ``catalogue`` as ``product_not_in_catalog``.
 
     Args:
         events: what ``build_events`` kept.
         reason: each source row's drop reason from ``build_events``; updated in place.
         catalogue: the product ids that will be written.
-        rows_in: rows of the events source.
+        filtered: the rows the mapping filtered out (from ``build_events``).
 
     Returns:
         The events that stay, and the events source's report.
@@ -227,7 +310,8 @@ def drop_uncatalogued(events: pd.DataFrame, reason: np.ndarray, catalogue: set[s
     orphan = (events["product_id"].notna() & ~events["product_id"].isin(catalogue)).to_numpy()
     reason[events["_pos"].to_numpy()[orphan]] = DROP_REASONS.index("product_not_in_catalog")
     kept = events[~orphan].reset_index(drop=True)
-    return kept, SourceReport("events", rows_in, len(kept), _counts(reason, DROP_REASONS))
+    return kept, SourceReport("events", len(reason), len(kept), _counts(reason, DROP_REASONS),
+                              filtered.counts())
 
 def _snap(dates: pd.Series, event_days: np.ndarray) -> pd.Series:
     """Each date moved to the first day of events on or after it (None past the last one).
@@ -253,15 +337,17 @@ def _day_start(day: dt.date) -> pd.Timestamp:
 
 
 def products_from_events(events: pd.DataFrame, raw: pd.DataFrame, section: TableMapping | None,
-                         only: set[str] | None, label: str,
-                         price_default: float | None) -> tuple[pd.DataFrame, SourceReport]:
+                         only: set[str] | None, label: str, price_default: float | None,
+                         source: SourceSpec | None = None) -> tuple[pd.DataFrame, SourceReport]:
     """One product per product_id of the events, on the day of its first event.
 
     ``section`` (a products section without a source) names events-file columns for the
     attributes, each product taking its most frequent value; else the title is the product id.
-    The price is the median of the mapped price column (else of the event prices), else
-    ``price_default`` (the mapping's ``products.columns.price.default``, which also prices the
-    products a products source lacks); a product without any price is dropped.
+    The price is the median of the mapped price column (values in (0, MAX_PRICE], read with
+    the events ``source``'s number format), else of the event prices, else ``price_default``
+    (the mapping's ``products.columns.price.default``, which also prices the products a
+    products source lacks); a product without any price, or with a title longer than
+    ``MAX_TITLE_CHARS``, is dropped.
     """
     ev = events[events["product_id"].notna()]
     if only is not None:
@@ -284,27 +370,35 @@ def products_from_events(events: pd.DataFrame, raw: pd.DataFrame, section: Table
     products["title"] = products["title"].fillna(products["product_id"])
     products["category"] = products["category"].fillna(DEFAULT_CATEGORY)
     price_spec = cols.get("price")
-    if price_spec is not None and (price_spec.column or price_spec.value is not None):
-        values, _ = number_values(rows, price_spec, None, use_default=False)
-        values = values.where(values > 0)
+    if price_spec is not None and not _only_default(price_spec):
+        values, _ = number_values(rows, price_spec, source, use_default=False)
+        values = values.where((values > 0) & (values <= MAX_PRICE))
     else:
         values = ev["price"].reset_index(drop=True)
     median = pd.Series(values.to_numpy(), index=keys.to_numpy()).groupby(level=0).median()
     products["price"] = products["product_id"].map(median)
     if price_default is not None:
         products["price"] = products["price"].fillna(price_default)
-    reason = _first_reason({"missing_price": products["price"].isna()},
-                           DERIVED_PRODUCT_DROP_REASONS, len(products))
+    checks = {"title_too_long": products["title"].str.len() > MAX_TITLE_CHARS,
+              "missing_price": products["price"].isna()}
+    reason = _first_reason(checks, DERIVED_PRODUCT_DROP_REASONS, len(products))
     kept = products[reason < 0].reset_index(drop=True)
     report = SourceReport(label, len(products), len(kept),
                           _counts(reason, DERIVED_PRODUCT_DROP_REASONS))
     return kept, report
 
 
-def product_rows(praw: pd.DataFrame, section: TableMapping,
-                 events: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+def _only_default(spec: ColumnSpec) -> bool:
+    """A price that is only ``{default: ...}``, no column, constant or expression."""
+    return (spec.column is None and spec.fallback is None and spec.expr is None
+            and spec.value is None)
+
+
+def product_rows(praw: pd.DataFrame, section: TableMapping, events: pd.DataFrame,
+                 filtered: RowFilter | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """The products file's rows as contract columns (``updated_at`` as in the file, NaT when
-    unmapped) and each row's drop reason so far (-1 where it passes)."""
+    unmapped) and each row's drop reason so far (-1 where it passes, ``FILTERED`` where the
+    section's ``filter`` removed it)."""
     cols = section.columns
     n = len(praw)
     product_id = text_values(praw, cols["product_id"])
@@ -313,11 +407,13 @@ def product_rows(praw: pd.DataFrame, section: TableMapping,
         frame[name] = (text_values(praw, cols[name]).astype(object) if name in cols
                        else pd.Series([None] * n, dtype=object))
     frame["category"] = frame["category"].fillna(DEFAULT_CATEGORY)
-    if "price" in cols and (cols["price"].column or cols["price"].value is not None):
+    if "price" in cols and not _only_default(cols["price"]):
         price, bad = number_values(praw, cols["price"], section.source, use_default=False)
-        price = price.where(~bad & (price > 0))
+        too_high = (~bad & (price > MAX_PRICE)).to_numpy()
+        price = price.where(~bad & (price > 0) & (price <= MAX_PRICE))
     else:
         price = pd.Series(np.nan, index=range(n))
+        too_high = np.zeros(n, dtype=bool)
     # missing or bad source price: the median event price, then the mapping's default
     price = price.fillna(product_id.map(events.groupby("product_id")["price"].median()))
     if "price" in cols and cols["price"].default is not None:
@@ -336,22 +432,35 @@ def product_rows(praw: pd.DataFrame, section: TableMapping,
     checks = {
         "missing_product_id": frame["product_id"].isna(),
         "missing_title": frame["title"].isna(),
+        "title_too_long": frame["title"].str.len() > MAX_TITLE_CHARS,
         "unparsable_timestamp": unparsable,
+        "price_out_of_bounds": pd.Series(too_high),
         "missing_price": frame["price"].isna(),
     }
-    return frame, _first_reason(checks, PRODUCT_DROP_REASONS, n)
+    reason = _first_reason(checks, PRODUCT_DROP_REASONS, n)
+    if filtered is not None:
+        reason[filtered.out] = FILTERED
+    return frame, reason
 
 
 def place_products(frame: pd.DataFrame, reason: np.ndarray, events: pd.DataFrame,
-                   event_days: np.ndarray) -> tuple[pd.DataFrame, SourceReport]:
+                   event_days: np.ndarray, filtered: RowFilter | None = None,
+                   only_with_events: bool = False) -> tuple[pd.DataFrame, SourceReport]:
     """Put the products file's passing rows on days of events.
 
     A product is in the catalogue from its first event or its earliest ``updated_at``,
     whichever comes first (exports are often snapshots dated after the sales); without either,
     from the import's first day. Rows dated on a day without events land, stamped 00:00 UTC,
-    on the next day with events; one row per product and day, the latest one winning.
+    on the next day with events; one row per product and day, the latest one winning. With
+    ``only_with_events``, rows whose product has no kept event are filtered out
+    (``without_events``), as the section's ``filter`` (``filtered``) did before.
     """
     reason = reason.copy()
+    filtered = filtered if filtered is not None else RowFilter.keep_all(len(frame))
+    if only_with_events:
+        never = (reason != FILTERED) & ~frame["product_id"].isin(set(events["product_id"]))
+        filtered = filtered.add(WITHOUT_EVENTS, never.to_numpy())
+        reason[filtered.out] = FILTERED
     first_ts = events[events["product_id"].notna()].drop_duplicates("product_id")
     first_ts = frame["product_id"].map(first_ts.set_index("product_id")["ts"])
     fallback = _day_start(event_days[0].item()) if len(event_days) else pd.NaT
@@ -373,7 +482,7 @@ def place_products(frame: pd.DataFrame, reason: np.ndarray, events: pd.DataFrame
     reason[superseded.to_numpy()] = PRODUCT_DROP_REASONS.index("duplicate_product_id")
     kept = frame[reason < 0].drop(columns="_pos").reset_index(drop=True)
     return kept, SourceReport("products", len(frame), len(kept),
-                              _counts(reason, PRODUCT_DROP_REASONS))
+                              _counts(reason, PRODUCT_DROP_REASONS), filtered.counts())
 
 
 def _day_start_or_nat(day: dt.date | None) -> pd.Timestamp:
@@ -409,17 +518,18 @@ def users_from_events(events: pd.DataFrame, raw: pd.DataFrame, section: TableMap
 
 
 def users_from_source(uraw: pd.DataFrame, section: TableMapping, events: pd.DataFrame,
-                      event_days: np.ndarray,
-                      salt: str | None) -> tuple[pd.DataFrame, SourceReport]:
+                      event_days: np.ndarray, salt: str | None,
+                      filtered: RowFilter | None = None) -> tuple[pd.DataFrame, SourceReport]:
     """The users file's rows, first seen on the first day of events on or after the earlier
-    of their sign-up date and first event (neither: the import's first day)."""
+    of their sign-up date and first event (neither: the import's first day); ``filtered``:
+    the rows the section's ``filter`` removed."""
     cols = section.columns
     n = len(uraw)
     user_id = text_values(uraw, cols["user_id"])
     if salt is None:
         _refuse_direct_identifier_values(user_id, cols["user_id"])
     else:
-        user_id = _pseudonymize(user_id, salt)
+        user_id = pseudonymize(user_id, salt)
     frame = pd.DataFrame({"user_id": user_id.astype(object)})
     frame["country"] = (text_values(uraw, cols["country"]).astype(object) if "country" in cols
                         else None)
@@ -442,8 +552,11 @@ def users_from_source(uraw: pd.DataFrame, section: TableMapping, events: pd.Data
         "no_event_day": frame["day"].isna(),
     }
     reason = _first_reason(checks, USER_DROP_REASONS, n)
+    filtered = filtered if filtered is not None else RowFilter.keep_all(n)
+    reason[filtered.out] = FILTERED
     passing = np.flatnonzero(reason < 0)
     duplicate = frame["user_id"].iloc[passing].duplicated(keep="first").to_numpy()
     reason[passing[duplicate]] = USER_DROP_REASONS.index("duplicate_user_id")
     kept = frame[reason < 0].reset_index(drop=True)
-    return kept, SourceReport("users", n, len(kept), _counts(reason, USER_DROP_REASONS))
+    return kept, SourceReport("users", n, len(kept), _counts(reason, USER_DROP_REASONS),
+                              filtered.counts())

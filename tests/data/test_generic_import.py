@@ -9,6 +9,8 @@ Fixtures (tests/data/fixtures/):
 * ``order_lines.parquet`` + ``order_lines_mapping.yaml``: order lines with only a per-user
   order sequence number (written by ``make_order_lines.py``).
 * ``pii_export.csv``: user ids that are e-mail addresses.
+* ``txn_mapping.yaml`` and ``dateless_orders_mapping.yaml`` (filters, joins, computed columns,
+  per-user gaps: ``test_generic_import_rules.py``) join the determinism and validation tests.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CSV_MAPPING = FIXTURES / "shop_mapping.yaml"
 CATALOG_MAPPING = FIXTURES / "shop_mapping_catalog.yaml"
 SEQUENCE_MAPPING = FIXTURES / "order_lines_mapping.yaml"
+TXN_MAPPING = FIXTURES / "txn_mapping.yaml"  # filters, joins, expr: test_generic_import_rules.py
+DATELESS_MAPPING = FIXTURES / "dateless_orders_mapping.yaml"
 MAR1, MAR2, MAR3 = dt.date(2024, 3, 1), dt.date(2024, 3, 2), dt.date(2024, 3, 3)
 UTC = "UTC"
 
@@ -109,7 +113,9 @@ def test_csv_bad_rows_are_dropped_and_counted_by_reason(csv_import):
         "missing_query": 1,           # S3-5, a search without a query
         "unparsable_timestamp": 1,    # 31.02.2024
         "non_positive_quantity": 1,   # O2-1, a purchase of 0
+        "quantity_out_of_bounds": 0,
         "non_positive_price": 1,      # O2-2, a purchase at -3,00
+        "price_out_of_bounds": 0,
         "duplicate_event_id": 1,      # O3-1 exported twice
         "product_not_in_catalog": 1,  # S3-4: SKU-D has no price anywhere
     }
@@ -132,7 +138,8 @@ def test_csv_products_and_users_are_derived_from_events(csv_import):
     assert products.loc["SKU-C", ["title", "category", "price"]].tolist() == [
         "Brass Lamp", "Lighting", 1234.0]
     assert products.loc["SKU-B", "updated_at"] == pd.Timestamp("2024-03-01 08:16", tz=UTC)
-    assert report.source("products from events").dropped == {"missing_price": 1}  # SKU-D
+    assert report.source("products from events").dropped == {
+        "title_too_long": 0, "missing_price": 1}  # SKU-D
     users = _read_all(root, "users").set_index("user_id")
     assert users["country"].to_dict() == {"CUST-1": "DE", "CUST-2": "FR", "CUST-3": "NL"}
     assert users.loc["CUST-2", "signup_date"] == MAR2 == users.loc["CUST-2", "day"]
@@ -145,8 +152,9 @@ def test_catalogue_and_customer_sources(tmp_path):
     root = str(tmp_path / "landing")
     report = import_generic(CATALOG_MAPPING, root, max_drop_share=None)
     assert report.source("products").dropped == {
-        "missing_product_id": 1, "missing_title": 1, "unparsable_timestamp": 0,
-        "missing_price": 0, "no_event_day": 0, "duplicate_product_id": 1,
+        "missing_product_id": 1, "missing_title": 1, "title_too_long": 0,
+        "unparsable_timestamp": 0, "price_out_of_bounds": 0, "missing_price": 0,
+        "no_event_day": 0, "duplicate_product_id": 1,
     }
     products = _read_all(root, "products").set_index("product_id")
     assert sorted(products.index) == ["SKU-A", "SKU-B", "SKU-C", "SKU-F"]
@@ -222,7 +230,8 @@ def test_price_default_prices_products_the_catalogue_lacks(tmp_path):
     assert products["price"].to_dict() == {"SKU-A": 2.5, "SKU-B": 2.5, "SKU-Z": 2.5}
     assert sorted(_read_all(root, "events")["event_id"]) == ["1", "2", "3"]  # every event kept
     assert products.loc["SKU-Z", "title"] == "SKU-Z"  # derived: the product id as title
-    assert report.source("products from events").dropped == {"missing_price": 0}
+    assert report.source("products from events").dropped == {
+        "title_too_long": 0, "missing_price": 0}
     assert report.dropped["product_not_in_catalog"] == 0
     assert sorted(_read_all(root, "events")["event_id"]) == ["1", "2", "3"]
 
@@ -275,8 +284,8 @@ def test_sequence_rule_anchored_on_signup_dates(tmp_path):
 # --- determinism ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mapping", [CSV_MAPPING, CATALOG_MAPPING, SEQUENCE_MAPPING],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("mapping", [CSV_MAPPING, CATALOG_MAPPING, SEQUENCE_MAPPING, TXN_MAPPING,
+                                     DATELESS_MAPPING], ids=lambda p: p.stem)
 def test_same_input_gives_the_same_bytes(tmp_path, mapping):
     first, second = tmp_path / "a", tmp_path / "b"
     import_generic(mapping, str(first), max_drop_share=None)
@@ -537,9 +546,11 @@ def test_load_mapping_reports_yaml_errors(tmp_path):
 # --- the pipeline accepts what the importer writes ------------------------------------------------
 
 
-@pytest.mark.parametrize("mapping", [CSV_MAPPING, CATALOG_MAPPING, SEQUENCE_MAPPING],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("mapping", [CSV_MAPPING, CATALOG_MAPPING, SEQUENCE_MAPPING, TXN_MAPPING,
+                                     DATELESS_MAPPING], ids=lambda p: p.stem)
 def test_imported_partitions_pass_validation(tmp_path, mapping):
+    # what the importer keeps, the daily validation accepts: txn_export.csv has a quantity
+    # and a price beyond the validation's bounds, which the importer drops by reason
     from features.validation import validate_day
 
     root = str(tmp_path / "landing")
