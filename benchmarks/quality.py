@@ -2,8 +2,8 @@
 
 Imports the Online Retail file into a temporary landing root, runs
 ``training.evaluation.protocol.run_protocol`` (test = the last 30 days; settings (a) all products and
-(b) new products only) over every baseline, the two-tower model alone, the blends and the
-served ranking (``training.ranking``: what the daily pipeline trains and the API serves), and
+(b) new products only) over every baseline, the two-tower model alone, the sequence encoder
+alone, the blends and the served ranking (``training.ranking``: what the daily pipeline trains and the API serves), and
 prints one table beside the figures measured in the issue, then whether the served ranking
 (and, for reference, the blends) reach the target: +10% Recall@50 over the best baseline in
 both settings, NDCG@10 not worse. The baselines are tuned per setting on the validation window
@@ -107,7 +107,9 @@ def ablations(config, cache, users, *, two_tower: bool) -> list:
     out = [ServedRecommender(replace(base, context=False), tower, cache, users=users,
                              name="served_without_context_features"),
            ServedRecommender(replace(base, stage="mlp"), tower, cache, users=users,
-                             name="served_pair_scorer_only")]
+                             name="served_pair_scorer_only"),
+           ServedRecommender(replace(base, sequence=False), tower, cache, users=users,
+                             name="served_without_sequence")]
     if two_tower:
         out.append(ServedRecommender(base, None, cache, users=users,
                                      name="served_without_two_tower"))
@@ -152,9 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-two-tower", action="store_true", help="skip the two-tower model")
     parser.add_argument("--no-blends", action="store_true",
                         help="skip the two blends (reference methods; most of the memory)")
+    parser.add_argument("--no-sequence", action="store_true",
+                        help="skip the sequence encoder alone (it is still in the served "
+                             "ranking)")
     parser.add_argument("--ablation", action="store_true",
                         help="also the served ranking without the richer features, with the "
-                             "pair scorer as its only stage, and without the two-tower")
+                             "pair scorer as its only stage, without the sequence encoder and "
+                             "without the two-tower")
     parser.add_argument("--untuned", action="store_true",
                         help="baselines with their default parameters (no validation grid)")
     parser.add_argument("--out", type=Path, default=None, help="also write FILE.json, FILE.md")
@@ -190,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     methods = standard_recommenders(config, cache_dir=cache, progress=True,
                                     two_tower=not args.no_two_tower, users=users,
                                     tuned=not args.untuned, blends=not args.no_blends)
+    if not args.no_sequence:  # the sequence encoder alone, before the served ranking
+        from training.evaluation.models import SequenceRanker
+
+        methods.insert(-1, SequenceRanker(text=config, cache_dir=cache))
     if args.ablation:
         methods += ablations(config, cache, users, two_tower=not args.no_two_tower)
     result = run_protocol(events, catalog, methods, progress=True,
@@ -212,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     for model in ("served", "blend", "blend_weights"):
         if model in result.methods:
             print(*target_report(result, model), sep="\n")
-    if "two_tower" in result.methods:
-        print(*target_report(result, "two_tower"), sep="\n")
+    for alone in ("two_tower", "sequence"):
+        if alone in result.methods:
+            print(*target_report(result, alone), sep="\n")
     if args.ablation:
         print(*ablation_table(result), sep="\n")
     if "blend_weights" in result.params:

@@ -398,6 +398,7 @@ def train_interval(settings: Settings, day: str | dt.date,
             # the ranking stages' held-out figures, from which each setting's was chosen
             **{f"stage_{s}_{stage}_{k}": v for s, table in scorer.stage_choice.items()
                for stage, m in table.items() for k, v in m.items()},
+            **(state.sequence.metrics() if state.sequence is not None else {}),
         })
         mlflow.set_tags({f"ranking_stage.{s}": stage for s, stage in scorer.stages.items()})
         with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,8 @@
 The served ranking retrieves from several vector spaces of the catalogue (``SPACES``): the
 two-tower item embeddings (``/recommend`` candidates, ``/similar``), the frozen text
 encoder's product vectors (``/recommend`` candidates, ``/search`` semantic candidates) and
-the ALS item factors (``/recommend`` candidates). Each gets its index from ``VectorIndex``:
+the ALS item factors and the sequence encoder's item table (``/recommend`` candidates).
+Each gets its index from ``VectorIndex``:
 
 - exact inner-product search (``faiss.IndexFlatIP``) for catalogues up to ``exact_max``
   products (``SHOPREC_INDEX_EXACT_MAX``, default ``core.settings.Settings.index_exact_max``);
@@ -36,7 +37,7 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SPACES = ("two_tower", "text", "als")
+SPACES = ("two_tower", "text", "als", "sequence")
 EXACT_MAX = Settings.index_exact_max  # rows; above this, HNSW
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80

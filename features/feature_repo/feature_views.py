@@ -151,9 +151,12 @@ user_vectors = FeatureView(
               description="Unit mean text vector of the row's products (empty: none)."),
         Field(name="als_vector", dtype=Array(Float32),
               description="ALS user factors solved from the row (empty: none)."),
+        Field(name="sequence_vector", dtype=Array(Float32),
+              description="The sequence encoder's vector of the row, bias entry last "
+                          "(empty: none, or a bundle without the encoder)."),
         *[Field(name=f"retrieved_{space}", dtype=Array(Int64),
                 description=f"Catalogue rows the {space} index returned for that vector.")
-          for space in ("two_tower", "text", "als")],
+          for space in ("two_tower", "text", "als", "sequence")],
     ],
     source=user_vectors_source,
     online=True,

@@ -16,7 +16,7 @@ from shops import known_user
 
 pytestmark = pytest.mark.integration
 
-SPACES = {"two_tower", "text", "als"}
+SPACES = {"two_tower", "text", "als", "sequence"}
 
 
 @pytest.fixture(scope="module")

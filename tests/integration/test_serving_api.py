@@ -251,7 +251,7 @@ def test_version_and_metrics(shop, api) -> None:
     assert info["model_version"] == versions[-1] and info["alias"] == "champion"
     assert info["index_kind"] == "exact" and info["index_size"] > 0
     assert {n: (i["kind"], i["size"], i["recall_at_50"]) for n, i in info["indexes"].items()} \
-        == {n: ("exact", info["index_size"], 1.0) for n in ("two_tower", "text", "als")}
+        == {n: ("exact", info["index_size"], 1.0) for n in ("two_tower", "text", "als", "sequence")}
     assert info["cuts"]["test_cut"] < info["cuts"]["end"]
     api.get("/recommend/u-metrics")
     text = api.get("/metrics").text

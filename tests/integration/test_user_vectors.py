@@ -87,7 +87,7 @@ def test_stored_vectors_give_the_computed_answers(shop, bundle) -> None:
     of a batch against one user), the retrieval answers are the same, and the ranking
     served from them is the computed one."""
     from serving.user_vectors import write_user_vectors
-    from training.ranking.histories import Histories
+    from training.ranking.histories import VECTOR_FEATURES, Histories
 
     settings, _ = shop
     store, reader = _reader(settings)
@@ -106,7 +106,7 @@ def test_stored_vectors_give_the_computed_answers(shop, bundle) -> None:
         [computed] = scorer.views(fresh, now)
         scorer.retrieve([computed])
         [read] = scorer.views(stored, now, kept)
-        for attribute in ("user_vector", "text_vector", "als_vector"):
+        for attribute in VECTOR_FEATURES:
             a, b = getattr(computed, attribute), getattr(read, attribute)
             assert (a is None) == (b is None), (user, attribute)
             if a is not None:

@@ -190,7 +190,7 @@ def test_load_bundle_reads_what_was_written(bundle: Bundle, trained: TrainResult
     assert (bundle.name, bundle.version, bundle.run_id) == ("test", "3", "r1")
     assert bundle.size == 12
     assert {n: (i.kind, i.size, i.recall) for n, i in bundle.indexes.items()} == {
-        n: ("exact", 12, 1.0) for n in ("two_tower", "text", "als")}
+        n: ("exact", 12, 1.0) for n in ("two_tower", "text", "als", "sequence")}
     assert bundle.scorer.state.indexes() is not None
     assert all(bundle.scorer.state.indexes()[n] is i for n, i in bundle.indexes.items())
     assert list(bundle.products["product_id"]) == trained.product_ids

@@ -83,8 +83,8 @@ def test_a_bundle_trained_before_the_richer_features_scores_as_it_did(tmp_path) 
     hist = Histories.from_events(loyal_shop(), ["u1", "u2"])
     features, columns = loaded.features(hist, cut.timestamp())
     with torch.inference_mode():
-        expected = legacy["all"](torch.from_numpy(
-            features[..., : len(LEGACY_FEATURE_NAMES)])).numpy()
+        expected = legacy["all"](torch.from_numpy(features[..., [
+                FEATURE_NAMES.index(n) for n in LEGACY_FEATURE_NAMES]])).numpy()
     got = loaded._apply("all", features, columns < 0)
     np.testing.assert_allclose(got[columns >= 0], expected[columns >= 0], rtol=1e-5, atol=1e-5)
     saved["features"] = [*LEGACY_FEATURE_NAMES, "mood"]  # a feature this code lacks

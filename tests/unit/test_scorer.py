@@ -203,7 +203,8 @@ def test_candidates_come_from_the_index_factory_exact_or_hnsw_alike() -> None:
     data = train_data(loyal_shop(), catalog_frame(PRODUCTS), cut)
     hist = Histories.from_events(data.events, users)
     exact = scorer.state.indexes()
-    assert {n: i.kind for n, i in exact.items()} == {"als": "exact"}  # no two-tower model
+    # no two-tower model: ALS and the sequence encoder
+    assert {n: i.kind for n, i in exact.items()} == {"als": "exact", "sequence": "exact"}
     approx = copy.copy(scorer)
     approx.state = copy.copy(scorer.state)
     approx.state.__dict__.pop("_indexes", None)  # a copy is made without them

@@ -255,3 +255,53 @@ class TwoTowerRanker(ScoredRecommender):
         known = np.array([any(p in data.item_index for p in h) for h in hist.products])
         scores[~known] = self.fill  # cold users: popularity
         return scores.astype(np.float32)
+
+
+class SequenceRanker(ScoredRecommender):
+    """The sequence encoder alone (``training.ranking.sequence``): fitted on the data before
+    the cut, each user's vector over the Feast-length history · every product, for the
+    comparison table. Cold users get popularity.
+
+    Args:
+        config: scorer hyper-parameters (the ``sequence_*`` fields).
+        text: the text encoder whose product vectors start the item table (None: random).
+        cache_dir: text-embedding cache.
+        name: method name.
+    """
+
+    def __init__(self, config: ScorerConfig | None = None, text: TrainConfig | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, name: str = "sequence"):
+        self.config = config or ScorerConfig()
+        self.text = text
+        self.cache_dir = cache_dir
+        self.name = name
+        self.state: Any = None
+
+    def _fit(self, data: TrainData) -> None:
+        from features.contract import product_text
+        from training.ranking.sequence import fit_sequence
+        from training.text_cache import embed_texts
+
+        vectors = None
+        if self.text is not None:
+            vectors = embed_texts(product_text(data.catalog), self.text, self.cache_dir,
+                                  progress=False)
+        self.state = fit_sequence(data.events, data.product_ids, vectors, self.config)
+        self.fill = unit_fill(popularity_scores(data))  # (N,)
+
+    def scores(self, user_ids: Sequence[str]) -> np.ndarray:
+        data = self.fitted
+        out = np.tile(self.fill, (len(user_ids), 1)).astype(np.float32)  # (U, N)
+        if self.state is None:
+            return out
+        hist = Histories.from_events(data.events, list(user_ids), self.config.history_len)
+        vectors = self.state.encode(hist.products, hist.event_types, hist.timestamps,
+                                    data.item_index)
+        rows = [r for r, v in enumerate(vectors) if v is not None]
+        if rows:
+            out[rows] = np.stack([vectors[r] for r in rows]) @ self.state.items_matrix().T
+        return out
+
+    def params(self) -> dict[str, Any]:
+        return {**self.config.to_params(),
+                "report": self.state.report if self.state is not None else None}

@@ -7,7 +7,7 @@ from typing import Any
 
 from features.user_state import HISTORY_LEN
 
-SOURCE_NAMES = ("two_tower", "text_cosine", "co_occurrence", "als")
+SOURCE_NAMES = ("two_tower", "text_cosine", "co_occurrence", "als", "sequence")
 FACT_NAMES = ("own", "log_count", "log_count_30d", "recency_30d", "recency_180d",
               "repurchase_rate", "own_x_repurchase_rate", "popularity_7d", "popularity_30d",
               "trend", "newness", "user_occasions", "own_x_user_occasions")
@@ -23,7 +23,7 @@ CONTEXT_NAMES = ("log_seen", "log_interacted", "category_share", "price_vs_user"
 
 FEATURE_NAMES = (*SOURCE_NAMES, *FACT_NAMES, *CONTEXT_NAMES)
 # what bundles trained before the richer features read (their pair scorers' inputs)
-LEGACY_FEATURE_NAMES = (*SOURCE_NAMES, *FACT_NAMES)
+LEGACY_FEATURE_NAMES = (*SOURCE_NAMES[:4], *FACT_NAMES)
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,14 @@ class ScorerConfig:
             (lambdarank) or "blend" (both) for every setting.
         context: read the richer features of the user's own history (``CONTEXT_NAMES``);
             False trains on the 17 before them (an ablation).
+        sequence: fit the sequence encoder (``training.ranking.sequence``) with the item
+            side, a candidate source and features; False leaves it out (an ablation).
+        sequence_dim, sequence_len, sequence_layers, sequence_heads: its width, the history
+            entries it reads, its transformer layers and attention heads.
+        sequence_epochs, sequence_steps, sequence_lr, sequence_users, sequence_negatives:
+            its training: passes, at most this many steps of 128 windows (~0.15 s each on
+            2 CPU cores), Adam's learning rate, at most this many buyers (a seeded sample),
+            and products sampled for each step's softmax.
     """
 
     history_len: int = HISTORY_LEN
@@ -68,6 +76,16 @@ class ScorerConfig:
     min_candidates: int = 100
     stage: str = "auto"
     context: bool = True
+    sequence: bool = True
+    sequence_dim: int = 64
+    sequence_len: int = 30
+    sequence_layers: int = 2
+    sequence_heads: int = 2
+    sequence_epochs: int = 6
+    sequence_steps: int = 500
+    sequence_lr: float = 5e-3
+    sequence_users: int = 20_000
+    sequence_negatives: int = 1024
 
     def to_params(self) -> dict[str, Any]:
         return {f"scorer.{k}": v for k, v in asdict(self).items()}

@@ -274,8 +274,11 @@ class Histories:
 
 # UserView attribute -> ``user_vectors`` feature, and retrieval space -> feature.
 VECTOR_FEATURES = {"user_vector": "two_tower_vector", "text_vector": "text_vector",
-                   "als_vector": "als_vector"}
-RETRIEVED_FEATURES = {space: f"retrieved_{space}" for space in ("two_tower", "text", "als")}
+                   "als_vector": "als_vector", "sequence_vector": "sequence_vector"}
+# retrieval space -> the UserView attribute searched with
+SPACE_VECTORS = {"two_tower": "user_vector", "text": "text_vector", "als": "als_vector",
+                 "sequence": "sequence_vector"}
+RETRIEVED_FEATURES = {space: f"retrieved_{space}" for space in SPACE_VECTORS}
 
 
 def row_digest(row: Mapping[str, Any]) -> str:
@@ -347,8 +350,7 @@ class StoredVectors:
 def _spaces(values: Mapping[str, Any]) -> set[str]:
     """The spaces whose retrieval was stored: an empty list is an answer only where the
     space's vector was stored (an index may return nothing), else "not retrieved"."""
-    attr_of = {"two_tower": "user_vector", "text": "text_vector", "als": "als_vector"}
-    return {space for space, attr in attr_of.items()
+    return {space for space, attr in SPACE_VECTORS.items()
             if _filled(values.get(VECTOR_FEATURES[attr]))}
 
 
@@ -389,6 +391,8 @@ class UserView:
         user_vector: (D,) two-tower user embedding (None: no model or no known product).
         text_vector: (H,) unit mean text vector of the history's products.
         als_vector: (F,) ALS user factors solved from the history.
+        sequence_vector: (E + 1,) the sequence encoder's vector of the history (bias entry
+            last).
     """
 
     known: np.ndarray
@@ -400,6 +404,7 @@ class UserView:
     user_vector: np.ndarray | None = None
     text_vector: np.ndarray | None = None
     als_vector: np.ndarray | None = None
+    sequence_vector: np.ndarray | None = None
     # the retrieval indexes' answers for these vectors (space -> columns), kept by
     # ``Scorer.candidates`` so that a cached view is not searched for again
     retrieved: dict[str, np.ndarray] | None = None

@@ -1,9 +1,9 @@
 """The item side of the served ranking, fitted at a cut: everything except the user.
 
 Item co-occurrence neighbours, ALS item factors, per-product purchase facts (repurchase
-rate, popularity, trend, newness), per-country popularity and, with a two-tower model, the
-item embeddings and text vectors; and the retrieval index of each vector space
-(``training.index``).
+rate, popularity, trend, newness), per-country popularity, the sequence encoder
+(``training.ranking.sequence``) and, with a two-tower model, the item embeddings and text
+vectors; and the retrieval index of each vector space (``training.index``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import pandas as pd
 from scipy import sparse
 
 from features.user_state import TARGET_EVENT_TYPES
-from training.config import TrainConfig
+from training.config import TrainConfig, resolve_device
 from training.data import TrainData, popularity_scores
 from training.index import EXACT_MAX, VectorIndex, build_indexes
 from training.ranking.als import ALS
 from training.ranking.config import ScorerConfig
+from training.ranking.sequence import SequenceState, fit_sequence
 
 DAY_SECONDS = 86_400.0
 BLOCK_ENTRIES = 2**24  # co-occurrence entries of one cosine block, at most (~200 MB)
@@ -194,6 +195,8 @@ class ItemState:
         text_vectors: (N, H) unit vectors of the products' text under the shared (frozen)
             text encoder, for search (None: no two-tower model).
         country_popularity: country -> (N,) purchases in the last 30 days by its users.
+        sequence: the sequence encoder fitted on the same data (None: not fitted, or an
+            item side from before it).
     """
 
     cut: pd.Timestamp
@@ -205,6 +208,7 @@ class ItemState:
     facts: dict[str, np.ndarray]
     text_vectors: np.ndarray | None = None
     country_popularity: dict[str, np.ndarray] = field(default_factory=dict)
+    sequence: SequenceState | None = None
     item_index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -213,7 +217,9 @@ class ItemState:
     def matrices(self) -> dict[str, np.ndarray | None]:
         """The vector spaces the ranking retrieves from (``training.index.SPACES``); None
         where a space is absent (no two-tower model)."""
-        return {"two_tower": self.embeddings, "text": self.text_vectors, "als": self.als_items}
+        return {"two_tower": self.embeddings, "text": self.text_vectors, "als": self.als_items,
+                "sequence": (self.sequence.items_matrix() if self.sequence is not None
+                             else None)}
 
     def indexes(self, exact_max: int = EXACT_MAX) -> dict[str, VectorIndex]:
         """The retrieval index of each space: those given to ``use_indexes`` (a served
@@ -276,11 +282,17 @@ class ItemState:
             embeddings, text_vectors = embed_catalog(model, model_config, data.catalog,
                                                      data.product_ids, cache_dir)
         items = als.item_factors.astype(np.float64)  # (N, F)
+        sequence = None
+        if config.sequence:
+            device = (resolve_device(model_config.device) if model_config is not None
+                      else None)
+            sequence = fit_sequence(data.events, data.product_ids, text_vectors, config,
+                                    device)
         return cls(cut=data.cut, product_ids=list(data.product_ids), embeddings=embeddings,
                    neighbours=cosine_neighbours(matrix, config.neighbours),
                    als_items=als.item_factors, als_gram=items.T @ items,
                    facts=item_facts(data, config.repurchase_prior), text_vectors=text_vectors,
-                   country_popularity=country_popularity(data, users))
+                   country_popularity=country_popularity(data, users), sequence=sequence)
 
 
 def country_popularity(data: TrainData, users: pd.DataFrame | None,

@@ -1,13 +1,15 @@
 """The served ranking: candidate sources computed from a user's recent events, then scored.
 
 What the server knows about a user at request time is a bounded event history
-(``training.ranking.histories``). ``Scorer`` retrieves candidates from the two-tower, text and
-ALS indexes, item co-occurrence and popularity, describes each candidate by
+(``training.ranking.histories``). ``Scorer`` retrieves candidates from the two-tower, text,
+ALS and sequence indexes, item co-occurrence and popularity, describes each candidate by
 
 - the two-tower model: user tower over the history · item embeddings;
 - text similarity: the mean text vector of the history's products · each product's;
 - item co-occurrence: cosine between products' buyer sets, summed over the history;
 - ALS item factors: the user's factors solved in closed form from the history's counts;
+- the sequence encoder (``training.ranking.sequence``): a causal transformer's vector of the
+  ordered history · the product's vector (plus its bias);
 - purchase facts (``FACT_NAMES``): whether, how often and how lately the history bought the
   product, its repurchase rate, popularity over 7 and 30 days, trend and newness, and how
   active the user is;
@@ -53,7 +55,7 @@ from training.ranking.config import (
     ScorerConfig,
 )
 from training.ranking.context import context_features
-from training.ranking.histories import Histories, StoredVectors, UserView
+from training.ranking.histories import SPACE_VECTORS, Histories, StoredVectors, UserView
 from training.ranking.items import ItemState
 from training.ranking.ltr import STAGES, TreeRanker, choose_stage, stage_scores
 from training.ranking.pair import PairScorer, train_scorer
@@ -161,15 +163,19 @@ class Scorer:
         todo = (list(range(len(histories))) if stored is None  # one batch, as always
                 else [r for r, v in enumerate(views) if kept[r] is None and len(v.known)])
         users: dict[int, np.ndarray] = {}
+        sequences: dict[int, np.ndarray | None] = {}
+        some = histories if len(todo) == len(histories) else histories.take(todo)
         if self.model is not None and state.embeddings is not None and todo:
             if now is None:
                 stamps = np.concatenate([np.zeros(0), *histories.timestamps])
                 now = max(state.cut.timestamp(),
                           float(stamps[np.isfinite(stamps)].max(initial=0.0)))
-            some = histories if len(todo) == len(histories) else histories.take(todo)
             encoded = encode_users(self.model, some.products, some.event_types, index,
                                    state.embeddings, user_features=some.profile_values_at(now))
             users = dict(zip(todo, encoded, strict=True))
+        if state.sequence is not None and todo:
+            sequences = dict(zip(todo, state.sequence.encode(
+                some.products, some.event_types, some.timestamps, index), strict=True))
         for row, view in enumerate(views):
             if together is None:
                 view.together_cols, view.together_vals = summed_rows(
@@ -187,6 +193,7 @@ class Scorer:
                 continue
             if row in users:
                 view.user_vector = users[row]
+            view.sequence_vector = sequences.get(row)
             if state.text_vectors is not None:
                 mean = state.text_vectors[view.known].mean(axis=0)  # (H,)
                 view.text_vector = mean / max(float(np.linalg.norm(mean)), 1e-9)
@@ -213,8 +220,8 @@ class Scorer:
                    allowed: np.ndarray | None = None) -> list[np.ndarray]:
         """Per user, the catalogue columns worth scoring (sorted, no duplicates): the
         history's products, their co-occurrence neighbours, the nearest products of the
-        two-tower, text and ALS vectors (``config.candidates`` each) and the most popular
-        products; topped up by popularity to ``config.min_candidates``.
+        two-tower, text, ALS and sequence vectors (``config.candidates`` each) and the most
+        popular products; topped up by popularity to ``config.min_candidates``.
 
         Args:
             histories: the users' histories.
@@ -253,7 +260,7 @@ class Scorer:
         return out
 
     def retrieve(self, views: list[UserView]) -> dict[str, list[np.ndarray | None]]:
-        """The nearest products of each view's two-tower, text and ALS vectors
+        """The nearest products of each view's two-tower, text, ALS and sequence vectors
         (``config.candidates`` each, one batched search per space), kept on the views
         (``UserView.retrieved``: a kept or stored view is not searched for again).
 
@@ -261,9 +268,8 @@ class Scorer:
             space -> per view, the columns found (None: no vector, or no such index).
         """
         retrievers = self.state.indexes(self.index_exact_max)
-        wanted = {"two_tower": "user_vector", "text": "text_vector", "als": "als_vector"}
         found: dict[str, list[np.ndarray | None]] = {}
-        for name, attribute in wanted.items():
+        for name, attribute in SPACE_VECTORS.items():
             found[name] = [(v.retrieved or {}).get(name) for v in views]
             rows = [r for r, v in enumerate(views) if getattr(v, attribute) is not None
                     and found[name][r] is None]
@@ -314,6 +320,8 @@ class Scorer:
                 sources[2] = np.where(hit, view.together_vals[at], 0.0)
             if view.als_vector is not None:
                 sources[3] = state.als_items[cols] @ view.als_vector
+            if view.sequence_vector is not None:
+                sources[4] = state.sequence.items_matrix()[cols] @ view.sequence_vector
             low = sources.min(axis=1, keepdims=True)  # (S, 1) minmax over the candidates
             span = sources.max(axis=1, keepdims=True) - low
             sources = (sources - low) / np.where(span > 0, span, 1.0)
@@ -512,7 +520,9 @@ class Scorer:
     def params(self) -> dict[str, Any]:
         return {**self.config.to_params(), "scorer.features": list(self.feature_names),
                 "scorer.validation": self.validation, "scorer.stages": self.stages,
-                "scorer.stage_choice": self.stage_choice}
+                "scorer.stage_choice": self.stage_choice,
+                "scorer.sequence": (self.state.sequence.report if self.state is not None
+                                    and self.state.sequence is not None else None)}
 
     # -- persistence ---------------------------------------------------------------------
 
