@@ -394,6 +394,23 @@ class Settings:
         return self
 
 
+# Fewer test users than this in a setting and an evaluation's figures are noise: the
+# evaluation report warns and the promotion gate refuses.
+DEFAULT_MIN_TEST_USERS = 20
+
+
+def min_test_users() -> int:
+    """``SHOPREC_MIN_TEST_USERS`` (default ``DEFAULT_MIN_TEST_USERS``; 0: no minimum)."""
+    raw = _lookup().get("SHOPREC_MIN_TEST_USERS", "")
+    try:
+        value = int(raw) if raw.strip() else DEFAULT_MIN_TEST_USERS
+    except ValueError:
+        raise ValueError(f"SHOPREC_MIN_TEST_USERS={raw!r}: expected a whole number") from None
+    if value < 0:
+        raise ValueError(f"SHOPREC_MIN_TEST_USERS={raw!r}: expected 0 or more")
+    return value
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     value = value.strip().lower()
     if value not in allowed:

@@ -221,9 +221,13 @@ def model_evaluate(
     blends: Annotated[bool, typer.Option(
         "--blends", help="also the two blends (reference methods; most of the time and memory)")]
     = False,
+    min_test_users: Annotated[int | None, typer.Option(
+        min=0, help="warn below this many test users in a setting (default: "
+                    "$SHOPREC_MIN_TEST_USERS, 20; the promotion gate refuses below it)")] = None,
 ) -> None:
     """Temporal-split evaluation in both settings: the tuned baselines, the two-tower model
-    alone, [the blends,] and the served ranking."""
+    alone, [the blends,] and the served ranking; ends with each stage's time and peak
+    memory."""
     from training.evaluation.protocol import evaluate_root
 
     settings = _settings(root)
@@ -232,7 +236,8 @@ def model_evaluate(
         result = evaluate_root(settings.landing_root, _day(cut) if cut else None,
                                test_days=test_days, text_encoder=settings.text_encoder,
                                cache_dir=settings.cache_dir / "text", epochs=epochs,
-                               two_tower=two_tower, progress=True, blends=blends)
+                               two_tower=two_tower, progress=True, blends=blends,
+                               min_users=min_test_users)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -244,6 +249,10 @@ def model_evaluate(
         result.to_json(out.with_suffix(".json"))
         out.with_suffix(".md").write_text(markdown)
         written = f"; wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}"
+    typer.echo("\n".join(["Stages (fit, then recommend in both settings):", "",
+                          *result.summary_lines(), ""]))
+    for line in result.warning_lines():
+        typer.echo(line, err=True)
     typer.echo(f"evaluated {len(result.methods)} methods at cut {result.cut} on "
                f"{result.n_users['all']:,} test users (new products: "
                f"{result.n_users['new']:,}){written}")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from core.settings import PROJECT_ROOT, Settings
+from core.settings import DEFAULT_MIN_TEST_USERS, PROJECT_ROOT, Settings, min_test_users
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -176,6 +176,8 @@ class PromotionPolicy:
             another seed) cannot move the champion. 0 compares point estimates only.
             SHOPREC_PROMOTION_CONFIDENCE.
         metric: the gate metric.
+        min_test_users: a version evaluated on fewer test users than this is refused (its
+            figures are noise). SHOPREC_MIN_TEST_USERS (0: no minimum).
     """
 
     mode: str = "auto"
@@ -183,6 +185,7 @@ class PromotionPolicy:
     beat_baseline: bool = True
     confidence: float = 0.95
     metric: str = GATE_METRIC
+    min_test_users: int = DEFAULT_MIN_TEST_USERS
 
     @classmethod
     def from_env(cls) -> PromotionPolicy:
@@ -197,7 +200,7 @@ class PromotionPolicy:
         return cls(mode=mode, confidence=confidence,
                    margin=float(env.get("SHOPREC_PROMOTION_MARGIN", cls.margin)),
                    beat_baseline=env.get("SHOPREC_PROMOTION_BEAT_BASELINE", "1").lower()
-                   not in ("0", "false", "no"))
+                   not in ("0", "false", "no"), min_test_users=min_test_users())
 
 
 def _paired(metrics: dict[str, float], against: str) -> str:
@@ -246,6 +249,10 @@ def gate_decision(policy: PromotionPolicy, metrics: dict[str, float], interval: 
         return False, f"no {m}: the version was not evaluated"
     if champion is not None and champion[0] == candidate_version:
         return True, "already champion"
+    users = metrics.get("holdout_users")
+    if users is not None and users < policy.min_test_users:
+        return False, (f"evaluated on only {int(users)} test users (fewer than "
+                       f"SHOPREC_MIN_TEST_USERS={policy.min_test_users}): the figures are noise")
     if champion is not None and champion[1] > interval:
         # A rerun of an older interval must never roll back a newer champion.
         return False, f"champion v{champion[0]} is newer (trained on {champion[1]})"

@@ -329,3 +329,56 @@ def test_train_data_builds_each_matrix_once_and_hands_out_copies(split) -> None:
     products[0].append("x")  # the same for the grouped histories
     assert data.histories(["u1", "nobody"]) == ([["a", "b", "c"], []],
                                                 [["purchase", "purchase", "view"], []])
+
+
+def test_a_tiny_evaluation_warns_prints_na_and_sums_up_its_stages(shop_home, tmp_path) -> None:
+    """Issue 16: a 7-user evaluation says so (and the gate refuses it); empty segments are
+    n/a, never 0.000; the run ends with each stage's time and peak memory."""
+    from typer.testing import CliRunner
+
+    from features.synth import generate_shop
+    from shoprec.cli import app
+    from training.registry import PromotionPolicy, gate_decision
+
+    root = tmp_path / "landing"
+    generate_shop(str(root), days=21, users=40, products=30, seed=5)
+    out = tmp_path / "tiny.json"
+    result = CliRunner().invoke(app, [
+        "model", "evaluate", "--root", str(root), "--cut", "2026-01-18", "--test-days", "3",
+        "--no-two-tower", "--min-test-users", "1000", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    n = data["n_users"]["all"]
+    assert 0 < n < 1000 and data["min_users"] == 1000
+    assert f"WARNING: only {n} test users in (a) all products" in result.output
+    assert "| stage | s | peak RSS MB |" in result.output and "| total |" in result.output
+    assert all(data["peak_rss_mb"][m] > 0 for m in data["metrics"])
+    # the gate refuses a version measured on so few users, whatever its figures
+    promote, reason = gate_decision(PromotionPolicy(min_test_users=20, confidence=0),
+                                    {"recall_at_50": 0.9, "best_baseline_recall_at_50": 0.1,
+                                     "holdout_users": 7.0}, "2026-01-18", None, "1")
+    assert not promote and "only 7 test users" in reason
+    assert gate_decision(PromotionPolicy(min_test_users=0, confidence=0),
+                         {"recall_at_50": 0.9, "best_baseline_recall_at_50": 0.1,
+                          "holdout_users": 7.0}, "2026-01-18", None, "1")[0]
+    # a segment without users prints n/a
+    report = ProtocolResult.from_dict(data)
+    for method in report.methods:  # as a split without cold users measures it
+        segment = report.metrics[method]["all"]["cold_users"]
+        segment.update({k: 0.0 for k in segment}, n_users=0.0)
+    cold = report.to_markdown().split("segment cold_users (0 users)")[1].split("####")[0]
+    rows = [line for line in cold.splitlines() if line.startswith("| ") and "R@" not in line]
+    assert len(rows) == len(report.methods)
+    assert all(line.count("n/a") == 6 and "0.000" not in line for line in rows)
+
+
+def test_min_test_users_setting(monkeypatch) -> None:
+    from core.settings import DEFAULT_MIN_TEST_USERS, min_test_users
+
+    monkeypatch.delenv("SHOPREC_MIN_TEST_USERS", raising=False)
+    assert min_test_users() == DEFAULT_MIN_TEST_USERS
+    monkeypatch.setenv("SHOPREC_MIN_TEST_USERS", "0")
+    assert min_test_users() == 0
+    monkeypatch.setenv("SHOPREC_MIN_TEST_USERS", "few")
+    with pytest.raises(ValueError, match="whole number"):
+        min_test_users()

@@ -20,6 +20,7 @@ the cut). Hyper-parameters and blend weights are chosen on ``validation_split(tr
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from core.settings import min_test_users
 from training.data import SETTINGS, TEST_DAYS, Split, temporal_split
 from training.evaluation.blends import standard_recommenders
 from training.evaluation.metrics import setting_metrics
@@ -89,6 +91,7 @@ def run_protocol(
     max_users: int | None = DEFAULT_MAX_USERS,
     bootstrap: int = 0,
     confidence: float = 0.95,
+    min_users: int | None = None,
 ) -> ProtocolResult:
     """Fit every method on the data before the cut and measure it in both settings.
 
@@ -105,6 +108,8 @@ def run_protocol(
         max_users: test-user budget (``evaluate_split``).
         bootstrap: resamples for the intervals (0: none).
         confidence: the intervals' level.
+        min_users: fewer test users warn (``ProtocolResult.warning_lines``; None:
+            ``SHOPREC_MIN_TEST_USERS``).
 
     Returns:
         The table. Raises ValueError when there is no test user.
@@ -114,7 +119,8 @@ def run_protocol(
         raise ValueError(f"no test users: nobody with an event before {split.cut} purchased "
                          f"in the {test_days} days after it")
     return evaluate_split(split, recommenders, ks, test_days=test_days, progress=progress,
-                          max_users=max_users, bootstrap=bootstrap, confidence=confidence)
+                          max_users=max_users, bootstrap=bootstrap, confidence=confidence,
+                          min_users=min_users)
 
 
 def evaluate_split(
@@ -129,6 +135,7 @@ def evaluate_split(
     max_users: int | None = None,
     bootstrap: int = 0,
     confidence: float = 0.95,
+    min_users: int | None = None,
 ) -> ProtocolResult:
     """Fit (unless ``fit`` is False: already fitted on ``split.train``) and measure methods.
 
@@ -148,6 +155,7 @@ def evaluate_split(
         max_users: the test-user budget (None or 0: every test user).
         bootstrap: resamples for the intervals (0: no intervals, no per-user values).
         confidence: the intervals' level.
+        min_users: fewer test users warn (None: ``SHOPREC_MIN_TEST_USERS``).
 
     Returns:
         The table.
@@ -163,7 +171,10 @@ def evaluate_split(
         n_products=len(split.train.product_ids), n_train_events=len(split.train.events),
         n_users={s: len(split.truth[s]) for s in SETTINGS},
         confidence=confidence, bootstrap=bootstrap,
+        min_users=min_test_users() if min_users is None else min_users,
     )
+    for line in result.warning_lines():
+        log.warning(line)
     if any(len(split.truth[s]) < n for s, n in population.items()):
         result.sampled_from = population
         log.info("evaluating on a sample of %s test users (of %s)", result.n_users, population)
@@ -186,6 +197,7 @@ def evaluate_split(
                           for metric, values in by_metric.items()}
                 for setting, by_metric in per_user.items()}
         result.seconds[rec.name] = time.perf_counter() - started
+        result.peak_rss_mb[rec.name] = peak_rss_mb()
         params = getattr(rec, "params", None)
         if callable(params):
             result.params[rec.name] = params()
@@ -194,6 +206,11 @@ def evaluate_split(
                  result.value(rec.name, "new", f"recall_at_{max(ks)}"),
                  result.seconds[rec.name])
     return result
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, MB (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def evaluate_root(
@@ -208,6 +225,7 @@ def evaluate_root(
     two_tower: bool = True,
     progress: bool = True,
     blends: bool = False,
+    min_users: int | None = None,
 ) -> ProtocolResult:
     """The protocol on a landing root: every baseline (tuned), the two-tower model, [the
     blends,] and the served ranking.
@@ -226,6 +244,7 @@ def evaluate_root(
         two_tower: include the two-tower model (alone and as a blend source).
         progress: progress bars.
         blends: include the two blends (``standard_recommenders``).
+        min_users: fewer test users warn (None: ``SHOPREC_MIN_TEST_USERS``).
 
     Returns:
         The table.
@@ -251,4 +270,5 @@ def evaluate_root(
     recommenders = standard_recommenders(config, cache_dir=cache_dir, progress=progress,
                                          two_tower=two_tower, validation_days=test_days,
                                          users=users, blends=blends)
-    return run_protocol(events, catalog, recommenders, cut, ks, test_days, progress=progress)
+    return run_protocol(events, catalog, recommenders, cut, ks, test_days, progress=progress,
+                        min_users=min_users)

@@ -37,6 +37,10 @@ class ProtocolResult:
         metrics: method -> setting -> segment ("all", "cold_users", "new_products") ->
             metric (``recall_at_10``, ..., ``n_users``) -> value.
         seconds: method -> wall time to fit and recommend.
+        peak_rss_mb: method -> the process's peak resident memory (MB) once it was done.
+        min_users: fewer test users than this in a setting make the figures noise: the
+            report warns (``warning_lines``) and the promotion gate refuses
+            (``SHOPREC_MIN_TEST_USERS``).
         params: method -> what it chose (e.g. blend weights); JSON-able.
         curves: method -> setting -> Recall@K for K = 1.. (when asked for).
         sampled_from: setting -> test users before sampling to the evaluation's budget
@@ -58,6 +62,8 @@ class ProtocolResult:
     n_users: dict[str, int]
     metrics: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    min_users: int = 0
     params: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     sampled_from: dict[str, int] = field(default_factory=dict)
@@ -97,6 +103,26 @@ class ProtocolResult:
     def from_dict(cls, data: Mapping[str, Any]) -> ProtocolResult:
         return cls(**{**data, "ks": tuple(data["ks"])})
 
+    def warning_lines(self) -> list[str]:
+        """One line per setting with fewer test users than ``min_users``."""
+        return [f"WARNING: only {n:,} test users in {SETTING_TITLES[s]} (fewer than "
+                f"{self.min_users:,}): these figures are noise, and the promotion gate "
+                f"refuses a version evaluated on them" for s, n in self.n_users.items()
+                if n < self.min_users]
+
+    def summary_lines(self) -> list[str]:
+        """Per method (each one a stage: fit, then recommend in both settings): wall time
+        and the process's peak resident memory once it was done."""
+        lines = ["| stage | s | peak RSS MB |", "|---|---:|---:|"]
+        for name in self.methods:
+            peak = self.peak_rss_mb.get(name)
+            lines.append(f"| {name} | {self.seconds.get(name, float('nan')):.1f} | "
+                         + (f"{peak:,.0f}" if peak is not None else "–") + " |")
+        total = sum(self.seconds.values())
+        peak = max(self.peak_rss_mb.values(), default=None)
+        return [*lines, f"| total | {total:.1f} | "
+                + (f"{peak:,.0f}" if peak is not None else "–") + " |"]
+
     def to_json(self, path: str | Path | None = None) -> str:
         """The result as JSON text, also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -124,6 +150,8 @@ class ProtocolResult:
                if self.sampled_from else ""),
             "",
         ]
+        if self.warning_lines():
+            lines += [*self.warning_lines(), ""]
         overall = [f"{c}_at_{k}" for c in COLUMNS for k in self.ks]
         seg_cols = [f"{c}_at_{k}" for c in ("recall", "ndcg", "hit_rate") for k in self.ks]
         for setting in SETTINGS:
@@ -204,7 +232,9 @@ def _markdown_table(
     head = ["method", *(_header(m) for m in metrics)] + (["s"] if with_seconds else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, values, seconds in rows:
+        empty = values.get("n_users") == 0  # a segment without users: nothing measured
         cells = [name] + [
+            "n/a" if empty else
             f"{values[m]:.3f}" if m in values and not math.isnan(values[m]) else "–"
             for m in metrics
         ]
