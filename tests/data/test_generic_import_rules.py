@@ -19,14 +19,12 @@ from __future__ import annotations
 import copy
 import datetime as dt
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from data.test_generic_import import _doc, _read_all
 
-from features import contract
 from features.importers.generic import ImportReport, import_generic
 from features.importers.generic_mapping import MappingError, parse_mapping
 from features.importers.generic_rules import (
@@ -45,16 +43,6 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TXN_MAPPING = FIXTURES / "txn_mapping.yaml"
 DATELESS_MAPPING = FIXTURES / "dateless_orders_mapping.yaml"
 UTC = "UTC"
-
-
-def _read_all(root: str, table: str) -> pd.DataFrame:
-    days = contract.list_days(root, table)
-    frames = [contract.read_partition(root, table, d).assign(day=d) for d in days]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def _doc(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
 
 
 @pytest.fixture(scope="module")
